@@ -1,0 +1,118 @@
+"""Stage outputs are committed by a ``_manifest.json`` written last.
+
+An output directory without a manifest is incomplete: nothing reads it, and re-running its stage redoes or
+resumes it. A manifest lists every file of the output with its size, so a later reader can verify that what it
+is about to consume is what the stage wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any, Iterable, Mapping
+
+from ldm.storage import Storage
+
+MANIFEST_NAME = "_manifest.json"
+FORMAT_VERSION = 1
+
+
+class IncompleteOutputError(RuntimeError):
+    """A stage output that has no manifest, or whose files do not match it."""
+
+
+def fingerprint(stage_config: Mapping[str, Any], input_fingerprints: Iterable[str] = ()) -> str:
+    """Identity of a stage output: its resolved stage config plus the identities of its inputs."""
+    payload = json.dumps(
+        {"config": stage_config, "inputs": sorted(input_fingerprints)}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def list_files(storage: Storage, url: str) -> dict[str, int]:
+    """Relative path -> size of every file under ``url`` except the manifest."""
+    fs, root = storage.fsspec(url)
+    if not fs.exists(root):
+        return {}
+    found = fs.find(root, detail=True)
+    files = {}
+    for path, info in found.items():
+        rel = path[len(root) :].lstrip("/") if path.startswith(root) else path.rsplit(root.lstrip("/"), 1)[-1].lstrip("/")
+        if rel != MANIFEST_NAME:
+            files[rel] = int(info["size"])
+    return files
+
+
+def write_manifest(storage: Storage, url: str, *, stage: str, fingerprint: str, **facts: Any) -> dict[str, Any]:
+    """Commit the output at ``url``: call only after every other file of it is written."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "url": url,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **facts,
+        "files": list_files(storage, url),
+    }
+    fs, root = storage.fsspec(url)
+    fs.pipe_file(f"{root}/{MANIFEST_NAME}", json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    return manifest
+
+
+def read_manifest(storage: Storage, url: str) -> dict[str, Any] | None:
+    """The manifest at ``url``, or None when the output is absent or incomplete."""
+    fs, root = storage.fsspec(url)
+    path = f"{root}/{MANIFEST_NAME}"
+    if not fs.exists(path):
+        return None
+    return json.loads(fs.cat_file(path))
+
+
+def verify(storage: Storage, url: str, stage: str | None = None) -> dict[str, Any]:
+    """The manifest of a complete output, or IncompleteOutputError saying what is wrong and what to do."""
+    manifest = read_manifest(storage, url)
+    if manifest is None:
+        hint = f" (re-run stage={stage} to complete it)" if stage else ""
+        raise IncompleteOutputError(f"{url} is incomplete: it has no {MANIFEST_NAME}{hint}")
+    if stage is not None and manifest.get("stage") != stage:
+        raise IncompleteOutputError(f"{url} holds the output of stage {manifest.get('stage')!r}, not {stage!r}")
+    present = list_files(storage, url)
+    missing = sorted(f for f in manifest["files"] if f not in present)
+    resized = sorted(f for f, size in manifest["files"].items() if f in present and present[f] != size)
+    if missing or resized:
+        raise IncompleteOutputError(
+            f"{url} does not match its {MANIFEST_NAME}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"size changed {resized[:5]}{'...' if len(resized) > 5 else ''}"
+        )
+    return manifest
+
+
+def clear(storage: Storage, url: str) -> None:
+    """Remove a (partial) output so that a stage can write it afresh."""
+    fs, root = storage.fsspec(url)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def claim_output(storage: Storage, url: str, *, stage: str, fingerprint: str, overwrite: bool = False):
+    """Decide what a stage does with its output location before writing to it.
+
+    Returns the existing manifest when the same config already completed there (nothing to do). Removes a
+    partial output (no manifest) so the stage writes it afresh. Refuses to replace a complete output of another
+    config unless ``overwrite``: that would silently lose data someone may depend on.
+    """
+    manifest = read_manifest(storage, url)
+    if manifest is not None and manifest.get("fingerprint") == fingerprint and manifest.get("stage") == stage:
+        try:
+            return verify(storage, url, stage)
+        except IncompleteOutputError:
+            pass  # damaged after the fact: rebuild it
+    elif manifest is not None and not overwrite:
+        raise FileExistsError(
+            f"{url} already holds a complete {manifest.get('stage')} output of another config "
+            f"(fingerprint {str(manifest.get('fingerprint'))[:12]}, this run {fingerprint[:12]}); "
+            "point this stage at another location or set stage.overwrite=true"
+        )
+    clear(storage, url)
+    return None

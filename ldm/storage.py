@@ -1,0 +1,82 @@
+"""One place that turns a location URL into a filesystem.
+
+Every stage output and input is addressed by a URL: a local path, ``file://...`` or ``s3://bucket/key``.
+Ray Data and Ray Train want a pyarrow filesystem, everything else (manifests, tar shards, small files) an
+fsspec one; both come from the same :class:`Storage` so they always agree on endpoint and region.
+Credentials are never part of the config: both libraries read the standard AWS environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where stage outputs live (``root``) and how to reach S3-protocol URLs."""
+
+    root: str
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "Storage":
+        return cls(root=resolve(str(cfg["root"])), endpoint_url=cfg.get("endpoint_url"), region=cfg.get("region"))
+
+    def url(self, *parts: str) -> str:
+        """A location under the storage root."""
+        return "/".join([self.root, *(p.strip("/") for p in parts)])
+
+    def pyarrow(self, url: str) -> tuple[pafs.FileSystem, str]:
+        """(pyarrow filesystem, path inside it) for Ray Data / Ray Train / pyarrow.dataset."""
+        if _scheme(url) == "s3":
+            options: dict[str, Any] = {"region": self.region} if self.region else {}
+            if self.endpoint_url:
+                endpoint = urlparse(self.endpoint_url)
+                options.update(endpoint_override=endpoint.netloc or endpoint.path, scheme=endpoint.scheme or "https")
+            return pafs.S3FileSystem(**options), _s3_path(url)
+        return pafs.LocalFileSystem(), _local_path(url)
+
+    def fsspec(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """(fsspec filesystem, path inside it) for everything that is not Ray Data / Ray Train."""
+        if _scheme(url) == "s3":
+            client_kwargs = {"region_name": self.region} if self.region else {}
+            # Listings are not cached: another process (a Ray task, a re-run) may have just written a file.
+            fs = fsspec.filesystem(
+                "s3", endpoint_url=self.endpoint_url, client_kwargs=client_kwargs, use_listings_cache=False
+            )
+            return fs, _s3_path(url)
+        return fsspec.filesystem("file"), _local_path(url)
+
+
+def resolve(url: str) -> str:
+    """A URL that means the same in every process: relative local paths become absolute.
+
+    Ray workers run in other processes, possibly other directories; pin the driver's view of the path.
+    """
+    url = url.rstrip("/")
+    return os.path.abspath(_local_path(url)) if _scheme(url) == "file" else url
+
+
+def _scheme(url: str) -> str:
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file"):
+        return "file"
+    if scheme in ("s3", "s3a"):
+        return "s3"
+    raise ValueError(f"unsupported storage URL {url!r}: expected a local path, file://... or s3://bucket/key")
+
+
+def _s3_path(url: str) -> str:
+    parsed = urlparse(url)
+    return f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+def _local_path(url: str) -> str:
+    return urlparse(url).path if url.startswith("file://") else url

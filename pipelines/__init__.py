@@ -1,0 +1,1 @@
+"""Stages of the pipeline: compose `ldm` with Ray, MLflow and Hydra."""

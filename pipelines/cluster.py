@@ -1,0 +1,33 @@
+"""Start or join the Ray cluster that a stage runs on, per ``cfg.cluster``."""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def connect(cluster: DictConfig) -> None:
+    """Join ``cluster.address`` (``auto`` under ``ray job submit``) or start a local cluster in-process.
+
+    A Ray already initialised in this process (tests, chained stages) is reused as it is.
+    """
+    if ray.is_initialized():
+        return
+    if cluster.address == "local":
+        # More logical CPUs than cores: actors and train workers never take every slot, so Ray Data's
+        # read and decode tasks can always be scheduled (on 2 cores Ray otherwise deadlocks silently).
+        ray.init(
+            address="local",
+            num_cpus=cluster.num_cpus,
+            num_gpus=cluster.num_gpus,
+            object_store_memory=cluster.object_store_memory,
+            include_dashboard=cluster.include_dashboard,
+            log_to_driver=True,
+        )
+    else:
+        ray.init(address=cluster.address)
+    log.info("Ray resources: %s", ray.cluster_resources())

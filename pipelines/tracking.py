@@ -1,0 +1,59 @@
+"""Every stage invocation is an MLflow run named after the stage.
+
+The resolved config is logged as flattened params and as a YAML artifact, with anything that looks like a
+secret masked (the config should never hold one: credentials come from the environment; this is the belt to
+that pair of braces). A run started while another is active is nested under it, which is how chained stages
+appear under their parent pipeline run.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+import mlflow
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|private|api_?key|access_?key|session_?key)", re.I)
+MASK = "***"
+
+
+def redact(value: Any) -> Any:
+    """A copy of a config tree with the values of secret-looking keys masked."""
+    if isinstance(value, Mapping):
+        return {k: MASK if SECRET_KEY.search(str(k)) and v is not None else redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay whole as their string form."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+@contextmanager
+def stage_run(cfg: DictConfig, stage: str) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one stage invocation, nested under the active run if there is one."""
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    parent = mlflow.active_run()
+    if parent is None:
+        mlflow.set_experiment(cfg.tracking.experiment)
+    config = redact(OmegaConf.to_container(cfg, resolve=True))
+    with mlflow.start_run(run_name=stage, nested=parent is not None, tags={"stage": stage}) as run:
+        mlflow.log_params(flatten(config))
+        mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config.yaml")
+        yield run
+    if parent is None:
+        print(f"MLflow: run {run.info.run_id} ({stage}) in experiment {cfg.tracking.experiment!r} at {cfg.tracking.uri}")
+        if cfg.tracking.uri.startswith("sqlite:"):
+            print(f"        open the UI with: mlflow ui --backend-store-uri {cfg.tracking.uri}")

@@ -1,0 +1,124 @@
+"""Real test services, each started once per session and only by the tests that ask for it:
+a local Ray cluster, an S3-protocol server (moto) on 127.0.0.1, and an MLflow tracking server subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Set before any Ray worker exists, so every worker inherits them: the stages read S3 credentials from the
+# standard AWS environment only. The secret is distinctive so that tests can prove it is never logged.
+TEST_SECRET = "test-secret-key-must-never-be-logged"
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "HF_HUB_OFFLINE": "1",
+    }
+)
+os.environ.pop("AWS_ENDPOINT_URL", None)
+os.environ.pop("AWS_PROFILE", None)
+BUCKET = "ldm-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # address="local": never attach to a stale cluster recorded in /tmp/ray.
+    ray.init(address="local", num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol HTTP server on 127.0.0.1 with the bucket ``BUCKET``; yields its endpoint URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real MLflow tracking server (sqlite backend, artifacts proxied to the S3 server); yields its URI."""
+    workdir = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    log = open(workdir / "server.log", "wb")
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
+            "--artifacts-destination", f"s3://{BUCKET}/mlartifacts",
+        ],
+        env=env,
+        cwd=workdir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{uri}/health", timeout=120, process=process)
+    except Exception:
+        process.kill()
+        raise RuntimeError((workdir / "server.log").read_text()[-3000:])
+    yield uri
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def compose(*overrides: str):
+    """The config `python pipelines/run.py <overrides>` would run with."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
