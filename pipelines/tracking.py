@@ -8,7 +8,9 @@ appear under their parent pipeline run.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -55,5 +57,7 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[mlflow.ActiveRun]:
         yield run
     if parent is None:
         print(f"MLflow: run {run.info.run_id} ({stage}) in experiment {cfg.tracking.experiment!r} at {cfg.tracking.uri}")
-        if cfg.tracking.uri.startswith("sqlite:"):
-            print(f"        open the UI with: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+        if cfg.tracking.uri.startswith("sqlite:///"):
+            database = os.path.abspath(cfg.tracking.uri.removeprefix("sqlite:///"))
+            mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
+            print(f"        open the UI with: {mlflow_cli} ui --backend-store-uri sqlite:///{database}")

@@ -208,10 +208,9 @@ def test_demo_command_runs_from_the_command_line_and_says_where_outputs_are(tmp_
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"wrote 60 rows" in result.stdout and str(tmp_path / "store" / "raw") in result.stdout
-    assert "mlflow ui --backend-store-uri sqlite:///mlruns.db" in result.stdout
+    assert "wrote 60 rows" in result.stdout and str(tmp_path / "store" / "raw") in result.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlruns.db" in result.stdout
     assert (tmp_path / "store" / "raw" / "_manifest.json").exists()
-    runs = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db").search_runs(
-        [mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db").get_experiment_by_name("ldm").experiment_id]
-    )
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
+    runs = client.search_runs([client.get_experiment_by_name("ldm").experiment_id])
     assert [r.info.run_name for r in runs] == ["synthesize"]

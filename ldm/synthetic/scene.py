@@ -27,9 +27,9 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 
 TEMPLATES = (
-    "a {colour} {shape} in the {position} on a {background} background",
+    "{a_colour} {colour} {shape} in the {position} on {a_background} {background} background",
     "{colour} {shape} at the {position}, {background} background",
-    "a photo of a {colour} {shape} in the {position} of a {background} background",
+    "a photo of {a_colour} {colour} {shape} in the {position} of {a_background} {background} background",
 )
 
 
@@ -62,7 +62,13 @@ def held_out_combinations(fraction: float, seed: int) -> set[tuple[str, str, str
 
 
 def caption(scene: Scene, template: int = 0) -> str:
-    return TEMPLATES[template % len(TEMPLATES)].format(**scene.as_dict())
+    return TEMPLATES[template % len(TEMPLATES)].format(
+        **scene.as_dict(), a_colour=_article(scene.colour), a_background=_article(scene.background)
+    )
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 _COLOUR = "|".join(COLOURS)
