@@ -15,6 +15,9 @@ from typing import Any, Iterable, Mapping
 from ldm.storage import Storage
 
 MANIFEST_NAME = "_manifest.json"
+# Written when a stage claims a location, and kept: it says a stage of this pipeline owns the files there, so
+# a partial output can be cleared, while a location without it (real downloads given by mistake) never is.
+CLAIM_NAME = "_claim.json"
 FORMAT_VERSION = 1
 
 
@@ -35,17 +38,37 @@ def list_files(storage: Storage, url: str) -> dict[str, int]:
     fs, root = storage.fsspec(url)
     if not fs.exists(root):
         return {}
-    found = fs.find(root, detail=True)
     files = {}
-    for path, info in found.items():
-        rel = path[len(root) :].lstrip("/") if path.startswith(root) else path.rsplit(root.lstrip("/"), 1)[-1].lstrip("/")
-        if rel != MANIFEST_NAME:
+    for path, info in fs.find(root, detail=True).items():
+        rel = path[len(root) :].strip("/")
+        # Object stores may hold empty "dir/" marker objects (pyarrow's create_dir writes them): not files.
+        if rel and info.get("type") != "directory" and not path.endswith("/") and rel not in (MANIFEST_NAME, CLAIM_NAME):
             files[rel] = int(info["size"])
     return files
 
 
-def write_manifest(storage: Storage, url: str, *, stage: str, fingerprint: str, **facts: Any) -> dict[str, Any]:
-    """Commit the output at ``url``: call only after every other file of it is written."""
+def write_manifest(
+    storage: Storage,
+    url: str,
+    *,
+    stage: str,
+    fingerprint: str,
+    expected_files: Mapping[str, int] | None = None,
+    **facts: Any,
+) -> dict[str, Any]:
+    """Commit the output at ``url``: call only after every other file of it is written.
+
+    ``expected_files`` (relative path -> size, as the writers reported them) must all be visible from here:
+    a writer on another node whose "local" disk is not this one's must not yield a complete-looking output.
+    """
+    files = list_files(storage, url)
+    if expected_files is not None:
+        wrong = sorted(f for f, size in expected_files.items() if files.get(f) != size)
+        if wrong:
+            raise IncompleteOutputError(
+                f"{url}: {len(wrong)} file(s) written by workers are not visible here, e.g. {wrong[:3]}; "
+                "is the storage shared by every node? (use storage=s3 on a multi-node cluster)"
+            )
     manifest = {
         "format_version": FORMAT_VERSION,
         "stage": stage,
@@ -53,10 +76,16 @@ def write_manifest(storage: Storage, url: str, *, stage: str, fingerprint: str, 
         "url": url,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **facts,
-        "files": list_files(storage, url),
+        "files": files,
     }
     fs, root = storage.fsspec(url)
-    fs.pipe_file(f"{root}/{MANIFEST_NAME}", json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    payload = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+    if storage.is_local(url):
+        # A crash mid-write must not leave a truncated manifest: write aside, then rename (atomic on POSIX).
+        fs.pipe_file(f"{root}/{MANIFEST_NAME}.tmp", payload)
+        fs.mv(f"{root}/{MANIFEST_NAME}.tmp", f"{root}/{MANIFEST_NAME}")
+    else:
+        fs.pipe_file(f"{root}/{MANIFEST_NAME}", payload)  # a single PUT is atomic
     return manifest
 
 
@@ -66,7 +95,10 @@ def read_manifest(storage: Storage, url: str) -> dict[str, Any] | None:
     path = f"{root}/{MANIFEST_NAME}"
     if not fs.exists(path):
         return None
-    return json.loads(fs.cat_file(path))
+    try:
+        return json.loads(fs.cat_file(path))
+    except ValueError:
+        return None  # unreadable: as good as absent
 
 
 def verify(storage: Storage, url: str, stage: str | None = None) -> dict[str, Any]:
@@ -99,8 +131,9 @@ def claim_output(storage: Storage, url: str, *, stage: str, fingerprint: str, ov
     """Decide what a stage does with its output location before writing to it.
 
     Returns the existing manifest when the same config already completed there (nothing to do). Removes a
-    partial output (no manifest) so the stage writes it afresh. Refuses to replace a complete output of another
-    config unless ``overwrite``: that would silently lose data someone may depend on.
+    partial output of a stage (a claim, no manifest) so the stage writes it afresh. Refuses to
+    replace a complete output of another config unless ``overwrite``, and never deletes files that no stage of
+    this pipeline wrote (a folder of real downloads given as an output location by mistake).
     """
     manifest = read_manifest(storage, url)
     if manifest is not None and manifest.get("fingerprint") == fingerprint and manifest.get("stage") == stage:
@@ -114,5 +147,14 @@ def claim_output(storage: Storage, url: str, *, stage: str, fingerprint: str, ov
             f"(fingerprint {str(manifest.get('fingerprint'))[:12]}, this run {fingerprint[:12]}); "
             "point this stage at another location or set stage.overwrite=true"
         )
+    fs, root = storage.fsspec(url)
+    if manifest is None and list_files(storage, url) and not fs.exists(f"{root}/{CLAIM_NAME}"):
+        raise FileExistsError(
+            f"{url} holds files that no stage of this pipeline wrote (no {MANIFEST_NAME}, no {CLAIM_NAME}); "
+            "refusing to delete them: point this stage at another location"
+        )
     clear(storage, url)
+    fs.makedirs(root, exist_ok=True)
+    marker = {"stage": stage, "fingerprint": fingerprint, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    fs.pipe_file(f"{root}/{CLAIM_NAME}", json.dumps(marker).encode())
     return None

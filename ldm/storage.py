@@ -33,6 +33,9 @@ class Storage:
         """A location under the storage root."""
         return "/".join([self.root, *(p.strip("/") for p in parts)])
 
+    def is_local(self, url: str) -> bool:
+        return _scheme(url) == "file"
+
     def pyarrow(self, url: str) -> tuple[pafs.FileSystem, str]:
         """(pyarrow filesystem, path inside it) for Ray Data / Ray Train / pyarrow.dataset."""
         if _scheme(url) == "s3":
@@ -79,4 +82,9 @@ def _s3_path(url: str) -> str:
 
 
 def _local_path(url: str) -> str:
-    return urlparse(url).path if url.startswith("file://") else url
+    if not url.startswith("file://"):
+        return url
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost") or not parsed.path:
+        raise ValueError(f"bad local URL {url!r}: expected file:///absolute/path or a plain path")
+    return parsed.path

@@ -18,16 +18,30 @@ import mlflow
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|private|api_?key|access_?key|session_?key)", re.I)
+# Matched against whole parts of a key ("hf_token", "aws_secret_access_key"), so "tokenizer" or "max_tokens"
+# stay visible.
+SECRET_KEY = re.compile(
+    r"(^|[_.-])(secret|password|passwd|pwd|passphrase|token|credentials?|private|auth|sas|apikey|api_key|"
+    r"access_key|session_key)($|[_.-])",
+    re.I,
+)
+URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 MASK = "***"
 
 
 def redact(value: Any) -> Any:
-    """A copy of a config tree with the values of secret-looking keys masked."""
+    """A copy of a config tree with secrets masked: values of secret-looking keys, ``{name: <secret-looking>,
+    value: ...}`` pairs (environment variable lists), and ``user:password@`` in URLs."""
     if isinstance(value, Mapping):
-        return {k: MASK if SECRET_KEY.search(str(k)) and v is not None else redact(v) for k, v in value.items()}
+        secret_pair = SECRET_KEY.search(str(value.get("name", "")))
+        return {
+            k: MASK if v is not None and (SECRET_KEY.search(str(k)) or (secret_pair and k == "value")) else redact(v)
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return URL_USERINFO.sub(f"{MASK}@", value)
     return value
 
 
@@ -56,7 +70,8 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[mlflow.ActiveRun]:
         mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config.yaml")
         yield run
     if parent is None:
-        print(f"MLflow: run {run.info.run_id} ({stage}) in experiment {cfg.tracking.experiment!r} at {cfg.tracking.uri}")
+        print(f"MLflow: run {run.info.run_id} ({stage}) in experiment {cfg.tracking.experiment!r} at "
+              f"{redact(cfg.tracking.uri)}")
         if cfg.tracking.uri.startswith("sqlite:///"):
             database = os.path.abspath(cfg.tracking.uri.removeprefix("sqlite:///"))
             mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")

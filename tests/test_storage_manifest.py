@@ -5,7 +5,16 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import BUCKET
 
-from ldm.manifest import IncompleteOutputError, claim_output, fingerprint, read_manifest, verify, write_manifest
+from ldm.manifest import (
+    MANIFEST_NAME,
+    IncompleteOutputError,
+    claim_output,
+    fingerprint,
+    list_files,
+    read_manifest,
+    verify,
+    write_manifest,
+)
 from ldm.storage import Storage
 
 
@@ -58,9 +67,10 @@ def test_manifest_commits_and_verifies_an_output(storage):
 
 def test_claim_output_skips_same_config_clears_partial_and_protects_others(storage):
     url = storage.url("claimed")
-    write_output(storage, url)
-    assert claim_output(storage, url, stage="demo", fingerprint="one") is None  # partial: cleared
-    assert not storage.fsspec(url)[0].exists(storage.fsspec(url)[1])
+    assert claim_output(storage, url, stage="demo", fingerprint="one") is None  # fresh location
+    write_output(storage, url)  # ... and the run dies here, before its manifest
+    assert claim_output(storage, url, stage="demo", fingerprint="one") is None  # its partial output: cleared
+    assert list_files(storage, url) == {}
 
     write_output(storage, url)
     write_manifest(storage, url, stage="demo", fingerprint="one")
@@ -70,6 +80,35 @@ def test_claim_output_skips_same_config_clears_partial_and_protects_others(stora
     assert read_manifest(storage, url) is not None
     assert claim_output(storage, url, stage="demo", fingerprint="two", overwrite=True) is None
     assert read_manifest(storage, url) is None
+
+
+def test_claim_output_never_deletes_files_no_stage_wrote(storage):
+    url = storage.url("real-downloads")
+    write_output(storage, url)
+    with pytest.raises(FileExistsError, match="no stage of this pipeline wrote"):
+        claim_output(storage, url, stage="demo", fingerprint="one", overwrite=True)
+    assert list_files(storage, url) == {"a.txt": 5, "sub/b.bin": 10}
+
+
+def test_a_manifest_is_only_written_when_every_reported_file_is_visible(storage):
+    url = storage.url("out")
+    write_output(storage, url)
+    with pytest.raises(IncompleteOutputError, match="not visible"):
+        write_manifest(storage, url, stage="demo", fingerprint="f", expected_files={"a.txt": 5, "c/d.bin": 3})
+    assert read_manifest(storage, url) is None
+    write_manifest(storage, url, stage="demo", fingerprint="f", expected_files={"a.txt": 5, "sub/b.bin": 10})
+    assert verify(storage, url)["fingerprint"] == "f"
+
+
+def test_unreadable_manifest_counts_as_incomplete_and_directory_markers_are_not_files(storage):
+    url = storage.url("out")
+    write_output(storage, url)
+    pa_fs, path = storage.pyarrow(url)
+    pa_fs.create_dir(f"{path}/empty/dir", recursive=True)  # on S3: zero-byte "dir/" marker objects
+    fs, root = storage.fsspec(url)
+    fs.pipe_file(f"{root}/{MANIFEST_NAME}", b'{"stage": "demo", "fingerp')  # a write cut short
+    assert read_manifest(storage, url) is None
+    assert list_files(storage, url) == {"a.txt": 5, "sub/b.bin": 10}
 
 
 def test_fingerprint_follows_config_and_inputs():
@@ -84,3 +123,6 @@ def test_relative_local_root_is_pinned_and_bad_schemes_are_named(tmp_path, monke
     assert Storage.from_config({"root": "store"}).root == str(tmp_path / "store")
     with pytest.raises(ValueError, match="gs://bucket"):
         Storage.from_config({"root": "gs://bucket/x"})
+    with pytest.raises(ValueError, match="file://store/raw"):
+        Storage.from_config({"root": "file://store/raw"})
+    assert Storage.from_config({"root": "file:///data/x/"}).root == "/data/x"

@@ -201,6 +201,13 @@ def test_synthesize_to_s3_is_tracked_on_the_mlflow_server_without_secrets(ray_cl
     assert json.load(open(manifest_path))["counts"]["rows"] == N
 
 
+def test_local_storage_on_a_remote_cluster_is_refused_before_anything_runs(tmp_path):
+    cfg = compose(*SMALL, "cluster=remote", f"storage.root={tmp_path}/store")
+    with pytest.raises(ValueError, match="storage=s3, or storage.shared=true"):
+        stages.load("synthesize").run(cfg)
+    assert not (tmp_path / "store").exists()
+
+
 def test_demo_command_runs_from_the_command_line_and_says_where_outputs_are(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "pipelines" / "run.py"), "stage=synthesize", "data.num_samples=60",

@@ -6,10 +6,19 @@ from conftest import compose
 from pipelines.tracking import flatten, redact, stage_run
 
 
-def test_secret_looking_keys_are_masked_everywhere_in_the_tree():
-    tree = {"storage": {"endpoint_url": "http://x", "secret_access_key": "s", "nested": [{"api_key": "k"}]}}
-    assert redact(tree) == {"storage": {"endpoint_url": "http://x", "secret_access_key": "***",
-                                        "nested": [{"api_key": "***"}]}}
+def test_secrets_are_masked_in_keys_env_pairs_and_urls_but_settings_stay_visible():
+    tree = {
+        "storage": {"endpoint_url": "http://x", "aws_secret_access_key": "s", "nested": [{"hf_token": "k"}]},
+        "runtime_env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "s2"}, {"name": "OMP_NUM_THREADS", "value": "2"}],
+        "tracking": {"uri": "https://alice:pa55@mlflow.example.com:5000/path"},
+        "tokenizer": {"name_or_path": "bert-base-uncased", "max_tokens": 77},
+    }
+    assert redact(tree) == {
+        "storage": {"endpoint_url": "http://x", "aws_secret_access_key": "***", "nested": [{"hf_token": "***"}]},
+        "runtime_env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "***"}, {"name": "OMP_NUM_THREADS", "value": "2"}],
+        "tracking": {"uri": "https://***@mlflow.example.com:5000/path"},
+        "tokenizer": {"name_or_path": "bert-base-uncased", "max_tokens": 77},
+    }
     assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": {}}) == {"a.b": 1, "a.c": [1, 2], "d": {}}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import tarfile
 import time
 from collections import Counter
@@ -22,6 +23,9 @@ import pyarrow.parquet as pq
 
 from ldm.synthetic.render import encode_jpeg, render
 from ldm.synthetic.scene import Scene, all_scenes, caption, held_out_combinations
+
+# Bump when the generator's output changes for the same config, so old corpora are not mistaken for new ones.
+GENERATOR_VERSION = 2
 
 # The defects real LAION / img2dataset data has; each bad row gets exactly one.
 DEFECTS = (
@@ -73,10 +77,8 @@ IMG2DATASET_META_SCHEMA = pa.schema(
         ("sha256", pa.string()),
     ]
 )
-# output_format=parquet adds the image bytes and the caption text.
-IMG2DATASET_PARQUET_SCHEMA = IMG2DATASET_META_SCHEMA.append(pa.field("txt", pa.string())).append(
-    pa.field("jpg", pa.binary())
-)
+# output_format=parquet adds the image bytes (the caption stays in `caption`).
+IMG2DATASET_PARQUET_SCHEMA = IMG2DATASET_META_SCHEMA.append(pa.field("jpg", pa.binary()))
 
 TRUTH_SCHEMA = pa.schema(
     [
@@ -91,6 +93,7 @@ TRUTH_SCHEMA = pa.schema(
 )
 
 LICENSES = ("?", "by-nc-sa", None)  # LAION-400M's LICENSE is mostly "?", sometimes null
+MISSING_SIZE_FRACTION = 0.02  # LAION metadata has nulls beyond TEXT and LICENSE; these rows stay clean
 SCENE_FIELDS = ("colour", "shape", "position", "background")
 DOWNLOAD_ERROR = "HTTP Error 404: Not Found"
 SPAM = "free shipping best price buy now cheap sale discount wholesale original new hot 2021 high quality"
@@ -109,7 +112,7 @@ def plan_rows(
     if unknown:
         raise ValueError(f"unknown defect(s) {unknown} in bad_rows; known: {list(DEFECTS)}")
     if not 0 < rows_per_shard <= 10_000:
-        raise ValueError(f"rows_per_shard must be in 1..10000 (img2dataset keys have 4 digits), got {rows_per_shard}")
+        raise ValueError(f"rows_per_shard must be in 1..10000, got {rows_per_shard}")
     rng = np.random.default_rng([seed, 0])
     held_out = held_out_combinations(holdout_fraction, seed)
     scenes = [s for s in all_scenes() if (s.colour, s.shape, s.background) not in held_out]
@@ -126,6 +129,7 @@ def plan_rows(
             defect_of[int(order.pop(0))] = defect
     clean_before = np.array(sorted(set(range(num_samples)) - set(defect_of)))
 
+    digits = key_digits(rows_per_shard)
     rows = []
     for i in range(num_samples):
         scene = scenes[int(rng.integers(len(scenes)))]
@@ -136,6 +140,7 @@ def plan_rows(
             "TEXT": caption(scene, int(rng.integers(3))),
             "WIDTH": resolution,
             "HEIGHT": resolution,
+            "size": (resolution, resolution),
             "LICENSE": LICENSES[int(rng.choice(len(LICENSES), p=[0.9, 0.05, 0.05]))],
             "NSFW": "UNLIKELY",
             "similarity": float(rng.uniform(0.3, 0.45)),
@@ -143,11 +148,18 @@ def plan_rows(
             **scene.as_dict(),
             "defect": defect,
             "shard": i // rows_per_shard,
-            "key": f"{i // rows_per_shard:05d}{i % rows_per_shard:04d}",
+            "key": f"{i // rows_per_shard:05d}{i % rows_per_shard:0{digits}d}",
         }
+        if defect is None and rng.random() < MISSING_SIZE_FRACTION:
+            row["WIDTH"] = row["HEIGHT"] = None  # declared size unknown; the bytes are fine
         _inject(row, defect, rows, clean_before, rng, resolution)
         rows.append(row)
     return rows
+
+
+def key_digits(rows_per_shard: int) -> int:
+    """img2dataset's sample-index width: ceil(log10(number_sample_per_shard)) digits."""
+    return max(1, math.ceil(math.log10(rows_per_shard)))
 
 
 def _inject(row, defect, earlier, clean, rng, resolution) -> None:
@@ -157,7 +169,7 @@ def _inject(row, defect, earlier, clean, rng, resolution) -> None:
             # Same address, re-crawled: other caption, other bytes, so only the URL repeats.
             row["URL"] = source["URL"]
         else:
-            for field in ("TEXT", "WIDTH", "HEIGHT", "render_seed", *SCENE_FIELDS):
+            for field in ("TEXT", "WIDTH", "HEIGHT", "size", "render_seed", *SCENE_FIELDS):
                 row[field] = source[field]
     elif defect == "null_caption":
         row["TEXT"] = None
@@ -171,9 +183,11 @@ def _inject(row, defect, earlier, clean, rng, resolution) -> None:
         row["similarity"] = float(rng.uniform(0.05, 0.25))
     elif defect == "tiny":
         row["WIDTH"] = row["HEIGHT"] = int(rng.integers(max(4, resolution // 8), max(5, resolution // 4) + 1))
+        row["size"] = (row["WIDTH"], row["HEIGHT"])
     elif defect == "extreme_aspect":
         long_side = resolution * 4
         row["WIDTH"], row["HEIGHT"] = (long_side, resolution) if rng.random() < 0.5 else (resolution, long_side)
+        row["size"] = (row["WIDTH"], row["HEIGHT"])
     elif defect == "long_caption":
         words = SPAM.split()
         spam = " ".join(words[int(j)] for j in rng.integers(len(words), size=int(rng.integers(120, 200))))
@@ -187,7 +201,8 @@ def image_bytes(row: Mapping[str, Any], jpeg_quality: int) -> bytes | None:
         return None
     if defect == "undecodable":
         return b"<!DOCTYPE html><html><body>Access denied</body></html>" + bytes(row["render_seed"] % 251 for _ in range(64))
-    pixels = render(scene_of(row), row["WIDTH"], row["HEIGHT"], row["render_seed"])
+    width, height = row["size"]
+    pixels = render(scene_of(row), width, height, row["render_seed"])
     data = encode_jpeg(pixels, jpeg_quality)
     if defect == "truncated":
         return data[: len(data) // 2]
@@ -224,11 +239,12 @@ def img2dataset_shard(
                 "key": row["key"],
                 "status": "success" if success else "failed_to_download",
                 "error_message": None if success else DOWNLOAD_ERROR,
-                # --resize_mode no --disable_all_reencoding: the bytes are kept exactly as served.
-                "width": row["WIDTH"] if success else None,
-                "height": row["HEIGHT"] if success else None,
-                "original_width": row["WIDTH"] if success else None,
-                "original_height": row["HEIGHT"] if success else None,
+                # --resize_mode no --disable_all_reencoding True: the bytes are kept exactly as served and
+                # never decoded, so img2dataset knows no sizes (and cannot tell undecodable bytes).
+                "width": None,
+                "height": None,
+                "original_width": None,
+                "original_height": None,
                 "sha256": hashlib.sha256(data).hexdigest() if success else None,
             }
         )
@@ -255,10 +271,7 @@ def img2dataset_shard(
         files[f"webdataset/{shard}.parquet"] = _parquet(pa.Table.from_pylist(metas, schema=IMG2DATASET_META_SCHEMA))
         files[f"webdataset/{shard}_stats.json"] = stats_json
     if "parquet" in formats:
-        records = [
-            {**m, "txt": (str(m["caption"]) if m["caption"] is not None else "") if img else None, "jpg": img}
-            for m, img in zip(metas, images)
-        ]
+        records = [{**m, "jpg": img} for m, img in zip(metas, images)]
         files[f"parquet/{shard}.parquet"] = _parquet(pa.Table.from_pylist(records, schema=IMG2DATASET_PARQUET_SCHEMA))
         files[f"parquet/{shard}_stats.json"] = stats_json
     unknown = formats - {"webdataset", "parquet"}

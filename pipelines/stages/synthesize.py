@@ -17,11 +17,12 @@ from typing import Any
 import mlflow
 import pyarrow.parquet as pq
 import ray
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ldm.manifest import claim_output, fingerprint, write_manifest
+from ldm.manifest import claim_output, write_manifest
 from ldm.storage import Storage, resolve
 from ldm.synthetic.corpus import (
+    GENERATOR_VERSION,
     IMG2DATASET_META_SCHEMA,
     IMG2DATASET_PARQUET_SCHEMA,
     LAION_SCHEMA,
@@ -32,6 +33,7 @@ from ldm.synthetic.corpus import (
 )
 from ldm.synthetic.scene import held_out_combinations
 from pipelines.cluster import connect
+from pipelines.outputs import require_reachable_storage, stage_fingerprint
 from pipelines.tracking import stage_run
 
 STAGE = "synthesize"
@@ -41,9 +43,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     storage = Storage.from_config(cfg.storage)
     data, settings = cfg.data, cfg.stage
     out = resolve(data.raw_url)
-    identity = fingerprint(
-        {"stage": OmegaConf.to_container(settings, resolve=True), "data": OmegaConf.to_container(data, resolve=True)}
-    )
+    require_reachable_storage(cfg, storage.is_local(out))
+    identity = stage_fingerprint(cfg, GENERATOR_VERSION)
     with stage_run(cfg, STAGE):
         done = claim_output(storage, out, stage=STAGE, fingerprint=identity, overwrite=cfg.overwrite)
         if done is not None:
@@ -70,7 +71,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         written = (
             ray.data.from_items(shards, override_num_blocks=len(shards))
-            .map(write, num_cpus=settings.num_cpus_per_task)
+            .map(write, num_cpus=settings.resources.num_cpus_per_task)
             .take_all()
         )
         _write_table(storage, out, "metadata", laion_metadata_table(rows), settings.metadata_rows_per_file)
@@ -85,6 +86,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             out,
             stage=STAGE,
             fingerprint=identity,
+            expected_files={name: size for w in written for name, size in json.loads(w["files"]).items()},
             inputs={},
             counts=counts,
             timings={"seconds": round(elapsed, 3)},
@@ -134,7 +136,7 @@ def _write_shard(item: dict[str, Any], *, storage: Storage, url: str, jpeg_quali
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, payload)
     images = sum(1 for r in rows if r["defect"] != "failed_download")
-    return {"shard": item["shard"], "images": images, "bytes": sum(len(p) for p in files.values())}
+    return {"shard": item["shard"], "images": images, "files": json.dumps({n: len(p) for n, p in files.items()})}
 
 
 def _write_table(storage: Storage, url: str, name: str, table, rows_per_file: int | None = None) -> None:
