@@ -145,7 +145,7 @@ def claim_output(storage: Storage, url: str, *, stage: str, fingerprint: str, ov
         raise FileExistsError(
             f"{url} already holds a complete {manifest.get('stage')} output of another config "
             f"(fingerprint {str(manifest.get('fingerprint'))[:12]}, this run {fingerprint[:12]}); "
-            "point this stage at another location or set stage.overwrite=true"
+            "point this stage at another location or re-run with overwrite=true"
         )
     fs, root = storage.fsspec(url)
     if manifest is None and list_files(storage, url) and not fs.exists(f"{root}/{CLAIM_NAME}"):
