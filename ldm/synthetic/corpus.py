@@ -25,7 +25,7 @@ from ldm.synthetic.render import encode_jpeg, render
 from ldm.synthetic.scene import Scene, all_scenes, caption, held_out_combinations
 
 # Bump when the generator's output changes for the same config, so old corpora are not mistaken for new ones.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 # The defects real LAION / img2dataset data has; each bad row gets exactly one.
 DEFECTS = (
@@ -138,9 +138,7 @@ def plan_rows(
             "SAMPLE_ID": i,
             "URL": f"https://images.synthetic.example/{seed}/{i:08d}.jpg",
             "TEXT": caption(scene, int(rng.integers(3))),
-            "WIDTH": resolution,
-            "HEIGHT": resolution,
-            "size": (resolution, resolution),
+            "size": (resolution, resolution),  # the pixels served; WIDTH/HEIGHT declare it below
             "LICENSE": LICENSES[int(rng.choice(len(LICENSES), p=[0.9, 0.05, 0.05]))],
             "NSFW": "UNLIKELY",
             "similarity": float(rng.uniform(0.3, 0.45)),
@@ -150,9 +148,9 @@ def plan_rows(
             "shard": i // rows_per_shard,
             "key": f"{i // rows_per_shard:05d}{i % rows_per_shard:0{digits}d}",
         }
-        if defect is None and rng.random() < MISSING_SIZE_FRACTION:
-            row["WIDTH"] = row["HEIGHT"] = None  # declared size unknown; the bytes are fine
         _inject(row, defect, rows, clean_before, rng, resolution)
+        missing = defect is None and rng.random() < MISSING_SIZE_FRACTION  # declared size unknown, bytes fine
+        row["WIDTH"], row["HEIGHT"] = (None, None) if missing else row["size"]
         rows.append(row)
     return rows
 
@@ -169,7 +167,7 @@ def _inject(row, defect, earlier, clean, rng, resolution) -> None:
             # Same address, re-crawled: other caption, other bytes, so only the URL repeats.
             row["URL"] = source["URL"]
         else:
-            for field in ("TEXT", "WIDTH", "HEIGHT", "size", "render_seed", *SCENE_FIELDS):
+            for field in ("TEXT", "size", "render_seed", *SCENE_FIELDS):
                 row[field] = source[field]
     elif defect == "null_caption":
         row["TEXT"] = None
@@ -182,12 +180,11 @@ def _inject(row, defect, earlier, clean, rng, resolution) -> None:
     elif defect == "low_similarity":
         row["similarity"] = float(rng.uniform(0.05, 0.25))
     elif defect == "tiny":
-        row["WIDTH"] = row["HEIGHT"] = int(rng.integers(max(4, resolution // 8), max(5, resolution // 4) + 1))
-        row["size"] = (row["WIDTH"], row["HEIGHT"])
+        side = int(rng.integers(max(4, resolution // 8), max(5, resolution // 4) + 1))
+        row["size"] = (side, side)
     elif defect == "extreme_aspect":
         long_side = resolution * 4
-        row["WIDTH"], row["HEIGHT"] = (long_side, resolution) if rng.random() < 0.5 else (resolution, long_side)
-        row["size"] = (row["WIDTH"], row["HEIGHT"])
+        row["size"] = (long_side, resolution) if rng.random() < 0.5 else (resolution, long_side)
     elif defect == "long_caption":
         words = SPAM.split()
         spam = " ".join(words[int(j)] for j in rng.integers(len(words), size=int(rng.integers(120, 200))))
