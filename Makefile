@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The stages that exist so far, in order; issue 8 replaces this with stage=pipeline.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=synthesize
+	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=prepare
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs

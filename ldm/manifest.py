@@ -127,11 +127,14 @@ def clear(storage: Storage, url: str) -> None:
         fs.rm(root, recursive=True)
 
 
-def claim_output(storage: Storage, url: str, *, stage: str, fingerprint: str, overwrite: bool = False):
+def claim_output(
+    storage: Storage, url: str, *, stage: str, fingerprint: str, overwrite: bool = False, resume: bool = False
+):
     """Decide what a stage does with its output location before writing to it.
 
-    Returns the existing manifest when the same config already completed there (nothing to do). Removes a
-    partial output of a stage (a claim, no manifest) so the stage writes it afresh. Refuses to
+    Returns the existing manifest when the same config already completed there (nothing to do). A partial
+    output of a stage (a claim, no manifest) is kept when ``resume`` and it was claimed by the same stage and
+    config, so the stage can finish it; otherwise it is removed and written afresh. Refuses to
     replace a complete output of another config unless ``overwrite``, and never deletes files that no stage of
     this pipeline wrote (a folder of real downloads given as an output location by mistake).
     """
@@ -153,8 +156,19 @@ def claim_output(storage: Storage, url: str, *, stage: str, fingerprint: str, ov
             f"{url} holds files that no stage of this pipeline wrote (no {MANIFEST_NAME}, no {CLAIM_NAME}); "
             "refusing to delete them: point this stage at another location"
         )
+    if manifest is None and resume and _claimed_by(storage, url) == (stage, fingerprint):
+        return None
     clear(storage, url)
     fs.makedirs(root, exist_ok=True)
     marker = {"stage": stage, "fingerprint": fingerprint, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     fs.pipe_file(f"{root}/{CLAIM_NAME}", json.dumps(marker).encode())
     return None
+
+
+def _claimed_by(storage: Storage, url: str) -> tuple[str, str] | None:
+    fs, root = storage.fsspec(url)
+    try:
+        claim = json.loads(fs.cat_file(f"{root}/{CLAIM_NAME}"))
+        return claim["stage"], claim["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

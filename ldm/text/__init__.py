@@ -1,0 +1,1 @@
+"""Text side of the model: the tokenizer every stage shares."""

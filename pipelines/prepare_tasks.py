@@ -1,0 +1,92 @@
+"""What stage=prepare runs on Ray workers: one input file (unit) or one hash partition per call.
+
+Kept apart from the stage module so that workers import pyarrow and ``ldm``, not MLflow or Hydra.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ldm.data import filters
+from ldm.data.parts import PartWriter
+from ldm.data.prepare import prepare_unit, scan_unit
+from ldm.data.sources import Unit
+from ldm.storage import Storage
+
+TOKENIZER = "tokenizer"
+DROPPED = "dropped"  # every dropped row with its reason, beside the kept ones
+
+
+def scan(batch: pa.Table, *, storage, fmt, columns, filters, batch_rows) -> Iterator[pa.Table]:
+    """The rows of one unit that pass the metadata rules: their caption and deduplication keys."""
+    for row in batch.to_pylist():
+        for table in scan_unit(storage, Unit(**row), fmt, columns, filters, batch_rows):
+            kept = table.filter(pc.is_null(table["reason"]))
+            if len(kept):
+                yield kept.drop_columns(["reason"])
+
+
+def dedup_keys(batch: pa.Table, rules: dict[str, str]) -> pa.Table:
+    return filters.dedup_keys(batch, rules)
+
+
+def duplicates(partition: pa.Table) -> pa.Table:
+    """The later rows of each key in one hash partition, with the rule they fail."""
+    return filters.later_duplicates(partition).select(["unit", "row", "reason"])
+
+
+def prepare(row: dict[str, Any], *, job: dict[str, Any]) -> dict[str, Any]:
+    """One unit through every rule: its parts (stale ones from a killed run removed first), then its marker."""
+    from ldm.text.tokenizer import load_tokenizer  # here, not at the top: scan workers never need torch
+
+    storage: Storage = job["storage"]
+    unit = Unit(**row)
+    fs, root = storage.fsspec(job["out"])
+    stem = f"part-{unit.index:0{job['digits']}d}"
+    for layout in (job["layout"], DROPPED):
+        for stale in fs.glob(f"{root}/{layout}/{stem}-*.parquet"):
+            fs.rm(stale)
+    writer = PartWriter(storage, f"{job['out']}/{job['layout']}", stem, job["max_rows"], job["max_bytes"])
+    dropped = PartWriter(storage, f"{job['out']}/{DROPPED}", stem, job["max_rows"], job["max_bytes"])
+    summary = prepare_unit(
+        storage,
+        unit,
+        job["fmt"],
+        job["columns"],
+        job["filters"],
+        duplicates_of(storage, job["work"], unit.index),
+        # Metadata is only tokenized to count tokens: otherwise spare the worker loading transformers.
+        load_tokenizer(f"{job['out']}/{TOKENIZER}", storage) if job["fmt"] != "metadata" or job["filters"].counts_tokens else None,
+        job["max_length"],
+        writer,
+        dropped,
+        job["batch_rows"],
+    )
+    _, work = storage.fsspec(job["work"])
+    marker = f"{work}/done/{unit.index:0{job['digits']}d}.json"
+    fs.makedirs(f"{work}/done", exist_ok=True)
+    payload = json.dumps(summary).encode()
+    if storage.is_local(job["out"]):  # a kill mid-write must not leave a marker that parses
+        fs.pipe_file(f"{marker}.tmp", payload)
+        fs.mv(f"{marker}.tmp", marker)
+    else:
+        fs.pipe_file(marker, payload)  # a single PUT is atomic
+    return {"unit": unit.index, "rows_out": summary["rows_out"]}
+
+
+def duplicates_of(storage: Storage, work: str, unit: int) -> dict[int, str]:
+    """row -> reason for the unit's rows that repeat an earlier row (a URL repeat wins over an image one)."""
+    fs, root = storage.fsspec(work)
+    found: dict[int, str] = {}
+    for path in sorted(fs.glob(f"{root}/duplicates/unit={unit}/*.parquet")):
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["row", "reason"])
+        for row, reason in zip(table["row"].to_pylist(), table["reason"].to_pylist()):
+            if found.get(row) != "duplicate_url":
+                found[row] = reason
+    return found

@@ -1,0 +1,358 @@
+"""stage=prepare: filter and tokenize LAION metadata or img2dataset downloads into ``data.prepared_url``.
+
+Four steps, each resumable, all on Ray Data:
+
+1. scan: every input file's metadata columns -> the rows that pass the metadata rules, with their captions and
+   deduplication keys (``_work/keys``);
+2. deduplicate: those keys hash-shuffled so that each URL / image digest lands whole in one partition; the
+   later rows of each are the duplicates (``_work/duplicates/unit=N``);
+3. tokenizer: trained with ``tokenizers`` on the scanned captions, or loaded, and saved into the output;
+4. prepare: every input file in full through all the rules, its kept rows written as bounded parquet parts
+   and a ``_work/done/<unit>.json`` with its counts.
+
+A re-run after a kill finds its claim, skips the steps and files that finished, and redoes the rest; the
+manifest (counts per reason, tokenizer, schema) is written last, after ``_work`` is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict
+from functools import partial
+from typing import Any, Iterator
+
+import mlflow
+import pyarrow.dataset
+import pyarrow.parquet as pq
+import ray
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.data.filters import REASONS, Filters
+from ldm.data.img2dataset import download_command
+from ldm.data.prepare import PREPARE_VERSION, prepared_schema, unused_rules
+from ldm.data.sources import Columns, Unit, check_columns, list_units
+from ldm.manifest import CLAIM_NAME, IncompleteOutputError, claim_output, clear, list_files, read_manifest, verify, write_manifest
+from ldm.storage import Storage, resolve
+from ldm.text.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
+from pipelines import prepare_tasks as tasks
+from pipelines.cluster import connect
+from pipelines.outputs import require_reachable_storage, stage_fingerprint
+from pipelines.tracking import stage_run
+
+STAGE = "prepare"
+WORK = "_work"
+TOKENIZER = tasks.TOKENIZER
+
+
+class EmptyOutputError(RuntimeError):
+    """Every row was filtered out."""
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    storage = Storage.from_config(cfg.storage)
+    data, settings = cfg.data, cfg.stage
+    fmt = data.input.format
+    columns = Columns.from_config(data.input)
+    columns.validate(fmt)
+    filters = Filters.from_config(OmegaConf.to_container(settings.filters, resolve=True))
+    out = resolve(data.prepared_url)
+    require_reachable_storage(cfg, storage.is_local(out))
+    source, upstream = _input_location(storage, resolve(data.input.url), fmt)
+    units, listing = list_units(storage, source, fmt)
+    check_columns(storage, units[0], columns, fmt)
+    identity = stage_fingerprint(cfg, PREPARE_VERSION, [upstream or listing])
+
+    with stage_run(cfg, STAGE):
+        done = claim_output(storage, out, stage=STAGE, fingerprint=identity, overwrite=cfg.overwrite, resume=True)
+        if done is not None:
+            mlflow.set_tag("skipped", "complete output with the same fingerprint")
+            print(f"{STAGE}: {out} is already complete for this config ({done['counts']['rows_out']} rows); nothing to do")
+            return done
+        connect(cfg.cluster)
+        started = time.time()
+        job = _Job(storage, out, fmt, columns, filters, settings)
+        print(f"{STAGE}: {len(units)} {fmt} file(s) from {source} -> {out}")
+        timings: dict[str, float] = {}
+        for step, work in (
+            ("scan", partial(job.scan, units)),
+            ("duplicates", job.find_duplicates),
+            ("tokenizer", job.tokenizer),
+            ("prepare", partial(job.prepare, units)),
+        ):
+            begun = time.time()
+            result = work()
+            timings[step] = round(time.time() - begun, 3)
+            if step == "tokenizer":
+                tokenizer_files, vocab_size = result
+        summaries = result
+        elapsed = time.time() - started
+        timings["seconds"] = round(elapsed, 3)
+
+        rows_in = sum(s["rows_in"] for s in summaries)
+        rows_out = sum(s["rows_out"] for s in summaries)
+        dropped = Counter()
+        for s in summaries:
+            dropped.update(s["dropped"])
+        dropped = {reason: dropped.get(reason, 0) for reason in REASONS}
+        unused = unused_rules(fmt, columns, filters)
+        _report(rows_in, rows_out, dropped, unused, timings)
+        if rows_out == 0:
+            raise EmptyOutputError(
+                f"{STAGE}: every one of the {rows_in} input rows was filtered out (dropped per rule: "
+                f"{ {r: n for r, n in dropped.items() if n} }); loosen stage.filters or check data.input"
+            )
+
+        clear(storage, f"{out}/{WORK}")
+        layout = job.layout
+        facts: dict[str, Any] = {
+            "format": fmt,
+            "layout": {"data": f"{layout}/", "dropped": f"{tasks.DROPPED}/", "tokenizer": f"{TOKENIZER}/"},
+            "tokenizer": {"path": f"{TOKENIZER}/", "vocab_size": vocab_size, "max_length": settings.tokenizer.max_length},
+            "unused_rules": unused,
+        }
+        if fmt == "metadata":
+            command = download_command(
+                f"{out}/metadata",
+                resolve(data.images_url),
+                columns,
+                filters,
+                settings.img2dataset,
+                data.input.get("extra_columns") or (),
+            )
+            facts["img2dataset_command"] = command
+            print(f"{STAGE}: download the kept rows with\n  {command}")
+        files = {f"{layout}/{name}": size for s in summaries for name, size in s["files"].items()}
+        files.update({f"{tasks.DROPPED}/{name}": size for s in summaries for name, size in s["dropped_files"].items()})
+        manifest = write_manifest(
+            storage,
+            out,
+            stage=STAGE,
+            fingerprint=identity,
+            expected_files={**files, **{f"{TOKENIZER}/{n}": s for n, s in tokenizer_files.items()}},
+            inputs={"url": source, "format": fmt, "fingerprint": upstream, "listing": listing, "files": len(units)},
+            counts={"rows_in": rows_in, "rows_out": rows_out, "dropped": dropped},
+            timings=timings,
+            facts=facts,
+            schema=None if fmt == "metadata" else {f.name: str(f.type) for f in prepared_schema(settings.tokenizer.max_length)},
+        )
+        mlflow.log_metrics(
+            {
+                "rows_in": rows_in,
+                "rows_out": rows_out,
+                "seconds": elapsed,
+                "rows_per_s": rows_in / max(elapsed, 1e-9),
+                "vocab_size": vocab_size,
+                **{f"dropped.{reason}": n for reason, n in dropped.items()},
+            }
+        )
+        mlflow.log_dict(manifest, "manifest.json")
+        if fmt == "metadata":
+            mlflow.log_text(facts["img2dataset_command"] + "\n", "img2dataset_command.txt")
+        return manifest
+
+
+def _input_location(storage: Storage, url: str, fmt: str) -> tuple[str, str | None]:
+    """Where the ``fmt`` files are, and the upstream output's fingerprint when ``url`` is one of ours.
+
+    A stage output (a synthesized corpus) says in its manifest where each format lives; an output that never
+    finished is refused. Anything else (real downloads) is read as it is, and fingerprinted by its listing.
+    """
+    manifest = read_manifest(storage, url)
+    if manifest is not None:
+        verify(storage, url)
+        layout = (manifest.get("facts") or {}).get("layout") or {}
+        if not layout.get(fmt):
+            have = sorted(k for k, v in layout.items() if v and k in ("metadata", "parquet", "webdataset"))
+            raise ValueError(
+                f"data.input.url={url} is a {manifest.get('stage')} output without {fmt} data "
+                f"(it has {have}); set data.input.format to one of them"
+            )
+        return f"{url}/{layout[fmt].strip('/')}", manifest["fingerprint"]
+    fs, root = storage.fsspec(url)
+    if fs.exists(f"{root}/{CLAIM_NAME}"):
+        claim = json.loads(fs.cat_file(f"{root}/{CLAIM_NAME}"))
+        raise IncompleteOutputError(
+            f"data.input.url={url} is an unfinished {claim.get('stage')} output: re-run stage={claim.get('stage')}"
+        )
+    return url, None
+
+
+class _Job:
+    """The steps of one prepare run, sharing its locations and settings."""
+
+    def __init__(self, storage: Storage, out: str, fmt: str, columns: Columns, filters: Filters, settings: DictConfig):
+        self.storage, self.out, self.fmt, self.columns, self.filters = storage, out, fmt, columns, filters
+        self.settings = settings
+        self.resources = settings.resources
+        self.work = f"{out}/{WORK}"
+        self.fs, self.root = storage.fsspec(out)
+        self.layout = "metadata" if fmt == "metadata" else "shards"
+
+    # -- 1. scan ----------------------------------------------------------------------------------------------
+    @property
+    def needs_scan(self) -> bool:
+        return self.filters.dedup_urls or self.filters.dedup_images or self.settings.tokenizer.train
+
+    def scan(self, units: list[Unit]) -> None:
+        if not self.needs_scan or self._finished("keys"):
+            return
+        target = f"{self.work}/keys"
+        clear(self.storage, target)
+        scan = partial(
+            tasks.scan,
+            storage=self.storage,
+            fmt=self.fmt,
+            columns=self.columns,
+            filters=self.filters,
+            batch_rows=self.resources.batch_rows,
+        )
+        pafs, path = self.storage.pyarrow(target)
+        (
+            ray.data.from_items([asdict(u) for u in units], override_num_blocks=len(units))
+            .map_batches(scan, batch_size=1, batch_format="pyarrow", num_cpus=self.resources.num_cpus_per_task)
+            .write_parquet(path, filesystem=pafs)
+        )
+        self._finish("keys")
+
+    def _keys(self) -> pyarrow.dataset.Dataset | None:
+        pafs, path = self.storage.pyarrow(f"{self.work}/keys")
+        if not list_files(self.storage, f"{self.work}/keys"):
+            return None  # no row passed the metadata rules
+        return pyarrow.dataset.dataset(path, filesystem=pafs, format="parquet")
+
+    # -- 2. deduplicate ---------------------------------------------------------------------------------------
+    def find_duplicates(self) -> None:
+        if self._finished("duplicates"):
+            return
+        target = f"{self.work}/duplicates"
+        clear(self.storage, target)
+        unused = unused_rules(self.fmt, self.columns, self.filters)
+        rules = {
+            key: reason
+            for key, reason, on in (
+                ("url_key", "duplicate_url", self.filters.dedup_urls),
+                ("image_key", "duplicate_image", self.filters.dedup_images),
+            )
+            if on and reason not in unused
+        }
+        keys = self._keys() if rules else None
+        pafs, path = self.storage.pyarrow(target)
+        columns = ["unit", "row", *rules]
+        if keys is not None and keys.count_rows() <= self.resources.dedup_on_driver_max_rows:
+            # Few enough keys to hold here: the same two functions, without a distributed shuffle's start-up.
+            found = tasks.duplicates(tasks.dedup_keys(keys.to_table(columns=columns), rules=rules))
+            pq.write_to_dataset(found, path, partition_cols=["unit"], filesystem=pafs)
+        elif keys is not None:
+            (
+                ray.data.read_parquet(keys.files, filesystem=pafs, columns=columns)
+                .map_batches(partial(tasks.dedup_keys, rules=rules), batch_format="pyarrow")
+                # Hash partitions hold every row of a key; with batch_size=None a batch is a whole partition,
+                # the same guarantee Ray's own groupby().map_groups() relies on.
+                .repartition(self.resources.dedup_partitions, keys=["key"])
+                .map_batches(tasks.duplicates, batch_size=None, batch_format="pyarrow")
+                .write_parquet(path, filesystem=pafs, partition_cols=["unit"])
+            )
+        self._finish("duplicates")
+
+    # -- 3. tokenizer -----------------------------------------------------------------------------------------
+    def tokenizer(self) -> tuple[dict[str, int], int]:
+        """Train or load the tokenizer, save it into the output (once: a resumed run reuses it)."""
+        url = f"{self.out}/{TOKENIZER}"
+        config = self.settings.tokenizer
+        if not self._finished(TOKENIZER):
+            if config.train:
+                tokenizer = train_wordpiece(
+                    self._training_captions(config.train_max_captions),
+                    vocab_size=config.vocab_size,
+                    max_length=config.max_length,
+                    lowercase=config.lowercase,
+                    min_frequency=config.min_frequency,
+                )
+            else:
+                tokenizer = load_tokenizer(config.name_or_path, self.storage)
+            clear(self.storage, url)
+            save_tokenizer(tokenizer, self.storage, url)
+            self._finish(TOKENIZER)
+        tokenizer = load_tokenizer(url, self.storage)
+        print(f"{STAGE}: tokenizer at {url}: {len(tokenizer)} tokens, max_length {config.max_length}")
+        return list_files(self.storage, url), len(tokenizer)
+
+    def _training_captions(self, limit: int) -> Iterator[str]:
+        keys = self._keys()
+        if keys is None:
+            return
+        seen = 0
+        for batch in keys.to_batches(columns=["caption"], batch_size=4096):
+            for caption in batch["caption"].to_pylist():
+                if caption:
+                    yield caption
+                    seen += 1
+                    if seen >= limit:
+                        return
+
+    # -- 4. prepare -------------------------------------------------------------------------------------------
+    def prepare(self, units: list[Unit]) -> list[dict[str, Any]]:
+        finished = self._done_units()
+        todo = [u for u in units if u.index not in finished]
+        if finished:
+            print(f"{STAGE}: resuming: {len(finished)} of {len(units)} file(s) already prepared")
+        if todo:
+            task = partial(
+                tasks.prepare,
+                job={
+                    "storage": self.storage,
+                    "out": self.out,
+                    "work": self.work,
+                    "fmt": self.fmt,
+                    "columns": self.columns,
+                    "filters": self.filters,
+                    "max_length": self.settings.tokenizer.max_length,
+                    "max_rows": self.settings.max_rows_per_file,
+                    "max_bytes": self.settings.max_bytes_per_file,
+                    "batch_rows": self.resources.batch_rows,
+                    "digits": max(5, len(str(len(units)))),
+                    "layout": self.layout,
+                },
+            )
+            (
+                ray.data.from_items([asdict(u) for u in todo], override_num_blocks=len(todo))
+                .map(task, num_cpus=self.resources.num_cpus_per_task)
+                .take_all()
+            )
+        done = self._done_units()
+        missing = sorted(u.index for u in units if u.index not in done)
+        if missing:
+            raise IncompleteOutputError(f"{STAGE}: input files {missing[:5]} were not prepared")
+        return [done[u.index] for u in units]
+
+    def _done_units(self) -> dict[int, dict[str, Any]]:
+        done = {}
+        for path in self.fs.glob(f"{self.root}/{WORK}/done/*.json"):
+            try:
+                summary = json.loads(self.fs.cat_file(path))
+            except ValueError:
+                continue  # cut short by a kill: that unit is redone
+            done[summary["unit"]] = summary
+        return done
+
+    # -- step markers -----------------------------------------------------------------------------------------
+    def _finished(self, step: str) -> bool:
+        return self.fs.exists(f"{self.root}/{WORK}/{step}.done")
+
+    def _finish(self, step: str) -> None:
+        self.fs.makedirs(f"{self.root}/{WORK}", exist_ok=True)
+        self.fs.pipe_file(f"{self.root}/{WORK}/{step}.done", b"")
+
+
+def _report(rows_in: int, rows_out: int, dropped: dict[str, int], unused: dict[str, str], timings: dict[str, float]) -> None:
+    width = max(len(r) for r in REASONS)
+    steps = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "seconds")
+    lines = [
+        f"{STAGE}: {rows_in} rows in, {rows_out} kept, {sum(dropped.values())} dropped in {timings['seconds']:.1f}s ({steps})"
+    ]
+    for reason, n in dropped.items():
+        note = f"  (off: {unused[reason]})" if reason in unused else ""
+        lines.append(f"  {reason:<{width}} {n:>10}{note}")
+    print("\n".join(lines))
