@@ -64,7 +64,8 @@ def bare_webdataset(tars: list[str], tokenizer) -> int:
 
 
 def measure(label: str, stage_cfg, bare, *bare_args) -> None:
-    """The stage cold (first use of the Ray workers: process start-up and imports included) and warm (run
+    """The stage cold (its first run in this process: for the metadata input, the first use of the Ray
+    workers, process start-up and imports included; the image input then finds them started) and warm (run
     again from scratch on the same workers), and the bare loop, over the same rows."""
     timings = []
     for _ in ("cold", "warm"):

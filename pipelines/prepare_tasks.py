@@ -6,6 +6,7 @@ Kept apart from the stage module so that workers import pyarrow and ``ldm``, not
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -15,20 +16,34 @@ import pyarrow.parquet as pq
 from ldm.data import filters
 from ldm.data.parts import PartWriter
 from ldm.data.prepare import prepare_unit, scan_unit
-from ldm.data.sources import Unit
+from ldm.data.sources import MissingColumnError, Unit, UnreadableInputError
 from ldm.storage import Storage
 
 TOKENIZER = "tokenizer"
 DROPPED = "dropped"  # every dropped row with its reason, beside the kept ones
+RANK = {reason: rank for rank, reason in enumerate(filters.REASONS)}
+
+
+@contextmanager
+def naming(unit: Unit) -> Iterator[None]:
+    """Any failure on a unit says which file it was (the ldm errors that already do pass through)."""
+    try:
+        yield
+    except (MissingColumnError, UnreadableInputError):
+        raise
+    except Exception as error:
+        raise RuntimeError(f"stage=prepare failed on {unit.path}: {type(error).__name__}: {error}") from error
 
 
 def scan(batch: pa.Table, *, storage, fmt, columns, filters, batch_rows) -> Iterator[pa.Table]:
     """The rows of one unit that pass the metadata rules: their caption and deduplication keys."""
     for row in batch.to_pylist():
-        for table in scan_unit(storage, Unit(**row), fmt, columns, filters, batch_rows):
-            kept = table.filter(pc.is_null(table["reason"]))
-            if len(kept):
-                yield kept.drop_columns(["reason"])
+        unit = Unit(**row)
+        with naming(unit):
+            for table in scan_unit(storage, unit, fmt, columns, filters, batch_rows):
+                kept = table.filter(pc.is_null(table["reason"]))
+                if len(kept):
+                    yield kept.drop_columns(["reason"])
 
 
 def dedup_keys(batch: pa.Table, rules: dict[str, str]) -> pa.Table:
@@ -53,20 +68,23 @@ def prepare(row: dict[str, Any], *, job: dict[str, Any]) -> dict[str, Any]:
             fs.rm(stale)
     writer = PartWriter(storage, f"{job['out']}/{job['layout']}", stem, job["max_rows"], job["max_bytes"])
     dropped = PartWriter(storage, f"{job['out']}/{DROPPED}", stem, job["max_rows"], job["max_bytes"])
-    summary = prepare_unit(
-        storage,
-        unit,
-        job["fmt"],
-        job["columns"],
-        job["filters"],
-        duplicates_of(storage, job["work"], unit.index),
-        # Metadata is only tokenized to count tokens: otherwise spare the worker loading transformers.
-        load_tokenizer(f"{job['out']}/{TOKENIZER}", storage) if job["fmt"] != "metadata" or job["filters"].counts_tokens else None,
-        job["max_length"],
-        writer,
-        dropped,
-        job["batch_rows"],
-    )
+    with naming(unit):
+        summary = prepare_unit(
+            storage,
+            unit,
+            job["fmt"],
+            job["columns"],
+            job["filters"],
+            duplicates_of(storage, job["work"], unit.index),
+            # Metadata is tokenized only to count tokens: otherwise spare the worker loading transformers.
+            load_tokenizer(f"{job['out']}/{TOKENIZER}", storage)
+            if job["fmt"] != "metadata" or job["filters"].counts_tokens
+            else None,
+            job["max_length"],
+            writer,
+            dropped,
+            job["batch_rows"],
+        )
     _, work = storage.fsspec(job["work"])
     marker = f"{work}/done/{unit.index:0{job['digits']}d}.json"
     fs.makedirs(f"{work}/done", exist_ok=True)
@@ -80,13 +98,15 @@ def prepare(row: dict[str, Any], *, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def duplicates_of(storage: Storage, work: str, unit: int) -> dict[int, str]:
-    """row -> reason for the unit's rows that repeat an earlier row (a URL repeat wins over an image one)."""
+    """row -> reason for the unit's rows that repeat an earlier row (the earlier rule in REASONS wins)."""
     fs, root = storage.fsspec(work)
+    if not fs.exists(f"{root}/duplicates.done"):  # never prepare a unit as if it had no duplicates
+        raise RuntimeError(f"{work}: the duplicates step has not finished; re-run the stage")
     found: dict[int, str] = {}
     for path in sorted(fs.glob(f"{root}/duplicates/unit={unit}/*.parquet")):
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=["row", "reason"])
         for row, reason in zip(table["row"].to_pylist(), table["reason"].to_pylist()):
-            if found.get(row) != "duplicate_url":
+            if row not in found or RANK[reason] < RANK[found[row]]:
                 found[row] = reason
     return found

@@ -92,6 +92,7 @@ def check_prepared(storage: Storage, out: str, truth: list[dict], fmt: str) -> d
     assert {r: n for r, n in counts["dropped"].items() if n} == dict(Counter(r for r in expected.values() if r))
 
     dropped = read_dir(storage, f"{out}/dropped").to_pylist()
+    assert len(dropped) == sum(counts["dropped"].values())  # each dropped row logged once
     if fmt == "metadata":  # one metadata file: a row's index is its SAMPLE_ID
         by_id = {t["SAMPLE_ID"]: t["key"] for t in truth}
         assert {by_id[d["row"]]: d["reason"] for d in dropped} == {k: r for k, r in expected.items() if r}
@@ -130,7 +131,8 @@ def test_webdataset_to_local_drops_every_bad_row_for_its_reason_and_reruns_as_no
     first = stages.load("prepare").run(cfg)
     assert check_prepared(storage, out, truth, "webdataset") == first
     printed = capsys.readouterr().out
-    assert "duplicate_image" in printed and f"-> {out}" in printed
+    assert f"{N} rows in, {first['counts']['rows_out']} kept" in printed and f"-> {out}" in printed
+    assert re.search(rf"^ +duplicate_image +{round(FRACTION * N)}$", printed, re.M)
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
     [run] = client.search_runs([client.get_experiment_by_name("ldm").experiment_id], "tags.stage = 'prepare'")
@@ -200,15 +202,17 @@ def test_a_run_killed_midway_completes_on_rerun_without_duplicate_or_missing_row
     assert 2 <= len(finished) < N // PER_SHARD, "the run was not caught mid-way"
     assert not (out / "_manifest.json").exists()
 
-    # A part of a file that was being written when the kill came must not survive into the result.
+    # Parts of a file that was being written when the kill came must not survive into the result.
     unfinished = max(int(p.stem) for p in finished) + 1
-    stale = out / "shards" / f"part-{unfinished:05d}-0009.parquet"
-    stale.write_bytes(next((out / "shards").glob("part-*.parquet")).read_bytes())
+    stale = [out / folder / f"part-{unfinished:05d}-0009.parquet" for folder in ("shards", "dropped")]
+    for path in stale:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(next((out / "shards").glob("part-*.parquet")).read_bytes())
 
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming: {len(finished)} of {N // PER_SHARD} file(s) already prepared" in result.stdout
-    assert not stale.exists() and not (out / "_work").exists()
+    assert not any(path.exists() for path in stale) and not (out / "_work").exists()
     check_prepared(Storage(root=str(tmp_path)), str(out), truth, "webdataset")
 
 

@@ -23,7 +23,8 @@ from ldm.data.filters import (
 )
 from ldm.data.parts import PartWriter
 from ldm.data.prepare import prepare_unit, scan_unit
-from ldm.data.sources import Columns, MissingColumnError, Unit, check_columns, list_units
+from ldm.data.sources import Columns, MissingColumnError, Unit, UnreadableInputError, check_columns, list_units
+from ldm.synthetic.corpus import img2dataset_shard, plan_rows
 from ldm.storage import Storage
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, tokenize, train_wordpiece
 
@@ -218,3 +219,66 @@ def test_inputs_are_listed_in_order_and_a_missing_column_names_file_and_column(t
         list_units(storage, str(tmp_path / "nope"), "metadata")
     with pytest.raises(FileNotFoundError, match=r"no \*.tar files"):
         list_units(storage, str(tmp_path), "webdataset")
+
+
+def webdataset_shard(tmp_path, rows=20):
+    """One img2dataset webdataset shard (tar + sibling parquet) of clean synthetic rows."""
+    planned = plan_rows(rows, 32, 0, {}, 0.15, rows_per_shard=rows)
+    for name, payload in img2dataset_shard(planned, 90, ["webdataset"]).items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(payload)
+    return tmp_path / "webdataset"
+
+
+WDS = Columns(url="url", caption="caption", status="status", sha256="sha256", key="key", image="jpg")
+
+
+def test_a_single_tar_is_an_input_and_a_tar_cut_short_costs_only_its_missing_images(tmp_path):
+    storage = Storage(root=str(tmp_path))
+    folder = webdataset_shard(tmp_path)
+    [unit], _ = list_units(storage, str(folder / "00000.tar"), "webdataset")
+    assert unit.metadata_path == str(folder / "00000.parquet")
+
+    whole = (folder / "00000.tar").read_bytes()
+    (folder / "00000.tar").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
+    tokenizer = train_wordpiece(["a red circle"], 50, 16)
+    writers = [PartWriter(storage, str(tmp_path / name), "p", 100, 1 << 30) for name in ("out", "dropped")]
+    summary = prepare_unit(storage, unit, "webdataset", WDS, Filters(min_width=32, min_height=32), {}, tokenizer,
+                           16, *writers, batch_rows=8)
+    assert summary["rows_in"] == 20 and 0 < summary["rows_out"] < 20
+    assert summary["dropped"] == {"undecodable": 20 - summary["rows_out"]}
+
+
+def test_image_digests_come_from_the_bytes_when_the_data_has_no_sha256_column(tmp_path):
+    storage = Storage(root=str(tmp_path))
+    image, other = jpeg(), jpeg(70)
+    rows = [{"key": f"k{i}", "url": f"u{i}", "caption": "a red circle", "jpg": b} for i, b in enumerate([image, other, image])]
+    unit = write_unit(tmp_path / "00000.parquet", rows)
+    columns = Columns(url="url", caption="caption", key="key", image="jpg")
+    [scanned] = list(scan_unit(storage, unit, "parquet", columns, Filters(), batch_rows=10))
+    digests = scanned["image_key"].to_pylist()
+    assert digests[0] == hashlib.sha256(image).digest()[:16] == digests[2] != digests[1]
+    keys = dedup_keys(scanned.drop_columns(["reason", "caption"]), {"sample_key": "duplicate_key", "image_key": "duplicate_image"})
+    assert [(r["row"], r["reason"]) for r in later_duplicates(keys).to_pylist()] == [(2, "duplicate_image")]
+
+
+def test_every_file_is_checked_for_its_columns_not_just_the_first(tmp_path):
+    storage = Storage(root=str(tmp_path))
+    write_unit(tmp_path / "a.parquet", [{"URL": "u", "TEXT": "a red circle", "similarity": 0.4}])
+    write_unit(tmp_path / "b.parquet", [{"URL": "v", "TEXT": "a red circle"}])
+    units, _ = list_units(storage, str(tmp_path), "metadata")
+    columns = Columns(url="URL", caption="TEXT", similarity="similarity")
+    assert len(pa.concat_tables(scan_unit(storage, units[0], "metadata", columns, RULES, 10))) == 1
+    with pytest.raises(MissingColumnError, match=r"b\.parquet: missing column 'similarity'"):
+        list(scan_unit(storage, units[1], "metadata", columns, RULES, 10))
+    (tmp_path / "c.parquet").write_bytes(b"")
+    with pytest.raises(UnreadableInputError, match=r"c\.parquet: cannot be read as parquet"):
+        list(scan_unit(storage, list_units(storage, str(tmp_path), "metadata")[0][2], "metadata", columns, RULES, 10))
+
+
+def test_captions_that_are_not_utf8_are_kept_readable_and_a_bad_pattern_is_refused_up_front():
+    broken = pa.array([b"caf\xe9 au lait", None, b"fine"], pa.binary()).view(pa.string())  # parquet does not check
+    assert normalise_captions(broken).to_pylist() == ["caf\ufffd au lait", None, "fine"]
+    assert url_keys(broken)[0].as_py() is not None
+    with pytest.raises(ValueError, match=r"caption_denylist: '\(\?!x\)' is not an RE2 regex"):
+        Filters.from_config({"caption_denylist": ["(?!x)"]})

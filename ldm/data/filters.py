@@ -1,8 +1,12 @@
 """What makes a row unfit for training, decided column-wise on Arrow batches.
 
-Every dropped row gets exactly one reason: the first rule it fails, in the order of ``REASONS``. The rules
-that read only metadata run first (before anything is decoded or deduplicated), so a row is never charged to
-an expensive check that a cheap one already rules out, and deduplication keeps the first row that passes them.
+Every dropped row gets exactly one reason, the first rule it fails, with the rules taken in three rounds:
+the metadata rules (``status`` to ``aspect_ratio`` on the declared size, in ``REASONS`` order); then, among
+the rows that pass them, the duplicates (the first row in input order is kept) and the token bounds; then
+decoding, and the size rules again on the decoded size. Cheap rules run first, so a row is never charged to an
+expensive check that a cheap one already rules out. A duplicate's first row can still fall in a later round
+(undecodable, too many tokens), and then both are gone: deduplication must be decided before anything is
+decoded to stay a cheap metadata pass.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ REASONS = (
     "similarity",  # CLIP image-text similarity below the threshold, or unknown
     "image_size",  # declared (metadata) or decoded width/height below the minimum
     "aspect_ratio",  # declared or decoded long side / short side above the maximum
+    "duplicate_key",  # an earlier kept row has the same sample key (two downloads merged): keys must be unique
     "duplicate_url",  # an earlier kept row has the same URL
     "duplicate_image",  # an earlier kept row has the same image bytes (sha256)
     "caption_tokens",  # tokens outside bounds
@@ -59,9 +64,15 @@ class Filters:
             if cfg.get(name) is not None:
                 cfg[name] = tuple(cfg[name])
         try:
-            return cls(**cfg)
+            filters = cls(**cfg)
         except TypeError as error:
             raise ValueError(f"stage.filters: {error}") from None
+        for pattern in filters.caption_denylist:
+            try:  # fail here, naming the pattern, not in a worker halfway through the data
+                pc.match_substring_regex(pa.array([""]), pattern)
+            except pa.ArrowInvalid as error:
+                raise ValueError(f"stage.filters.caption_denylist: {pattern!r} is not an RE2 regex: {error}") from None
+        return filters
 
     @property
     def counts_tokens(self) -> bool:
@@ -69,8 +80,14 @@ class Filters:
 
 
 def normalise_captions(captions: pa.Array) -> pa.Array:
-    """Whitespace trimmed and collapsed to single spaces; nulls stay null."""
+    """Whitespace trimmed and collapsed to single spaces; nulls stay null; bytes that are not UTF-8 (parquet
+    does not check) replaced by U+FFFD rather than failing the job."""
     captions = pc.cast(captions, pa.string())
+    try:
+        captions.validate(full=True)
+    except pa.ArrowInvalid:
+        raw = pc.cast(captions, pa.binary()).to_pylist()
+        captions = pa.array([None if b is None else b.decode("utf-8", "replace") for b in raw], pa.string())
     return pc.utf8_trim_whitespace(pc.replace_substring_regex(captions, r"\s+", " "))
 
 
@@ -132,11 +149,10 @@ def probe_image(data: bytes | None, full: bool = True) -> tuple[int, int] | None
 
 
 def url_keys(urls: pa.Array) -> pa.Array:
-    """16-byte digests of the URLs (null stays null): a compact key to shuffle for deduplication."""
-    return pa.array(
-        [None if u is None else hashlib.blake2b(u.encode(), digest_size=16).digest() for u in urls.to_pylist()],
-        pa.binary(16),
-    )
+    """16-byte digests of the URLs (or sample keys; null stays null): a compact key to shuffle for
+    deduplication."""
+    raw = pc.cast(urls, pa.binary()).to_pylist()  # bytes as stored: no UTF-8 decoding to fail on
+    return pa.array([None if u is None else hashlib.blake2b(u, digest_size=16).digest() for u in raw], pa.binary(16))
 
 
 def image_keys(sha256_hex: pa.Array) -> pa.Array:
@@ -161,13 +177,13 @@ def dedup_keys(keys: pa.Table, rules: Mapping[str, str]) -> pa.Table:
     parts = []
     for number, (column, reason) in enumerate(rules.items()):
         part = keys.filter(pc.is_valid(keys[column]))  # no key (no URL, no hash): never a duplicate
-        prefix = bytes([number])
+        prefixed = pc.binary_join_element_wise(bytes([number]), pc.cast(part[column], pa.binary()), b"")
         parts.append(
             pa.table(
                 {
                     "unit": part["unit"],
                     "row": part["row"],
-                    "key": pa.array([prefix + k for k in part[column].to_pylist()], pa.binary()),
+                    "key": prefixed,
                     "reason": pa.array([reason] * len(part), pa.string()),
                 }
             )

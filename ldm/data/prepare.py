@@ -26,7 +26,7 @@ from ldm.data.filters import (
     url_keys,
 )
 from ldm.data.parts import PartWriter
-from ldm.data.sources import IMAGE, ROW, Columns, Unit, read_metadata, read_samples
+from ldm.data.sources import IMAGE, ROW, Columns, Unit, checked, read_metadata, read_samples
 from ldm.storage import Storage
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ SCAN_SCHEMA = pa.schema(
         ("row", pa.int64()),
         ("reason", pa.string()),
         ("caption", pa.string()),
+        ("sample_key", pa.binary(16)),
         ("url_key", pa.binary(16)),
         ("image_key", pa.binary(16)),
     ]
@@ -81,6 +82,7 @@ def unused_rules(fmt: str, columns: Columns, filters: Filters) -> dict[str, str]
     }
     unused = {rule: why for rule, (on, column, why) in missing.items() if on and column is None}
     if fmt == "metadata":
+        unused["duplicate_key"] = "metadata rows have no sample key"
         if filters.dedup_images:
             unused["duplicate_image"] = "metadata has no image bytes"
         unused["undecodable"] = "metadata has no image bytes"
@@ -93,6 +95,7 @@ def scan_unit(
     storage: Storage, unit: Unit, fmt: str, columns: Columns, filters: Filters, batch_rows: int
 ) -> Iterator[pa.Table]:
     """Per row of ``unit``: its first failing metadata rule, normalised caption and deduplication keys."""
+    checked(storage, unit, columns, fmt)  # every file: a column missing from one of them is an error, not a skip
     hash_bytes = fmt != "metadata" and filters.dedup_images and columns.sha256 is None
     batches = (
         read_samples(storage, unit, fmt, columns, batch_rows)
@@ -112,6 +115,7 @@ def scan_unit(
                 table[ROW],
                 pa.array(metadata_reasons(roles, filters, len(table)), pa.string()),
                 roles["caption"],
+                url_keys(roles["key"]) if fmt != "metadata" else nulls,
                 url_keys(roles["url"]) if filters.dedup_urls and "url" in roles else nulls,
                 image_key,
             ],
@@ -137,6 +141,7 @@ def prepare_unit(
     row with its reason with ``dropped_writer``. Returns the unit's counts."""
     if filters.counts_tokens and tokenizer is None:
         raise ValueError("caption token bounds need a tokenizer")
+    checked(storage, unit, columns, fmt)
     dropped: Counter[str] = Counter()
     rows_in = 0
     for table in read_samples(storage, unit, fmt, columns, batch_rows):

@@ -33,6 +33,10 @@ class MissingColumnError(ValueError):
     """An input file lacks a column the configured format and filters need."""
 
 
+class UnreadableInputError(OSError):
+    """An input file that cannot be opened as what its format says it is."""
+
+
 @dataclass(frozen=True)
 class Columns:
     """Which input column plays which role; None: the data has no such column (its filter is skipped)."""
@@ -92,7 +96,13 @@ def list_units(storage: Storage, url: str, fmt: str) -> tuple[list[Unit], str]:
     try:
         if not fs.exists(root):
             raise FileNotFoundError(f"data.input.url={url}: no such file or directory")
-        listing = {root: fs.info(root)} if fs.isfile(root) else fs.find(root, detail=True)
+        if fs.isfile(root):
+            listing = {root: fs.info(root)}
+            sibling = root[: -len(".tar")] + ".parquet"
+            if fmt == "webdataset" and root.endswith(".tar") and fs.exists(sibling):
+                listing[sibling] = fs.info(sibling)
+        else:
+            listing = fs.find(root, detail=True)
     except FileNotFoundError:
         raise
     except Exception as error:  # permissions, unreachable endpoint: say which URL
@@ -130,6 +140,16 @@ def check_columns(storage: Storage, unit: Unit, columns: Columns, fmt: str) -> N
             f"{unit.metadata_path}: missing column {wanted}; the file has {have}; expected {need}. Set the "
             "data.input.*_col names to this data's columns, or to null for a column it does not have."
         )
+
+
+def checked(storage: Storage, unit: Unit, columns: Columns, fmt: str) -> None:
+    """``check_columns``, with any failure to read the file (empty, not parquet) named by its path."""
+    try:
+        check_columns(storage, unit, columns, fmt)
+    except MissingColumnError:
+        raise
+    except Exception as error:
+        raise UnreadableInputError(f"{unit.metadata_path}: cannot be read as parquet: {error}") from error
 
 
 def read_metadata(storage: Storage, unit: Unit, names: list[str] | None, batch_rows: int) -> Iterator[pa.Table]:
@@ -174,19 +194,23 @@ def _webdataset_samples(storage: Storage, unit: Unit, columns: Columns, batch_ro
         return table
 
     fs, path = storage.fsspec(unit.path)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            stem, _, extension = member.name.rsplit("/", 1)[-1].partition(".")
-            if not member.isfile() or extension != columns.image or stem not in index:
-                continue
-            row = index[stem]
-            if row in seen:
-                continue
-            seen.add(row)
-            rows.append(row)
-            images.append(tar.extractfile(member).read())
-            if len(rows) >= batch_rows:
-                yield flush()
+    with fs.open(path, "rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r|")
+            for member in tar:
+                stem, _, extension = member.name.rsplit("/", 1)[-1].partition(".")
+                if not member.isfile() or extension != columns.image or stem not in index or index[stem] in seen:
+                    continue
+                image = tar.extractfile(member).read()
+                seen.add(index[stem])
+                rows.append(index[stem])
+                images.append(image)
+                if len(rows) >= batch_rows:
+                    yield flush()
+        except (tarfile.TarError, EOFError):
+            # A tar cut short (an interrupted copy) or garbled: the samples after the break have no image and
+            # are counted undecodable. Network errors are not caught: a retry must not lose rows.
+            pass
     if rows:
         yield flush()
     missing = [i for i in range(len(metadata)) if i not in seen]

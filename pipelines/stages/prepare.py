@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.data.filters import REASONS, Filters
 from ldm.data.img2dataset import download_command
 from ldm.data.prepare import PREPARE_VERSION, prepared_schema, unused_rules
-from ldm.data.sources import Columns, Unit, check_columns, list_units
+from ldm.data.sources import Columns, Unit, checked, list_units
 from ldm.manifest import CLAIM_NAME, IncompleteOutputError, claim_output, clear, list_files, read_manifest, verify, write_manifest
 from ldm.storage import Storage, resolve
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     require_reachable_storage(cfg, storage.is_local(out))
     source, upstream = _input_location(storage, resolve(data.input.url), fmt)
     units, listing = list_units(storage, source, fmt)
-    check_columns(storage, units[0], columns, fmt)
+    checked(storage, units[0], columns, fmt)  # fail before anything starts; each task checks its own file too
     identity = stage_fingerprint(cfg, PREPARE_VERSION, [upstream or listing])
 
     with stage_run(cfg, STAGE):
@@ -104,7 +104,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 f"{ {r: n for r, n in dropped.items() if n} }); loosen stage.filters or check data.input"
             )
 
-        clear(storage, f"{out}/{WORK}")
+        job.clear_work()
         layout = job.layout
         facts: dict[str, Any] = {
             "format": fmt,
@@ -159,7 +159,12 @@ def _input_location(storage: Storage, url: str, fmt: str) -> tuple[str, str | No
     A stage output (a synthesized corpus) says in its manifest where each format lives; an output that never
     finished is refused. Anything else (real downloads) is read as it is, and fingerprinted by its listing.
     """
-    manifest = read_manifest(storage, url)
+    fs, root = storage.fsspec(url)
+    try:
+        manifest = read_manifest(storage, url)
+        claimed = manifest is None and fs.exists(f"{root}/{CLAIM_NAME}")
+    except Exception as error:  # unreachable endpoint, no permission: say which URL
+        raise OSError(f"cannot read data.input.url={url}: {type(error).__name__}: {error}") from error
     if manifest is not None:
         verify(storage, url)
         layout = (manifest.get("facts") or {}).get("layout") or {}
@@ -170,8 +175,7 @@ def _input_location(storage: Storage, url: str, fmt: str) -> tuple[str, str | No
                 f"(it has {have}); set data.input.format to one of them"
             )
         return f"{url}/{layout[fmt].strip('/')}", manifest["fingerprint"]
-    fs, root = storage.fsspec(url)
-    if fs.exists(f"{root}/{CLAIM_NAME}"):
+    if claimed:
         claim = json.loads(fs.cat_file(f"{root}/{CLAIM_NAME}"))
         raise IncompleteOutputError(
             f"data.input.url={url} is an unfinished {claim.get('stage')} output: re-run stage={claim.get('stage')}"
@@ -191,12 +195,8 @@ class _Job:
         self.layout = "metadata" if fmt == "metadata" else "shards"
 
     # -- 1. scan ----------------------------------------------------------------------------------------------
-    @property
-    def needs_scan(self) -> bool:
-        return self.filters.dedup_urls or self.filters.dedup_images or self.settings.tokenizer.train
-
     def scan(self, units: list[Unit]) -> None:
-        if not self.needs_scan or self._finished("keys"):
+        if self._finished("keys"):
             return
         target = f"{self.work}/keys"
         clear(self.storage, target)
@@ -232,6 +232,7 @@ class _Job:
         rules = {
             key: reason
             for key, reason, on in (
+                ("sample_key", "duplicate_key", True),  # the prepared-shard contract: keys are unique
                 ("url_key", "duplicate_url", self.filters.dedup_urls),
                 ("image_key", "duplicate_image", self.filters.dedup_images),
             )
@@ -252,6 +253,8 @@ class _Job:
                 # the same guarantee Ray's own groupby().map_groups() relies on.
                 .repartition(self.resources.dedup_partitions, keys=["key"])
                 .map_batches(tasks.duplicates, batch_size=None, batch_format="pyarrow")
+                # Then each unit's duplicates in one block: one file per unit, not one per (partition, unit).
+                .repartition(self.resources.dedup_partitions, keys=["unit"])
                 .write_parquet(path, filesystem=pafs, partition_cols=["unit"])
             )
         self._finish("duplicates")
@@ -322,9 +325,9 @@ class _Job:
                 .take_all()
             )
         done = self._done_units()
-        missing = sorted(u.index for u in units if u.index not in done)
+        missing = [u.path for u in units if u.index not in done]
         if missing:
-            raise IncompleteOutputError(f"{STAGE}: input files {missing[:5]} were not prepared")
+            raise IncompleteOutputError(f"{STAGE}: {len(missing)} input file(s) were not prepared, e.g. {missing[:3]}")
         return [done[u.index] for u in units]
 
     def _done_units(self) -> dict[int, dict[str, Any]]:
@@ -336,6 +339,16 @@ class _Job:
                 continue  # cut short by a kill: that unit is redone
             done[summary["unit"]] = summary
         return done
+
+    def clear_work(self) -> None:
+        """Remove the scratch space, markers first: a kill in the middle then leaves nothing that claims to
+        be finished while the data it stands for is half gone (units before steps, so that no finished unit
+        outlives the tokenizer and duplicates it was made with)."""
+        for path in self.fs.glob(f"{self.root}/{WORK}/done/*.json"):
+            self.fs.rm(path)
+        for path in self.fs.glob(f"{self.root}/{WORK}/*.done"):
+            self.fs.rm(path)
+        clear(self.storage, self.work)
 
     # -- step markers -----------------------------------------------------------------------------------------
     def _finished(self, step: str) -> bool:
