@@ -183,6 +183,17 @@ def test_parquet_format_on_s3_is_tracked_on_the_mlflow_server(ray_cluster, s3_se
     assert json.load(open(client.download_artifacts(run.info.run_id, "manifest.json")))["counts"] == manifest["counts"]
 
 
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of a session: Ray workers run in process groups of their own."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_a_run_killed_midway_completes_on_rerun_without_duplicate_or_missing_rows(corpus, tmp_path):
     root, truth = corpus
     out = tmp_path / "prepared"
@@ -196,7 +207,7 @@ def test_a_run_killed_midway_completes_on_rerun_without_duplicate_or_missing_row
     done = out / "_work" / "done"
     while process.poll() is None and len(list(done.glob("*.json"))) < 2:
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the driver, and the Ray cluster it started
+    kill_session(process.pid)  # the driver and the Ray cluster it started, workers included
     process.wait()
     finished = sorted(done.glob("*.json"))
     assert 2 <= len(finished) < N // PER_SHARD, "the run was not caught mid-way"
@@ -211,7 +222,8 @@ def test_a_run_killed_midway_completes_on_rerun_without_duplicate_or_missing_row
 
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming: {len(finished)} of {N // PER_SHARD} file(s) already prepared" in result.stdout
+    said = [line for line in result.stdout.splitlines() if line.startswith("prepare:")]
+    assert f"prepare: resuming: {len(finished)} of {N // PER_SHARD} file(s) already prepared" in said, said
     assert not any(path.exists() for path in stale) and not (out / "_work").exists()
     check_prepared(Storage(root=str(tmp_path)), str(out), truth, "webdataset")
 
