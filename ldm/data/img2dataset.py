@@ -38,9 +38,10 @@ def download_command(
         "resize_mode": "no",
         "skip_reencode": True,
         "compute_hash": "sha256",
-        "save_additional_columns": json.dumps(list(dict.fromkeys(extra))),
         "enable_wandb": False,
     }
+    if extra:
+        args["save_additional_columns"] = json.dumps(list(dict.fromkeys(extra)))
     if filters.min_width is not None or filters.min_height is not None:
         args["min_image_size"] = min(v for v in (filters.min_width, filters.min_height) if v is not None)
     if filters.max_aspect_ratio is not None:
