@@ -1,0 +1,1 @@
+"""Evaluation metrics shared by training (held-out checks) and stage=evaluate."""

@@ -1,0 +1,1 @@
+"""Model definitions and named presets: the first stage (autoencoders) and, later, the diffusion UNet."""

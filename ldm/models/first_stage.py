@@ -1,0 +1,176 @@
+"""The first stage: perceptual-compression autoencoders E/D, KL- or VQ-regularised, as diffusers models.
+
+Presets carry the paper's names and sizes (LDM's ``models/first_stage_models/*/config.yaml``), plus tiny ones
+that train on a CPU. One interface over both kinds: ``encode`` gives the posterior moments (KL) or the
+quantized latent (VQ), ``decode`` maps a latent back to pixels in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Mapping
+
+import torch
+from diffusers import AutoencoderKL, VQModel
+
+from ldm.storage import Storage
+
+FirstStage = AutoencoderKL | VQModel
+
+
+@dataclass(frozen=True)
+class FirstStagePreset:
+    kind: str  # "kl" | "vq"
+    block_out_channels: tuple[int, ...]  # ch * ch_mult in the paper's configs
+    layers_per_block: int  # num_res_blocks
+    latent_channels: int  # z_channels = embed_dim
+    attention_levels: tuple[int, ...] = ()  # levels (0 = full resolution) with self-attention: attn_resolutions
+    num_vq_embeddings: int | None = None  # n_embed (VQ only)
+    norm_num_groups: int = 32
+
+    @property
+    def factor(self) -> int:
+        """Downsampling factor f: an H x W image becomes an H/f x W/f latent."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+PRESETS: dict[str, FirstStagePreset] = {
+    # The paper's first stages (Rombach et al. 2022, Tab. 8 / the released configs), at 256 x 256.
+    "kl-f4": FirstStagePreset("kl", (128, 256, 512), 2, 3),
+    "kl-f8": FirstStagePreset("kl", (128, 256, 512, 512), 2, 4),
+    "kl-f16": FirstStagePreset("kl", (128, 128, 256, 256, 512), 2, 16, attention_levels=(4,)),
+    "vq-f4": FirstStagePreset("vq", (128, 256, 512), 2, 3, num_vq_embeddings=8192),
+    "vq-f8": FirstStagePreset("vq", (128, 256, 256, 512), 2, 4, attention_levels=(3,), num_vq_embeddings=16384),
+    # For CPUs: 64 x 64 images to 16 x 16 x 4 latents.
+    "tiny-kl-f4": FirstStagePreset("kl", (32, 64, 64), 1, 4),
+    "tiny-vq-f4": FirstStagePreset("vq", (32, 64, 64), 1, 4, num_vq_embeddings=256),
+}
+
+
+def preset(name_or_spec: str | Mapping[str, Any], **overrides: Any) -> FirstStagePreset:
+    """A named preset, or one spelled out as a mapping, with any field overridden."""
+    if isinstance(name_or_spec, str):
+        if name_or_spec not in PRESETS:
+            raise ValueError(f"unknown first-stage preset {name_or_spec!r}; the presets are {sorted(PRESETS)}")
+        spec = PRESETS[name_or_spec]
+    else:
+        spec = FirstStagePreset(**{k: tuple(v) if isinstance(v, list) else v for k, v in name_or_spec.items()})
+    spec = replace(spec, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    if spec.kind not in ("kl", "vq") or (spec.kind == "vq") != (spec.num_vq_embeddings is not None):
+        raise ValueError(f"a first stage is kind 'kl', or 'vq' with num_vq_embeddings: got {asdict(spec)}")
+    return spec
+
+
+def build_first_stage(spec: FirstStagePreset, logvar_bias: float | None = None) -> FirstStage:
+    """A randomly initialised diffusers model for ``spec``.
+
+    ``logvar_bias`` (KL only) starts the encoder's log-variance outputs there instead of at 0: with a tiny
+    model, unit posterior noise otherwise drowns the latent early in training (DESIGN.md, measured).
+    """
+    levels = range(len(spec.block_out_channels))
+    down = tuple("AttnDownEncoderBlock2D" if i in spec.attention_levels else "DownEncoderBlock2D" for i in levels)
+    up = tuple("AttnUpDecoderBlock2D" if i in spec.attention_levels else "UpDecoderBlock2D" for i in reversed(levels))
+    common = dict(
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=spec.block_out_channels,
+        layers_per_block=spec.layers_per_block,
+        latent_channels=spec.latent_channels,
+        norm_num_groups=spec.norm_num_groups,
+    )
+    if spec.kind == "vq":
+        return VQModel(**common, num_vq_embeddings=spec.num_vq_embeddings, vq_embed_dim=spec.latent_channels)
+    model = AutoencoderKL(**common)
+    if logvar_bias is not None:
+        with torch.no_grad():  # quant_conv's output is (mean, logvar) stacked on the channel axis
+            model.quant_conv.bias[spec.latent_channels :].fill_(logvar_bias)
+    return model
+
+
+def load_first_stage(name_or_path: str, storage: Storage | None = None, subfolder: str | None = None) -> FirstStage:
+    """A pretrained first stage from a diffusers directory: a hub id, a local path or an ``s3://`` URL.
+
+    Hub ids and local directories take the same ``from_pretrained`` path; the class (AutoencoderKL or
+    VQModel) comes from the saved config. Object-store directories are copied to local disk first.
+    """
+    if name_or_path.startswith(("s3://", "s3a://")):
+        if storage is None:
+            raise ValueError(f"loading the first stage at {name_or_path} needs the storage config")
+        fs, path = storage.fsspec(name_or_path)
+        with tempfile.TemporaryDirectory(prefix="first-stage-") as local:
+            fs.get(f"{path}/", f"{local}/", recursive=True)
+            return load_first_stage(local, subfolder=subfolder)
+    config = _config(name_or_path, subfolder)
+    cls = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}.get(config.get("_class_name"))
+    if cls is None:
+        raise ValueError(f"{name_or_path}: a {config.get('_class_name')!r}, not an AutoencoderKL or VQModel")
+    return cls.from_pretrained(name_or_path, subfolder=subfolder)
+
+
+def _config(name_or_path: str, subfolder: str | None) -> dict[str, Any]:
+    local = os.path.join(name_or_path, subfolder or "", "config.json")
+    if os.path.exists(local):
+        with open(local) as f:
+            return json.load(f)
+    return AutoencoderKL.load_config(name_or_path, subfolder=subfolder)  # a hub id: any diffusers config
+
+
+def kind(model: FirstStage) -> str:
+    return "vq" if isinstance(model, VQModel) else "kl"
+
+
+def factor(model: FirstStage) -> int:
+    return 2 ** (len(model.config.block_out_channels) - 1)
+
+
+@dataclass
+class Encoded:
+    """What the encoder gives: posterior moments (KL), or the quantized latent and its codebook terms (VQ)."""
+
+    mean: torch.Tensor | None = None
+    logvar: torch.Tensor | None = None
+    latent: torch.Tensor | None = None  # quantized (VQ)
+    codebook_loss: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z ~ q(z|x) (KL), or the quantized latent (VQ)."""
+        if self.latent is not None:
+            return self.latent
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + torch.exp(0.5 * self.logvar) * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.latent if self.latent is not None else self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q(z|x) || N(0, I)) per sample, summed over latent elements (zero for VQ)."""
+        if self.mean is None:
+            return torch.zeros(self.latent.shape[0], device=self.latent.device)
+        return 0.5 * torch.sum(self.mean**2 + self.logvar.exp() - 1.0 - self.logvar, dim=(1, 2, 3))
+
+
+def encode(model: FirstStage, images: torch.Tensor) -> Encoded:
+    """``images`` in [-1, 1], N x 3 x H x W."""
+    if isinstance(model, VQModel):
+        h = model.encode(images).latents
+        quant, codebook_loss, (_, _, indices) = model.quantize(h)
+        return Encoded(latent=quant, codebook_loss=codebook_loss, indices=indices)
+    moments = model.encode(images).latent_dist
+    # diffusers clamps logvar to [-30, 20] in DiagonalGaussianDistribution, as CompVis does.
+    return Encoded(mean=moments.mean, logvar=moments.logvar)
+
+
+def decode(model: FirstStage, latents: torch.Tensor) -> torch.Tensor:
+    """Pixels in (about) [-1, 1] from a latent: z for KL, the quantized latent for VQ."""
+    if isinstance(model, VQModel):
+        return model.decode(latents, force_not_quantize=True).sample
+    return model.decode(latents).sample
+
+
+def last_layer(model: FirstStage) -> torch.Tensor:
+    """The decoder's output convolution weight: the adaptive GAN weight balances gradients there."""
+    return model.decoder.conv_out.weight
