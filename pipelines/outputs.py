@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
+import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.manifest import fingerprint
+from ldm.manifest import claim_output, fingerprint
+from ldm.storage import Storage
 
 
 def stage_fingerprint(cfg: DictConfig, code_version: int, inputs: Iterable[str] = ()) -> str:
@@ -29,3 +31,16 @@ def require_reachable_storage(cfg: DictConfig, is_local: bool) -> None:
             "other nodes would write to their own disks. Use storage=s3, or storage.shared=true if every node "
             "mounts this path (NFS, or a one-machine cluster)."
         )
+
+
+def claim_or_skip(
+    cfg: DictConfig, storage: Storage, out: str, stage: str, identity: str, resume: bool = False, detail: str = ""
+) -> dict[str, Any] | None:
+    """Claim ``out`` for this run (see ``claim_output``); if it is already complete for this fingerprint, say so
+    on the console and on the MLflow run and return its manifest, so the stage can return without work."""
+    done = claim_output(storage, out, stage=stage, fingerprint=identity, overwrite=cfg.overwrite, resume=resume)
+    if done is not None:
+        mlflow.set_tag("skipped", "complete output with the same fingerprint")
+        counts = f" ({detail.format(**done['counts'])})" if detail else ""
+        print(f"{stage}: {out} is already complete for this config{counts}; nothing to do")
+    return done

@@ -122,3 +122,24 @@ def compose(*overrides: str):
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def write_lpips_weights(directory: Path) -> list[str]:
+    """Random LPIPS weights as users hold the real ones: torchvision's VGG16 file (a torch pickle) and the
+    LPIPS heads (here as safetensors). Random, because nothing may be downloaded; the maths is the same."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ldm.losses.lpips import CONVS, TAPS
+
+    generator = torch.Generator().manual_seed(0)
+    vgg = {}
+    for index, (c_in, c_out) in CONVS.items():
+        vgg[f"features.{index}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=generator) * (2 / (9 * c_in)) ** 0.5
+        vgg[f"features.{index}.bias"] = torch.zeros(c_out)
+    vgg["classifier.0.weight"] = torch.zeros(1)  # torchvision's file has the classifier too: ignored
+    heads = {f"lin{k}.model.1.weight": torch.rand(1, CONVS[tap][1], 1, 1, generator=generator) for k, tap in enumerate(TAPS)}
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(vgg, directory / "vgg16.pth")
+    save_file(heads, str(directory / "lpips_vgg.safetensors"))
+    return [str(directory / "vgg16.pth"), str(directory / "lpips_vgg.safetensors")]

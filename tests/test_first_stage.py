@@ -5,9 +5,10 @@ interface, pretrained loading, the paper's loss terms, and that a tiny model lea
 import numpy as np
 import pytest
 import torch
-from conftest import BUCKET
+from conftest import BUCKET, write_lpips_weights
 
 from ldm.losses.first_stage import FirstStageLoss, LossWeights
+from ldm.losses.lpips import load_lpips
 from ldm.metrics.reconstruction import evaluate_reconstruction
 from ldm.models.first_stage import (
     PRESETS,
@@ -129,8 +130,8 @@ def test_foreground_weighting_raises_the_cost_of_errors_on_the_object_only():
     background = images.flatten(2).median(dim=2).values[:, :, None, None]
     on_object = ((images - background).abs().amax(dim=1, keepdim=True) > 0.1).expand_as(images)
     wrong_object[on_object] = -images[on_object]
-    plain = FirstStageLoss("kl", LossWeights()).reconstruction(images, wrong_object)
-    weighted = FirstStageLoss("kl", LossWeights(foreground_weight=5)).reconstruction(images, wrong_object)
+    plain, _ = FirstStageLoss("kl", LossWeights()).reconstruction(images, wrong_object)
+    weighted, _ = FirstStageLoss("kl", LossWeights(foreground_weight=5)).reconstruction(images, wrong_object)
     assert torch.allclose(weighted[on_object], 5 * plain[on_object]) and torch.equal(weighted[~on_object], plain[~on_object])
 
 
@@ -158,3 +159,42 @@ def test_codebook_usage_counts_the_codes_a_vq_model_uses():
     assert 0 < metrics.codebook_usage <= 1 and 1 <= metrics.codebook_perplexity <= 256
     assert set(metrics.as_dict("val/")) == {"val/psnr", "val/ssim", "val/images", "val/codebook_usage",
                                              "val/codebook_perplexity"}
+
+
+def test_lpips_loads_from_the_files_users_have_and_measures_distortion(tmp_path):
+    files = write_lpips_weights(tmp_path)
+    lpips = load_lpips(files)
+    # The same network saved whole, as taming-transformers / the lpips package name it (net.sliceK.N.*).
+    whole = {}
+    for key, value in torch.load(files[0], weights_only=True).items():
+        if key.startswith("features."):
+            index = int(key.split(".")[1])
+            whole[f"net.slice{1 + sum(index > t for t in (3, 8, 15, 22))}.{key.removeprefix('features.')}"] = value
+    from safetensors.torch import load_file
+
+    whole.update(load_file(files[1]))
+    torch.save(whole, tmp_path / "lpips_whole.pth")
+    images = synthetic_batch(2)
+    slightly = (images + 0.05 * torch.randn_like(images)).clamp(-1, 1)
+    badly = (images + 0.5 * torch.randn_like(images)).clamp(-1, 1)
+    assert torch.equal(lpips(images, slightly), load_lpips([str(tmp_path / "lpips_whole.pth")])(images, slightly))
+    assert lpips(images, images).abs().max() < 1e-6
+    assert (0 < lpips(images, slightly)).all() and (lpips(images, slightly) < lpips(images, badly)).all()
+    assert load_lpips([]) is None
+    with pytest.raises(ValueError, match=r"lack 5 tensor.*lin0\.model\.1\.weight"):
+        load_lpips(files[:1])
+
+
+def test_the_perceptual_term_joins_the_reconstruction_loss_frozen_and_unsaved(tmp_path):
+    lpips = load_lpips(write_lpips_weights(tmp_path))
+    images = synthetic_batch(2)
+    reconstructions = (images + 0.2 * torch.randn_like(images)).clamp(-1, 1).requires_grad_()
+    plain, logs = FirstStageLoss("kl", LossWeights()).reconstruction(images, reconstructions)
+    loss = FirstStageLoss("kl", LossWeights(perceptual_weight=2.0), lpips)
+    error, perceptual_logs = loss.reconstruction(images, reconstructions)
+    distance = lpips(images, reconstructions)
+    assert torch.allclose(error - plain, 2.0 * distance.expand_as(plain))
+    assert logs == {} and perceptual_logs == {"p_loss": pytest.approx(distance.mean().item())}
+    error.mean().backward()
+    assert reconstructions.grad.abs().sum() > 0 and not any(p.requires_grad for p in lpips.parameters())
+    assert set(loss.state_dict()) == set(FirstStageLoss("kl", LossWeights()).state_dict())  # no VGG in checkpoints

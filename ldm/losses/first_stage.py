@@ -72,18 +72,21 @@ class FirstStageLoss(nn.Module):
         # CompVis's learned output log-variance: the reconstruction term is an NLL under a Laplacian.
         self.logvar = nn.Parameter(torch.zeros(())) if kind == "kl" else None
 
-    def reconstruction(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-        """Per-element reconstruction error, N x C x H x W."""
+    def reconstruction(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-element reconstruction error, N x C x H x W, and the perceptual distance when LPIPS is on."""
         error = (inputs - reconstructions).abs()
+        logs = {}
         if self.weights.mse_weight:
             error = error + self.weights.mse_weight * (inputs - reconstructions) ** 2
         if self.perceptual is not None and self.weights.perceptual_weight:
-            error = error + self.weights.perceptual_weight * self.perceptual(inputs, reconstructions)
+            distance = self.perceptual(inputs, reconstructions)
+            error = error + self.weights.perceptual_weight * distance
+            logs["p_loss"] = distance.mean().detach().item()
         if self.weights.foreground_weight != 1.0:
             background = inputs.flatten(2).median(dim=2).values[:, :, None, None]
             foreground = (inputs - background).abs().amax(dim=1, keepdim=True) > 0.1
             error = error * torch.where(foreground, self.weights.foreground_weight, 1.0)
-        return error
+        return error, logs
 
     def generator(
         self,
@@ -94,7 +97,7 @@ class FirstStageLoss(nn.Module):
         last_layer: torch.Tensor | None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The autoencoder's loss at ``step``; ``last_layer`` is needed once the discriminator is on."""
-        error = self.reconstruction(inputs, reconstructions)
+        error, perceptual = self.reconstruction(inputs, reconstructions)
         batch = inputs.shape[0]
         if self.kind == "kl":
             nll = torch.sum(error / torch.exp(self.logvar) + self.logvar) / batch  # sums, as CompVis does
@@ -102,7 +105,7 @@ class FirstStageLoss(nn.Module):
         else:
             nll = error.mean()
             regulariser = self.weights.codebook_weight * encoded.codebook_loss.mean()
-        logs = {"rec_loss": error.mean().detach().item(), "nll_loss": nll.detach().item()}
+        logs = {"rec_loss": error.mean().detach().item(), "nll_loss": nll.detach().item(), **perceptual}
         logs["kl_loss" if self.kind == "kl" else "codebook_loss"] = regulariser.detach().item()
         loss = nll + regulariser
         if step >= self.weights.disc_start:

@@ -33,12 +33,12 @@ from ldm.data.filters import REASONS, Filters
 from ldm.data.img2dataset import download_command
 from ldm.data.prepare import PREPARE_VERSION, prepared_schema, unused_rules
 from ldm.data.sources import Columns, Unit, checked, list_units
-from ldm.manifest import CLAIM_NAME, IncompleteOutputError, claim_output, clear, list_files, read_manifest, verify, write_manifest
+from ldm.manifest import CLAIM_NAME, IncompleteOutputError, clear, list_files, read_manifest, verify, write_manifest
 from ldm.storage import Storage, resolve
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 from pipelines import prepare_tasks as tasks
 from pipelines.cluster import connect
-from pipelines.outputs import require_reachable_storage, stage_fingerprint
+from pipelines.outputs import claim_or_skip, require_reachable_storage, stage_fingerprint
 from pipelines.tracking import stage_run
 
 STAGE = "prepare"
@@ -65,10 +65,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     identity = stage_fingerprint(cfg, PREPARE_VERSION, [upstream or listing])
 
     with stage_run(cfg, STAGE):
-        done = claim_output(storage, out, stage=STAGE, fingerprint=identity, overwrite=cfg.overwrite, resume=True)
+        done = claim_or_skip(cfg, storage, out, STAGE, identity, resume=True, detail="{rows_out} rows")
         if done is not None:
-            mlflow.set_tag("skipped", "complete output with the same fingerprint")
-            print(f"{STAGE}: {out} is already complete for this config ({done['counts']['rows_out']} rows); nothing to do")
             return done
         connect(cfg.cluster)
         started = time.time()

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import ray
 from omegaconf import DictConfig
 
-from ldm.manifest import claim_output, write_manifest
+from ldm.manifest import write_manifest
 from ldm.storage import Storage, resolve
 from ldm.synthetic.corpus import (
     GENERATOR_VERSION,
@@ -33,7 +33,7 @@ from ldm.synthetic.corpus import (
 )
 from ldm.synthetic.scene import held_out_combinations
 from pipelines.cluster import connect
-from pipelines.outputs import require_reachable_storage, stage_fingerprint
+from pipelines.outputs import claim_or_skip, require_reachable_storage, stage_fingerprint
 from pipelines.tracking import stage_run
 
 STAGE = "synthesize"
@@ -46,10 +46,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     require_reachable_storage(cfg, storage.is_local(out))
     identity = stage_fingerprint(cfg, GENERATOR_VERSION)
     with stage_run(cfg, STAGE):
-        done = claim_output(storage, out, stage=STAGE, fingerprint=identity, overwrite=cfg.overwrite)
+        done = claim_or_skip(cfg, storage, out, STAGE, identity, detail="{rows} rows")
         if done is not None:
-            mlflow.set_tag("skipped", "complete output with the same fingerprint")
-            print(f"{STAGE}: {out} is already complete for this config ({done['counts']['rows']} rows); nothing to do")
             return done
 
         started = time.time()

@@ -1,0 +1,37 @@
+"""Encoded image bytes to training tensors: decode, resize the shorter side, crop, flip, scale to [-1, 1]."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def to_pixels(
+    data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False
+) -> np.ndarray:
+    """A ``resolution`` x ``resolution`` crop of the image as float32 CHW in [-1, 1]: the shorter side resized
+    to ``resolution``, then a random crop (with ``rng``) or the center crop, mirrored half the time if ``flip``."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        scale = resolution / min(image.size)
+        if scale != 1:
+            size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+        pixels = np.asarray(image)
+    height, width = pixels.shape[:2]
+    if rng is None:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    else:
+        top, left = int(rng.integers(height - resolution + 1)), int(rng.integers(width - resolution + 1))
+    pixels = pixels[top : top + resolution, left : left + resolution]
+    if flip and rng is not None and rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return (pixels.transpose(2, 0, 1).astype(np.float32) / 127.5) - 1.0
+
+
+def is_held_out(key: str, fraction: float) -> bool:
+    """A fixed, key-determined ``fraction`` of the rows, the same in every run and on every worker."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) < fraction * 2**32
