@@ -24,6 +24,7 @@ from PIL import Image
 
 from ldm.losses.first_stage import FirstStageLoss, LossWeights
 from ldm.losses.lpips import load_lpips
+from ldm.lr_schedule import learning_rate, set_learning_rate
 from ldm.metrics.reconstruction import evaluate_reconstruction
 from ldm.models.first_stage import Reconstruct, build_first_stage, kind, last_layer, load_first_stage, preset
 
@@ -74,6 +75,8 @@ def train_loop(config: dict[str, Any]) -> None:
     while step < config["steps"]:
         for batch in shard.iter_torch_batches(batch_size=config["batch_size"], device=device, drop_last=True):
             images = batch["pixels"]
+            for optimizer, base in ((ae_optimizer, config["lr"]), (d_optimizer, config["disc_lr"])):
+                set_learning_rate(optimizer, learning_rate(step, base, total_steps=config["steps"], **config["schedule"]))
             with autocast:
                 reconstructions, encoded = network(images)
                 ae_loss, logs = loss.generator(images, reconstructions, encoded, step, last_layer(autoencoder))
@@ -97,6 +100,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if step % config["log_every"] == 0 or step == config["steps"]:
                 metrics = {f"train/{k}": v / config["log_every"] for k, v in sums.items()}
                 metrics["train/images_per_s"] = seen / (time.time() - started)
+                metrics["train/lr"] = ae_optimizer.param_groups[0]["lr"]
                 metrics["step"] = step
                 sums, started, seen = {}, time.time(), 0
                 checkpoint_now = step % config["checkpoint_every"] == 0 or step == config["steps"]

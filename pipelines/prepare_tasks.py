@@ -5,7 +5,6 @@ Kept apart from the stage module so that workers import pyarrow and ``ldm``, not
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -18,6 +17,7 @@ from ldm.data.parts import PartWriter
 from ldm.data.prepare import prepare_unit, scan_unit
 from ldm.data.sources import MissingColumnError, Unit, UnreadableInputError
 from ldm.storage import Storage
+from pipelines.markers import write_marker
 
 TOKENIZER = "tokenizer"
 DROPPED = "dropped"  # every dropped row with its reason, beside the kept ones
@@ -85,15 +85,7 @@ def prepare(row: dict[str, Any], *, job: dict[str, Any]) -> dict[str, Any]:
             dropped,
             job["batch_rows"],
         )
-    _, work = storage.fsspec(job["work"])
-    marker = f"{work}/done/{unit.index:0{job['digits']}d}.json"
-    fs.makedirs(f"{work}/done", exist_ok=True)
-    payload = json.dumps(summary).encode()
-    if storage.is_local(job["out"]):  # a kill mid-write must not leave a marker that parses
-        fs.pipe_file(f"{marker}.tmp", payload)
-        fs.mv(f"{marker}.tmp", marker)
-    else:
-        fs.pipe_file(marker, payload)  # a single PUT is atomic
+    write_marker(storage, f"{job['work']}/done", f"{unit.index:0{job['digits']}d}", summary)
     return {"unit": unit.index, "rows_out": summary["rows_out"]}
 
 

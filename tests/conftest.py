@@ -5,6 +5,7 @@ a local Ray cluster, an S3-protocol server (moto) on 127.0.0.1, and an MLflow tr
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -113,6 +114,17 @@ def mlflow_server(s3_server, tmp_path_factory):
     process.terminate()
     process.wait(timeout=30)
     log.close()
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of a session: Ray workers run in process groups of their own."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def compose(*overrides: str):

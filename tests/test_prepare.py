@@ -3,9 +3,7 @@ local and S3 storage, the three input formats, resume after a kill, and the erro
 
 import hashlib
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BUCKET, ROOT, compose
+from conftest import BUCKET, ROOT, compose, kill_session
 
 from ldm.data.prepare import prepared_schema
 from ldm.data.sources import MissingColumnError
@@ -181,17 +179,6 @@ def test_parquet_format_on_s3_is_tracked_on_the_mlflow_server(ray_cluster, s3_se
     assert run.data.metrics["dropped.duplicate_url"] == round(FRACTION * N)
     assert run.data.metrics["dropped.status"] == round(FRACTION * N)
     assert json.load(open(client.download_artifacts(run.info.run_id, "manifest.json")))["counts"] == manifest["counts"]
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL every process of a session: Ray workers run in process groups of their own."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    os.kill(int(entry), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_a_run_killed_midway_completes_on_rerun_without_duplicate_or_missing_rows(corpus, tmp_path):

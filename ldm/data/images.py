@@ -9,11 +9,9 @@ import numpy as np
 from PIL import Image
 
 
-def to_pixels(
-    data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False
-) -> np.ndarray:
-    """A ``resolution`` x ``resolution`` crop of the image as float32 CHW in [-1, 1]: the shorter side resized
-    to ``resolution``, then a random crop (with ``rng``) or the center crop, mirrored half the time if ``flip``."""
+def square_crop(data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False) -> np.ndarray:
+    """A ``resolution`` x ``resolution`` crop of the image as uint8 HWC RGB: the shorter side resized to
+    ``resolution``, then a random crop (with ``rng``) or the center crop, mirrored half the time if ``flip``."""
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert("RGB")
         scale = resolution / min(image.size)
@@ -29,7 +27,17 @@ def to_pixels(
     pixels = pixels[top : top + resolution, left : left + resolution]
     if flip and rng is not None and rng.random() < 0.5:
         pixels = pixels[:, ::-1]
-    return (pixels.transpose(2, 0, 1).astype(np.float32) / 127.5) - 1.0
+    return np.ascontiguousarray(pixels)
+
+
+def normalise(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) to float32 (..., 3, H, W) in [-1, 1], the first stage's input range."""
+    return np.moveaxis(pixels, -1, -3).astype(np.float32) / 127.5 - 1.0
+
+
+def to_pixels(data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False) -> np.ndarray:
+    """``square_crop`` as float32 CHW in [-1, 1]."""
+    return normalise(square_crop(data, resolution, rng, flip))
 
 
 def is_held_out(key: str, fraction: float) -> bool:

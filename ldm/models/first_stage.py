@@ -7,16 +7,18 @@ quantized latent (VQ), ``decode`` maps a latent back to pixels in [-1, 1].
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
+import fsspec
 import torch
 from diffusers import AutoencoderKL, VQModel
 
-from ldm.storage import Storage
+from ldm.storage import Storage, resolve
 
 FirstStage = AutoencoderKL | VQModel
 
@@ -91,6 +93,21 @@ def build_first_stage(spec: FirstStagePreset, logvar_bias: float | None = None) 
     return model
 
 
+def model_location(name_or_path: str) -> str:
+    """A model reference as every process reads it the same: storage URLs and existing local paths made
+    absolute, anything else taken for a hub id (``org/name``). A path that does not exist is an error here
+    rather than a confusing hub lookup."""
+    if name_or_path.startswith(("s3://", "s3a://", "file://")) or os.path.exists(name_or_path):
+        return resolve(name_or_path)
+    if name_or_path.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"no model directory at {name_or_path}")
+    return name_or_path
+
+
+def is_hub_id(location: str) -> bool:
+    return not (location.startswith(("s3://", "s3a://")) or os.path.isabs(location))
+
+
 def load_first_stage(name_or_path: str, storage: Storage | None = None, subfolder: str | None = None) -> FirstStage:
     """A pretrained first stage from a diffusers directory: a hub id, a local path or an ``s3://`` URL.
 
@@ -109,6 +126,32 @@ def load_first_stage(name_or_path: str, storage: Storage | None = None, subfolde
     if cls is None:
         raise ValueError(f"{name_or_path}: a {config.get('_class_name')!r}, not an AutoencoderKL or VQModel")
     return cls.from_pretrained(name_or_path, subfolder=subfolder)
+
+
+def weights_digest(name_or_path: str, storage: Storage | None = None, subfolder: str | None = None) -> str:
+    """sha256 over the model directory's config and weight files: the first stage's identity, whatever its
+    location (local, ``s3://``, or a hub id, resolved through the same cache ``from_pretrained`` uses)."""
+    if name_or_path.startswith(("s3://", "s3a://")):
+        if storage is None:
+            raise ValueError(f"reading the first stage at {name_or_path} needs the storage config")
+        fs, root = storage.fsspec(name_or_path)
+    else:
+        if not os.path.isdir(name_or_path):  # a hub id
+            from huggingface_hub import snapshot_download
+
+            name_or_path = snapshot_download(name_or_path, allow_patterns=[f"{subfolder}/*" if subfolder else "*"])
+        fs, root = fsspec.filesystem("file"), os.path.abspath(name_or_path)
+    folder = f"{root}/{subfolder}" if subfolder else root
+    names = sorted(p for p in fs.ls(folder, detail=False) if p.rsplit("/", 1)[-1] == "config.json" or p.endswith((".safetensors", ".bin")))
+    if not any(n.endswith("config.json") for n in names):
+        raise FileNotFoundError(f"{name_or_path}{'/' + subfolder if subfolder else ''}: no config.json; not a diffusers model directory")
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.rsplit("/", 1)[-1].encode())
+        with fs.open(name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _config(name_or_path: str, subfolder: str | None) -> dict[str, Any]:

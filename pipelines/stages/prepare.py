@@ -38,6 +38,7 @@ from ldm.storage import Storage, resolve
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 from pipelines import prepare_tasks as tasks
 from pipelines.cluster import connect
+from pipelines.markers import read_markers
 from pipelines.outputs import claim_or_skip, require_reachable_storage, stage_fingerprint
 from pipelines.tracking import stage_run
 
@@ -329,14 +330,7 @@ class _Job:
         return [done[u.index] for u in units]
 
     def _done_units(self) -> dict[int, dict[str, Any]]:
-        done = {}
-        for path in self.fs.glob(f"{self.root}/{WORK}/done/*.json"):
-            try:
-                summary = json.loads(self.fs.cat_file(path))
-            except ValueError:
-                continue  # cut short by a kill: that unit is redone
-            done[summary["unit"]] = summary
-        return done
+        return {summary["unit"]: summary for summary in read_markers(self.storage, f"{self.work}/done")}
 
     def clear_work(self) -> None:
         """Remove the scratch space, markers first: a kill in the middle then leaves nothing that claims to

@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from ldm.data.images import is_held_out, to_pixels
 from ldm.manifest import fingerprint, verify, write_manifest
-from ldm.models.first_stage import factor, kind, load_first_stage
+from ldm.models.first_stage import factor, kind, load_first_stage, model_location
 from ldm.storage import Storage, resolve
 from pipelines import autoencoder_loop
 from pipelines.cluster import connect
@@ -141,13 +141,14 @@ def _loop_config(cfg: DictConfig, run_id: str) -> dict[str, Any]:
         "preset": settings["model"]["preset"],
         "preset_overrides": settings["model"]["overrides"],
         "logvar_bias": settings["model"]["logvar_bias"],
-        "pretrained": settings["pretrained"],
+        "pretrained": model_location(settings["pretrained"]) if settings["pretrained"] else None,
         "loss": settings["loss"],
         "disc_layers": settings["disc_layers"],
         "lpips_weights": settings["lpips_weights"],
         "lr": settings["optimizer"]["lr"],
         "disc_lr": settings["optimizer"]["disc_lr"],
         "betas": settings["optimizer"]["betas"],
+        "schedule": {k: settings["optimizer"][k] for k in ("schedule", "warmup_steps", "final_ratio")},
         **{k: settings[k] for k in ("steps", "batch_size", "seed", "log_every", "eval_every", "checkpoint_every", "bf16")},
         "storage": Storage.from_config(cfg.storage),
         "tracking_uri": uri,

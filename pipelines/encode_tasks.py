@@ -1,0 +1,119 @@
+"""What stage=encode_latents runs on Ray: decode tasks (CPU), the encoder actors (GPU or CPU), writer tasks.
+
+Every row carries the prepared file it came from (``path``) all the way to the writer, which writes one part
+per source file in its batch under a name fixed by the rows it holds (a retried task overwrites, never adds)
+and reports what it wrote; the driver marks a source file done once every one of its rows is accounted for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from ldm.data.images import square_crop
+from ldm.latents import LatentStats, column_array, encode_pixels, latent_columns, tensor_column
+from ldm.models.first_stage import factor, kind, load_first_stage
+from ldm.storage import Storage
+
+CARRIED = ("key", "caption", "input_ids", "attention_mask")  # prepared columns that go on to train_ldm
+SHARDS = "shards"
+
+
+def stem(path: str) -> str:
+    """A prepared file's name without folder or suffix: its output parts start with it."""
+    return os.path.basename(path).removesuffix(".parquet")
+
+
+def decode(batch: pa.Table, *, resolution: int) -> pa.Table:
+    """Center crops as uint8 tensors; a row whose image does not decode keeps zeros and its reason."""
+    crops, reasons = [], []
+    for data in batch["image"].to_pylist():
+        try:
+            crops.append(square_crop(data, resolution))
+            reasons.append(None)
+        except Exception:  # PIL raises many kinds on bad bytes; the row is dropped and counted, never fatal
+            crops.append(np.zeros((resolution, resolution, 3), np.uint8))
+            reasons.append("undecodable")
+    pixels = np.stack(crops) if crops else np.zeros((0, resolution, resolution, 3), np.uint8)
+    return batch.drop_columns(["image"]).append_column("pixels", tensor_column(pixels)).append_column(
+        "reason", pa.array(reasons, pa.string())
+    )
+
+
+class Encoder:
+    """An actor holding the first stage: its device, and half precision there when it is a GPU."""
+
+    def __init__(self, first_stage: str, subfolder: str | None, storage: Storage, dtype: str, threads: int, resolution: int):
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = getattr(torch, dtype) if self.device.type == "cuda" else torch.float32
+        self.model = load_first_stage(first_stage, storage, subfolder).to(self.device, self.dtype).eval()
+        self.columns = latent_columns(kind(self.model))
+        side = resolution // factor(self.model)
+        self.shape = (self.model.config.latent_channels, side, side)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok = pc.is_null(batch["reason"]).to_numpy(zero_copy_only=False)
+        latents = encode_pixels(self.model, column_array(batch["pixels"])[ok], self.device, self.dtype) if ok.any() else {}
+        batch = batch.drop_columns(["pixels"])
+        for name in self.columns:
+            full = np.zeros((len(ok), *self.shape), np.float16)  # a dropped row's zeros are never written
+            if name in latents:
+                full[ok] = latents[name]
+            batch = batch.append_column(name, tensor_column(full))
+        return batch
+
+
+def write(batch: pa.Table, *, storage: Storage, out: str, compression: str) -> pa.Table:
+    """One part per source file in the batch; a row per part saying what was written and dropped."""
+    fs, root = storage.fsspec(f"{out}/{SHARDS}")
+    fs.makedirs(root, exist_ok=True)
+    reports = []
+    for source in pc.unique(batch["path"]).to_pylist():
+        rows = batch.filter(pc.equal(batch["path"], source))
+        kept = rows.filter(pc.is_null(rows["reason"]))
+        name, size, stats = None, 0, LatentStats()
+        if len(kept):
+            table = kept.select([*CARRIED, *(c for c in kept.column_names if c.startswith("latent"))])
+            keys = table["key"]
+            tag = hashlib.sha1(f"{keys[0]}|{keys[-1]}|{len(table)}".encode()).hexdigest()[:12]
+            name = f"{stem(source)}-{tag}.parquet"
+            with fs.open(f"{root}/{name}", "wb") as f:
+                pq.write_table(table, f, compression=compression)
+            size = int(fs.size(f"{root}/{name}"))
+            stats = LatentStats.of({c: column_array(table[c]) for c in table.column_names if c.startswith("latent")})
+        reports.append(
+            {
+                "source": source,
+                "file": f"{SHARDS}/{name}" if name else None,
+                "size": size,
+                "rows": len(kept),
+                "undecodable": len(rows) - len(kept),
+                "count": stats.count,
+                "sum": stats.sum,
+                "sum_sq": stats.sum_sq,
+                "sum_var": stats.sum_var,
+            }
+        )
+    return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
+
+
+REPORT_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("file", pa.string()),
+        ("size", pa.int64()),
+        ("rows", pa.int64()),
+        ("undecodable", pa.int64()),
+        ("count", pa.int64()),
+        ("sum", pa.list_(pa.float64())),
+        ("sum_sq", pa.list_(pa.float64())),
+        ("sum_var", pa.list_(pa.float64())),
+    ]
+)

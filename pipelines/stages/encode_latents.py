@@ -1,0 +1,293 @@
+"""stage=encode_latents: the prepared images through the first stage's encoder, once, into latent shards.
+
+Ray Data streams the prepared shards through CPU decode tasks (resize, center crop), an actor pool holding the
+first stage (on GPUs when ``num_gpus_per_encoder`` > 0, in half precision there), and writer tasks
+(``pipelines/encode_tasks.py``). The driver counts each prepared file's rows as the writers report them and
+marks the file done when all are written or dropped, so a killed run resumes file by file without duplicating
+a key. The manifest records the latents' statistics and ``scale_factor`` over exactly the rows written, the
+first stage's identity and the tokenizer's location.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import mlflow
+import pyarrow.parquet as pq
+import ray
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from ldm.latents import LatentStats, latent_columns
+from ldm.manifest import clear, read_manifest, verify, write_manifest
+from ldm.models.first_stage import factor, is_hub_id, kind, load_first_stage, model_location, weights_digest
+from ldm.storage import Storage, resolve
+from pipelines import encode_tasks as tasks
+from pipelines.cluster import connect
+from pipelines.markers import read_markers, write_marker
+from pipelines.outputs import claim_or_skip, require_reachable_storage, stage_fingerprint
+from pipelines.tracking import stage_run
+
+STAGE = "encode_latents"
+VERSION = 1
+WORK = "_work"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    storage = Storage.from_config(cfg.storage)
+    settings = cfg.stage
+    source = resolve(cfg.data.prepared_url)
+    prepared = verify(storage, source, stage="prepare")
+    layout = prepared["facts"]["layout"]
+    if prepared["facts"].get("format") == "metadata":
+        raise ValueError(
+            f"data.prepared_url={source} holds filtered LAION metadata, not images: download them with the "
+            "img2dataset command in its manifest, then run stage=prepare on the downloads"
+        )
+    out = resolve(settings.output_url)
+    require_reachable_storage(cfg, storage.is_local(out))
+    first_stage = _first_stage(storage, model_location(settings.first_stage), settings.first_stage_subfolder)
+    identity = stage_fingerprint(cfg, VERSION, [prepared["fingerprint"], first_stage["sha256"]])
+
+    with stage_run(cfg, STAGE):
+        done = claim_or_skip(cfg, storage, out, STAGE, identity, resume=True, detail="{rows_out} rows")
+        if done is not None:
+            return done
+        connect(cfg.cluster)
+        _check_resource_plan(cfg)
+        started = time.time()
+        shards = [f"{source}/{name}" for name in sorted(prepared["files"]) if name.startswith(layout["data"])]
+        job = _Job(storage, out)
+        expected = job.row_counts(shards)
+        finished = job.finished()
+        job.remove_unfinished_parts(finished)
+        for empty in (s for s in shards if expected[tasks.stem(s)] == 0 and tasks.stem(s) not in finished):
+            job.mark_done(tasks.stem(empty), {"files": {}, "rows": 0, "undecodable": 0, "stats": LatentStats()})
+        finished = job.finished()
+        pending = [s for s in shards if tasks.stem(s) not in finished]
+        if finished:
+            print(f"{STAGE}: resuming: {len(finished)} of {len(shards)} prepared file(s) already encoded")
+        if pending:
+            job.encode(pending, expected, first_stage, settings)
+        finished = job.finished()
+        missing = [s for s in shards if tasks.stem(s) not in finished]
+        if missing:
+            raise RuntimeError(f"{STAGE}: {len(missing)} prepared file(s) were not fully encoded, e.g. {missing[:3]}")
+        elapsed = time.time() - started
+
+        markers = [finished[tasks.stem(s)] for s in shards]
+        stats = LatentStats()
+        for marker in markers:
+            stats = stats.merge(LatentStats(**marker["stats"]))
+        rows_in = sum(expected.values())
+        rows_out = sum(m["rows"] for m in markers)
+        dropped = {"undecodable": sum(m["undecodable"] for m in markers)}
+        if rows_out == 0:
+            raise RuntimeError(f"{STAGE}: none of the {rows_in} prepared images could be encoded ({dropped})")
+        summary = stats.summary()
+        side = settings.resolution // first_stage["factor"]
+        files = {name: size for m in markers for name, size in m["files"].items()}
+        job.clear_work()
+        tokenizer = f"{source}/{prepared['facts']['tokenizer']['path'].strip('/')}"
+        manifest = write_manifest(
+            storage,
+            out,
+            stage=STAGE,
+            fingerprint=identity,
+            expected_files=files,
+            inputs={"prepared": source, "fingerprint": prepared["fingerprint"], "first_stage": first_stage["location"]},
+            counts={"rows_in": rows_in, "rows_out": rows_out, "dropped": dropped},
+            timings={"seconds": round(elapsed, 3), "images_per_s": round(rows_in / max(elapsed, 1e-9), 2)},
+            schema=_schema(first_stage["kind"]),
+            facts={
+                "layout": {"data": f"{tasks.SHARDS}/"},
+                "first_stage": first_stage,
+                "resolution": settings.resolution,
+                "latent_shape": [first_stage["latent_channels"], side, side],
+                "latent_columns": list(latent_columns(first_stage["kind"])),
+                **summary,
+                "tokenizer": {**prepared["facts"]["tokenizer"], "path": tokenizer},
+            },
+        )
+        mlflow.log_metrics(
+            {
+                "rows_in": rows_in,
+                "rows_out": rows_out,
+                "seconds": elapsed,
+                "images_per_s": rows_in / max(elapsed, 1e-9),
+                "scale_factor": summary["scale_factor"],
+                **{f"dropped.{k}": v for k, v in dropped.items()},
+            }
+        )
+        mlflow.log_dict(manifest, "manifest.json")
+        print(
+            f"{STAGE}: {rows_out} of {rows_in} images encoded in {elapsed:.1f}s ({rows_in / max(elapsed, 1e-9):.1f} "
+            f"images/s), dropped {dropped}; latents {manifest['facts']['latent_shape']}, scale_factor "
+            f"{summary['scale_factor']:.4f}; at {out}"
+        )
+        return manifest
+
+
+def _first_stage(storage: Storage, location: str, subfolder: str | None) -> dict[str, Any]:
+    """Where the first stage's weights are and what identifies them. A train_autoencoder output is checked
+    against its manifest and read from its model folder; anything else is a diffusers directory or hub id."""
+    manifest = None if is_hub_id(location) else read_manifest(storage, location)
+    if manifest is not None:
+        verify(storage, location, stage="train_autoencoder")
+        model_url = f"{location}/{manifest['facts']['model'].strip('/')}"
+    else:
+        model_url = location
+    model = load_first_stage(model_url, storage, subfolder)  # fail here, not in every actor
+    return {
+        "location": model_url,
+        "subfolder": subfolder,
+        "class": type(model).__name__,
+        "kind": kind(model),
+        "factor": factor(model),
+        "latent_channels": model.config.latent_channels,
+        "sha256": weights_digest(model_url, storage, subfolder),
+        "trained_by": manifest["fingerprint"] if manifest else None,
+    }
+
+
+def _check_resource_plan(cfg: DictConfig) -> None:
+    """Refuse a plan in which the encoder actors would hold every CPU: reads, decodes and writes would then
+    wait forever (on a small machine Ray does not say so)."""
+    resources = cfg.stage.resources
+    total = ray.cluster_resources()
+    held = resources.encoder_concurrency * resources.num_cpus_per_encoder
+    free = total.get("CPU", 0) - held
+    need = max(1.0, resources.num_cpus_per_decode_task, resources.num_cpus_per_write_task)
+    if free < need:
+        raise ValueError(
+            f"stage.resources: {resources.encoder_concurrency} encoder actor(s) x {resources.num_cpus_per_encoder} CPU "
+            f"hold {held:g} of the cluster's {total.get('CPU', 0):g} CPUs, leaving {free:g} for the read, decode and "
+            f"write tasks, which need {need:g}. Lower encoder_concurrency or num_cpus_per_encoder, or give the "
+            "cluster more CPUs (cluster.num_cpus locally)."
+        )
+    if resources.num_gpus_per_encoder == 0 and resources.num_cpus_per_decode_task == resources.num_cpus_per_encoder:
+        print(
+            f"{STAGE}: warning: decode tasks and encoder actors ask for the same resources, so Ray Data fuses "
+            "decoding into the encoder actors, where it waits behind every forward; give "
+            "stage.resources.num_cpus_per_decode_task another value"
+        )
+    gpus = resources.encoder_concurrency * resources.num_gpus_per_encoder
+    if cfg.cluster.address == "local" and gpus > total.get("GPU", 0):
+        raise ValueError(
+            f"stage.resources asks for {gpus:g} GPU(s) for the encoders, the local cluster has {total.get('GPU', 0):g}"
+        )
+
+
+def _schema(kind: str) -> dict[str, str]:
+    schema = {"key": "string", "caption": "string", "input_ids": "fixed_size_list<int32>", "attention_mask": "fixed_size_list<int8>"}
+    return {**schema, **{c: "fixed_shape_tensor<halffloat>" for c in latent_columns(kind)}}
+
+
+class _Job:
+    """One encode_latents run's output location, its per-file done markers, and the Ray Data pipeline."""
+
+    def __init__(self, storage: Storage, out: str):
+        self.storage, self.out = storage, out
+        self.fs, self.root = storage.fsspec(out)
+
+    def row_counts(self, shards: list[str]) -> dict[str, int]:
+        """Rows per prepared file, from the parquet footers."""
+
+        def count(url: str) -> tuple[str, int]:
+            fs, path = self.storage.pyarrow(url)
+            with fs.open_input_file(path) as f:
+                return tasks.stem(url), pq.ParquetFile(f).metadata.num_rows
+
+        with ThreadPoolExecutor(16) as pool:
+            return dict(pool.map(count, shards))
+
+    def finished(self) -> dict[str, dict[str, Any]]:
+        return {marker["source"]: marker for marker in read_markers(self.storage, f"{self.out}/{WORK}/done")}
+
+    def remove_unfinished_parts(self, finished: dict[str, Any]) -> None:
+        """Parts of a prepared file that was not finished (a killed run): it is encoded again from scratch."""
+        for path in self.fs.glob(f"{self.root}/{tasks.SHARDS}/*.parquet"):
+            if path.rsplit("/", 1)[-1].rsplit("-", 1)[0] not in finished:
+                self.fs.rm(path)
+
+    def encode(self, pending: list[str], expected: dict[str, int], first_stage: dict[str, Any], settings: DictConfig) -> None:
+        resources = settings.resources
+        context = ray.data.DataContext.get_current()
+        block_bytes = context.target_max_block_size
+        context.target_max_block_size = int(resources.block_mb * 2**20)
+        try:
+            self._encode(pending, expected, first_stage, settings)
+        finally:
+            context.target_max_block_size = block_bytes
+
+    def _encode(self, pending: list[str], expected: dict[str, int], first_stage: dict[str, Any], settings: DictConfig) -> None:
+        resources = settings.resources
+        pafs, _ = self.storage.pyarrow(pending[0])
+        rows = ray.data.read_parquet(
+            [self.storage.pyarrow(s)[1] for s in pending],
+            filesystem=pafs,
+            columns=[*tasks.CARRIED, "image"],
+            include_paths=True,
+            override_num_blocks=len(pending),  # a block per file at least: files finish, and are marked, one by one
+        )
+        reports = (
+            rows.map_batches(
+                partial(tasks.decode, resolution=settings.resolution),
+                batch_format="pyarrow",
+                batch_size=resources.decode_batch_size,
+                num_cpus=resources.num_cpus_per_decode_task,
+                label_selector=OmegaConf.to_container(resources.decode_label_selector) or None,
+            )
+            .map_batches(
+                tasks.Encoder,
+                fn_constructor_kwargs={
+                    "first_stage": first_stage["location"],
+                    "subfolder": first_stage["subfolder"],
+                    "storage": self.storage,
+                    "dtype": resources.dtype,
+                    "threads": int(max(1, resources.num_cpus_per_encoder)),
+                    "resolution": settings.resolution,
+                },
+                compute=ray.data.ActorPoolStrategy(size=resources.encoder_concurrency),
+                batch_format="pyarrow",
+                batch_size=resources.encoder_batch_size,
+                num_cpus=resources.num_cpus_per_encoder,
+                num_gpus=resources.num_gpus_per_encoder,
+                label_selector=OmegaConf.to_container(resources.encoder_label_selector) or None,
+            )
+            .map_batches(
+                partial(tasks.write, storage=self.storage, out=self.out, compression=settings.compression),
+                batch_format="pyarrow",
+                batch_size=None,
+                num_cpus=resources.num_cpus_per_write_task,
+            )
+        )
+        seen: dict[str, int] = defaultdict(int)
+        parts: dict[str, dict[str, Any]] = defaultdict(lambda: {"files": {}, "rows": 0, "undecodable": 0, "stats": LatentStats()})
+        total = sum(expected[tasks.stem(s)] for s in pending)
+        with tqdm(total=total, desc=f"{STAGE}: images", unit="img") as progress:
+            for report in reports.iter_rows():
+                stem = tasks.stem(report["source"])
+                part = parts[stem]
+                if report["file"]:
+                    part["files"][report["file"]] = report["size"]
+                part["rows"] += report["rows"]
+                part["undecodable"] += report["undecodable"]
+                stats = LatentStats(report["count"], list(report["sum"]), list(report["sum_sq"]), list(report["sum_var"]))
+                part["stats"] = part["stats"].merge(stats)
+                seen[stem] += report["rows"] + report["undecodable"]
+                progress.update(report["rows"] + report["undecodable"])
+                if seen[stem] == expected[stem]:
+                    self.mark_done(stem, part)
+                elif seen[stem] > expected[stem]:
+                    raise RuntimeError(f"{STAGE}: {report['source']} reported {seen[stem]} rows, it has {expected[stem]}")
+
+    def mark_done(self, stem: str, part: dict[str, Any]) -> None:
+        write_marker(self.storage, f"{self.out}/{WORK}/done", stem, {**part, "source": stem, "stats": vars(part["stats"])})
+
+    def clear_work(self) -> None:
+        clear(self.storage, f"{self.out}/{WORK}")
