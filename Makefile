@@ -18,6 +18,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=synthesize
 	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=prepare
+	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=train_autoencoder
+	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=encode_latents
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs
