@@ -1,11 +1,15 @@
 """First-stage models, losses and reconstruction metrics on their own (no Ray): presets, the encode/decode
 interface, pretrained loading, the paper's loss terms, and that a tiny model learns."""
 
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import BUCKET, write_lpips_weights
+from conftest import BUCKET, ROOT, write_lpips_weights
 
 from ldm.losses.first_stage import FirstStageLoss, LossWeights
 from ldm.losses.lpips import load_lpips
@@ -198,3 +202,25 @@ def test_the_perceptual_term_joins_the_reconstruction_loss_frozen_and_unsaved(tm
     error.mean().backward()
     assert reconstructions.grad.abs().sum() > 0 and not any(p.requires_grad for p in lpips.parameters())
     assert set(loss.state_dict()) == set(FirstStageLoss("kl", LossWeights()).state_dict())  # no VGG in checkpoints
+
+
+def test_a_hub_id_takes_the_same_path_from_the_hub_cache(tmp_path):
+    """Offline, a hub id resolves from the Hugging Face cache exactly as an online user's download would land."""
+    model = build_first_stage(preset("tiny-kl-f4"))
+    model.save_pretrained(tmp_path / "local")
+    repo = tmp_path / "hub" / "models--acme--tiny-ldm"
+    shutil.copytree(tmp_path / "local", repo / "snapshots" / ("0" * 40) / "vae")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    check = f"""
+import torch
+from ldm.models.first_stage import load_first_stage, weights_digest
+loaded = load_first_stage("acme/tiny-ldm", subfolder="vae")
+local = load_first_stage({str(tmp_path / "local")!r})
+assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), local.state_dict().values()))
+assert weights_digest("acme/tiny-ldm", subfolder="vae") == weights_digest({str(tmp_path / "local")!r})
+print("same")
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "same", result.stderr[-2000:]

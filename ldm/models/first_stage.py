@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Mapping
 
 import fsspec
@@ -139,10 +140,17 @@ def weights_digest(name_or_path: str, storage: Storage | None = None, subfolder:
         if not os.path.isdir(name_or_path):  # a hub id
             from huggingface_hub import snapshot_download
 
-            name_or_path = snapshot_download(name_or_path, allow_patterns=[f"{subfolder}/*" if subfolder else "*"])
+            prefix = f"{subfolder}/" if subfolder else ""
+            # What from_pretrained itself fetches: the config and the safetensors (.bin only if there are none).
+            repo = name_or_path
+            name_or_path = snapshot_download(repo, allow_patterns=[f"{prefix}config.json", f"{prefix}*.safetensors"])
+            if not list(Path(name_or_path, prefix).glob("*.safetensors")):
+                name_or_path = snapshot_download(repo, allow_patterns=[f"{prefix}config.json", f"{prefix}*.bin"])
         fs, root = fsspec.filesystem("file"), os.path.abspath(name_or_path)
     folder = f"{root}/{subfolder}" if subfolder else root
     names = sorted(p for p in fs.ls(folder, detail=False) if p.rsplit("/", 1)[-1] == "config.json" or p.endswith((".safetensors", ".bin")))
+    if any(n.endswith(".safetensors") for n in names):  # what from_pretrained loads when both are there
+        names = [n for n in names if not n.endswith(".bin")]
     if not any(n.endswith("config.json") for n in names):
         raise FileNotFoundError(f"{name_or_path}{'/' + subfolder if subfolder else ''}: no config.json; not a diffusers model directory")
     digest = hashlib.sha256()
