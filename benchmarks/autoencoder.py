@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ldm.data.images import is_held_out, to_pixels  # noqa: E402
+from ldm.grids import to_uint8  # noqa: E402
 from ldm.losses.first_stage import FirstStageLoss, LossWeights  # noqa: E402
 from ldm.models.first_stage import Reconstruct, build_first_stage, decode, encode, kind, last_layer, load_first_stage, preset  # noqa: E402
 from ldm.synthetic.classify import classify  # noqa: E402
@@ -74,9 +75,8 @@ def attribute_agreement(model, images: np.ndarray) -> dict[str, float]:
     with torch.no_grad():
         x = torch.from_numpy(images)
         reconstructions = decode(model, encode(model, x).mode())
-    as_uint8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
     same = {"colour": 0, "shape": 0, "position": 0, "background": 0}
-    for original, reconstruction in zip(as_uint8(x), as_uint8(reconstructions)):
+    for original, reconstruction in zip(to_uint8(x).numpy(), to_uint8(reconstructions).numpy()):
         a, b = classify(original).as_dict(), classify(reconstruction).as_dict()
         for name in same:
             same[name] += a[name] == b[name]

@@ -20,13 +20,14 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 from ldm.losses.first_stage import FirstStageLoss, LossWeights
 from ldm.losses.lpips import load_lpips
 from ldm.lr_schedule import learning_rate, set_learning_rate
+from ldm.grids import pair_grid
 from ldm.metrics.reconstruction import evaluate_reconstruction
 from ldm.models.first_stage import Reconstruct, build_first_stage, kind, last_layer, load_first_stage, preset
+from pipelines.run_logger import RunLogger
 
 MODEL_DIR = "model"  # inside a checkpoint: the autoencoder as diffusers saves it
 STATE_FILE = "training_state.pt"
@@ -65,7 +66,7 @@ def train_loop(config: dict[str, Any]) -> None:
     autoencoder = model.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config["bf16"] else nullcontext()
 
-    mlflow = _Tracker(config) if rank == 0 else None
+    tracker = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     validation = _validation_batches(config) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     sums: dict[str, float] = {}
@@ -106,8 +107,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 checkpoint_now = step % config["checkpoint_every"] == 0 or step == config["steps"]
                 if rank == 0:
                     if step % config["eval_every"] == 0 or step == config["steps"]:
-                        metrics.update(_evaluate(autoencoder, validation, mlflow, step))
-                    mlflow.log(metrics, step)
+                        metrics.update(_evaluate(autoencoder, validation, tracker, step))
+                    tracker.metrics(metrics, step)
                 _report(metrics, checkpoint_now and rank == 0, autoencoder, loss, ae_optimizer, d_optimizer, step)
             if step >= config["steps"]:
                 break
@@ -149,7 +150,7 @@ def _validation_batches(config: dict[str, Any]) -> list[torch.Tensor]:
     return images
 
 
-def _evaluate(autoencoder, validation: list[torch.Tensor], mlflow: "_Tracker", step: int) -> dict[str, float]:
+def _evaluate(autoencoder, validation: list[torch.Tensor], tracker: RunLogger, step: int) -> dict[str, float]:
     if not validation:
         return {}
     device = next(autoencoder.parameters()).device
@@ -157,31 +158,5 @@ def _evaluate(autoencoder, validation: list[torch.Tensor], mlflow: "_Tracker", s
     with torch.no_grad():
         originals = validation[0][:8].to(device)
         reconstructions, _ = Reconstruct(autoencoder)(originals, sample=False)
-    mlflow.image(_grid(originals, reconstructions), f"reconstructions/step_{step:07d}.png")
+    tracker.image(pair_grid(originals, reconstructions), f"reconstructions/step_{step:07d}.png")
     return metrics.as_dict("val/")
-
-
-def _grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> Image.Image:
-    """Originals on the top row, their reconstructions below."""
-    rows = [torch.cat(list(t.float().clamp(-1, 1).cpu()), dim=2) for t in (originals, reconstructions)]
-    pixels = ((torch.cat(rows, dim=1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels)
-
-
-class _Tracker:
-    """Logs to the stage's MLflow run (opened by the driver) from rank 0."""
-
-    def __init__(self, config: dict[str, Any]):
-        import mlflow
-
-        self.client = mlflow.MlflowClient(tracking_uri=config["tracking_uri"])
-        self.run_id = config["run_id"]
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if k != "step"])
-
-    def image(self, image: Image.Image, path: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file=path)

@@ -19,13 +19,12 @@ import numpy as np
 import ray
 import ray.train
 from omegaconf import DictConfig, OmegaConf
-from ray.train.torch import TorchTrainer
 
 from ldm.data.images import is_held_out, to_pixels
-from ldm.manifest import fingerprint, verify, write_manifest
+from ldm.manifest import verify, write_manifest
 from ldm.models.first_stage import factor, kind, load_first_stage, model_location
 from ldm.storage import Storage, resolve
-from pipelines import autoencoder_loop
+from pipelines import autoencoder_loop, training
 from pipelines.cluster import connect
 from pipelines.outputs import claim_or_skip, require_reachable_storage, stage_fingerprint
 from pipelines.tracking import stage_run
@@ -42,7 +41,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = resolve(settings.output_url)
     require_reachable_storage(cfg, storage.is_local(out))
     identity = stage_fingerprint(cfg, VERSION, [prepared["fingerprint"]])
-    run_name = f"{STAGE}-{_training_identity(cfg, prepared['fingerprint'])[:16]}"
+    run_name = f"{STAGE}-{training.training_identity(cfg, [prepared['fingerprint']])[:16]}"
 
     with stage_run(cfg, STAGE) as active:
         done = claim_or_skip(cfg, storage, out, STAGE, identity, detail="{steps} steps")
@@ -59,26 +58,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "train": rows.map_batches(partial(pixels, train=True, flip=settings.random_flip), num_cpus=decode_cpus),
             "validation": rows.map_batches(partial(pixels, train=False, flip=False), num_cpus=decode_cpus),
         }
-        checkpoints_fs, checkpoints_path = storage.pyarrow(resolve(settings.checkpoints_url))
-        trainer = TorchTrainer(
-            autoencoder_loop.train_loop,
-            train_loop_config=_loop_config(cfg, active.info.run_id),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=settings.scaling.num_workers,
-                use_gpu=settings.scaling.use_gpu,
-                resources_per_worker={"CPU": settings.scaling.cpus_per_worker},
-            ),
-            run_config=ray.train.RunConfig(
-                name=run_name,  # same training, same run: a re-run resumes from its latest checkpoint
-                storage_path=checkpoints_path,
-                storage_filesystem=checkpoints_fs,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
-                failure_config=ray.train.FailureConfig(max_failures=settings.scaling.max_failures),
-            ),
-            datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        )
-        result = trainer.fit()
+        fit = training.trainer(cfg, storage, autoencoder_loop.train_loop, _loop_config(cfg, active.info.run_id), run_name, datasets)
+        result = fit.fit()
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
 
         fs, root = storage.fsspec(out)
@@ -113,17 +94,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return manifest
 
 
-# How long and how often to log, evaluate, checkpoint, and on what hardware: none of it changes the training
-# trajectory, so a re-run with more steps (or other cadences or workers' CPUs) continues the same run.
-NOT_TRAINING = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "resources", "scaling", "output_url", "checkpoints_url")
-
-
-def _training_identity(cfg: DictConfig, prepared: str) -> str:
-    stage = {k: v for k, v in OmegaConf.to_container(cfg.stage, resolve=True).items() if k not in NOT_TRAINING}
-    stage["num_workers"] = cfg.stage.scaling.num_workers  # the global batch: part of the trajectory
-    return fingerprint({"stage": stage, "resolution": cfg.data.resolution}, [prepared])
-
-
 def _pixels(batch: dict[str, np.ndarray], *, resolution: int, fraction: float, train: bool, flip: bool) -> dict[str, np.ndarray]:
     """Ray Data task: the batch's training (or held-out) images as float32 crops in [-1, 1]."""
     rng = np.random.default_rng() if train else None
@@ -134,9 +104,6 @@ def _pixels(batch: dict[str, np.ndarray], *, resolution: int, fraction: float, t
 
 def _loop_config(cfg: DictConfig, run_id: str) -> dict[str, Any]:
     settings = OmegaConf.to_container(cfg.stage, resolve=True)
-    uri = cfg.tracking.uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{os.path.abspath(uri.removeprefix('sqlite:///'))}"  # workers run elsewhere
     return {
         "preset": settings["model"]["preset"],
         "preset_overrides": settings["model"]["overrides"],
@@ -151,6 +118,6 @@ def _loop_config(cfg: DictConfig, run_id: str) -> dict[str, Any]:
         "schedule": {k: settings["optimizer"][k] for k in ("schedule", "warmup_steps", "final_ratio")},
         **{k: settings[k] for k in ("steps", "batch_size", "seed", "log_every", "eval_every", "checkpoint_every", "bf16")},
         "storage": Storage.from_config(cfg.storage),
-        "tracking_uri": uri,
+        "tracking_uri": training.worker_tracking_uri(cfg),
         "run_id": run_id,
     }

@@ -1,0 +1,78 @@
+"""The denoising objective in latent space (the paper's Eq. 2, conditioned as Eq. 3).
+
+z0 is drawn from the stored first-stage posterior and scaled by the manifest's ``scale_factor``; a timestep
+t ~ U{0..T-1} and noise ε give z_t = √ᾱ_t z0 + √(1-ᾱ_t) ε; the UNet predicts ε (the paper), or v, from z_t,
+t and τθ(y). Min-SNR-γ weighting (Hang et al., 2023) and caption dropout for classifier-free guidance are
+options. The noise schedule is diffusers' scheduler config, so the samplers read the same one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+# LDM's "linear" schedule is linspace(√β0, √β1)², which diffusers calls scaled_linear.
+SCHEDULES = {"linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+
+def noise_scheduler(schedule: str, prediction_type: str, timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> DDPMScheduler:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type is 'epsilon' or 'v_prediction', not {prediction_type!r}")
+    return DDPMScheduler(
+        num_train_timesteps=timesteps,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        beta_schedule=SCHEDULES[schedule],
+        prediction_type=prediction_type,
+        clip_sample=False,  # latents are not bounded like pixels
+    )
+
+
+def sample_latents(columns: dict[str, torch.Tensor], scale_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z0 ~ q(z|x) from stored moments (a fresh draw each time), or the VQ latent, times ``scale_factor``."""
+    if "latent" in columns:
+        return columns["latent"].float() * scale_factor
+    mean, logvar = columns["latent_mean"].float(), columns["latent_logvar"].float()
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+    return (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise) * scale_factor
+
+
+def drop_captions(input_ids: torch.Tensor, unconditional: torch.Tensor, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each caption by the empty caption's tokens with ``probability``: the unconditional model that
+    classifier-free guidance needs, trained in the same network (Ho & Salimans, 2022)."""
+    if probability <= 0:
+        return input_ids
+    drop = torch.rand(input_ids.shape[0], generator=generator, device=input_ids.device) < probability
+    return torch.where(drop[:, None], unconditional.to(input_ids.device)[None, :], input_ids)
+
+
+@dataclass
+class DiffusionObjective:
+    scheduler: DDPMScheduler
+    snr_gamma: float | None = None  # min-SNR-γ loss weighting; None: the plain (paper's) MSE
+
+    def loss(self, unet: torch.nn.Module, z0: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The mean denoising loss of ``unet`` on the batch ``z0`` under ``context`` = τθ(y)."""
+        steps = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (z0.shape[0],), generator=generator, device=z0.device)
+        noise = torch.randn(z0.shape, generator=generator, device=z0.device)
+        noisy = self.scheduler.add_noise(z0, noise, t)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(z0, noise, t)
+        else:
+            target = noise
+        prediction = unet(noisy, t, encoder_hidden_states=context).sample
+        error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.snr_gamma is not None:
+            snr = compute_snr(self.scheduler, t)
+            weight = torch.clamp(snr, max=self.snr_gamma) / snr
+            if self.scheduler.config.prediction_type == "v_prediction":
+                weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1)
+            error = error * weight
+        return error.mean()

@@ -1,0 +1,303 @@
+"""The training loop of stage=train_ldm, run by every Ray Train worker: read it top to bottom.
+
+UNet and τθ sit in one DDP-wrapped module whose forward is the denoising loss, so the gradients of both are
+averaged. Each optimizer step: draw z0 from the stored moments, drop captions for guidance, accumulate
+micro-batches, clip, AdamW at the warm-up + schedule rate, update the EMA. Rank 0 checkpoints (UNet, τθ and
+their EMA as safetensors; optimizer, step, epoch, every rank's RNG and the EMA counter), samples the validation
+prompts and logs to the MLflow run the driver opened.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from diffusers import UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from ray.data.collate_fn import NumpyBatchCollateFn
+from transformers import AutoModel
+
+from ldm.diffusion.objective import DiffusionObjective, drop_captions, noise_scheduler, sample_latents
+from ldm.diffusion.sampling import generate, sampler
+from ldm.grids import captioned_grid
+from ldm.lr_schedule import learning_rate, set_learning_rate
+from ldm.models.first_stage import decode, load_first_stage
+from ldm.models.text_to_image import build_text_encoder, build_unet, context_width, encode_text, preset, set_trainable
+from ldm.text.tokenizer import load_tokenizer, tokenize
+from pipelines.run_logger import RunLogger
+
+UNET, TEXT_ENCODER, EMA = "unet", "text_encoder", "ema"  # folders inside a checkpoint
+STATE_FILE = "training_state.pt"
+
+
+class DenoisingLoss(torch.nn.Module):
+    """UNet + τθ as one module, so DDP averages the gradients of both; forward is the objective."""
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: torch.nn.Module, objective: DiffusionObjective, train_text_encoder: bool):
+        super().__init__()
+        self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
+        self.train_text_encoder = train_text_encoder
+
+    def forward(self, z0: torch.Tensor, input_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        with nullcontext() if self.train_text_encoder else torch.no_grad():
+            context = encode_text(self.text_encoder, input_ids)
+        return self.objective.loss(self.unet, z0, context, generator)
+
+
+class LatentBatch(NumpyBatchCollateFn):
+    """Latent shard rows to tensors; keys stay strings (for the data audit). Ray Data hands the fixed-size
+    token lists over as an object array of rows."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            k: torch.from_numpy(np.stack(v) if v.dtype == object else np.ascontiguousarray(v)) for k, v in batch.items() if k != "key"
+        }
+        out["input_ids"] = out["input_ids"].long()
+        out["key"] = [str(k) for k in batch["key"]]
+        return out
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config["seed"])  # the same initial weights on every rank
+
+    # -- tokenizer, models, optimizer, EMA, and the state to resume from ----------------------------------------
+    tokenizer = load_tokenizer(config["tokenizer"], config["storage"])
+    unconditional = torch.from_numpy(tokenize(tokenizer, [""], config["max_length"])[0][0]).long().to(device)
+    checkpoint = ray.train.get_checkpoint()
+    state: dict[str, Any] = {}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            unet, text_encoder = load_models(directory)
+            ema_weights = [p.detach().clone() for m in load_models(os.path.join(directory, EMA)) for p in m.parameters()]
+            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+    else:
+        unet, text_encoder = _build_models(config, len(tokenizer))
+    train_text_encoder = config["pretrained_text_encoder"] is None
+    set_trainable(text_encoder, train_text_encoder)
+    if config["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
+        if train_text_encoder and text_encoder.supports_gradient_checkpointing:
+            text_encoder.gradient_checkpointing_enable()
+    objective = DiffusionObjective(training_schedule(config), config["noise"]["snr_gamma"])
+    module = DenoisingLoss(unet, text_encoder, objective, train_text_encoder).to(device)
+    trained = [p for p in module.parameters() if p.requires_grad]
+    opt = config["optimizer"]
+    optimizer = torch.optim.AdamW(trained, lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"])
+    averaged = [*unet.parameters(), *text_encoder.parameters()]  # the EMA's order; frozen ones are copied
+    ema = EMAModel(averaged, decay=config["ema"]["decay"], update_after_step=config["ema"]["start_step"])
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config["seed"] * 1000 + rank)
+    step, epoch = 0, 0
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        ema.shadow_params = [p.to(device) for p in ema_weights]
+        ema.optimization_step = state["ema_updates"]
+        step, epoch = state["step"], state["epoch"]
+        if len(state["rng"]) == world:  # the same worker count: each rank continues its own random streams
+            generator.set_state(state["rng"][rank])
+            torch.set_rng_state(state["torch_rng"][rank])
+        else:
+            generator.manual_seed(config["seed"] * 1000 + step * world + rank)
+        print(f"train_ldm: rank {rank} resumed at step {step}, epoch {epoch}, {ema.optimization_step} EMA updates")
+    network = ray.train.torch.prepare_model(module)
+    if config["compile"]:
+        network = torch.compile(network)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config["bf16"] else nullcontext()
+    accumulation, batch_size = opt["accumulation"], config["batch_size"]
+    global_batch = batch_size * world * accumulation
+
+    tracker = RunLogger(config["tracking_uri"], config["run_id"])
+    validation = Validation(config, tokenizer, unconditional, device) if rank == 0 else None
+    nodes = _node_count(world)
+    if rank == 0:
+        counts = {"unet": sum(p.numel() for p in unet.parameters()), "text_encoder": sum(p.numel() for p in text_encoder.parameters())}
+        if state:
+            tracker.metrics({"resumed_from_step": step}, step)  # a restart after a failure shows in the run
+        else:
+            tracker.params({"global_batch_size": global_batch, "world_size": world, "nodes": nodes, **{f"parameters.{k}": v for k, v in counts.items()}})
+        print(f"train_ldm: {world} workers on {nodes} node(s), global batch {global_batch} = {batch_size} x {world} workers x "
+              f"{accumulation} accumulation; parameters {counts}")
+
+    shard = ray.train.get_dataset_shard("train")
+    loss_sum = norm_sum = data_wait = 0.0
+    window_steps, window_start = 0, time.perf_counter()
+
+    # -- the loop: each epoch is one pass over this worker's part of the latents ---------------------------------
+    while step < config["steps"]:
+        batches = iter(
+            shard.iter_torch_batches(
+                batch_size=batch_size,
+                collate_fn=LatentBatch(),
+                drop_last=True,
+                local_shuffle_buffer_size=config["shuffle_buffer"] or None,
+                local_shuffle_seed=config["seed"] * 1000 + epoch * world + rank,
+            )
+        )
+        seen: list[str] = []
+        exhausted = False
+        while step < config["steps"]:
+            set_learning_rate(optimizer, learning_rate(step, opt["lr"], total_steps=config["steps"], **config["schedule"]))
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = 0.0
+            for micro in range(accumulation):
+                fetch = time.perf_counter()
+                batch = next(batches, None)
+                data_wait += time.perf_counter() - fetch
+                if batch is None:
+                    exhausted = True
+                    break
+                seen.extend(batch["key"])
+                moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
+                input_ids = drop_captions(batch["input_ids"].to(device), unconditional, config["caption_dropout"], generator)
+                last = micro == accumulation - 1
+                with nullcontext() if last or world == 1 else network.no_sync():
+                    with autocast:
+                        loss = network(sample_latents(moments, config["scale_factor"], generator), input_ids, generator)
+                    (loss / accumulation).backward()
+                loss_value += loss.item() / accumulation
+            if exhausted:  # a partial accumulation is dropped: every update sees the whole global batch
+                break
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, opt["grad_clip"] or float("inf"))
+            optimizer.step()
+            ema.step(averaged)
+            step += 1
+            window_steps += 1
+            loss_sum += loss_value
+            norm_sum += float(grad_norm)
+
+            if step % config["log_every"] == 0 or step == config["steps"]:
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "train/loss": loss_sum / window_steps,
+                    "train/grad_norm": norm_sum / window_steps,
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/samples_per_s": window_steps * global_batch / elapsed,
+                    "train/steps_per_s": window_steps / elapsed,
+                    "train/data_wait_fraction": data_wait / elapsed,
+                    "train/epoch": epoch,
+                    "step": step,
+                }
+                if step == config["steps"]:
+                    metrics["ddp/parameter_spread"] = _parameter_spread(trained, world)
+                if rank == 0:
+                    if validation.prompts and (step % config["sample_every"] == 0 or step == config["steps"]):
+                        tracker.image(validation.grid(unet, text_encoder), f"samples/step_{step:07d}.png")
+                    tracker.metrics(metrics, step)
+                save = step % config["checkpoint_every"] == 0 or step == config["steps"]
+                _report(metrics, save, module, ema, optimizer, step, epoch, generator, world, rank)
+                loss_sum = norm_sum = data_wait = 0.0
+                window_steps, window_start = 0, time.perf_counter()
+        if config["data_audit"]:
+            tracker.text("\n".join(seen), f"data_audit/epoch-{epoch:04d}-rank-{rank}.txt")
+        if exhausted:
+            epoch += 1
+
+
+def training_schedule(config: dict[str, Any]):
+    noise = config["noise"]
+    return noise_scheduler(noise["schedule"], noise["prediction_type"], noise["timesteps"], noise["beta_start"], noise["beta_end"])
+
+
+def load_models(directory: str) -> tuple[UNet2DConditionModel, torch.nn.Module]:
+    """The UNet and τθ saved under ``directory`` (a checkpoint, its EMA folder, or the stage's output)."""
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(directory, UNET))
+    return unet, AutoModel.from_pretrained(os.path.join(directory, TEXT_ENCODER))
+
+
+def _build_models(config: dict[str, Any], vocab_size: int) -> tuple[UNet2DConditionModel, torch.nn.Module]:
+    spec = preset(config["preset"], config["unet"], config["text_encoder"])
+    if config["pretrained_text_encoder"] is not None:
+        text_encoder = AutoModel.from_pretrained(config["pretrained_text_encoder"])
+    else:
+        text_encoder = build_text_encoder(spec.text_encoder, vocab_size, config["max_length"])
+    channels, size = config["latent_shape"][0], config["latent_shape"][1]
+    return build_unet(spec.unet, channels, size, context_width(text_encoder)), text_encoder
+
+
+def _node_count(world: int) -> int:
+    """How many machines the workers are on (logged: DDP across nodes is the point of a cluster)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return 1
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
+def _parameter_spread(parameters: list[torch.nn.Parameter], world: int) -> float:
+    """The largest difference of a parameter checksum between ranks: 0 when DDP kept the replicas equal."""
+    total = torch.stack([p.detach().double().sum() for p in parameters]).sum()
+    if world == 1:
+        return 0.0
+    sums = [torch.zeros_like(total) for _ in range(world)]
+    dist.all_gather(sums, total)
+    return float(max(sums) - min(sums))
+
+
+def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer, step: int, epoch: int, generator, world: int, rank: int) -> None:
+    """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due."""
+    rng = [None] * world
+    torch_rng = [None] * world
+    if save and world > 1:
+        dist.all_gather_object(rng, generator.get_state())
+        dist.all_gather_object(torch_rng, torch.get_rng_state())
+    elif save:
+        rng, torch_rng = [generator.get_state()], [torch.get_rng_state()]
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if save and rank == 0:
+            save_models(directory, module.unet, module.text_encoder)
+            averaged = [*module.unet.parameters(), *module.text_encoder.parameters()]
+            ema.store(averaged)
+            ema.copy_to(averaged)
+            save_models(os.path.join(directory, EMA), module.unet, module.text_encoder)
+            ema.restore(averaged)
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "ema_updates": ema.optimization_step, "rng": rng, "torch_rng": torch_rng},
+                os.path.join(directory, STATE_FILE),
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint)
+
+
+def save_models(directory: str, unet: UNet2DConditionModel, text_encoder: torch.nn.Module) -> None:
+    unet.save_pretrained(os.path.join(directory, UNET), safe_serialization=True)
+    text_encoder.save_pretrained(os.path.join(directory, TEXT_ENCODER), safe_serialization=True)
+
+
+class Validation:
+    """A grid of samples for the fixed validation prompts, decoded by the first stage (rank 0 only)."""
+
+    def __init__(self, config: dict[str, Any], tokenizer, unconditional: torch.Tensor, device: torch.device):
+        settings = config["validation"]
+        self.settings, self.device, self.unconditional = settings, device, unconditional
+        self.prompts = list(settings["prompts"])
+        self.input_ids = torch.from_numpy(tokenize(tokenizer, self.prompts, config["max_length"])[0]).long().to(device)
+        first = config["first_stage"]
+        self.first_stage = load_first_stage(first["location"], config["storage"], first.get("subfolder")).to(device).eval()
+        self.scale_factor = config["scale_factor"]
+        self.training_schedule = training_schedule(config).config
+
+    @torch.no_grad()
+    def grid(self, unet: UNet2DConditionModel, text_encoder: torch.nn.Module):
+        was_training = unet.training
+        unet.eval(), text_encoder.eval()
+        generator = torch.Generator(device="cpu").manual_seed(self.settings["seed"])
+        latents = generate(
+            unet, text_encoder, self.input_ids, self.unconditional, sampler(self.settings["sampler"], self.training_schedule),
+            steps=self.settings["steps"], guidance_scale=self.settings["guidance_scale"], scale_factor=self.scale_factor, generator=generator,
+        )
+        images = decode(self.first_stage, latents.to(next(self.first_stage.parameters()).dtype))
+        unet.train(was_training), text_encoder.train(was_training)
+        return captioned_grid(images, self.prompts)

@@ -1,0 +1,75 @@
+"""What the two Ray Train stages (train_autoencoder, train_ldm) share: the run a re-run continues, the
+TorchTrainer over the cluster and storage the config names, and the tracking URI workers can reach."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable
+
+import ray.train
+from omegaconf import DictConfig, OmegaConf
+from ray.train.torch import TorchTrainer
+
+from ldm.manifest import fingerprint
+from ldm.storage import Storage, resolve
+
+# How long and how often to log, evaluate, checkpoint and sample, where to write, on what hardware and whether
+# to resume: none of it changes the training trajectory, so a re-run with more steps (or other cadences or
+# workers' CPUs) continues the same run.
+NOT_TRAINING = (
+    "steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "sample_every", "validation",
+    "resources", "scaling", "output_url", "checkpoints_url", "resume", "log_model", "data_audit",
+)
+
+
+def training_identity(cfg: DictConfig, inputs: Iterable[str]) -> str:
+    """The fingerprint of a training trajectory: the stage's training settings, the global batch and inputs."""
+    stage = {k: v for k, v in OmegaConf.to_container(cfg.stage, resolve=True).items() if k not in NOT_TRAINING}
+    stage["num_workers"] = cfg.stage.scaling.num_workers  # the global batch: part of the trajectory
+    return fingerprint({"stage": stage, "resolution": cfg.data.resolution}, list(inputs))
+
+
+def worker_tracking_uri(cfg: DictConfig) -> str:
+    """The tracking URI as workers (other processes, other working directories) must spell it."""
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{os.path.abspath(uri.removeprefix('sqlite:///'))}"
+    return uri
+
+
+def trainer(
+    cfg: DictConfig,
+    storage: Storage,
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    run_name: str,
+    datasets: dict[str, Any],
+    resume_from: ray.train.Checkpoint | None = None,
+) -> TorchTrainer:
+    """A TorchTrainer on ``stage.scaling`` whose checkpoints go to ``stage.checkpoints_url``/``run_name``: the
+    same name on a re-run (or after a worker failure) restores the latest checkpoint there."""
+    scaling = cfg.stage.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.get("gpus_per_worker", 1)
+    checkpoints_fs, checkpoints_path = storage.pyarrow(resolve(cfg.stage.checkpoints_url))
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=scaling.get("placement_strategy", "PACK"),
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=checkpoints_path,
+            storage_filesystem=checkpoints_fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.stage.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        resume_from_checkpoint=resume_from,
+    )

@@ -1,0 +1,145 @@
+"""stage=train_ldm on a real local Ray cluster: 2 Ray Train workers (DDP over gloo) on the tiny preset over
+latents of synthesized images; MLflow gets params, metrics and sample grids; re-runs continue; a killed worker
+is replaced from the last checkpoint; checkpoints land in S3."""
+
+import os
+import signal
+import threading
+import time
+
+import mlflow
+import pytest
+import torch
+from conftest import BUCKET, compose
+
+from ldm.manifest import verify
+from ldm.models.first_stage import build_first_stage, preset
+from ldm.storage import Storage
+from pipelines import ldm_loop, stages
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+
+TRAIN = ["stage=train_ldm", "data.num_samples=240", "stage.batch_size=8", "stage.log_every=10", "stage.checkpoint_every=20",
+         "stage.sample_every=20", "stage.validation.steps=2", "stage.optimizer.warmup_steps=5", "stage.optimizer.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def latents(ray_cluster, tmp_path_factory):
+    """Latents of 240 synthesized images under a random tiny first stage: the shape of the real thing."""
+    root = tmp_path_factory.mktemp("train_ldm")
+    common = [f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db"]
+    stages.load("synthesize").run(compose("stage=synthesize", "data.num_samples=240", "stage.rows_per_shard=60", *common))
+    stages.load("prepare").run(compose("stage=prepare", "data.num_samples=240", *common))
+    build_first_stage(preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(root / "first_stage")
+    stages.load("encode_latents").run(compose("stage=encode_latents", "data.num_samples=240", *common, f"stage.first_stage={root}/first_stage"))
+    return root, common
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def latest_run(client, root):
+    experiment = client.get_experiment_by_name("ldm").experiment_id
+    return client.search_runs([experiment], "tags.stage = 'train_ldm'", order_by=["start_time DESC"])[0]
+
+
+def test_two_workers_train_in_step_on_disjoint_data_and_log_to_mlflow(latents):
+    root, common = latents
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
+    manifest = stages.load("train_ldm").run(compose(*TRAIN, *common, "stage.steps=40", "stage.data_audit=true"))
+    run = latest_run(client, root)
+
+    losses = [v for _, v in history(client, run.info.run_id, "train/loss")]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]  # it learns
+    assert [v for _, v in history(client, run.info.run_id, "ddp/parameter_spread")] == [0.0]  # replicas equal
+    params = client.get_run(run.info.run_id).data.params
+    assert params["global_batch_size"] == "16" and params["world_size"] == "2" and int(params["parameters.unet"]) > 1e6
+    for key in ("train/samples_per_s", "train/data_wait_fraction", "train/grad_norm", "train/lr"):
+        assert [s for s, _ in history(client, run.info.run_id, key)] == [10, 20, 30, 40], key
+    samples = [f.path for f in client.list_artifacts(run.info.run_id, "samples")]
+    assert samples == ["samples/step_0000020.png", "samples/step_0000040.png"]
+
+    # Each worker trained on its own part of the latents: the epoch's keys are disjoint between ranks.
+    audit = client.download_artifacts(run.info.run_id, "data_audit", str(root / "audit"))
+    seen = {name: set(open(os.path.join(audit, name)).read().split()) for name in os.listdir(audit) if name.startswith("epoch-0000")}
+    assert sorted(seen) == ["epoch-0000-rank-0.txt", "epoch-0000-rank-1.txt"]
+    rank0, rank1 = seen.values()
+    assert rank0 and rank1 and not rank0 & rank1
+
+    # The output: UNet, τθ and their EMA load back; the manifest carries what sampling needs.
+    verify(Storage(root=str(root)), f"{root}/store/ldm", stage="train_ldm")
+    unet, text_encoder = ldm_loop.load_models(f"{root}/store/ldm")
+    ema_unet, _ = ldm_loop.load_models(f"{root}/store/ldm/ema")
+    assert unet.config.in_channels == 4 and unet.config.sample_size == 16
+    assert any(not torch.equal(a, b) for a, b in zip(unet.parameters(), ema_unet.parameters()))
+    facts = manifest["facts"]
+    assert facts["scale_factor"] > 0 and facts["latent_shape"] == [4, 16, 16] and manifest["counts"]["steps"] == 40
+    assert (root / "store" / "ldm" / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_resume_latest_continues_the_step_count_and_the_ema(latents):
+    root, common = latents
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
+    run_args = [*TRAIN, *common, "stage.output_url=${storage.root}/ldm-resume", "stage.seed=1"]
+    stages.load("train_ldm").run(compose(*run_args, "stage.steps=20"))
+    second = stages.load("train_ldm").run(compose(*run_args, "stage.steps=40", "overwrite=true"))
+    run = latest_run(client, root)
+    assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == [30, 40]
+    assert [v for _, v in history(client, run.info.run_id, "resumed_from_step")] == [20.0]
+    state = torch.load(f"{second['facts']['checkpoints']}/{_latest_checkpoint(second)}/{ldm_loop.STATE_FILE}", weights_only=False)
+    assert state["step"] == 40 and state["ema_updates"] == 40
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3(latents, s3_server, tmp_path):
+    root, common = latents
+    s3 = ["storage=s3", f"storage.bucket={BUCKET}", "storage.prefix=train-ldm", f"storage.endpoint_url={s3_server}"]
+    cfg = compose(*TRAIN, *s3, f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", f"stage.latents_url={root}/store/latents",
+                  "stage.steps=60", "stage.checkpoint_every=10")
+    killed = []
+
+    def kill_a_worker_after_the_first_checkpoint():
+        storage = Storage(root=f"s3://{BUCKET}/train-ldm", endpoint_url=s3_server)
+        fs, path = storage.fsspec(storage.url("checkpoints", "train_ldm"))
+        deadline = time.time() + 300
+        while time.time() < deadline and not fs.glob(f"{path}/*/checkpoint_*/{ldm_loop.STATE_FILE}"):
+            time.sleep(0.5)
+        for pid in _train_worker_pids():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            break
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint)
+    killer.start()
+    manifest = stages.load("train_ldm").run(cfg)
+    killer.join()
+    assert killed, "no Ray Train worker was found to kill"
+    assert manifest["counts"]["steps"] == 60
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
+    run = latest_run(client, tmp_path)
+    resumed = [v for _, v in history(client, run.info.run_id, "resumed_from_step")]
+    assert resumed and resumed[0] >= 10 and resumed[0] % 10 == 0
+    storage = Storage(root=f"s3://{BUCKET}/train-ldm", endpoint_url=s3_server)
+    fs, path = storage.fsspec(manifest["facts"]["checkpoints"])
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path) if p.rsplit("/", 1)[-1].startswith("checkpoint_") and not p.endswith(".json"))
+    assert len(names) == 3  # keep_checkpoints
+    assert fs.exists(f"{path}/{names[-1]}/unet/diffusion_pytorch_model.safetensors")
+    fs_out, out = storage.fsspec(storage.url("ldm"))
+    assert fs_out.exists(f"{out}/_manifest.json") and fs_out.exists(f"{out}/ema/unet/diffusion_pytorch_model.safetensors")
+
+
+def _latest_checkpoint(manifest) -> str:
+    return sorted(p for p in os.listdir(manifest["facts"]["checkpoints"]) if p.startswith("checkpoint_") and not p.endswith(".json"))[-1]
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"RayTrainWorker" in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
