@@ -25,31 +25,17 @@ from diffusers.training_utils import EMAModel
 from ray.data.collate_fn import NumpyBatchCollateFn
 from transformers import AutoModel
 
-from ldm.diffusion.objective import DiffusionObjective, drop_captions, noise_scheduler, sample_latents
+from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
 from ldm.diffusion.sampling import generate, sampler
 from ldm.grids import captioned_grid
 from ldm.lr_schedule import learning_rate, set_learning_rate
 from ldm.models.first_stage import decode, load_first_stage
-from ldm.models.text_to_image import build_text_encoder, build_unet, context_width, encode_text, preset, set_trainable
+from ldm.models.text_to_image import build_text_encoder, build_unet, context_width, preset, set_trainable
 from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.run_logger import RunLogger
 
 UNET, TEXT_ENCODER, EMA = "unet", "text_encoder", "ema"  # folders inside a checkpoint
 STATE_FILE = "training_state.pt"
-
-
-class DenoisingLoss(torch.nn.Module):
-    """UNet + τθ as one module, so DDP averages the gradients of both; forward is the objective."""
-
-    def __init__(self, unet: UNet2DConditionModel, text_encoder: torch.nn.Module, objective: DiffusionObjective, train_text_encoder: bool):
-        super().__init__()
-        self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
-        self.train_text_encoder = train_text_encoder
-
-    def forward(self, z0: torch.Tensor, input_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        with nullcontext() if self.train_text_encoder else torch.no_grad():
-            context = encode_text(self.text_encoder, input_ids)
-        return self.objective.loss(self.unet, z0, context, generator)
 
 
 class LatentBatch(NumpyBatchCollateFn):

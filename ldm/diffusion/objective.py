@@ -8,12 +8,16 @@ options. The noise schedule is diffusers' scheduler config, so the samplers read
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
+
+from ldm.models.first_stage import Encoded
+from ldm.models.text_to_image import encode_text
 
 # LDM's "linear" schedule is linspace(√β0, √β1)², which diffusers calls scaled_linear.
 SCHEDULES = {"linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
@@ -38,9 +42,8 @@ def sample_latents(columns: dict[str, torch.Tensor], scale_factor: float, genera
     """z0 ~ q(z|x) from stored moments (a fresh draw each time), or the VQ latent, times ``scale_factor``."""
     if "latent" in columns:
         return columns["latent"].float() * scale_factor
-    mean, logvar = columns["latent_mean"].float(), columns["latent_logvar"].float()
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-    return (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise) * scale_factor
+    posterior = Encoded(mean=columns["latent_mean"].float(), logvar=columns["latent_logvar"].float())
+    return posterior.sample(generator) * scale_factor
 
 
 def drop_captions(input_ids: torch.Tensor, unconditional: torch.Tensor, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -76,3 +79,17 @@ class DiffusionObjective:
                 weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1)
             error = error * weight
         return error.mean()
+
+
+class DenoisingLoss(torch.nn.Module):
+    """UNet + τθ as one module, so DDP averages the gradients of both; forward is the objective."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, objective: DiffusionObjective, train_text_encoder: bool):
+        super().__init__()
+        self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
+        self.train_text_encoder = train_text_encoder
+
+    def forward(self, z0: torch.Tensor, input_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        with nullcontext() if self.train_text_encoder else torch.no_grad():
+            context = encode_text(self.text_encoder, input_ids)
+        return self.objective.loss(self.unet, z0, context, generator)

@@ -1,0 +1,111 @@
+"""The latent diffusion library without Ray: presets, the noise schedule, the objective, guidance sampling."""
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
+from ldm.diffusion.sampling import generate, sampler
+from ldm.models.text_to_image import PRESETS, build_text_encoder, build_unet, preset, set_trainable
+
+
+def parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    "name, unet, text_encoder",
+    [
+        # The paper's: UNet 872M + LDMBert 669M without its LM head (BERT vocabulary 30522, 77 positions).
+        ("txt2img-1p4b", 872_300_484, 668_724_480),
+        ("mid", 219_467_140, 40_874_496),
+        ("tiny", 5_925_124, 4_312_704),
+    ],
+)
+def test_presets_build_with_their_recorded_sizes(name, unet, text_encoder):
+    spec = preset(name)
+    with torch.device("meta"):  # sizes without allocating 1.5B parameters
+        built_text = build_text_encoder(spec.text_encoder, 30522, 77)
+        built_unet = build_unet(spec.unet, 4, 32, spec.text_encoder.width)
+    assert parameters(built_unet) == unet and parameters(built_text.model) == text_encoder
+    assert built_unet.config.cross_attention_dim == spec.text_encoder.width
+
+
+def test_paper_preset_matches_the_compvis_config():
+    spec = PRESETS["txt2img-1p4b"]
+    assert spec.unet.block_out_channels == (320, 640, 1280, 1280) and spec.unet.layers_per_block == 2
+    assert spec.unet.attention_levels == (0, 1, 2)  # attention_resolutions 4, 2, 1 of a 32x32 latent
+    assert (spec.text_encoder.layers, spec.text_encoder.width) == (32, 1280)
+    with pytest.raises(ValueError, match="unknown text-to-image preset 'huge'.*tiny"):
+        preset("huge")
+
+
+def test_linear_schedule_is_ldms_and_the_cosine_option_exists():
+    betas = noise_scheduler("linear", "epsilon").betas.double()
+    compvis = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    assert torch.allclose(betas, compvis, atol=1e-7)
+    assert noise_scheduler("cosine", "epsilon").config.beta_schedule == "squaredcos_cap_v2"
+    with pytest.raises(ValueError, match="prediction_type"):
+        noise_scheduler("linear", "sample")
+
+
+def test_latents_are_drawn_from_the_stored_posterior_and_scaled():
+    mean, logvar = torch.full((4096, 4, 2, 2), 3.0), torch.full((4096, 4, 2, 2), np.log(0.25))
+    z = sample_latents({"latent_mean": mean.half(), "latent_logvar": logvar.half()}, 0.5, torch.Generator().manual_seed(0))
+    assert z.mean().item() == pytest.approx(1.5, abs=0.01) and z.std().item() == pytest.approx(0.25, abs=0.01)
+    assert torch.equal(sample_latents({"latent": mean}, 2.0), mean * 2)  # VQ: deterministic
+
+
+def test_caption_dropout_uses_the_empty_caption_at_its_rate():
+    ids = torch.arange(10_000 * 3).reshape(10_000, 3) + 100
+    empty = torch.tensor([1, 2, 0])
+    dropped = drop_captions(ids, empty, 0.1, torch.Generator().manual_seed(0))
+    replaced = (dropped == empty).all(dim=1)
+    assert replaced.float().mean().item() == pytest.approx(0.1, abs=0.01)
+    assert torch.equal(dropped[~replaced], ids[~replaced]) and drop_captions(ids, empty, 0.0) is ids
+
+
+def tiny_model(vocab=50, prediction_type="epsilon", snr_gamma=None):
+    torch.manual_seed(0)
+    spec = preset("tiny", unet={"block_out_channels": [32, 32, 32]}, text_encoder={"width": 32, "heads": 2, "ffn": 64})
+    text_encoder = build_text_encoder(spec.text_encoder, vocab, 8)
+    unet = build_unet(spec.unet, 4, 8, 32)
+    objective = DiffusionObjective(noise_scheduler("linear", prediction_type), snr_gamma)
+    return DenoisingLoss(unet, text_encoder, objective, train_text_encoder=True)
+
+
+@pytest.mark.parametrize("prediction_type, snr_gamma", [("epsilon", None), ("v_prediction", None), ("epsilon", 5.0)])
+def test_the_objective_trains_unet_and_text_encoder(prediction_type, snr_gamma):
+    model = tiny_model(prediction_type=prediction_type, snr_gamma=snr_gamma)
+    set_trainable(model.text_encoder, True)
+    z0 = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 50, (16, 8), generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for step in range(30):
+        loss = model(z0, ids, torch.Generator().manual_seed(step % 3))  # three fixed noise draws
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    assert all(p.grad is not None for p in model.text_encoder.model.parameters() if p.requires_grad)
+    assert model.text_encoder.to_logits.weight.grad is None  # the LM head is not part of τθ
+
+
+def test_guided_sampling_is_seeded_and_guidance_changes_the_result():
+    model = tiny_model().eval()
+    ids, empty = torch.randint(3, 50, (2, 8)), torch.tensor([1, 2, 0, 0, 0, 0, 0, 0])
+    schedule = noise_scheduler("linear", "epsilon").config
+    run = lambda name, scale, seed: generate(  # noqa: E731
+        model.unet, model.text_encoder, ids, empty, sampler(name, schedule), steps=4, guidance_scale=scale,
+        scale_factor=0.5, generator=torch.Generator().manual_seed(seed),
+    )
+    first = run("ddim", 4.0, 0)
+    assert first.shape == (2, 4, 8, 8) and torch.isfinite(first).all()
+    assert torch.equal(first, run("ddim", 4.0, 0))
+    assert not torch.allclose(first, run("ddim", 1.0, 0)) and not torch.allclose(first, run("ddim", 4.0, 1))
+    assert torch.isfinite(run("dpm++", 4.0, 0)).all()
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sampler("euler", schedule)
+
