@@ -20,6 +20,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=prepare
 	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=train_autoencoder
 	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=encode_latents
+	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=train_ldm
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs

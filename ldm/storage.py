@@ -9,8 +9,10 @@ Credentials are never part of the config: both libraries read the standard AWS e
 from __future__ import annotations
 
 import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
 import fsspec
@@ -56,6 +58,20 @@ class Storage:
             )
             return fs, _s3_path(url)
         return fsspec.filesystem("file"), _local_path(url)
+
+    @contextmanager
+    def local_directory(self, url: str) -> Iterator[str]:
+        """A local path holding the directory at ``url``: the path itself if it is local, otherwise a temporary
+        copy (``from_pretrained`` and friends read files)."""
+        if self.is_local(url):
+            yield _local_path(url)
+            return
+        fs, path = self.fsspec(url)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{url}: no such directory")
+        with tempfile.TemporaryDirectory(prefix="fetched-") as local:
+            fs.get(f"{path}/", f"{local}/", recursive=True)
+            yield local
 
 
 def resolve(url: str) -> str:

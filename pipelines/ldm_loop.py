@@ -23,14 +23,13 @@ import torch.distributed as dist
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from ray.data.collate_fn import NumpyBatchCollateFn
-from transformers import AutoModel
 
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
 from ldm.diffusion.sampling import generate, sampler
 from ldm.grids import captioned_grid
 from ldm.lr_schedule import learning_rate, set_learning_rate
 from ldm.models.first_stage import decode, load_first_stage
-from ldm.models.text_to_image import build_text_encoder, build_unet, context_width, preset, set_trainable
+from ldm.models.text_to_image import build_text_encoder, build_unet, context_width, load_text_encoder, preset, set_trainable
 from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.run_logger import RunLogger
 
@@ -60,7 +59,8 @@ def train_loop(config: dict[str, Any]) -> None:
     # -- tokenizer, models, optimizer, EMA, and the state to resume from ----------------------------------------
     tokenizer = load_tokenizer(config["tokenizer"], config["storage"])
     unconditional = torch.from_numpy(tokenize(tokenizer, [""], config["max_length"])[0][0]).long().to(device)
-    checkpoint = ray.train.get_checkpoint()
+    # This run's latest checkpoint (a restart, or the same command again); else the one stage.resume names.
+    checkpoint = ray.train.get_checkpoint() or config["resume_from"]
     state: dict[str, Any] = {}
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -110,8 +110,7 @@ def train_loop(config: dict[str, Any]) -> None:
         counts = {"unet": sum(p.numel() for p in unet.parameters()), "text_encoder": sum(p.numel() for p in text_encoder.parameters())}
         if state:
             tracker.metrics({"resumed_from_step": step}, step)  # a restart after a failure shows in the run
-        else:
-            tracker.params({"global_batch_size": global_batch, "world_size": world, "nodes": nodes, **{f"parameters.{k}": v for k, v in counts.items()}})
+        tracker.params({"global_batch_size": global_batch, "world_size": world, "nodes": nodes, **{f"parameters.{k}": v for k, v in counts.items()}})
         print(f"train_ldm: {world} workers on {nodes} node(s), global batch {global_batch} = {batch_size} x {world} workers x "
               f"{accumulation} accumulation; parameters {counts}")
 
@@ -198,13 +197,19 @@ def training_schedule(config: dict[str, Any]):
 def load_models(directory: str) -> tuple[UNet2DConditionModel, torch.nn.Module]:
     """The UNet and τθ saved under ``directory`` (a checkpoint, its EMA folder, or the stage's output)."""
     unet = UNet2DConditionModel.from_pretrained(os.path.join(directory, UNET))
-    return unet, AutoModel.from_pretrained(os.path.join(directory, TEXT_ENCODER))
+    return unet, load_text_encoder(os.path.join(directory, TEXT_ENCODER))
 
 
 def _build_models(config: dict[str, Any], vocab_size: int) -> tuple[UNet2DConditionModel, torch.nn.Module]:
     spec = preset(config["preset"], config["unet"], config["text_encoder"])
     if config["pretrained_text_encoder"] is not None:
-        text_encoder = AutoModel.from_pretrained(config["pretrained_text_encoder"])
+        text_encoder = load_text_encoder(config["pretrained_text_encoder"], config["storage"])
+        if vocab_size > text_encoder.config.vocab_size:
+            raise ValueError(
+                f"stage.model.pretrained_text_encoder={config['pretrained_text_encoder']} knows {text_encoder.config.vocab_size} "
+                f"tokens, the prepared captions' tokenizer ({config['tokenizer']}) {vocab_size}: prepare with that encoder's "
+                "tokenizer (stage=prepare stage.tokenizer.train=false stage.tokenizer.name_or_path=...)"
+            )
     else:
         text_encoder = build_text_encoder(spec.text_encoder, vocab_size, config["max_length"])
     channels, size = config["latent_shape"][0], config["latent_shape"][1]

@@ -44,7 +44,6 @@ def trainer(
     loop_config: dict[str, Any],
     run_name: str,
     datasets: dict[str, Any],
-    resume_from: ray.train.Checkpoint | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer on ``stage.scaling`` whose checkpoints go to ``stage.checkpoints_url``/``run_name``: the
     same name on a re-run (or after a worker failure) restores the latest checkpoint there."""
@@ -71,5 +70,4 @@ def trainer(
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        resume_from_checkpoint=resume_from,
     )

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import BUCKET
 
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
 from ldm.diffusion.sampling import generate, sampler
@@ -109,3 +110,25 @@ def test_guided_sampling_is_seeded_and_guidance_changes_the_result():
     with pytest.raises(ValueError, match="unknown sampler"):
         sampler("euler", schedule)
 
+
+
+def test_a_pretrained_text_encoder_loads_from_s3_like_a_directory_and_stays_frozen(s3_server, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from ldm.models.text_to_image import context_width, load_text_encoder
+    from ldm.storage import Storage
+
+    BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    storage = Storage(root=f"s3://{BUCKET}/text-encoder", endpoint_url=s3_server)
+    fs, path = storage.fsspec(storage.url("bert"))
+    fs.put(str(tmp_path / "bert"), path, recursive=True)
+    encoder = load_text_encoder(storage.url("bert"), storage)
+    local = load_text_encoder(str(tmp_path / "bert"))
+    assert all(torch.equal(a, b) for a, b in zip(encoder.parameters(), local.parameters()))
+
+    set_trainable(encoder, False)
+    spec = preset("tiny", unet={"block_out_channels": [32, 32, 32]})
+    model = DenoisingLoss(build_unet(spec.unet, 4, 8, context_width(encoder)), encoder, DiffusionObjective(noise_scheduler("linear", "epsilon")), False)
+    model(torch.randn(2, 4, 8, 8), torch.randint(0, 60, (2, 8)), torch.Generator().manual_seed(0)).backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    assert all(p.grad is not None for p in model.unet.parameters())

@@ -89,8 +89,15 @@ def test_resume_latest_continues_the_step_count_and_the_ema(latents):
     run = latest_run(client, root)
     assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == [30, 40]
     assert [v for _, v in history(client, run.info.run_id, "resumed_from_step")] == [20.0]
-    state = torch.load(f"{second['facts']['checkpoints']}/{_latest_checkpoint(second)}/{ldm_loop.STATE_FILE}", weights_only=False)
+    checkpoint = f"{second['facts']['checkpoints']}/{_latest_checkpoint(second)}"
+    state = torch.load(f"{checkpoint}/{ldm_loop.STATE_FILE}", weights_only=False)
     assert state["step"] == 40 and state["ema_updates"] == 40
+
+    # resume=<a checkpoint>: a new run that starts from it.
+    third = stages.load("train_ldm").run(compose(*run_args, "stage.steps=50", f"stage.resume={checkpoint}", "overwrite=true"))
+    run = latest_run(client, root)
+    assert [v for _, v in history(client, run.info.run_id, "resumed_from_step")] == [40.0]
+    assert third["counts"]["steps"] == 50 and third["facts"]["checkpoints"] != second["facts"]["checkpoints"]
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3(latents, s3_server, tmp_path):

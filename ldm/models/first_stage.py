@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -118,9 +117,7 @@ def load_first_stage(name_or_path: str, storage: Storage | None = None, subfolde
     if name_or_path.startswith(("s3://", "s3a://")):
         if storage is None:
             raise ValueError(f"loading the first stage at {name_or_path} needs the storage config")
-        fs, path = storage.fsspec(name_or_path)
-        with tempfile.TemporaryDirectory(prefix="first-stage-") as local:
-            fs.get(f"{path}/", f"{local}/", recursive=True)
+        with storage.local_directory(name_or_path) as local:
             return load_first_stage(local, subfolder=subfolder)
     config = _config(name_or_path, subfolder)
     cls = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}.get(config.get("_class_name"))

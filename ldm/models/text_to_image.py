@@ -18,6 +18,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 from transformers import AutoConfig, AutoModel
 
+from ldm.storage import Storage
+
 # τθ saved by us loads like any transformers encoder (AutoModel), whichever it is.
 AutoConfig.register(LDMBertConfig.model_type, LDMBertConfig, exist_ok=True)
 AutoModel.register(LDMBertConfig, LDMBertModel, exist_ok=True)
@@ -92,6 +94,17 @@ def build_unet(spec: UNetSpec, latent_channels: int, latent_size: int, context_d
         attention_head_dim=spec.heads,
         cross_attention_dim=context_dim,
     )
+
+
+def load_text_encoder(name_or_path: str, storage: Storage | None = None) -> torch.nn.Module:
+    """A pretrained transformers text encoder (or a τθ we saved): hub id, local directory or ``s3://``, all
+    through ``AutoModel.from_pretrained``; object-store directories are copied to local disk first."""
+    if name_or_path.startswith(("s3://", "s3a://")):
+        if storage is None:
+            raise ValueError(f"loading the text encoder at {name_or_path} needs the storage config")
+        with storage.local_directory(name_or_path) as local:
+            return AutoModel.from_pretrained(local)
+    return AutoModel.from_pretrained(name_or_path)
 
 
 def context_width(text_encoder: torch.nn.Module) -> int:

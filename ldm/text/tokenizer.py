@@ -56,10 +56,7 @@ def load_tokenizer(name_or_path: str, storage: Storage | None = None) -> PreTrai
 
 
 def _from_object_store(storage: Storage, url: str) -> PreTrainedTokenizerBase:
-    fs, path = storage.fsspec(url)
-    with tempfile.TemporaryDirectory(prefix="tokenizer-") as local:
-        for remote in fs.find(path):
-            fs.get_file(remote, os.path.join(local, remote[len(path) :].strip("/").replace("/", os.sep)))
+    with storage.local_directory(url) as local:
         if not os.path.exists(os.path.join(local, "tokenizer_config.json")):
             raise FileNotFoundError(f"{url} holds no tokenizer (no tokenizer_config.json)")
         return AutoTokenizer.from_pretrained(local)

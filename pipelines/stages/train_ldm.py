@@ -62,10 +62,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         shards = [f"{source}/{name}" for name in sorted(latents["files"]) if name.startswith(facts["layout"]["data"])]
         pafs, _ = storage.pyarrow(source)
         rows = ray.data.read_parquet([storage.pyarrow(s)[1] for s in shards], filesystem=pafs, columns=columns)
-        loop_config = _loop_config(cfg, facts, active.info.run_id)
+        loop_config = {**_loop_config(cfg, facts, active.info.run_id), "resume_from": resume_from}
         mlflow.log_params({"latents.rows": latents["counts"]["rows_out"], "latents.scale_factor": facts["scale_factor"],
                            "latents.shape": facts["latent_shape"], "run_name": run_name})
-        fit = training.trainer(cfg, storage, ldm_loop.train_loop, loop_config, run_name, {"train": rows.randomize_block_order()}, resume_from)
+        fit = training.trainer(cfg, storage, ldm_loop.train_loop, loop_config, run_name, {"train": rows.randomize_block_order()})
         result = fit.fit()
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         if result.checkpoint is None:
