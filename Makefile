@@ -23,7 +23,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=train_ldm
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs --durations=10
 
 clean:
 	rm -rf $(VENV) store outputs mlruns mlruns.db mlartifacts

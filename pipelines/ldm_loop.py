@@ -81,7 +81,7 @@ def train_loop(config: dict[str, Any]) -> None:
     opt = config["optimizer"]
     optimizer = torch.optim.AdamW(trained, lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"])
     averaged = [*unet.parameters(), *text_encoder.parameters()]  # the EMA's order; frozen ones are copied
-    ema = EMAModel(averaged, decay=config["ema"]["decay"], update_after_step=config["ema"]["start_step"])
+    ema = EMAModel(averaged, decay=config["ema"]["decay"], update_after_step=config["ema"]["start_step"], foreach=True)
     generator = torch.Generator(device=device)
     generator.manual_seed(config["seed"] * 1000 + rank)
     step, epoch = 0, 0
@@ -125,6 +125,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 batch_size=batch_size,
                 collate_fn=LatentBatch(),
                 drop_last=True,
+                prefetch_batches=config["prefetch_batches"],
                 local_shuffle_buffer_size=config["shuffle_buffer"] or None,
                 local_shuffle_seed=config["seed"] * 1000 + epoch * world + rank,
             )

@@ -18,7 +18,7 @@ from ldm.storage import Storage, resolve
 # workers' CPUs) continues the same run.
 NOT_TRAINING = (
     "steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "sample_every", "validation",
-    "resources", "scaling", "output_url", "checkpoints_url", "resume", "log_model", "data_audit",
+    "resources", "scaling", "output_url", "checkpoints_url", "resume", "log_model", "data_audit", "prefetch_batches",
 )
 
 
