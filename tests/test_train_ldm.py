@@ -137,6 +137,50 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3(latents, s3_ser
     assert fs_out.exists(f"{out}/_manifest.json") and fs_out.exists(f"{out}/ema/unet/diffusion_pytorch_model.safetensors")
 
 
+def test_ray_job_submit_trains_across_two_nodes_of_a_ray_start_cluster(latents, tmp_path):
+    """The command users type, against `ray start --head` plus a second `ray start` node on 127.0.0.1."""
+    root, _ = latents
+    bin_dir = os.path.dirname(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    gcs, dashboard = free_port(), free_port()
+    node = lambda: ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats", "--block",  # noqa: E731
+                    "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+                    "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                    "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+    ray_cli = os.path.join(bin_dir, "ray")
+    head = subprocess.Popen([ray_cli, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                             str(dashboard), "--ray-client-server-port", str(free_port()), "--include-dashboard", "true", *node()],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        wait_for(f"http://127.0.0.1:{dashboard}/api/version", timeout=120, process=head)
+        worker = subprocess.Popen([ray_cli, "start", "--address", f"127.0.0.1:{gcs}", *node()], env=env, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        command = [
+            ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
+            "python", "pipelines/run.py", "stage=train_ldm", "cluster=remote", f"storage.root={tmp_path}/store", "storage.shared=true",
+            f"stage.latents_url={root}/store/latents", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "data.num_samples=240",
+            "stage.scaling.placement_strategy=SPREAD", "stage.steps=20", "stage.batch_size=8", "stage.log_every=10",
+            "stage.sample_every=20", "stage.validation.steps=2",
+        ]
+        deadline = time.time() + 120
+        while True:  # the job agent needs a few seconds after the dashboard answers, and both nodes must be up
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in result.stderr + result.stdout or time.time() > deadline:
+                break
+            time.sleep(3)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        assert "train_ldm: 20 steps" in result.stdout
+    finally:
+        for process in (worker, head):
+            if process is not None:
+                kill_session(process.pid)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
+    params = client.get_run(latest_run(client, tmp_path).info.run_id).data.params
+    assert params["nodes"] == "2" and params["world_size"] == "2"  # one worker per node, DDP across them
+    verify(Storage(root=str(tmp_path)), f"{tmp_path}/store/ldm", stage="train_ldm")
+
+
 def _latest_checkpoint(manifest) -> str:
     return sorted(p for p in os.listdir(manifest["facts"]["checkpoints"]) if p.startswith("checkpoint_") and not p.endswith(".json"))[-1]
 
