@@ -111,7 +111,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3(latents, s3_ser
         storage = Storage(root=f"s3://{BUCKET}/train-ldm", endpoint_url=s3_server)
         fs, path = storage.fsspec(storage.url("checkpoints", "train_ldm"))
         deadline = time.time() + 300
-        while time.time() < deadline and not fs.glob(f"{path}/*/checkpoint_*/{ldm_loop.STATE_FILE}"):
+        # Ray Train writes its snapshot once a reported checkpoint is registered: from then on it is restorable.
+        while time.time() < deadline and not fs.glob(f"{path}/*/checkpoint_manager_snapshot.json"):
             time.sleep(0.5)
         for pid in _train_worker_pids():
             os.kill(pid, signal.SIGKILL)
