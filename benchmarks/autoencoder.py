@@ -9,7 +9,7 @@ prints:
 - the stage's training throughput against a bare single-process loop of the same model, loss and global
   batch on preloaded tensors (ratio: what Ray Train, DDP and the Ray Data feed cost or gain).
 
-    .venv/bin/python benchmarks/autoencoder.py [--steps 3000] [--images 4000]
+    .venv/bin/python benchmarks/autoencoder.py [--steps N] [--images 4000] [stage overrides]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def attribute_agreement(model, images: np.ndarray) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=None, help="default: the stage's stage.steps")
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for stage=train_autoencoder")
     args = parser.parse_args()
@@ -95,7 +95,8 @@ def main() -> None:
     stages.load("synthesize").run(config("stage=synthesize", *common))
     stages.load("prepare").run(config("stage=prepare", *common))
 
-    cfg = config("stage=train_autoencoder", *common, f"stage.steps={args.steps}", *args.overrides)
+    steps = [f"stage.steps={args.steps}"] if args.steps else []
+    cfg = config("stage=train_autoencoder", *common, *steps, *args.overrides)
     shards = sorted((work / "store" / "prepared" / "shards").glob("*.parquet"))
     table = pq.read_table(shards, columns=["key", "image"])
     held_out = [is_held_out(k, cfg.stage.held_out_fraction) for k in table["key"].to_pylist()]
@@ -119,7 +120,7 @@ def main() -> None:
 
     s = cfg.stage
     print(f"\ncores: {os.cpu_count()} | {s.model.preset}, {s.scaling.num_workers} workers x batch {s.batch_size}, "
-          f"{args.steps} steps in {minutes:.1f} min (stage wall time, Ray start-up included)")
+          f"{s.steps} steps in {minutes:.1f} min (stage wall time, Ray start-up included)")
     print(f"held-out ({int(metrics['val/images'])} images): PSNR {metrics['val/psnr']:.2f} dB, SSIM "
           f"{metrics['val/ssim']:.3f} | ratio PSNR / {TARGET_PSNR:.0f} dB target: {metrics['val/psnr'] / TARGET_PSNR:.3f}")
     print("classifier agrees on reconstructions: " + ", ".join(f"{k} {v:.1%}" for k, v in agreement.items()))
