@@ -120,6 +120,12 @@ def verify(storage: Storage, url: str, stage: str | None = None) -> dict[str, An
     return manifest
 
 
+def data_files(manifest: Mapping[str, Any], url: str) -> list[str]:
+    """URLs of the data shards a complete output at ``url`` lists, in name order (``facts.layout.data``)."""
+    prefix = manifest["facts"]["layout"]["data"]
+    return [f"{url}/{name}" for name in sorted(manifest["files"]) if name.startswith(prefix)]
+
+
 def clear(storage: Storage, url: str) -> None:
     """Remove a (partial) output so that a stage can write it afresh."""
     fs, root = storage.fsspec(url)

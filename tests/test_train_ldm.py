@@ -41,7 +41,7 @@ def history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def latest_run(client, root):
+def latest_run(client):
     experiment = client.get_experiment_by_name("ldm").experiment_id
     return client.search_runs([experiment], "tags.stage = 'train_ldm'", order_by=["start_time DESC"])[0]
 
@@ -50,7 +50,7 @@ def test_two_workers_train_in_step_on_disjoint_data_and_log_to_mlflow(latents):
     root, common = latents
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
     manifest = stages.load("train_ldm").run(compose(*TRAIN, *common, "stage.steps=40", "stage.data_audit=true"))
-    run = latest_run(client, root)
+    run = latest_run(client)
 
     losses = [v for _, v in history(client, run.info.run_id, "train/loss")]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]  # it learns
@@ -86,7 +86,7 @@ def test_resume_latest_continues_the_step_count_and_the_ema(latents):
     run_args = [*TRAIN, *common, "stage.output_url=${storage.root}/ldm-resume", "stage.seed=1"]
     stages.load("train_ldm").run(compose(*run_args, "stage.steps=20"))
     second = stages.load("train_ldm").run(compose(*run_args, "stage.steps=40", "overwrite=true"))
-    run = latest_run(client, root)
+    run = latest_run(client)
     assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == [30, 40]
     assert [v for _, v in history(client, run.info.run_id, "resumed_from_step")] == [20.0]
     checkpoint = f"{second['facts']['checkpoints']}/{_latest_checkpoint(second)}"
@@ -95,7 +95,7 @@ def test_resume_latest_continues_the_step_count_and_the_ema(latents):
 
     # resume=<a checkpoint>: a new run that starts from it.
     third = stages.load("train_ldm").run(compose(*run_args, "stage.steps=50", f"stage.resume={checkpoint}", "overwrite=true"))
-    run = latest_run(client, root)
+    run = latest_run(client)
     assert [v for _, v in history(client, run.info.run_id, "resumed_from_step")] == [40.0]
     assert third["counts"]["steps"] == 50 and third["facts"]["checkpoints"] != second["facts"]["checkpoints"]
 
@@ -126,7 +126,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3(latents, s3_ser
     assert killed, "no Ray Train worker was found to kill"
     assert manifest["counts"]["steps"] == 60
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
-    run = latest_run(client, tmp_path)
+    run = latest_run(client)
     resumed = [v for _, v in history(client, run.info.run_id, "resumed_from_step")]
     assert resumed and resumed[0] >= 10 and resumed[0] % 10 == 0
     storage = Storage(root=f"s3://{BUCKET}/train-ldm", endpoint_url=s3_server)
@@ -177,7 +177,7 @@ def test_ray_job_submit_trains_across_two_nodes_of_a_ray_start_cluster(latents, 
             if process is not None:
                 kill_session(process.pid)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
-    params = client.get_run(latest_run(client, tmp_path).info.run_id).data.params
+    params = client.get_run(latest_run(client).info.run_id).data.params
     assert params["nodes"] == "2" and params["world_size"] == "2"  # one worker per node, DDP across them
     verify(Storage(root=str(tmp_path)), f"{tmp_path}/store/ldm", stage="train_ldm")
 

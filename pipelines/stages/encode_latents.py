@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ldm.latents import LatentStats, latent_columns
-from ldm.manifest import clear, read_manifest, verify, write_manifest
+from ldm.manifest import clear, data_files, read_manifest, verify, write_manifest
 from ldm.models.first_stage import factor, is_hub_id, kind, load_first_stage, model_location, weights_digest
 from ldm.storage import Storage, resolve
 from pipelines import encode_tasks as tasks
@@ -42,7 +42,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     settings = cfg.stage
     source = resolve(cfg.data.prepared_url)
     prepared = verify(storage, source, stage="prepare")
-    layout = prepared["facts"]["layout"]
     if prepared["facts"].get("format") == "metadata":
         raise ValueError(
             f"data.prepared_url={source} holds filtered LAION metadata, not images: download them with the "
@@ -60,7 +59,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         connect(cfg.cluster)
         _check_resource_plan(cfg)
         started = time.time()
-        shards = [f"{source}/{name}" for name in sorted(prepared["files"]) if name.startswith(layout["data"])]
+        shards = data_files(prepared, source)
         job = _Job(storage, out)
         expected = job.row_counts(shards)
         finished = job.finished()

@@ -21,7 +21,7 @@ import ray.train
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.images import is_held_out, to_pixels
-from ldm.manifest import verify, write_manifest
+from ldm.manifest import data_files, verify, write_manifest
 from ldm.models.first_stage import factor, kind, load_first_stage, model_location
 from ldm.storage import Storage, resolve
 from pipelines import autoencoder_loop, training
@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             return done
         connect(cfg.cluster)
         started = time.time()
-        shards = [f"{source}/{name}" for name in sorted(prepared["files"]) if name.startswith(prepared["facts"]["layout"]["data"])]
+        shards = data_files(prepared, source)
         pafs, _ = storage.pyarrow(source)
         rows = ray.data.read_parquet([storage.pyarrow(s)[1] for s in shards], filesystem=pafs, columns=["key", "image"])
         pixels = partial(_pixels, resolution=cfg.data.resolution, fraction=settings.held_out_fraction)

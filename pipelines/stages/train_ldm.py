@@ -21,7 +21,7 @@ import ray.train
 from omegaconf import DictConfig, OmegaConf
 from pyarrow.fs import FileType
 
-from ldm.manifest import verify, write_manifest
+from ldm.manifest import data_files, verify, write_manifest
 from ldm.models.first_stage import model_location
 from ldm.models.text_to_image import preset
 from ldm.storage import Storage, resolve
@@ -59,7 +59,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         connect(cfg.cluster)
         started = time.time()
         columns = ["key", "input_ids", *facts["latent_columns"]]
-        shards = [f"{source}/{name}" for name in sorted(latents["files"]) if name.startswith(facts["layout"]["data"])]
+        shards = data_files(latents, source)
         pafs, _ = storage.pyarrow(source)
         rows = ray.data.read_parquet([storage.pyarrow(s)[1] for s in shards], filesystem=pafs, columns=columns)
         loop_config = {**_loop_config(cfg, facts, active.info.run_id), "resume_from": resume_from}
