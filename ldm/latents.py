@@ -11,10 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import torch
-
-from ldm.data.images import normalise
-from ldm.models.first_stage import FirstStage, encode
 
 KL_COLUMNS = ("latent_mean", "latent_logvar")
 VQ_COLUMNS = ("latent",)
@@ -22,18 +18,6 @@ VQ_COLUMNS = ("latent",)
 
 def latent_columns(kind: str) -> tuple[str, ...]:
     return KL_COLUMNS if kind == "kl" else VQ_COLUMNS
-
-
-@torch.no_grad()
-def encode_pixels(
-    model: FirstStage, pixels: np.ndarray, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> dict[str, np.ndarray]:
-    """uint8 N x H x W x 3 crops to float16 latent arrays, N x c x h x w, by column name."""
-    images = torch.from_numpy(normalise(pixels)).to(device=device, dtype=dtype)
-    encoded = encode(model, images)
-    if encoded.latent is not None:
-        return {"latent": encoded.latent.to(torch.float16).cpu().numpy()}
-    return {"latent_mean": encoded.mean.to(torch.float16).cpu().numpy(), "latent_logvar": encoded.logvar.to(torch.float16).cpu().numpy()}
 
 
 def tensor_column(array: np.ndarray) -> pa.Array:

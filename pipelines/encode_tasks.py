@@ -1,4 +1,7 @@
-"""What stage=encode_latents runs on Ray: decode tasks (CPU), the encoder actors (GPU or CPU), writer tasks.
+"""The CPU tasks stage=encode_latents runs on Ray around the encoder actors (``encoder_actor``): decode, write.
+
+They import neither torch nor diffusers: Ray starts a worker process per task slot, and diffusers' import
+alone costs ~7 s of CPU in each, which on a small machine is time taken from the encoder.
 
 Every row carries the prepared file it came from (``path``) all the way to the writer, which writes one part
 per source file in its batch under a name fixed by the rows it holds (a retried task overwrites, never adds)
@@ -14,11 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from ldm.data.images import square_crop
-from ldm.latents import LatentStats, column_array, encode_pixels, latent_columns, tensor_column
-from ldm.models.first_stage import factor, kind, load_first_stage
+from ldm.latents import LatentStats, column_array, tensor_column
 from ldm.storage import Storage
 
 CARRIED = ("key", "caption", "input_ids", "attention_mask")  # prepared columns that go on to train_ldm
@@ -44,30 +45,6 @@ def decode(batch: pa.Table, *, resolution: int) -> pa.Table:
     return batch.drop_columns(["image"]).append_column("pixels", tensor_column(pixels)).append_column(
         "reason", pa.array(reasons, pa.string())
     )
-
-
-class Encoder:
-    """An actor holding the first stage: its device, and half precision there when it is a GPU."""
-
-    def __init__(self, first_stage: str, subfolder: str | None, storage: Storage, dtype: str, threads: int, resolution: int):
-        torch.set_num_threads(max(1, threads))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = getattr(torch, dtype) if self.device.type == "cuda" else torch.float32
-        self.model = load_first_stage(first_stage, storage, subfolder).to(self.device, self.dtype).eval()
-        self.columns = latent_columns(kind(self.model))
-        side = resolution // factor(self.model)
-        self.shape = (self.model.config.latent_channels, side, side)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        ok = pc.is_null(batch["reason"]).to_numpy(zero_copy_only=False)
-        latents = encode_pixels(self.model, column_array(batch["pixels"])[ok], self.device, self.dtype) if ok.any() else {}
-        batch = batch.drop_columns(["pixels"])
-        for name in self.columns:
-            full = np.zeros((len(ok), *self.shape), np.float16)  # a dropped row's zeros are never written
-            if name in latents:
-                full[ok] = latents[name]
-            batch = batch.append_column(name, tensor_column(full))
-        return batch
 
 
 def write(batch: pa.Table, *, storage: Storage, out: str, compression: str) -> pa.Table:

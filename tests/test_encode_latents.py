@@ -19,6 +19,7 @@ from ldm.models.first_stage import build_first_stage, decode, encode, load_first
 from ldm.storage import Storage
 from ldm.text.tokenizer import load_tokenizer
 from pipelines import encode_tasks, stages
+from pipelines.encoder_actor import Encoder
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -152,7 +153,7 @@ def test_an_undecodable_image_is_dropped_and_counted_not_fatal(prepared, tmp_pat
 
     decoded = encode_tasks.decode(batch, resolution=64)
     assert decoded["reason"].to_pylist() == [None, None, "undecodable", None, None, None]
-    encoder = encode_tasks.Encoder(f"{root}/first_stage", None, Storage(root=str(root)), "bfloat16", 1, 64)
+    encoder = Encoder(f"{root}/first_stage", None, Storage(root=str(root)), "bfloat16", 1, 64)
     [report] = encode_tasks.write(encoder(decoded), storage=Storage(root=str(tmp_path)), out=str(tmp_path), compression="zstd").to_pylist()
     assert (report["rows"], report["undecodable"]) == (5, 1)
     written = pq.read_table(tmp_path / report["file"])
@@ -166,3 +167,10 @@ def test_a_resource_plan_that_would_starve_the_readers_is_refused(prepared):
     with pytest.raises(ValueError, match="hold 4 of the cluster's 4 CPUs"):
         stages.load("encode_latents").run(encode_cfg(root, common, "stage.output_url=" + str(root / "never"),
                                                      "stage.resources.encoder_concurrency=4"))
+
+
+def test_the_decode_and_write_tasks_load_without_torch_or_diffusers():
+    """Ray starts a worker process per task slot; importing diffusers in each costs seconds of the encoder's CPU."""
+    probe = "import sys, pipelines.encode_tasks; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import fsspec
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, VQModel
 
+from ldm.data.images import normalise
+from ldm.latents import KL_COLUMNS, VQ_COLUMNS
 from ldm.storage import Storage, resolve
 
 FirstStage = AutoencoderKL | VQModel
@@ -211,6 +214,19 @@ def encode(model: FirstStage, images: torch.Tensor) -> Encoded:
     moments = model.encode(images).latent_dist
     # diffusers clamps logvar to [-30, 20] in DiagonalGaussianDistribution, as CompVis does.
     return Encoded(mean=moments.mean, logvar=moments.logvar)
+
+
+@torch.no_grad()
+def encode_pixels(
+    model: FirstStage, pixels: np.ndarray, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, np.ndarray]:
+    """uint8 N x H x W x 3 crops to float16 latent arrays, N x c x h x w, by column name."""
+    images = torch.from_numpy(normalise(pixels)).to(device=device, dtype=dtype)
+    encoded = encode(model, images)
+    if encoded.latent is not None:
+        return {VQ_COLUMNS[0]: encoded.latent.to(torch.float16).cpu().numpy()}
+    mean, logvar = KL_COLUMNS
+    return {mean: encoded.mean.to(torch.float16).cpu().numpy(), logvar: encoded.logvar.to(torch.float16).cpu().numpy()}
 
 
 def decode(model: FirstStage, latents: torch.Tensor) -> torch.Tensor:

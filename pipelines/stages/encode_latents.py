@@ -27,6 +27,7 @@ from ldm.manifest import clear, data_files, read_manifest, verify, write_manifes
 from ldm.models.first_stage import factor, is_hub_id, kind, load_first_stage, model_location, weights_digest
 from ldm.storage import Storage, resolve
 from pipelines import encode_tasks as tasks
+from pipelines.encoder_actor import Encoder
 from pipelines.cluster import connect
 from pipelines.markers import read_markers, write_marker
 from pipelines.outputs import claim_or_skip, require_reachable_storage, stage_fingerprint
@@ -242,7 +243,7 @@ class _Job:
                 label_selector=OmegaConf.to_container(resources.decode_label_selector) or None,
             )
             .map_batches(
-                tasks.Encoder,
+                Encoder,
                 fn_constructor_kwargs={
                     "first_stage": first_stage["location"],
                     "subfolder": first_stage["subfolder"],

@@ -1,0 +1,36 @@
+"""The encoder actor of stage=encode_latents: it holds the first stage on its device (GPU or CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from ldm.latents import column_array, latent_columns, tensor_column
+from ldm.models.first_stage import encode_pixels, factor, kind, load_first_stage
+from ldm.storage import Storage
+
+
+class Encoder:
+    """An actor holding the first stage: its device, and half precision there when it is a GPU."""
+
+    def __init__(self, first_stage: str, subfolder: str | None, storage: Storage, dtype: str, threads: int, resolution: int):
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = getattr(torch, dtype) if self.device.type == "cuda" else torch.float32
+        self.model = load_first_stage(first_stage, storage, subfolder).to(self.device, self.dtype).eval()
+        self.columns = latent_columns(kind(self.model))
+        side = resolution // factor(self.model)
+        self.shape = (self.model.config.latent_channels, side, side)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok = pc.is_null(batch["reason"]).to_numpy(zero_copy_only=False)
+        latents = encode_pixels(self.model, column_array(batch["pixels"])[ok], self.device, self.dtype) if ok.any() else {}
+        batch = batch.drop_columns(["pixels"])
+        for name in self.columns:
+            full = np.zeros((len(ok), *self.shape), np.float16)  # a dropped row's zeros are never written
+            if name in latents:
+                full[ok] = latents[name]
+            batch = batch.append_column(name, tensor_column(full))
+        return batch
