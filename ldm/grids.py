@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -19,9 +20,8 @@ def pair_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> Image.I
     return Image.fromarray(torch.cat(rows, dim=0).numpy())
 
 
-def captioned_grid(images: torch.Tensor, captions: list[str], columns: int = 4, caption_lines: int = 4) -> Image.Image:
-    """Each image with its prompt written under it, ``columns`` to a row."""
-    pixels = to_uint8(images).numpy()
+def captioned_grid(pixels: np.ndarray, captions: list[str], columns: int = 4, caption_lines: int = 4) -> Image.Image:
+    """Each image (N x H x W x 3 uint8) with its prompt written under it, ``columns`` to a row."""
     side = max(pixels.shape[2], 128)  # small images are scaled up so that their caption fits under them
     font = ImageFont.load_default(size=10)
     text_height = 12 * caption_lines + 4

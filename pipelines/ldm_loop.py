@@ -24,16 +24,26 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from ldm.data.epochs import END_OF_EPOCH, EpochStream
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
-from ldm.diffusion.sampling import generate, sampler
+from ldm.diffusion.sampling import generate_images, sampler, text_to_image_pipeline
 from ldm.grids import captioned_grid
 from ldm.lr_schedule import learning_rate, set_learning_rate
-from ldm.models.first_stage import decode, load_first_stage
-from ldm.models.text_to_image import build_text_encoder, build_unet, context_width, load_text_encoder, preset, set_trainable
+from ldm.models.first_stage import load_first_stage
+from ldm.models.text_to_image import (
+    EMA,
+    build_text_encoder,
+    build_unet,
+    context_width,
+    load_models,
+    load_text_encoder,
+    preset,
+    save_models,
+    set_trainable,
+)
 from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.run_logger import RunLogger
 
-UNET, TEXT_ENCODER, EMA = "unet", "text_encoder", "ema"  # folders inside a checkpoint
 STATE_FILE = "training_state.pt"
 
 
@@ -104,7 +114,7 @@ def train_loop(config: dict[str, Any]) -> None:
     global_batch = batch_size * world * accumulation
 
     tracker = RunLogger(config["tracking_uri"], config["run_id"])
-    validation = Validation(config, tokenizer, unconditional, device) if rank == 0 else None
+    validation = Validation(config, tokenizer, unet, text_encoder, device) if rank == 0 else None
     nodes = _node_count(world)
     if rank == 0:
         counts = {"unet": sum(p.numel() for p in unet.parameters()), "text_encoder": sum(p.numel() for p in text_encoder.parameters())}
@@ -119,86 +129,86 @@ def train_loop(config: dict[str, Any]) -> None:
     window_steps, window_start = 0, time.perf_counter()
 
     # -- the loop: each epoch is one pass over this worker's part of the latents ---------------------------------
-    while step < config["steps"]:
-        batches = iter(
-            shard.iter_torch_batches(
-                batch_size=batch_size,
-                collate_fn=LatentBatch(),
-                drop_last=True,
-                prefetch_batches=config["prefetch_batches"],
-                local_shuffle_buffer_size=config["shuffle_buffer"] or None,
-                local_shuffle_seed=config["seed"] * 1000 + epoch * world + rank,
-            )
-        )
-        seen: list[str] = []
-        exhausted = False
+    # Ray Data restarts its stream at every epoch; the next one starts while this one's last batches train.
+    epoch_batches = lambda e: shard.iter_torch_batches(  # noqa: E731
+        batch_size=batch_size,
+        collate_fn=LatentBatch(),
+        drop_last=True,
+        prefetch_batches=config["prefetch_batches"],
+        local_shuffle_buffer_size=config["shuffle_buffer"] or None,
+        local_shuffle_seed=config["seed"] * 1000 + e * world + rank,
+    )
+    batches = EpochStream(epoch_batches, first=epoch, depth=config["prefetch_batches"])
+    try:
         while step < config["steps"]:
-            set_learning_rate(optimizer, learning_rate(step, opt["lr"], total_steps=config["steps"], **config["schedule"]))
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = 0.0
-            for micro in range(accumulation):
-                fetch = time.perf_counter()
-                batch = next(batches, None)
-                data_wait += time.perf_counter() - fetch
-                if batch is None:
-                    exhausted = True
+            seen: list[str] = []
+            exhausted = False
+            while step < config["steps"]:
+                set_learning_rate(optimizer, learning_rate(step, opt["lr"], total_steps=config["steps"], **config["schedule"]))
+                optimizer.zero_grad(set_to_none=True)
+                loss_value = 0.0
+                for micro in range(accumulation):
+                    fetch = time.perf_counter()
+                    batch = batches.next()
+                    data_wait += time.perf_counter() - fetch
+                    if batch is END_OF_EPOCH:
+                        exhausted = True
+                        break
+                    seen.extend(batch["key"])
+                    moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
+                    input_ids = drop_captions(batch["input_ids"].to(device), unconditional, config["caption_dropout"], generator)
+                    last = micro == accumulation - 1
+                    with nullcontext() if last or world == 1 else network.no_sync():
+                        with autocast:
+                            loss = network(sample_latents(moments, config["scale_factor"], generator), input_ids, generator)
+                        (loss / accumulation).backward()
+                    loss_value += loss.item() / accumulation
+                if exhausted:  # a partial accumulation is dropped: every update sees the whole global batch
                     break
-                seen.extend(batch["key"])
-                moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
-                input_ids = drop_captions(batch["input_ids"].to(device), unconditional, config["caption_dropout"], generator)
-                last = micro == accumulation - 1
-                with nullcontext() if last or world == 1 else network.no_sync():
-                    with autocast:
-                        loss = network(sample_latents(moments, config["scale_factor"], generator), input_ids, generator)
-                    (loss / accumulation).backward()
-                loss_value += loss.item() / accumulation
-            if exhausted:  # a partial accumulation is dropped: every update sees the whole global batch
-                break
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained, opt["grad_clip"] or float("inf"))
-            optimizer.step()
-            ema.step(averaged)
-            step += 1
-            window_steps += 1
-            loss_sum += loss_value
-            norm_sum += float(grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained, opt["grad_clip"] or float("inf"))
+                optimizer.step()
+                ema.step(averaged)
+                step += 1
+                window_steps += 1
+                loss_sum += loss_value
+                norm_sum += float(grad_norm)
 
-            if step % config["log_every"] == 0 or step == config["steps"]:
-                elapsed = time.perf_counter() - window_start
-                metrics = {
-                    "train/loss": loss_sum / window_steps,
-                    "train/grad_norm": norm_sum / window_steps,
-                    "train/lr": optimizer.param_groups[0]["lr"],
-                    "train/samples_per_s": window_steps * global_batch / elapsed,
-                    "train/steps_per_s": window_steps / elapsed,
-                    "train/data_wait_fraction": data_wait / elapsed,
-                    "train/epoch": epoch,
-                    "step": step,
-                }
-                if step == config["steps"]:
-                    metrics["ddp/parameter_spread"] = _parameter_spread(trained, world)
-                if rank == 0:
-                    if validation.prompts and (step % config["sample_every"] == 0 or step == config["steps"]):
-                        tracker.image(validation.grid(unet, text_encoder), f"samples/step_{step:07d}.png")
-                    tracker.metrics(metrics, step)
-                save = step % config["checkpoint_every"] == 0 or step == config["steps"]
-                _report(metrics, save, module, ema, optimizer, step, epoch, generator, world, rank)
-                loss_sum = norm_sum = data_wait = 0.0
-                window_steps, window_start = 0, time.perf_counter()
-        if config["data_audit"]:
-            tracker.text("\n".join(seen), f"data_audit/epoch-{epoch:04d}-rank-{rank}.txt")
-        if exhausted:
-            epoch += 1
+                if step % config["log_every"] == 0 or step == config["steps"]:
+                    elapsed = time.perf_counter() - window_start
+                    metrics = {
+                        "train/loss": loss_sum / window_steps,
+                        "train/grad_norm": norm_sum / window_steps,
+                        "train/lr": optimizer.param_groups[0]["lr"],
+                        "train/samples_per_s": window_steps * global_batch / elapsed,
+                        "train/steps_per_s": window_steps / elapsed,
+                        "train/data_wait_fraction": data_wait / elapsed,
+                        "train/epoch": epoch,
+                        "step": step,
+                    }
+                    if step == config["steps"]:
+                        metrics["ddp/parameter_spread"] = _parameter_spread(trained, world)
+                    if rank == 0:
+                        if validation.prompts and (step % config["sample_every"] == 0 or step == config["steps"]):
+                            tracker.image(validation.grid(), f"samples/step_{step:07d}.png")
+                        tracker.metrics(metrics, step)
+                    save = step % config["checkpoint_every"] == 0 or step == config["steps"]
+                    _report(metrics, save, module, ema, optimizer, step, epoch, generator, world, rank)
+                    loss_sum = norm_sum = data_wait = 0.0
+                    window_steps, window_start = 0, time.perf_counter()
+            if config["data_audit"]:
+                tracker.text("\n".join(seen), f"data_audit/epoch-{epoch:04d}-rank-{rank}.txt")
+            if exhausted:
+                if not seen:
+                    raise ValueError(f"rank {rank}'s share of the latents holds fewer than stage.batch_size={batch_size} rows: "
+                                     "lower the batch size or the number of workers")
+                epoch += 1
+    finally:
+        batches.close()
 
 
 def training_schedule(config: dict[str, Any]):
     noise = config["noise"]
     return noise_scheduler(noise["schedule"], noise["prediction_type"], noise["timesteps"], noise["beta_start"], noise["beta_end"])
-
-
-def load_models(directory: str) -> tuple[UNet2DConditionModel, torch.nn.Module]:
-    """The UNet and τθ saved under ``directory`` (a checkpoint, its EMA folder, or the stage's output)."""
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(directory, UNET))
-    return unet, load_text_encoder(os.path.join(directory, TEXT_ENCODER))
 
 
 def _build_models(config: dict[str, Any], vocab_size: int) -> tuple[UNet2DConditionModel, torch.nn.Module]:
@@ -263,33 +273,22 @@ def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer
         ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint)
 
 
-def save_models(directory: str, unet: UNet2DConditionModel, text_encoder: torch.nn.Module) -> None:
-    unet.save_pretrained(os.path.join(directory, UNET), safe_serialization=True)
-    text_encoder.save_pretrained(os.path.join(directory, TEXT_ENCODER), safe_serialization=True)
-
-
 class Validation:
     """A grid of samples for the fixed validation prompts, decoded by the first stage (rank 0 only)."""
 
-    def __init__(self, config: dict[str, Any], tokenizer, unconditional: torch.Tensor, device: torch.device):
-        settings = config["validation"]
-        self.settings, self.device, self.unconditional = settings, device, unconditional
-        self.prompts = list(settings["prompts"])
-        self.input_ids = torch.from_numpy(tokenize(tokenizer, self.prompts, config["max_length"])[0]).long().to(device)
+    def __init__(self, config: dict[str, Any], tokenizer, unet: UNet2DConditionModel, text_encoder: torch.nn.Module, device: torch.device):
+        self.settings = config["validation"]
+        self.prompts = list(self.settings["prompts"])
         first = config["first_stage"]
-        self.first_stage = load_first_stage(first["location"], config["storage"], first.get("subfolder")).to(device).eval()
-        self.scale_factor = config["scale_factor"]
-        self.training_schedule = training_schedule(config).config
+        first_stage = load_first_stage(first["location"], config["storage"], first.get("subfolder")).to(device).eval()
+        scheduler = sampler(self.settings["sampler"], training_schedule(config).config)
+        self.pipeline = text_to_image_pipeline(unet, text_encoder, tokenizer, first_stage, config["scale_factor"], scheduler)
 
-    @torch.no_grad()
-    def grid(self, unet: UNet2DConditionModel, text_encoder: torch.nn.Module):
+    def grid(self):
+        unet, text_encoder = self.pipeline.unet, self.pipeline.bert
         was_training = unet.training
         unet.eval(), text_encoder.eval()
-        generator = torch.Generator(device="cpu").manual_seed(self.settings["seed"])
-        latents = generate(
-            unet, text_encoder, self.input_ids, self.unconditional, sampler(self.settings["sampler"], self.training_schedule),
-            steps=self.settings["steps"], guidance_scale=self.settings["guidance_scale"], scale_factor=self.scale_factor, generator=generator,
-        )
-        images = decode(self.first_stage, latents.to(next(self.first_stage.parameters()).dtype))
+        seeds = [self.settings["seed"] + i for i in range(len(self.prompts))]
+        images = generate_images(self.pipeline, self.prompts, seeds, steps=self.settings["steps"], guidance_scale=self.settings["guidance_scale"])
         unet.train(was_training), text_encoder.train(was_training)
         return captioned_grid(images, self.prompts)

@@ -127,6 +127,21 @@ def kill_session(sid: int) -> None:
                 pass
 
 
+def kill_midway(command: list[str], cwd: Path, done: Path, markers: int) -> int:
+    """Run a stage as a session of its own and SIGKILL it (driver, the Ray cluster it started, workers) once
+    ``done`` holds ``markers`` done markers; how many it holds after the kill."""
+    log = cwd / "killed-run.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, cwd=cwd, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+    while process.poll() is None and len(list(done.glob("*.json"))) < markers:
+        time.sleep(0.02)
+    ended = process.poll()
+    kill_session(process.pid)
+    process.wait()
+    assert ended is None, f"the run ended (exit {ended}) before it could be killed:\n{log.read_text()[-3000:]}"
+    return len(list(done.glob("*.json")))
+
+
 def compose(*overrides: str):
     """The config `python pipelines/run.py <overrides>` would run with."""
     from hydra import compose as hydra_compose

@@ -6,8 +6,12 @@ import torch
 from conftest import BUCKET
 
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
-from ldm.diffusion.sampling import generate, sampler
+from ldm.diffusion.sampling import generate_images, sampler, text_to_image_pipeline
+from ldm.models.first_stage import build_first_stage
+from ldm.models.first_stage import preset as first_stage_preset
 from ldm.models.text_to_image import PRESETS, build_text_encoder, build_unet, preset, set_trainable
+from ldm.synthetic.scene import all_scenes, caption
+from ldm.text.tokenizer import train_wordpiece
 
 
 def parameters(module) -> int:
@@ -94,22 +98,32 @@ def test_the_objective_trains_unet_and_text_encoder(prediction_type, snr_gamma):
     assert model.text_encoder.to_logits.weight.grad is None  # the LM head is not part of τθ
 
 
-def test_guided_sampling_is_seeded_and_guidance_changes_the_result():
-    model = tiny_model().eval()
-    ids, empty = torch.randint(3, 50, (2, 8)), torch.tensor([1, 2, 0, 0, 0, 0, 0, 0])
+def tiny_pipeline():
+    """The library's pipeline around tiny random models: a WordPiece tokenizer, τθ, UNet, tiny-kl-f4."""
+    captions = [caption(scene, template) for scene in all_scenes()[:200] for template in range(3)]
+    tokenizer = train_wordpiece(captions, vocab_size=80, max_length=77)
+    torch.manual_seed(0)
+    spec = preset("tiny", unet={"block_out_channels": [32, 32, 32]}, text_encoder={"width": 32, "heads": 2, "ffn": 64})
+    text_encoder, unet = build_text_encoder(spec.text_encoder, len(tokenizer), 77), build_unet(spec.unet, 4, 8, 32)
+    first_stage = build_first_stage(first_stage_preset("tiny-kl-f4"))
     schedule = noise_scheduler("linear", "epsilon").config
-    run = lambda name, scale, seed: generate(  # noqa: E731
-        model.unet, model.text_encoder, ids, empty, sampler(name, schedule), steps=4, guidance_scale=scale,
-        scale_factor=0.5, generator=torch.Generator().manual_seed(seed),
-    )
-    first = run("ddim", 4.0, 0)
-    assert first.shape == (2, 4, 8, 8) and torch.isfinite(first).all()
-    assert torch.equal(first, run("ddim", 4.0, 0))
-    assert not torch.allclose(first, run("ddim", 1.0, 0)) and not torch.allclose(first, run("ddim", 4.0, 1))
-    assert torch.isfinite(run("dpm++", 4.0, 0)).all()
+    return text_to_image_pipeline(unet.eval(), text_encoder.eval(), tokenizer, first_stage.eval(), 0.5, sampler("ddim", schedule)), schedule
+
+
+def test_guided_sampling_is_seeded_per_image_and_guidance_changes_the_result():
+    pipeline, schedule = tiny_pipeline()
+    prompts = ["a red circle in the top left on a blue background", "a white square at the bottom right, black background"]
+    run = lambda seeds, scale=4.0: generate_images(pipeline, prompts, seeds, steps=4, guidance_scale=scale)  # noqa: E731
+    first = run([0, 1])
+    assert first.shape == (2, 32, 32, 3) and first.dtype == np.uint8  # the f4 first stage's resolution
+    assert np.array_equal(first, run([0, 1]))
+    alone = generate_images(pipeline, prompts[1:], [1], steps=4, guidance_scale=4.0, batch_size=1)[0]
+    assert np.abs(first[1].astype(int) - alone).max() <= 2  # the same noise; a batch of one rounds differently
+    assert not np.array_equal(first, run([0, 1], scale=1.0)) and not np.array_equal(first[0], run([5, 1])[0])
+    pipeline.scheduler = sampler("dpm++", schedule)
+    assert run([0, 1]).shape == (2, 32, 32, 3)
     with pytest.raises(ValueError, match="unknown sampler"):
         sampler("euler", schedule)
-
 
 
 def test_a_pretrained_text_encoder_loads_from_s3_like_a_directory_and_stays_frozen(s3_server, tmp_path):

@@ -3,14 +3,13 @@ decodes as well as the direct path, statistics that a recomputation confirms, S3
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import BUCKET, ROOT, compose, kill_session
+from conftest import BUCKET, ROOT, compose, kill_midway
 
 from ldm.data.images import normalise, square_crop
 from ldm.latents import LatentStats, column_array
@@ -122,13 +121,7 @@ def test_a_killed_run_resumes_to_the_same_keys_without_duplicates(prepared, tmp_
         f"tracking.uri=sqlite:///{tmp_path}/m.db", "stage.resources.decode_batch_size=5",
         "stage.resources.encoder_batch_size=5", "stage.resources.block_mb=0.1",  # stream file by file
     ]
-    process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = out / "_work" / "done"
-    while process.poll() is None and len(list(done.glob("*.json"))) < 1:
-        time.sleep(0.02)
-    kill_session(process.pid)
-    process.wait()
-    finished = len(list(done.glob("*.json")))
+    finished = kill_midway(command, tmp_path, out / "_work" / "done", markers=1)
     files = len(list((root / "store" / "prepared" / "shards").glob("*.parquet")))
     assert 1 <= finished < files, "the run was not caught mid-way"
     assert not (out / "_manifest.json").exists()

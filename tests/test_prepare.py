@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BUCKET, ROOT, compose, kill_session
+from conftest import BUCKET, ROOT, compose, kill_midway
 
 from ldm.data.prepare import prepared_schema
 from ldm.data.sources import MissingColumnError
@@ -189,13 +188,8 @@ def test_a_run_killed_midway_completes_on_rerun_without_duplicate_or_missing_row
         f"data.prepared_url={out}", f"stage.max_rows_per_file={MAX_ROWS}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
         "stage.resources.num_cpus_per_task=4",  # one file at a time: a long window to be killed in
     ]
-    process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = out / "_work" / "done"
-    while process.poll() is None and len(list(done.glob("*.json"))) < 2:
-        time.sleep(0.02)
-    kill_session(process.pid)  # the driver and the Ray cluster it started, workers included
-    process.wait()
+    kill_midway(command, tmp_path, done, markers=2)
     finished = sorted(done.glob("*.json"))
     assert 2 <= len(finished) < N // PER_SHARD, "the run was not caught mid-way"
     assert not (out / "_manifest.json").exists()

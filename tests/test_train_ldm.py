@@ -16,6 +16,7 @@ from conftest import BUCKET, ROOT, compose, free_port, kill_session, wait_for
 
 from ldm.manifest import verify
 from ldm.models.first_stage import build_first_stage, preset
+from ldm.models.text_to_image import load_models
 from ldm.storage import Storage
 from pipelines import ldm_loop, stages
 
@@ -71,8 +72,8 @@ def test_two_workers_train_in_step_on_disjoint_data_and_log_to_mlflow(latents):
 
     # The output: UNet, τθ and their EMA load back; the manifest carries what sampling needs.
     verify(Storage(root=str(root)), f"{root}/store/ldm", stage="train_ldm")
-    unet, text_encoder = ldm_loop.load_models(f"{root}/store/ldm")
-    ema_unet, _ = ldm_loop.load_models(f"{root}/store/ldm/ema")
+    unet, text_encoder = load_models(f"{root}/store/ldm")
+    ema_unet, _ = load_models(f"{root}/store/ldm/ema")
     assert unet.config.in_channels == 4 and unet.config.sample_size == 16
     assert any(not torch.equal(a, b) for a, b in zip(unet.parameters(), ema_unet.parameters()))
     facts = manifest["facts"]

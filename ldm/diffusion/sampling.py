@@ -1,18 +1,29 @@
-"""Text-to-image generation in latent space with classifier-free guidance, on diffusers' samplers.
+"""Text-to-image generation with classifier-free guidance, through diffusers' ``LDMTextToImagePipeline``.
 
-The unconditional branch is τθ of the empty caption's tokens, as training's caption dropout made it and as
-LDMTextToImagePipeline computes it. Latents come back divided by ``scale_factor``, ready for the first
-stage's decoder.
+The pipeline is the one generation path: training's validation grids, stage=sample, stage=evaluate and the
+exported model all run it, so an exported directory reproduces what the stages showed. Its unconditional
+branch is τθ of the empty prompt, as training's caption dropout made it; it divides latents by the first
+stage's ``scaling_factor``, which is set to the manifest's ``scale_factor`` here.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from typing import Sequence
+
+import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, LDMTextToImagePipeline
 from diffusers.configuration_utils import FrozenDict
 from tqdm.auto import tqdm
 
-from ldm.models.text_to_image import encode_text
+from ldm.manifest import verify
+from ldm.models.first_stage import FirstStage, load_first_stage
+from ldm.models.text_to_image import load_models
+from ldm.storage import Storage
+from ldm.text.tokenizer import load_tokenizer
+
+SAMPLERS = ("ddim", "dpm++")
 
 
 def sampler(name: str, training_config: FrozenDict | dict):
@@ -22,39 +33,75 @@ def sampler(name: str, training_config: FrozenDict | dict):
         return DDIMScheduler.from_config(training_config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False)
     if name == "dpm++":
         return DPMSolverMultistepScheduler.from_config(training_config, algorithm_type="dpmsolver++", timestep_spacing="trailing")
-    raise ValueError(f"unknown sampler {name!r}; choose 'ddim' or 'dpm++'")
+    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+
+
+def text_to_image_pipeline(
+    unet: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer, first_stage: FirstStage, scale_factor: float, scheduler
+) -> LDMTextToImagePipeline:
+    """The models as one diffusers pipeline; ``first_stage`` gets ``scale_factor`` as its ``scaling_factor``."""
+    first_stage.register_to_config(scaling_factor=float(scale_factor))
+    pipeline = LDMTextToImagePipeline(vqvae=first_stage, bert=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_pipeline(storage: Storage, url: str, *, weights: str = "ema", sampler_name: str = "ddim", device: str = "cpu") -> LDMTextToImagePipeline:
+    """The pipeline of a train_ldm output (its manifest is checked): its EMA or raw weights, its tokenizer,
+    the first stage it trained on, and the sampler on its training noise schedule. ``device`` auto: a GPU if
+    there is one."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights={weights!r}: choose 'ema' (the averaged weights) or 'raw' (the last step's)")
+    facts = verify(storage, url, stage="train_ldm")["facts"]
+    layout = facts["layout"]
+    with ExitStack() as fetched:
+        local = lambda folder: fetched.enter_context(storage.local_directory(f"{url}/{folder.strip('/')}"))  # noqa: E731
+        unet, text_encoder = load_models(local(layout["ema"]) if weights == "ema" else local(""))
+        tokenizer = load_tokenizer(local(layout["tokenizer"]))
+        schedule = DDPMScheduler.load_config(local(layout["scheduler"]))
+    first = facts["first_stage"]
+    first_stage = load_first_stage(first["location"], storage, first.get("subfolder"))
+    pipeline = text_to_image_pipeline(unet, text_encoder, tokenizer, first_stage, facts["scale_factor"], sampler(sampler_name, schedule))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return pipeline.to(device)
+
+
+def pipeline_size(pipeline: LDMTextToImagePipeline) -> int:
+    """The ``height`` / ``width`` to call the pipeline with. It assumes a first stage of factor 8 when it
+    sizes the latents (``height // 8``), so this is 8 x the UNet's latent size, whatever the first stage's
+    factor; the images come out at the first stage's own resolution."""
+    return 8 * pipeline.unet.config.sample_size
 
 
 @torch.no_grad()
-def generate(
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module,
-    input_ids: torch.Tensor,
-    unconditional_ids: torch.Tensor,
-    scheduler,
+def generate_images(
+    pipeline: LDMTextToImagePipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
     *,
     steps: int,
     guidance_scale: float,
-    scale_factor: float,
-    generator: torch.Generator,
+    batch_size: int = 16,
     progress: bool = False,
-) -> torch.Tensor:
-    """Latents (first-stage scale) for each row of ``input_ids``, N x c x h x w."""
-    device = input_ids.device
-    config = unet.config
-    shape = (input_ids.shape[0], config.in_channels, config.sample_size, config.sample_size)
-    context = encode_text(text_encoder, input_ids)
-    guided = guidance_scale != 1.0
-    if guided:
-        empty = encode_text(text_encoder, unconditional_ids.to(device)[None, :]).expand_as(context)
-        context = torch.cat([empty, context])
-    latents = torch.randn(shape, generator=generator, device=generator.device).to(device) * scheduler.init_noise_sigma
-    scheduler.set_timesteps(steps, device=device)
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-        model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-        prediction = unet(model_input, t, encoder_hidden_states=context).sample.float()
-        if guided:
-            unconditional, conditional = prediction.chunk(2)
-            prediction = unconditional + guidance_scale * (conditional - unconditional)
-        latents = scheduler.step(prediction, t, latents).prev_sample
-    return latents / scale_factor
+) -> np.ndarray:
+    """N x H x W x 3 uint8 images, prompt i from noise seeded ``seeds[i]`` alone, so that any one image is
+    reproduced by ``pipeline(prompt, generator=torch.Generator().manual_seed(seed))`` whatever its batch."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    size = pipeline_size(pipeline)
+    images = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[chunk]]
+        output = pipeline(
+            list(prompts[chunk]), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
+            generator=generators, output_type="np",
+        )
+        images.append(to_uint8(output.images))
+    return np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """The pipeline's [0, 1] float images as it makes PIL images of them (``numpy_to_pil``)."""
+    return (images * 255).round().astype(np.uint8)

@@ -10,6 +10,7 @@ for CPU. The latent channels and grid come from the latents' manifest, the vocab
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
@@ -19,6 +20,8 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBe
 from transformers import AutoConfig, AutoModel
 
 from ldm.storage import Storage
+
+UNET, TEXT_ENCODER, EMA = "unet", "text_encoder", "ema"  # folders of a checkpoint and of a train_ldm output
 
 # τθ saved by us loads like any transformers encoder (AutoModel), whichever it is.
 AutoConfig.register(LDMBertConfig.model_type, LDMBertConfig, exist_ok=True)
@@ -105,6 +108,17 @@ def load_text_encoder(name_or_path: str, storage: Storage | None = None) -> torc
         with storage.local_directory(name_or_path) as local:
             return AutoModel.from_pretrained(local)
     return AutoModel.from_pretrained(name_or_path)
+
+
+def save_models(directory: str, unet: UNet2DConditionModel, text_encoder: torch.nn.Module) -> None:
+    unet.save_pretrained(os.path.join(directory, UNET), safe_serialization=True)
+    text_encoder.save_pretrained(os.path.join(directory, TEXT_ENCODER), safe_serialization=True)
+
+
+def load_models(directory: str) -> tuple[UNet2DConditionModel, torch.nn.Module]:
+    """The UNet and τθ saved under ``directory`` (a checkpoint, its EMA folder, or a train_ldm output)."""
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(directory, UNET))
+    return unet, load_text_encoder(os.path.join(directory, TEXT_ENCODER))
 
 
 def context_width(text_encoder: torch.nn.Module) -> int:

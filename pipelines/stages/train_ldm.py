@@ -23,7 +23,7 @@ from pyarrow.fs import FileType
 
 from ldm.manifest import data_files, verify, write_manifest
 from ldm.models.first_stage import model_location
-from ldm.models.text_to_image import preset
+from ldm.models.text_to_image import EMA, TEXT_ENCODER, UNET, preset
 from ldm.storage import Storage, resolve
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer
 from pipelines import ldm_loop, training
@@ -76,10 +76,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             result.checkpoint.to_directory(local)
             save_tokenizer(load_tokenizer(loop_config["tokenizer"], storage), storage, f"{out}/{TOKENIZER_DIR}")
             ldm_loop.training_schedule(loop_config).save_config(os.path.join(local, SCHEDULER_DIR))
-            for folder in (ldm_loop.UNET, ldm_loop.TEXT_ENCODER, ldm_loop.EMA, SCHEDULER_DIR):
+            for folder in (UNET, TEXT_ENCODER, EMA, SCHEDULER_DIR):
                 fs.put(os.path.join(local, folder), f"{root}/{folder}", recursive=True)
             if settings.log_model:
-                for folder in (ldm_loop.UNET, ldm_loop.TEXT_ENCODER, ldm_loop.EMA, SCHEDULER_DIR):
+                for folder in (UNET, TEXT_ENCODER, EMA, SCHEDULER_DIR):
                     mlflow.log_artifacts(os.path.join(local, folder), f"model/{folder}")
         elapsed = time.time() - started
         steps = int(metrics.get("step", 0))
@@ -92,7 +92,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             counts={"steps": steps},
             timings={"seconds": round(elapsed, 3)},
             facts={
-                "layout": {"unet": f"{ldm_loop.UNET}/", "text_encoder": f"{ldm_loop.TEXT_ENCODER}/", "ema": f"{ldm_loop.EMA}/",
+                "layout": {"unet": f"{UNET}/", "text_encoder": f"{TEXT_ENCODER}/", "ema": f"{EMA}/",
                            "tokenizer": f"{TOKENIZER_DIR}/", "scheduler": f"{SCHEDULER_DIR}/"},
                 "preset": settings.model.preset,
                 "text_encoder_trained": settings.model.pretrained_text_encoder is None,

@@ -1,0 +1,104 @@
+"""stage=sample: images for prompts from a train_ldm output, with guided DDIM or DPM-Solver++.
+
+Each image is drawn from noise seeded ``stage.seed + i`` (i its place in prompt order), so one image can be
+made again on its own, here or with the exported pipeline. The PNGs, a ``samples.jsonl`` index (file, prompt,
+seed) and a captioned grid go to ``stage.output_url`` and to the MLflow run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import time
+from typing import Any
+
+import mlflow
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image
+
+from ldm.diffusion.sampling import generate_images, load_pipeline
+from ldm.grids import captioned_grid
+from ldm.manifest import verify, write_manifest
+from ldm.storage import Storage, resolve
+from pipelines.outputs import claim_or_skip, stage_fingerprint
+from pipelines.tracking import stage_run
+
+STAGE = "sample"
+VERSION = 1
+IMAGES, INDEX, GRID = "images", "samples.jsonl", "grid.png"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    storage = Storage.from_config(cfg.storage)
+    settings = cfg.stage
+    model_url = resolve(settings.model_url)
+    trained = verify(storage, model_url, stage="train_ldm")
+    prompts = read_prompts(storage, list(settings.prompts), settings.prompts_file)
+    out = resolve(settings.output_url)
+    identity = stage_fingerprint(cfg, VERSION, [trained["fingerprint"]])
+
+    with stage_run(cfg, STAGE):
+        done = claim_or_skip(cfg, storage, out, STAGE, identity, detail="{images} images")
+        if done is not None:
+            return done
+        started = time.time()
+        pipeline = load_pipeline(storage, model_url, weights=settings.weights, sampler_name=settings.sampler, device=settings.device)
+        rows = [prompt for prompt in prompts for _ in range(settings.images_per_prompt)]
+        seeds = [settings.seed + i for i in range(len(rows))]
+        images = generate_images(pipeline, rows, seeds, steps=settings.steps, guidance_scale=settings.guidance_scale,
+                                 batch_size=settings.batch_size, progress=True)
+        elapsed = time.time() - started
+        index = [{"file": f"{IMAGES}/{i:05d}.png", "prompt": prompt, "seed": seed} for i, (prompt, seed) in enumerate(zip(rows, seeds))]
+        grid = captioned_grid(images, rows, columns=settings.grid_columns)
+        write_images(storage, out, images, index, grid)
+        manifest = write_manifest(
+            storage,
+            out,
+            stage=STAGE,
+            fingerprint=identity,
+            inputs={"model": model_url, "fingerprint": trained["fingerprint"]},
+            counts={"images": len(rows), "prompts": len(prompts)},
+            timings={"seconds": round(elapsed, 3), "images_per_s": round(len(rows) / max(elapsed, 1e-9), 3)},
+            facts={"layout": {"images": f"{IMAGES}/", "index": INDEX, "grid": GRID}, "weights": settings.weights,
+                   "sampler": settings.sampler, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
+                   "resolution": int(images.shape[1])},
+        )
+        mlflow.log_metrics({"images": len(rows), "seconds": elapsed, "images_per_s": len(rows) / max(elapsed, 1e-9)})
+        mlflow.log_image(grid, GRID)
+        with tempfile.TemporaryDirectory(prefix="samples-") as local:
+            write_images(Storage(root=local), local, images, index, None)
+            mlflow.log_artifacts(local, "samples")
+        print(f"{STAGE}: {len(rows)} images for {len(prompts)} prompt(s) in {elapsed:.1f}s; at {out} (grid: {out}/{GRID})")
+        return manifest
+
+
+def read_prompts(storage: Storage, prompts: list[str], prompts_file: str | None) -> list[str]:
+    """``prompts``, then the non-empty lines of ``prompts_file``; at least one."""
+    if prompts_file:
+        fs, path = storage.fsspec(resolve(prompts_file))
+        if not fs.exists(path):
+            raise FileNotFoundError(f"stage.prompts_file={prompts_file}: no such file")
+        with fs.open(path, "r") as f:
+            prompts = prompts + [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: give stage.prompts='[a red circle in the top left on a blue background]' or "
+                         "stage.prompts_file=<a text file, one prompt per line>")
+    return [str(p) for p in prompts]
+
+
+def write_images(storage: Storage, out: str, images: np.ndarray, index: list[dict[str, Any]], grid: Image.Image | None) -> None:
+    fs, root = storage.fsspec(out)
+    fs.makedirs(f"{root}/{IMAGES}", exist_ok=True)
+    for image, row in zip(images, index):
+        fs.pipe_file(f"{root}/{row['file']}", png(Image.fromarray(image)))
+    fs.pipe_file(f"{root}/{INDEX}", "".join(json.dumps(row) + "\n" for row in index).encode())
+    if grid is not None:
+        fs.pipe_file(f"{root}/{GRID}", png(grid))
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,134 @@
+"""stage=sample, stage=evaluate and stage=export on a tiny trained model: seeded images, metrics, and a
+diffusers pipeline directory that loads without this project and draws the same images."""
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import compose
+from PIL import Image
+from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+from ldm.models.first_stage import build_first_stage, preset
+from pipelines import stages
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+
+PROMPTS = ["a red circle in the top left on a blue background", "a white square at the bottom right, black background"]
+SAMPLE = ["stage=sample", "stage.steps=4", f"stage.prompts={json.dumps(PROMPTS)}"]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tmp_path_factory):
+    """A train_ldm output: 240 synthesized images, a random tiny-kl-f4 first stage, 10 steps of a small UNet."""
+    root = tmp_path_factory.mktemp("generate")
+    common = [f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db", "data.num_samples=240"]
+    stages.load("synthesize").run(compose("stage=synthesize", "stage.rows_per_shard=60", *common))
+    stages.load("prepare").run(compose("stage=prepare", *common))
+    build_first_stage(preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(root / "first_stage")
+    stages.load("encode_latents").run(compose("stage=encode_latents", *common, f"stage.first_stage={root}/first_stage"))
+    stages.load("train_ldm").run(compose("stage=train_ldm", *common, "stage.steps=10", "stage.batch_size=8", "stage.log_every=5",
+                                         "stage.sample_every=10", "stage.validation.steps=2", "+stage.model.unet.block_out_channels=[32,32,64]"))
+    return root, common
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_sample_is_seeded_per_image_and_guidance_changes_it(trained):
+    root, common = trained
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
+    first = stages.load("sample").run(compose(*SAMPLE, *common, f"stage.output_url={root}/samples"))
+    index = [json.loads(line) for line in (root / "samples" / "samples.jsonl").read_text().splitlines()]
+    assert [(row["prompt"], row["seed"]) for row in index] == [(PROMPTS[0], 0), (PROMPTS[1], 1)]
+    images = [pixels(root / "samples" / row["file"]) for row in index]
+    assert all(image.shape == (64, 64, 3) for image in images) and first["counts"]["images"] == 2
+    assert (root / "samples" / "grid.png").exists()
+    run = client.search_runs([client.get_experiment_by_name("ldm").experiment_id], "tags.stage = 'sample'")[0]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "samples/images")}
+    assert {"grid.png", "samples/images/00000.png"} <= logged
+
+    again = stages.load("sample").run(compose(*SAMPLE, *common, f"stage.output_url={root}/again", "stage.prompts=[]",
+                                              f"stage.prompts_file={_prompt_file(root)}"))
+    assert again["counts"]["prompts"] == 2
+    assert all(np.array_equal(a, pixels(root / "again" / row["file"])) for a, row in zip(images, index))  # same seeds, same images
+
+    unguided = stages.load("sample").run(compose(*SAMPLE, *common, f"stage.output_url={root}/unguided", "stage.guidance_scale=1"))
+    assert unguided["facts"]["guidance_scale"] == 1
+    assert not np.array_equal(images[0], pixels(root / "unguided" / index[0]["file"]))
+    reseeded = stages.load("sample").run(compose(*SAMPLE, *common, f"stage.output_url={root}/reseeded", "stage.seed=7"))
+    assert reseeded["counts"]["images"] == 2 and not np.array_equal(images[0], pixels(root / "reseeded" / index[0]["file"]))
+
+    with pytest.raises(ValueError, match="no prompts"):
+        stages.load("sample").run(compose(*SAMPLE, *common, f"stage.output_url={root}/none", "stage.prompts=[]"))
+
+
+def _prompt_file(root):
+    path = root / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n\n")
+    return path
+
+
+def test_the_export_loads_in_plain_diffusers_and_draws_the_sampled_image(trained, mlflow_server, tmp_path):
+    root, common = trained
+    tracking = [f"tracking.uri={mlflow_server}", "tracking.experiment=export-test"]
+    sampled = tmp_path / "samples"
+    # One prompt per batch, as the pipeline below draws it: a batch of two rounds a little differently on CPU.
+    stages.load("sample").run(compose(*SAMPLE, *common, *tracking, "stage.batch_size=1", f"stage.output_url={sampled}"))
+    manifest = stages.load("export").run(compose("stage=export", *common, *tracking, f"stage.output_url={tmp_path}/export"))
+    assert manifest["facts"]["pipeline"] == "LDMTextToImagePipeline" and manifest["facts"]["resolution"] == 64
+
+    # A fresh interpreter that imports only diffusers: the directory must be all a user needs.
+    script = (
+        "import sys, torch; from diffusers import DiffusionPipeline\n"
+        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
+        "size = 8 * pipe.unet.config.sample_size\n"
+        "image = pipe([sys.argv[2]], height=size, width=size, num_inference_steps=4, guidance_scale=4.0,"
+        " generator=torch.Generator().manual_seed(1)).images[0]\n"
+        "image.save(sys.argv[3]); print(type(pipe).__name__)\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script, str(tmp_path / "export"), PROMPTS[1], str(tmp_path / "diffusers.png")],
+                            cwd=tmp_path, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.split()[-1] == "LDMTextToImagePipeline"
+    assert np.array_equal(pixels(tmp_path / "diffusers.png"), pixels(sampled / "images" / "00001.png"))
+
+    # Registered in the model registry as a pyfunc model that draws the same image.
+    registered = manifest["facts"]["registered_model"]
+    assert registered["name"] == "ldm-text-to-image" and registered["version"] >= 1
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"models:/{registered['name']}/{registered['version']}")
+    [row] = model.predict(pd.DataFrame({"prompt": [PROMPTS[1]], "seed": [1], "steps": [4], "guidance_scale": [4.0]})).to_dict("records")
+    (tmp_path / "pyfunc.png").write_bytes(row["png"])
+    assert np.array_equal(pixels(tmp_path / "pyfunc.png"), pixels(sampled / "images" / "00001.png"))
+
+
+def test_evaluate_writes_reconstruction_adherence_and_fid(trained, tmp_path):
+    root, common = trained
+    extractor = tmp_path / "vit"
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(extractor)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(extractor)
+    manifest = stages.load("evaluate").run(compose(
+        "stage=evaluate", *common, "stage.steps=2", "stage.batch_size=8", "stage.adherence.prompts=8", "stage.reconstruction.held_out_fraction=0.1",
+        f"stage.fid.feature_extractor={extractor}", "stage.fid.kid_subset_size=8", f"stage.output_url={tmp_path}/evaluation",
+    ))
+    report = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    metrics = report["metrics"]
+    assert metrics["reconstruction"]["images"] >= 10 and metrics["reconstruction"]["psnr"] > 0
+    assert metrics["adherence"]["prompts"] == 8 and metrics["adherence"]["colour_chance"] == 1 / 8
+    assert all(0 <= metrics["adherence"][f"{a}_accuracy"] <= 1 for a in ("colour", "shape", "position", "background", "all"))
+    assert metrics["fid"]["fid"] >= 0 and np.isfinite(metrics["fid"]["kid"]) and report["skipped"] == {}
+    assert manifest["facts"]["metrics"] == metrics and (tmp_path / "evaluation" / "adherence.png").exists()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
+    run = client.search_runs([client.get_experiment_by_name("ldm").experiment_id], "tags.stage = 'evaluate'")[0]
+    assert run.data.metrics["adherence/colour_accuracy"] == metrics["adherence"]["colour_accuracy"]
+    assert run.data.metrics["fid/fid"] == pytest.approx(metrics["fid"]["fid"])
+
+    bare = stages.load("evaluate").run(compose("stage=evaluate", *common, "stage.reconstruction.enabled=false", "stage.adherence.enabled=false",
+                                               f"stage.output_url={tmp_path}/bare"))
+    assert bare["facts"]["metrics"] == {} and "stage.fid.feature_extractor is null" in bare["facts"]["skipped"]["fid"]
