@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +25,7 @@ import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ldm.data.images import is_held_out, to_pixels  # noqa: E402
@@ -38,13 +34,10 @@ from ldm.losses.first_stage import FirstStageLoss, LossWeights  # noqa: E402
 from ldm.models.first_stage import Reconstruct, build_first_stage, decode, encode, kind, last_layer, load_first_stage, preset  # noqa: E402
 from ldm.synthetic.classify import classify  # noqa: E402
 from pipelines import stages  # noqa: E402
+from pipelines.config import compose as config  # noqa: E402
 
 TARGET_PSNR = 30.0
 
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def bare_images_per_s(cfg, images: np.ndarray, steps: int = 20) -> float:

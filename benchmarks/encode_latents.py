@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,23 +24,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
-from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ldm.data.images import square_crop  # noqa: E402
 from ldm.models.first_stage import build_first_stage, encode_pixels, load_first_stage, preset  # noqa: E402
 from ldm.storage import Storage  # noqa: E402
 from pipelines import stages  # noqa: E402
+from pipelines.config import compose as config  # noqa: E402
 from pipelines.cluster import connect  # noqa: E402
 from pipelines.encoder_actor import Encoder  # noqa: E402
 
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def bare_loop(shards: list[Path], model_dir: Path, cfg) -> tuple[int, float]:

@@ -13,17 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ldm.data.filters import probe_image  # noqa: E402
@@ -31,12 +27,9 @@ from ldm.synthetic.corpus import DEFECTS, laion_metadata_table, plan_rows  # noq
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, tokenize, train_wordpiece  # noqa: E402
 from ldm.storage import Storage  # noqa: E402
 from pipelines import stages  # noqa: E402
+from pipelines.config import compose as config  # noqa: E402
 from pipelines.cluster import connect  # noqa: E402
 
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def bare_metadata(paths: list[str], tokenizer) -> int:

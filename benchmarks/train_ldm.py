@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,10 +27,7 @@ import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ldm.data.images import normalise, square_crop  # noqa: E402
@@ -40,13 +36,10 @@ from ldm.latents import column_array  # noqa: E402
 from ldm.models.first_stage import build_first_stage, encode, load_first_stage, preset as first_stage_preset  # noqa: E402
 from ldm.models.text_to_image import build_text_encoder, build_unet, preset  # noqa: E402
 from pipelines import stages  # noqa: E402
+from pipelines.config import compose as config  # noqa: E402
 
 TARGET_WAIT = 0.05
 
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def bare_steps_per_s(cfg, latents: dict[str, np.ndarray], pixels: np.ndarray | None, first_stage, vocab: int, steps: int) -> float:

@@ -142,15 +142,6 @@ def kill_midway(command: list[str], cwd: Path, done: Path, markers: int) -> int:
     return len(list(done.glob("*.json")))
 
 
-def compose(*overrides: str):
-    """The config `python pipelines/run.py <overrides>` would run with."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
-
-
 def write_lpips_weights(directory: Path) -> list[str]:
     """Random LPIPS weights as users hold the real ones: torchvision's VGG16 file (a torch pickle) and the
     LPIPS heads (here as safetensors). Random, because nothing may be downloaded; the maths is the same."""

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import BUCKET, ROOT, compose, kill_midway
+from conftest import BUCKET, ROOT, kill_midway
 
 from ldm.data.images import normalise, square_crop
 from ldm.latents import LatentStats, column_array
@@ -18,6 +18,7 @@ from ldm.models.first_stage import build_first_stage, decode, encode, load_first
 from ldm.storage import Storage
 from ldm.text.tokenizer import load_tokenizer
 from pipelines import encode_tasks, stages
+from pipelines.config import compose
 from pipelines.encoder_actor import Encoder
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]

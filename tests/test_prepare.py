@@ -13,7 +13,7 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BUCKET, ROOT, compose, kill_midway
+from conftest import BUCKET, ROOT, kill_midway
 
 from ldm.data.prepare import prepared_schema
 from ldm.data.sources import MissingColumnError
@@ -23,6 +23,7 @@ from ldm.synthetic import parse_caption
 from ldm.synthetic.corpus import DEFECTS, LAION_SCHEMA
 from ldm.text.tokenizer import load_tokenizer, train_wordpiece
 from pipelines import stages
+from pipelines.config import compose
 from pipelines.stages.prepare import EmptyOutputError
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]

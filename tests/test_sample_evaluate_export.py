@@ -9,12 +9,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import compose
 from PIL import Image
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
 from ldm.models.first_stage import build_first_stage, preset
 from pipelines import stages
+from pipelines.config import compose
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 

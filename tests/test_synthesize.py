@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import BUCKET, ROOT, TEST_SECRET, compose
+from conftest import BUCKET, ROOT, TEST_SECRET
 from PIL import Image
 
 from ldm.manifest import IncompleteOutputError, verify
@@ -20,6 +20,7 @@ from ldm.storage import Storage
 from ldm.synthetic import classify, parse_caption
 from ldm.synthetic.corpus import DEFECTS, IMG2DATASET_META_SCHEMA, IMG2DATASET_PARQUET_SCHEMA, LAION_SCHEMA
 from pipelines import stages
+from pipelines.config import compose
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 

@@ -1,8 +1,8 @@
 """Stage runs in MLflow: flattened params, the config artifact, masking, nesting under a parent run."""
 
 import mlflow
-from conftest import compose
 
+from pipelines.config import compose
 from pipelines.tracking import flatten, redact, stage_run
 
 

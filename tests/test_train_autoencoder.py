@@ -5,12 +5,13 @@ checkpoint, the saved model reloads, and the VQ path works too."""
 import mlflow
 import pytest
 import torch
-from conftest import compose, write_lpips_weights
+from conftest import write_lpips_weights
 
 from ldm.manifest import verify
 from ldm.models.first_stage import load_first_stage
 from ldm.storage import Storage
 from pipelines import stages
+from pipelines.config import compose
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 

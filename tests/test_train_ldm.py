@@ -12,13 +12,14 @@ import time
 import mlflow
 import pytest
 import torch
-from conftest import BUCKET, ROOT, compose, free_port, kill_session, wait_for
+from conftest import BUCKET, ROOT, free_port, kill_session, wait_for
 
 from ldm.manifest import verify
 from ldm.models.first_stage import build_first_stage, preset
 from ldm.models.text_to_image import load_models
 from ldm.storage import Storage
 from pipelines import ldm_loop, stages
+from pipelines.config import compose
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -105,7 +106,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3(latents, s3_ser
     root, common = latents
     s3 = ["storage=s3", f"storage.bucket={BUCKET}", "storage.prefix=train-ldm", f"storage.endpoint_url={s3_server}"]
     cfg = compose(*TRAIN, *s3, f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", f"stage.latents_url={root}/store/latents",
-                  "stage.steps=60", "stage.checkpoint_every=10")
+                  "stage.steps=40", "stage.checkpoint_every=10")
     killed = []
 
     def kill_a_worker_after_the_first_checkpoint():
@@ -125,7 +126,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3(latents, s3_ser
     manifest = stages.load("train_ldm").run(cfg)
     killer.join()
     assert killed, "no Ray Train worker was found to kill"
-    assert manifest["counts"]["steps"] == 60
+    assert manifest["counts"]["steps"] == 40
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
     run = latest_run(client)
     resumed = [v for _, v in history(client, run.info.run_id, "resumed_from_step")]

@@ -10,7 +10,6 @@ a grid of the adherence samples go to ``stage.output_url``; the metrics to the M
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import mlflow
@@ -21,16 +20,15 @@ from omegaconf import DictConfig
 from transformers import AutoImageProcessor, AutoModel
 
 from ldm.data.images import is_held_out, normalise, square_crop
-from ldm.diffusion.sampling import generate_images, load_pipeline
+from ldm.diffusion.sampling import generate_images
 from ldm.grids import captioned_grid
-from ldm.manifest import data_files, read_manifest, verify, write_manifest
+from ldm.manifest import data_files, read_manifest, verify
 from ldm.metrics.adherence import adherence, held_out_scenes, prompts_for
 from ldm.metrics.distribution import frechet_distance, image_features, kernel_distance
 from ldm.metrics.reconstruction import evaluate_reconstruction
 from ldm.storage import Storage, resolve
-from pipelines.outputs import claim_or_skip, stage_fingerprint
+from pipelines.model_stage import ModelJob, run_on_model
 from pipelines.stages.sample import png
-from pipelines.tracking import stage_run
 
 STAGE = "evaluate"
 VERSION = 1
@@ -38,85 +36,73 @@ METRICS, GRID = "metrics.json", "adherence.png"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    storage = Storage.from_config(cfg.storage)
-    settings = cfg.stage
-    model_url = resolve(settings.model_url)
-    trained = verify(storage, model_url, stage="train_ldm")
-    latents = verify(storage, trained["inputs"]["latents"], stage="encode_latents")
+    return run_on_model(cfg, STAGE, VERSION, _evaluate)
+
+
+def _evaluate(job: ModelJob) -> dict[str, Any]:
+    storage, settings, out = job.storage, job.settings, job.out
+    latents = verify(storage, job.trained["inputs"]["latents"], stage="encode_latents")
     prepared_url = latents["inputs"]["prepared"]
     prepared = verify(storage, prepared_url, stage="prepare")
-    out = resolve(settings.output_url)
-    identity = stage_fingerprint(cfg, VERSION, [trained["fingerprint"]])
+    pipeline = job.pipeline()
+    generate = lambda prompts: generate_images(  # noqa: E731
+        pipeline, prompts, [settings.seed + i for i in range(len(prompts))], steps=settings.steps,
+        guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True,
+    )
+    resolution = job.trained["facts"]["resolution"]
+    held_out = _held_out_rows(storage, data_files(prepared, prepared_url), settings.reconstruction.held_out_fraction)
+    metrics: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    fs, root = storage.fsspec(out)
+    fs.makedirs(root, exist_ok=True)
 
-    with stage_run(cfg, STAGE):
-        done = claim_or_skip(cfg, storage, out, STAGE, identity)
-        if done is not None:
-            return done
-        started = time.time()
-        pipeline = load_pipeline(storage, model_url, weights=settings.weights, sampler_name=settings.sampler, device=settings.device)
-        generate = lambda prompts: generate_images(  # noqa: E731
-            pipeline, prompts, [settings.seed + i for i in range(len(prompts))], steps=settings.steps,
-            guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True,
-        )
-        resolution = trained["facts"]["resolution"]
-        held_out = _held_out_rows(storage, data_files(prepared, prepared_url), settings.reconstruction.held_out_fraction)
-        metrics: dict[str, Any] = {}
-        skipped: dict[str, str] = {}
-        fs, root = storage.fsspec(out)
-        fs.makedirs(root, exist_ok=True)
-
-        if settings.reconstruction.enabled:
-            images = held_out["image"][: settings.reconstruction.images]
-            if images:
-                pixels = np.stack([square_crop(data, resolution) for data in images])
-                batches = (torch.from_numpy(normalise(pixels[i : i + 32])).to(pipeline.device) for i in range(0, len(pixels), 32))
-                metrics["reconstruction"] = evaluate_reconstruction(pipeline.vqvae, batches).as_dict()
-            else:
-                skipped["reconstruction"] = f"no prepared row is held out at held_out_fraction={settings.reconstruction.held_out_fraction}"
-
-        synthesized = read_manifest(storage, resolve(settings.adherence.synthesized_url)) if settings.adherence.synthesized_url else None
-        if settings.adherence.enabled and synthesized is not None and synthesized.get("stage") == "synthesize":
-            scenes = held_out_scenes(synthesized["facts"]["held_out"], settings.adherence.prompts, settings.seed)
-            prompts = prompts_for(scenes)
-            generated = generate(prompts)
-            metrics["adherence"] = {**adherence(scenes, generated), "prompts": len(prompts)}
-            grid = captioned_grid(generated[:32], prompts[:32], columns=8)
-            fs.pipe_file(f"{root}/{GRID}", png(grid))
-            mlflow.log_image(grid, GRID)
-        elif settings.adherence.enabled:
-            skipped["adherence"] = (f"stage.adherence.synthesized_url={settings.adherence.synthesized_url} is not a synthesize "
-                                    "output: prompt adherence is measured on synthetic data only")
-
-        if settings.fid.feature_extractor:
-            count = min(settings.fid.images, len(held_out["image"]))
-            if count < 2:
-                skipped["fid"] = f"{count} held-out image(s): FID needs at least 2"
-            else:
-                real = np.stack([square_crop(data, resolution) for data in held_out["image"][:count]])
-                fake = generate(held_out["caption"][:count])
-                model, processor = _feature_extractor(storage, settings.fid.feature_extractor)
-                real_f, fake_f = image_features(model.to(pipeline.device), processor, real), image_features(model, processor, fake)
-                kid, kid_std = kernel_distance(real_f, fake_f, subset_size=settings.fid.kid_subset_size)
-                metrics["fid"] = {"fid": frechet_distance(real_f, fake_f), "kid": kid, "kid_std": kid_std, "images": count}
+    if settings.reconstruction.enabled:
+        images = held_out["image"][: settings.reconstruction.images]
+        if images:
+            pixels = np.stack([square_crop(data, resolution) for data in images])
+            batches = (torch.from_numpy(normalise(pixels[i : i + 32])).to(pipeline.device) for i in range(0, len(pixels), 32))
+            metrics["reconstruction"] = evaluate_reconstruction(pipeline.vqvae, batches).as_dict()
         else:
-            skipped["fid"] = "stage.fid.feature_extractor is null: set it to a local (or s3://) vision model directory for FID / KID"
+            skipped["reconstruction"] = f"no prepared row is held out at held_out_fraction={settings.reconstruction.held_out_fraction}"
 
-        elapsed = time.time() - started
-        report = {"model": model_url, "weights": settings.weights, "sampler": settings.sampler, "steps": settings.steps,
-                  "guidance_scale": settings.guidance_scale, "metrics": metrics, "skipped": skipped}
-        fs.pipe_file(f"{root}/{METRICS}", json.dumps(report, indent=2).encode())
-        flat = {f"{group}/{name}": value for group, values in metrics.items() for name, value in values.items()}
-        mlflow.log_metrics(flat)
-        mlflow.log_dict(report, METRICS)
-        manifest = write_manifest(storage, out, stage=STAGE, fingerprint=identity,
-                                  inputs={"model": model_url, "fingerprint": trained["fingerprint"]},
-                                  timings={"seconds": round(elapsed, 3)}, facts={"layout": {"metrics": METRICS}, **report})
-        for group, values in metrics.items():
-            print(f"{STAGE}: {group}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
-        for group, why in skipped.items():
-            print(f"{STAGE}: {group} skipped: {why}")
-        print(f"{STAGE}: done in {elapsed:.0f}s; {out}/{METRICS}")
-        return manifest
+    synthesized = read_manifest(storage, resolve(settings.adherence.synthesized_url)) if settings.adherence.synthesized_url else None
+    if settings.adherence.enabled and synthesized is not None and synthesized.get("stage") == "synthesize":
+        scenes = held_out_scenes(synthesized["facts"]["held_out"], settings.adherence.prompts, settings.seed)
+        prompts = prompts_for(scenes)
+        generated = generate(prompts)
+        metrics["adherence"] = {**adherence(scenes, generated), "prompts": len(prompts)}
+        grid = captioned_grid(generated[:32], prompts[:32], columns=8)
+        fs.pipe_file(f"{root}/{GRID}", png(grid))
+        mlflow.log_image(grid, GRID)
+    elif settings.adherence.enabled:
+        skipped["adherence"] = (f"stage.adherence.synthesized_url={settings.adherence.synthesized_url} is not a synthesize "
+                                "output: prompt adherence is measured on synthetic data only")
+
+    if settings.fid.feature_extractor:
+        count = min(settings.fid.images, len(held_out["image"]))
+        if count < 2:
+            skipped["fid"] = f"{count} held-out image(s): FID needs at least 2"
+        else:
+            real = np.stack([square_crop(data, resolution) for data in held_out["image"][:count]])
+            fake = generate(held_out["caption"][:count])
+            model, processor = _feature_extractor(storage, settings.fid.feature_extractor)
+            real_f, fake_f = image_features(model.to(pipeline.device), processor, real), image_features(model, processor, fake)
+            kid, kid_std = kernel_distance(real_f, fake_f, subset_size=settings.fid.kid_subset_size)
+            metrics["fid"] = {"fid": frechet_distance(real_f, fake_f), "kid": kid, "kid_std": kid_std, "images": count}
+    else:
+        skipped["fid"] = "stage.fid.feature_extractor is null: set it to a local (or s3://) vision model directory for FID / KID"
+
+    report = {"model": job.model_url, "weights": settings.weights, "sampler": settings.sampler, "steps": settings.steps,
+              "guidance_scale": settings.guidance_scale, "metrics": metrics, "skipped": skipped}
+    fs.pipe_file(f"{root}/{METRICS}", json.dumps(report, indent=2).encode())
+    mlflow.log_metrics({f"{group}/{name}": value for group, values in metrics.items() for name, value in values.items()})
+    mlflow.log_dict(report, METRICS)
+    for group, values in metrics.items():
+        print(f"{STAGE}: {group}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    for group, why in skipped.items():
+        print(f"{STAGE}: {group} skipped: {why}")
+    print(f"{STAGE}: {out}/{METRICS}")
+    return {"facts": {"layout": {"metrics": METRICS, "grid": GRID if "adherence" in metrics else None}, **report}}
 
 
 def _held_out_rows(storage: Storage, shards: list[str], fraction: float) -> dict[str, list]:

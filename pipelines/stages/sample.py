@@ -18,12 +18,10 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from ldm.diffusion.sampling import generate_images, load_pipeline
+from ldm.diffusion.sampling import generate_images
 from ldm.grids import captioned_grid
-from ldm.manifest import verify, write_manifest
 from ldm.storage import Storage, resolve
-from pipelines.outputs import claim_or_skip, stage_fingerprint
-from pipelines.tracking import stage_run
+from pipelines.model_stage import ModelJob, run_on_model
 
 STAGE = "sample"
 VERSION = 1
@@ -31,47 +29,38 @@ IMAGES, INDEX, GRID = "images", "samples.jsonl", "grid.png"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    storage = Storage.from_config(cfg.storage)
-    settings = cfg.stage
-    model_url = resolve(settings.model_url)
-    trained = verify(storage, model_url, stage="train_ldm")
-    prompts = read_prompts(storage, list(settings.prompts), settings.prompts_file)
-    out = resolve(settings.output_url)
-    identity = stage_fingerprint(cfg, VERSION, [trained["fingerprint"]])
+    return run_on_model(cfg, STAGE, VERSION, _sample, check=_prompts, detail="{images} images")
 
-    with stage_run(cfg, STAGE):
-        done = claim_or_skip(cfg, storage, out, STAGE, identity, detail="{images} images")
-        if done is not None:
-            return done
-        started = time.time()
-        pipeline = load_pipeline(storage, model_url, weights=settings.weights, sampler_name=settings.sampler, device=settings.device)
-        rows = [prompt for prompt in prompts for _ in range(settings.images_per_prompt)]
-        seeds = [settings.seed + i for i in range(len(rows))]
-        images = generate_images(pipeline, rows, seeds, steps=settings.steps, guidance_scale=settings.guidance_scale,
-                                 batch_size=settings.batch_size, progress=True)
-        elapsed = time.time() - started
-        index = [{"file": f"{IMAGES}/{i:05d}.png", "prompt": prompt, "seed": seed} for i, (prompt, seed) in enumerate(zip(rows, seeds))]
-        grid = captioned_grid(images, rows, columns=settings.grid_columns)
-        write_images(storage, out, images, index, grid)
-        manifest = write_manifest(
-            storage,
-            out,
-            stage=STAGE,
-            fingerprint=identity,
-            inputs={"model": model_url, "fingerprint": trained["fingerprint"]},
-            counts={"images": len(rows), "prompts": len(prompts)},
-            timings={"seconds": round(elapsed, 3), "images_per_s": round(len(rows) / max(elapsed, 1e-9), 3)},
-            facts={"layout": {"images": f"{IMAGES}/", "index": INDEX, "grid": GRID}, "weights": settings.weights,
-                   "sampler": settings.sampler, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
-                   "resolution": int(images.shape[1])},
-        )
-        mlflow.log_metrics({"images": len(rows), "seconds": elapsed, "images_per_s": len(rows) / max(elapsed, 1e-9)})
-        mlflow.log_image(grid, GRID)
-        with tempfile.TemporaryDirectory(prefix="samples-") as local:
-            write_images(Storage(root=local), local, images, index, None)
-            mlflow.log_artifacts(local, "samples")
-        print(f"{STAGE}: {len(rows)} images for {len(prompts)} prompt(s) in {elapsed:.1f}s; at {out} (grid: {out}/{GRID})")
-        return manifest
+
+def _prompts(job: ModelJob) -> list[str]:
+    return read_prompts(job.storage, list(job.settings.prompts), job.settings.prompts_file)
+
+
+def _sample(job: ModelJob) -> dict[str, Any]:
+    settings, out = job.settings, job.out
+    prompts = _prompts(job)
+    started = time.time()
+    rows = [prompt for prompt in prompts for _ in range(settings.images_per_prompt)]
+    seeds = [settings.seed + i for i in range(len(rows))]
+    images = generate_images(job.pipeline(), rows, seeds, steps=settings.steps, guidance_scale=settings.guidance_scale,
+                             batch_size=settings.batch_size, progress=True)
+    elapsed = time.time() - started
+    index = [{"file": f"{IMAGES}/{i:05d}.png", "prompt": prompt, "seed": seed} for i, (prompt, seed) in enumerate(zip(rows, seeds))]
+    grid = captioned_grid(images, rows, columns=settings.grid_columns)
+    write_images(job.storage, out, images, index, grid)
+    mlflow.log_metrics({"images": len(rows), "seconds": elapsed, "images_per_s": len(rows) / max(elapsed, 1e-9)})
+    mlflow.log_image(grid, GRID)
+    with tempfile.TemporaryDirectory(prefix="samples-") as local:
+        write_images(Storage(root=local), local, images, index, None)
+        mlflow.log_artifacts(local, "samples")
+    print(f"{STAGE}: {len(rows)} images for {len(prompts)} prompt(s) in {elapsed:.1f}s; at {out} (grid: {out}/{GRID})")
+    return {
+        "counts": {"images": len(rows), "prompts": len(prompts)},
+        "timings": {"images_per_s": round(len(rows) / max(elapsed, 1e-9), 3)},
+        "facts": {"layout": {"images": f"{IMAGES}/", "index": INDEX, "grid": GRID}, "weights": settings.weights,
+                  "sampler": settings.sampler, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
+                  "resolution": int(images.shape[1])},
+    }
 
 
 def read_prompts(storage: Storage, prompts: list[str], prompts_file: str | None) -> list[str]:
