@@ -21,6 +21,9 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=train_autoencoder
 	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=encode_latents
 	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=train_ldm
+	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=sample
+	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=evaluate
+	HF_HUB_OFFLINE=1 $(BIN)/python pipelines/run.py stage=export
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -rs --durations=10
