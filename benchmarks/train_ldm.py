@@ -34,7 +34,7 @@ from ldm.data.images import normalise, square_crop  # noqa: E402
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, noise_scheduler, sample_latents  # noqa: E402
 from ldm.latents import column_array  # noqa: E402
 from ldm.models.first_stage import build_first_stage, encode, load_first_stage, preset as first_stage_preset  # noqa: E402
-from ldm.models.text_to_image import build_text_encoder, build_unet, preset  # noqa: E402
+from ldm.models.text_to_image import build_text_encoder, build_unet, preset, set_attention  # noqa: E402
 from pipelines import stages  # noqa: E402
 from pipelines.config import compose as config  # noqa: E402
 
@@ -50,6 +50,7 @@ def bare_steps_per_s(cfg, latents: dict[str, np.ndarray], pixels: np.ndarray | N
     text_encoder = build_text_encoder(spec.text_encoder, vocab, latents["input_ids"].shape[1])
     channels, size = latents["latent_mean"].shape[1], latents["latent_mean"].shape[2]
     unet = build_unet(spec.unet, channels, size, spec.text_encoder.width)
+    set_attention(unet, settings.attention, torch.device("cpu"))
     noise = settings.noise
     objective = DiffusionObjective(noise_scheduler(noise.schedule, noise.prediction_type, noise.timesteps, noise.beta_start, noise.beta_end))
     module = DenoisingLoss(unet, text_encoder, objective, train_text_encoder=True)

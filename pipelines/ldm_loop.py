@@ -39,6 +39,7 @@ from ldm.models.text_to_image import (
     load_text_encoder,
     preset,
     save_models,
+    set_attention,
     set_trainable,
 )
 from ldm.text.tokenizer import load_tokenizer, tokenize
@@ -81,6 +82,7 @@ def train_loop(config: dict[str, Any]) -> None:
         unet, text_encoder = _build_models(config, len(tokenizer))
     train_text_encoder = config["pretrained_text_encoder"] is None
     set_trainable(text_encoder, train_text_encoder)
+    set_attention(unet, config["attention"], device)
     if config["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
         if train_text_encoder and text_encoder.supports_gradient_checkpointing:

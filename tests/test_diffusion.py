@@ -9,7 +9,7 @@ from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_capt
 from ldm.diffusion.sampling import generate_images, sampler, text_to_image_pipeline
 from ldm.models.first_stage import build_first_stage
 from ldm.models.first_stage import preset as first_stage_preset
-from ldm.models.text_to_image import PRESETS, build_text_encoder, build_unet, preset, set_trainable
+from ldm.models.text_to_image import PRESETS, build_text_encoder, build_unet, preset, set_attention, set_trainable
 from ldm.synthetic.scene import all_scenes, caption
 from ldm.text.tokenizer import train_wordpiece
 
@@ -146,3 +146,15 @@ def test_a_pretrained_text_encoder_loads_from_s3_like_a_directory_and_stays_froz
     model(torch.randn(2, 4, 8, 8), torch.randint(0, 60, (2, 8)), torch.Generator().manual_seed(0)).backward()
     assert all(p.grad is None for p in encoder.parameters())
     assert all(p.grad is not None for p in model.unet.parameters())
+
+
+def test_math_attention_computes_what_the_fused_kernel_does():
+    model = tiny_model().eval()
+    z, ids, t = torch.randn(2, 4, 8, 8), torch.randint(3, 50, (2, 8)), torch.tensor([10, 500])
+    context = model.text_encoder(ids)[0]
+    fused = model.unet(z, t, encoder_hidden_states=context).sample
+    set_attention(model.unet, "auto", torch.device("cpu"))  # on CPU: math
+    assert {type(p).__name__ for p in model.unet.attn_processors.values()} == {"AttnProcessor"}
+    assert torch.allclose(model.unet(z, t, encoder_hidden_states=context).sample, fused, atol=1e-5)
+    with pytest.raises(ValueError, match="choose auto, sdpa or math"):
+        set_attention(model.unet, "flash", torch.device("cpu"))

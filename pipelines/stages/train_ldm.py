@@ -138,7 +138,7 @@ def _loop_config(cfg: DictConfig, facts: dict[str, Any], run_id: str) -> dict[st
         "first_stage": facts["first_stage"],
         "schedule": {k: settings["optimizer"][k] for k in ("schedule", "warmup_steps", "final_ratio")},
         **{k: settings[k] for k in ("noise", "caption_dropout", "optimizer", "ema", "steps", "batch_size", "seed", "shuffle_buffer", "prefetch_batches",
-                                    "bf16", "gradient_checkpointing", "compile", "data_audit", "log_every", "checkpoint_every",
+                                    "bf16", "attention", "gradient_checkpointing", "compile", "data_audit", "log_every", "checkpoint_every",
                                     "sample_every", "validation")},
         "storage": Storage.from_config(cfg.storage),
         "tracking_uri": training.worker_tracking_uri(cfg),
