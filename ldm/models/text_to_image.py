@@ -18,7 +18,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
 from ldm.storage import Storage
 
@@ -43,6 +43,9 @@ class TextEncoderSpec:
     width: int
     heads: int
     ffn: int
+    # ldmbert: the paper's τθ (diffusers' LDMBertModel, pre-LayerNorm); bert: transformers' BertModel
+    # (post-LayerNorm). A tiny LDMBert trained on CPU collapsed to a near-constant context (DESIGN.md).
+    kind: str = "ldmbert"
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ PRESETS: dict[str, TextToImagePreset] = {
     "txt2img-1p4b": TextToImagePreset(UNetSpec((320, 640, 1280, 1280), 2, (0, 1, 2), 8), TextEncoderSpec(32, 1280, 8, 5120)),
     "mid": TextToImagePreset(UNetSpec((192, 384, 768), 2, (1, 2), 8), TextEncoderSpec(8, 512, 8, 2048)),
     # DESIGN.md's measured CPU model: 5.9M UNet params, cross-attention at 16x16 and 8x8, a 2-layer τθ.
-    "tiny": TextToImagePreset(UNetSpec((64, 128, 128), 1, (0, 1), 4), TextEncoderSpec(2, 128, 4, 512)),
+    "tiny": TextToImagePreset(UNetSpec((64, 128, 128), 1, (0, 1), 4), TextEncoderSpec(2, 128, 4, 512, kind="bert")),
 }
 
 
@@ -68,10 +71,17 @@ def preset(name: str, unet: Mapping[str, Any] | None = None, text_encoder: Mappi
     return TextToImagePreset(replace(spec.unet, **tuples(unet)), replace(spec.text_encoder, **tuples(text_encoder)))
 
 
-def build_text_encoder(spec: TextEncoderSpec, vocab_size: int, max_length: int) -> LDMBertModel:
-    """A randomly initialised τθ, the paper's LDMBert shape (what LDMTextToImagePipeline loads as ``bert``)."""
+def build_text_encoder(spec: TextEncoderSpec, vocab_size: int, max_length: int) -> torch.nn.Module:
+    """A randomly initialised τθ: the paper's LDMBert shape, or a BertModel (both are what
+    LDMTextToImagePipeline can load as ``bert``: ``forward(ids)[0]`` is the per-token features)."""
     if spec.width % spec.heads:
         raise ValueError(f"text encoder width {spec.width} is not a multiple of its {spec.heads} heads")
+    if spec.kind == "bert":
+        config = BertConfig(vocab_size=vocab_size, hidden_size=spec.width, num_hidden_layers=spec.layers,
+                            num_attention_heads=spec.heads, intermediate_size=spec.ffn, max_position_embeddings=max_length)
+        return BertModel(config)  # its pooler stays frozen (set_trainable); saved, it loads without warnings
+    if spec.kind != "ldmbert":
+        raise ValueError(f"text encoder kind {spec.kind!r}: choose ldmbert or bert")
     config = LDMBertConfig(
         vocab_size=vocab_size,
         max_position_embeddings=max_length,
@@ -138,11 +148,12 @@ def context_width(text_encoder: torch.nn.Module) -> int:
 
 
 def set_trainable(text_encoder: torch.nn.Module, train: bool) -> None:
-    """Train τθ (or keep it frozen). LDMBert's language-model head ``to_logits`` never is: τθ's features come
-    before it, and a parameter without gradients stops DDP."""
+    """Train τθ (or keep it frozen). Heads after the per-token features never are (LDMBert's ``to_logits``, a
+    BERT pooler): they get no gradient, and a parameter without gradients stops DDP."""
     text_encoder.requires_grad_(train)
-    if isinstance(text_encoder, LDMBertModel):
-        text_encoder.to_logits.requires_grad_(False)
+    for head in ("to_logits", "pooler"):
+        if getattr(text_encoder, head, None) is not None:
+            getattr(text_encoder, head).requires_grad_(False)
 
 
 def encode_text(text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
