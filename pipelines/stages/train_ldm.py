@@ -10,6 +10,7 @@ reference) is written to ``stage.output_url`` with a manifest, and logged to the
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -23,7 +24,7 @@ from pyarrow.fs import FileType
 
 from ldm.manifest import data_files, verify, write_manifest
 from ldm.models.first_stage import model_location
-from ldm.models.text_to_image import EMA, TEXT_ENCODER, UNET, preset
+from ldm.models.text_to_image import EMA, TEXT_ENCODER, UNET, describe, preset
 from ldm.storage import Storage, resolve
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer
 from pipelines import ldm_loop, training
@@ -32,7 +33,7 @@ from pipelines.outputs import claim_or_skip, require_reachable_storage, stage_fi
 from pipelines.tracking import stage_run
 
 STAGE = "train_ldm"
-VERSION = 1
+VERSION = 2  # 2: the tiny preset's τθ is a BertModel
 SCHEDULER_DIR, TOKENIZER_DIR = "scheduler", "tokenizer"
 
 
@@ -42,13 +43,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     source = resolve(settings.latents_url)
     latents = verify(storage, source, stage="encode_latents")
     facts = latents["facts"]
-    preset(settings.model.preset, settings.model.unet, settings.model.text_encoder)  # a bad name fails here
+    spec = preset(settings.model.preset, settings.model.unet, settings.model.text_encoder)  # a bad name fails here
     out = resolve(settings.output_url)
     require_reachable_storage(cfg, storage.is_local(out))
     resume_from = _resume_from(settings.resume, storage)
     inputs = [latents["fingerprint"], *([resume_from.path] if resume_from else [])]
     identity = stage_fingerprint(cfg, VERSION, inputs)
-    run_name = f"{STAGE}-{training.training_identity(cfg, inputs)[:16]}"
+    # The resolved architecture too: a preset whose definition changed must not resume an older checkpoint.
+    run_name = f"{STAGE}-{training.training_identity(cfg, [*inputs, json.dumps(describe(spec), sort_keys=True)])[:16]}"
     if settings.resume == "never":
         run_name += time.strftime("-%Y%m%d-%H%M%S")
 
