@@ -1,15 +1,18 @@
 """The latent diffusion library without Ray: presets, the noise schedule, the objective, guidance sampling."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from conftest import BUCKET
 
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
 from ldm.diffusion.sampling import generate_images, sampler, text_to_image_pipeline
 from ldm.models.first_stage import build_first_stage
 from ldm.models.first_stage import preset as first_stage_preset
-from ldm.models.text_to_image import PRESETS, build_text_encoder, build_unet, preset, set_attention, set_trainable
+from ldm.models.text_to_image import PRESETS, build_text_encoder, build_unet, describe, preset, set_attention, set_trainable
 from ldm.synthetic.scene import all_scenes, caption
 from ldm.text.tokenizer import train_wordpiece
 
@@ -45,6 +48,14 @@ def test_paper_preset_matches_the_compvis_config():
     assert (spec.text_encoder.layers, spec.text_encoder.width) == (32, 1280)
     with pytest.raises(ValueError, match="unknown text-to-image preset 'huge'.*tiny"):
         preset("huge")
+
+
+def test_a_command_line_override_gives_a_preset_that_names_the_run():
+    # Hydra hands overrides over as ListConfig; the run name is a hash of the preset's JSON.
+    overrides = OmegaConf.create({"block_out_channels": [32, 32, 64]})
+    spec = preset("tiny", unet=overrides)
+    assert spec.unet.block_out_channels == (32, 32, 64)
+    assert json.loads(json.dumps(describe(spec)))["unet"]["block_out_channels"] == [32, 32, 64]
 
 
 def test_linear_schedule_is_ldms_and_the_cosine_option_exists():

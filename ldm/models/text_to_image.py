@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -66,7 +66,7 @@ def preset(name: str, unet: Mapping[str, Any] | None = None, text_encoder: Mappi
     """A named preset with any UNet or τθ field overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown text-to-image preset {name!r}; the presets are {sorted(PRESETS)}")
-    tuples = lambda fields: {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in (fields or {}).items()}  # noqa: E731
+    tuples = lambda fields: {k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in (fields or {}).items()}  # noqa: E731
     spec = PRESETS[name]
     return TextToImagePreset(replace(spec.unet, **tuples(unet)), replace(spec.text_encoder, **tuples(text_encoder)))
 

@@ -41,16 +41,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _evaluate(job: ModelJob) -> dict[str, Any]:
     storage, settings, out = job.storage, job.settings, job.out
-    latents = verify(storage, job.trained["inputs"]["latents"], stage="encode_latents")
-    prepared_url = latents["inputs"]["prepared"]
-    prepared = verify(storage, prepared_url, stage="prepare")
     pipeline = job.pipeline()
     generate = lambda prompts: generate_images(  # noqa: E731
         pipeline, prompts, [settings.seed + i for i in range(len(prompts))], steps=settings.steps,
         guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True,
     )
     resolution = job.trained["facts"]["resolution"]
-    held_out = _held_out_rows(storage, data_files(prepared, prepared_url), settings.reconstruction.held_out_fraction)
+    # Only reconstruction and FID look at images: the prepared shards are read for them alone.
+    needs_images = settings.reconstruction.enabled or settings.fid.feature_extractor
+    held_out = _held_out_rows(storage, job.trained, settings.reconstruction.held_out_fraction) if needs_images else None
     metrics: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     fs, root = storage.fsspec(out)
@@ -105,10 +104,14 @@ def _evaluate(job: ModelJob) -> dict[str, Any]:
     return {"facts": {"layout": {"metrics": METRICS, "grid": GRID if "adherence" in metrics else None}, **report}}
 
 
-def _held_out_rows(storage: Storage, shards: list[str], fraction: float) -> dict[str, list]:
-    """Key, caption and image bytes of the prepared rows ``is_held_out`` picks (train_autoencoder never saw them)."""
+def _held_out_rows(storage: Storage, trained: dict[str, Any], fraction: float) -> dict[str, list]:
+    """Key, caption and image bytes of the prepared rows ``is_held_out`` picks (train_autoencoder never saw
+    them), found through the model's manifest chain: train_ldm -> encode_latents -> prepare."""
+    latents = verify(storage, trained["inputs"]["latents"], stage="encode_latents")
+    prepared_url = latents["inputs"]["prepared"]
+    prepared = verify(storage, prepared_url, stage="prepare")
     rows: dict[str, list] = {"key": [], "caption": [], "image": []}
-    for shard in shards:
+    for shard in data_files(prepared, prepared_url):
         fs, path = storage.pyarrow(shard)
         table = pq.read_table(path, filesystem=fs, columns=list(rows))
         for key, caption, image in zip(*(table[c].to_pylist() for c in rows)):

@@ -47,11 +47,12 @@ def _sample(job: ModelJob) -> dict[str, Any]:
     elapsed = time.time() - started
     index = [{"file": f"{IMAGES}/{i:05d}.png", "prompt": prompt, "seed": seed} for i, (prompt, seed) in enumerate(zip(rows, seeds))]
     grid = captioned_grid(images, rows, columns=settings.grid_columns)
-    write_images(job.storage, out, images, index, grid)
+    files = sample_files(images, index)
+    write_files(job.storage, out, {**files, GRID: png(grid)})
     mlflow.log_metrics({"images": len(rows), "seconds": elapsed, "images_per_s": len(rows) / max(elapsed, 1e-9)})
     mlflow.log_image(grid, GRID)
     with tempfile.TemporaryDirectory(prefix="samples-") as local:
-        write_images(Storage(root=local), local, images, index, None)
+        write_files(Storage(root=local), local, files)
         mlflow.log_artifacts(local, "samples")
     print(f"{STAGE}: {len(rows)} images for {len(prompts)} prompt(s) in {elapsed:.1f}s; at {out} (grid: {out}/{GRID})")
     return {
@@ -77,14 +78,18 @@ def read_prompts(storage: Storage, prompts: list[str], prompts_file: str | None)
     return [str(p) for p in prompts]
 
 
-def write_images(storage: Storage, out: str, images: np.ndarray, index: list[dict[str, Any]], grid: Image.Image | None) -> None:
+def sample_files(images: np.ndarray, index: list[dict[str, Any]]) -> dict[str, bytes]:
+    """The PNGs and the ``samples.jsonl`` index, by their path in the output, encoded once."""
+    files = {row["file"]: png(Image.fromarray(image)) for image, row in zip(images, index)}
+    files[INDEX] = "".join(json.dumps(row) + "\n" for row in index).encode()
+    return files
+
+
+def write_files(storage: Storage, out: str, files: dict[str, bytes]) -> None:
     fs, root = storage.fsspec(out)
     fs.makedirs(f"{root}/{IMAGES}", exist_ok=True)
-    for image, row in zip(images, index):
-        fs.pipe_file(f"{root}/{row['file']}", png(Image.fromarray(image)))
-    fs.pipe_file(f"{root}/{INDEX}", "".join(json.dumps(row) + "\n" for row in index).encode())
-    if grid is not None:
-        fs.pipe_file(f"{root}/{GRID}", png(grid))
+    for name, data in files.items():
+        fs.pipe_file(f"{root}/{name}", data)
 
 
 def png(image: Image.Image) -> bytes:
