@@ -93,10 +93,13 @@ def test_the_export_loads_in_plain_diffusers_and_draws_the_sampled_image(trained
         "image.save(sys.argv[3]); print(type(pipe).__name__)\n"
     )
     loaded = subprocess.run([sys.executable, "-c", script, str(tmp_path / "export"), PROMPTS[1], str(tmp_path / "diffusers.png")],
-                            cwd=tmp_path, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                            cwd=tmp_path, capture_output=True, text=True,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert loaded.stdout.split()[-1] == "LDMTextToImagePipeline"
-    assert np.array_equal(pixels(tmp_path / "diffusers.png"), pixels(sampled / "images" / "00001.png"))
+    # Equal up to float rounding: the stage and this process may split CPU reductions over different threads.
+    drawn, sampled_image = pixels(tmp_path / "diffusers.png").astype(int), pixels(sampled / "images" / "00001.png").astype(int)
+    assert np.abs(drawn - sampled_image).max() <= 2
 
     # Registered in the model registry as a pyfunc model that draws the same image.
     registered = manifest["facts"]["registered_model"]
