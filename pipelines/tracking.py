@@ -72,7 +72,10 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[mlflow.ActiveRun]:
     if parent is None:
         print(f"MLflow: run {run.info.run_id} ({stage}) in experiment {cfg.tracking.experiment!r} at "
               f"{redact(cfg.tracking.uri)}")
+        if cfg.tracking.uri.startswith(("http://", "https://")):
+            print(f"        open {redact(cfg.tracking.uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
         if cfg.tracking.uri.startswith("sqlite:///"):
             database = os.path.abspath(cfg.tracking.uri.removeprefix("sqlite:///"))
             mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
-            print(f"        open the UI with: {mlflow_cli} ui --backend-store-uri sqlite:///{database}")
+            print(f"        open the UI with: {mlflow_cli} ui --backend-store-uri sqlite:///{database}"
+                  " (then http://127.0.0.1:5000)")

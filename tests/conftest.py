@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -127,18 +128,23 @@ def kill_session(sid: int) -> None:
                 pass
 
 
-def kill_midway(command: list[str], cwd: Path, done: Path, markers: int) -> int:
-    """Run a stage as a session of its own and SIGKILL it (driver, the Ray cluster it started, workers) once
-    ``done`` holds ``markers`` done markers; how many it holds after the kill."""
+def kill_when(command: list[str], cwd: Path, ready: Callable[[], bool]) -> None:
+    """Run a command as a session of its own and SIGKILL it (driver, the Ray cluster it started, workers) as
+    soon as ``ready()`` holds."""
     log = cwd / "killed-run.log"
     with log.open("w") as sink:
         process = subprocess.Popen(command, cwd=cwd, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
-    while process.poll() is None and len(list(done.glob("*.json"))) < markers:
-        time.sleep(0.02)
+    while process.poll() is None and not ready():
+        time.sleep(0.05)
     ended = process.poll()
     kill_session(process.pid)
     process.wait()
     assert ended is None, f"the run ended (exit {ended}) before it could be killed:\n{log.read_text()[-3000:]}"
+
+
+def kill_midway(command: list[str], cwd: Path, done: Path, markers: int) -> int:
+    """``kill_when`` ``done`` holds ``markers`` done markers; how many it holds after the kill."""
+    kill_when(command, cwd, lambda: len(list(done.glob("*.json"))) >= markers)
     return len(list(done.glob("*.json")))
 
 

@@ -240,7 +240,7 @@ class _Job:
                 batch_format="pyarrow",
                 batch_size=resources.decode_batch_size,
                 num_cpus=resources.num_cpus_per_decode_task,
-                label_selector=OmegaConf.to_container(resources.decode_label_selector) or None,
+                label_selector=_selector(resources.decode_label_selector),
             )
             .map_batches(
                 Encoder,
@@ -257,7 +257,7 @@ class _Job:
                 batch_size=resources.encoder_batch_size,
                 num_cpus=resources.num_cpus_per_encoder,
                 num_gpus=resources.num_gpus_per_encoder,
-                label_selector=OmegaConf.to_container(resources.encoder_label_selector) or None,
+                label_selector=_selector(resources.encoder_label_selector),
             )
             .map_batches(
                 partial(tasks.write, storage=self.storage, out=self.out, compression=settings.compression),
@@ -291,3 +291,7 @@ class _Job:
 
     def clear_work(self) -> None:
         clear(self.storage, f"{self.out}/{WORK}")
+
+
+def _selector(labels: DictConfig | None) -> dict[str, str] | None:
+    return OmegaConf.to_container(labels) if labels else None
