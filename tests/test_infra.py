@@ -8,10 +8,11 @@ import sys
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import pytest
 import yaml
 from conftest import ROOT
+from mlflow.server.security_utils import is_allowed_host_header
 from omegaconf import OmegaConf
 
 from pipelines import stages
@@ -19,6 +20,7 @@ from pipelines.config import compose
 
 INFRA = ROOT / "infra"
 ENTRYPOINT = ["python", "/app/pipelines/run.py"]
+TRACKING_URI = "http://mlflow.ldm.svc:5000"  # the tracking server's Service (infra/mlflow/mlflow.yaml)
 
 
 def documents(path: Path) -> list[dict]:
@@ -50,7 +52,7 @@ def test_every_manifest_parses_and_names_its_kind():
 
 
 def test_each_rayjob_runs_a_stage_with_a_config_that_composes_and_resolves(monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.ldm.svc:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", TRACKING_URI)
     [cluster] = kubernetes("RayCluster")
     jobs = {}
     for job in kubernetes("RayJob"):
@@ -97,8 +99,11 @@ def test_the_aws_cluster_has_a_cpu_and_a_gpu_worker_type_that_start_ray():
     assert aws["provider"]["type"] == "aws" and aws["head_node_type"] in aws["available_node_types"]
     workers = {name: t for name, t in aws["available_node_types"].items() if name != aws["head_node_type"]}
     instance = lambda t: t["node_config"]["InstanceType"]  # noqa: E731
-    assert any(instance(t).startswith(("g", "p")) for t in workers.values())
-    assert any(instance(t).startswith(("c", "m", "r")) for t in workers.values())
+    # Each worker type carries the node label the RayJobs select on, matching its hardware.
+    kinds = {t["labels"]["node-kind"]: instance(t) for t in workers.values()}
+    assert kinds["gpu"].startswith(("g", "p")) and kinds["cpu"].startswith(("c", "m", "r"))
+    encode = next(j for j in kubernetes("RayJob") if "stage=encode_latents" in j["spec"]["entrypoint"])
+    assert "{node-kind:gpu}" in encode["spec"]["entrypoint"] and "{node-kind:cpu}" in encode["spec"]["entrypoint"]
     assert any("ray start --head" in c for c in aws["head_start_ray_commands"])
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in aws["worker_start_ray_commands"])
 
@@ -115,11 +120,19 @@ def test_the_mlflow_server_uses_postgresql_and_s3_with_flags_this_mlflow_has():
                                capture_output=True, text=True, check=True).stdout
     for flag in flags:
         assert f"--{flag}" in help_text, f"mlflow server has no --{flag}"
+    # The server answers only Host headers it allows, port included: the stages' URI must be one of them.
+    assert is_allowed_host_header(flags["allowed-hosts"].split(","), urlsplit(TRACKING_URI).netloc)
     services = {d["metadata"]["name"] for d in documents(INFRA / "mlflow" / "mlflow.yaml") if d["kind"] == "Service"}
     assert {"mlflow", "mlflow-db"} <= services
 
 
-@pytest.mark.parametrize("path", ["kuberay/raycluster.yaml", "aws/cluster.yaml", "mlflow/mlflow.yaml"])
-def test_no_manifest_holds_a_secret(path):
-    text = (INFRA / path).read_text()
-    assert not re.search(r"(AWS_SECRET_ACCESS_KEY|POSTGRES_PASSWORD|RAY_AUTH_TOKEN)\s*[:=]\s*(?!\.\.\.)\S", text)
+SECRET = r"(AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|POSTGRES_PASSWORD|RAY_AUTH_TOKEN)"
+
+
+def test_no_infra_file_holds_a_secret():
+    files = sorted(p for p in INFRA.rglob("*") if p.is_file())
+    assert len(files) >= 8
+    for path in files:
+        text = path.read_text()
+        assert not re.search(rf"{SECRET}\s*[:=]\s*(?!\.\.\.)\S", text), f"{path}: a secret's value"
+        assert not re.search(rf"name:\s*{SECRET}\s*,\s*value:", text), f"{path}: a secret as a literal env value"

@@ -40,7 +40,7 @@ def test_the_stages_run_with_their_own_config_and_the_plan_fits_the_data():
     assert plan(pipeline) == [(name, None) for name in ORDER]
     pretrained = dict(plan(compose("stage=pipeline", "stage.encode_latents.first_stage=stabilityai/sd-vae-ft-mse")))
     assert "pretrained first stage stabilityai/sd-vae-ft-mse" in pretrained["train_autoencoder"]
-    assert "not synthetic" in dict(plan(compose("stage=pipeline", "data=laion400m")))["synthesize"]
+    assert "not a synthesize output" in dict(plan(compose("stage=pipeline", "data=laion400m")))["synthesize"]
     with pytest.raises(ValueError, match="img2dataset command it prints"):
         plan(compose("stage=pipeline", "data=laion400m_metadata"))
 
@@ -53,7 +53,7 @@ def test_a_failing_stage_is_named_and_the_stages_before_it_stay_complete(ray_clu
         stages.load("pipeline").run(cfg)
     message = str(failure.value)
     assert "stage encode_latents failed" in message and "no-such-autoencoder" in message
-    assert "Complete and kept: synthesize, prepare" in message and "again to resume at encode_latents" in message
+    assert "Complete and kept: synthesize, prepare" in message and "the same command resumes at encode_latents" in message
     assert (tmp_path / "store" / "prepared" / "_manifest.json").exists()
     client = mlflow.MlflowClient(tracking)
     [parent] = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id], "tags.stage = 'pipeline'")

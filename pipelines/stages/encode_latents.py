@@ -162,7 +162,8 @@ def _check_resource_plan(cfg: DictConfig) -> None:
     held = resources.encoder_concurrency * resources.num_cpus_per_encoder
     free = total.get("CPU", 0) - held
     need = max(1.0, resources.num_cpus_per_decode_task, resources.num_cpus_per_write_task)
-    if free < need:
+    # Only a cluster this stage started has a fixed size; an autoscaling one may have no workers yet.
+    if cfg.cluster.address == "local" and free < need:
         raise ValueError(
             f"stage.resources: {resources.encoder_concurrency} encoder actor(s) x {resources.num_cpus_per_encoder} CPU "
             f"hold {held:g} of the cluster's {total.get('CPU', 0):g} CPUs, leaving {free:g} for the read, decode and "

@@ -2,10 +2,11 @@
 export, as one workflow in one process, one Ray cluster and one MLflow parent run.
 
 Each stage runs as ``python pipelines/run.py stage=<name>`` would, with the node ``stage.<name>`` of this
-config, and is an MLflow run nested under the pipeline's. Outputs are addressed by their config fingerprint
-(``pipelines/outputs.py``), so a stage whose output is complete is skipped, a failure leaves every earlier output
-complete, and the same command again resumes at the stage that failed (prepare and encode_latents file by file,
-the training stages from their last checkpoint).
+config, and is an MLflow run nested under the pipeline's. Each output's manifest holds the fingerprint of the
+config that made it (``pipelines/outputs.py``), so a stage whose output is complete for its config is skipped, a
+failure leaves every earlier output complete, and the same command again resumes at the stage that failed
+(prepare and encode_latents file by file, the training stages from their last checkpoint). A complete output of
+another config is replaced only with ``overwrite=true``.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ def plan(cfg: DictConfig) -> list[tuple[str, str | None]]:
             "the downloads (data=laion400m)."
         )
     settings = cfg.stage
+    # Synthesize when prepare reads what it writes: a synthetic corpus is made, real data only read.
+    synthesized = cfg.data.get("raw_url") is not None and resolve(cfg.data.input.url) == resolve(cfg.data.raw_url)
     trained_first_stage = resolve(settings.train_autoencoder.output_url)
     reasons = {
-        "synthesize": None if cfg.data.get("synthesized", False) else f"data={cfg.data.name} is not synthetic",
+        "synthesize": None if synthesized else f"data.input.url={cfg.data.input.url} is not a synthesize output",
         "train_autoencoder": None if resolve(settings.encode_latents.first_stage) == trained_first_stage
         else f"encode_latents uses the pretrained first stage {settings.encode_latents.first_stage}",
     }
@@ -60,7 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     steps = plan(cfg)
     runs = [name for name, reason in steps if reason is None]
     results: dict[str, dict[str, Any]] = {}
-    with stage_run(cfg, STAGE):
+    with stage_run(cfg, STAGE) as parent:
         for name, reason in steps:
             if reason is not None:
                 print(f"{STAGE}: {name} does not apply: {reason}")
@@ -74,10 +77,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 complete = ", ".join(results) or "none"
                 raise StageFailed(
                     f"{STAGE}: stage {name} failed: {type(error).__name__}: {error}\n"
-                    f"Complete and kept: {complete}. Run the same command again to resume at {name}."
+                    f"Complete and kept: {complete}. Once the cause is fixed, the same command resumes at {name}."
                 ) from error
-            child = mlflow.last_active_run()
-            skipped = child.data.tags.get("stage") == name and "skipped" in child.data.tags
+            child = _stage_run(parent, name)
+            skipped = "skipped" in child.data.tags
             results[name] = {"skipped": skipped, "minutes": round((time.perf_counter() - started) / 60, 2), "run_id": child.info.run_id}
             mlflow.log_metric(f"minutes.{name}", results[name]["minutes"])
 
@@ -86,6 +89,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                          "stages_skipped": ",".join(n for n in results if n not in ran) or "none"})
         _print_summary(cfg, results)
     return results
+
+
+def _stage_run(parent: mlflow.ActiveRun, name: str) -> mlflow.entities.Run:
+    """The nested run stage ``name`` just ended under ``parent``."""
+    [child] = mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id], output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' AND tags.stage = '{name}'",
+    )
+    return child
 
 
 def _print_summary(cfg: DictConfig, results: dict[str, dict[str, Any]]) -> None:
