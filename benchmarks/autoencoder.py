@@ -31,7 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ldm.data.images import is_held_out, to_pixels  # noqa: E402
 from ldm.grids import to_uint8  # noqa: E402
 from ldm.losses.first_stage import FirstStageLoss, LossWeights  # noqa: E402
-from ldm.models.first_stage import Reconstruct, build_first_stage, decode, encode, kind, last_layer, load_first_stage, preset  # noqa: E402
+from ldm.models.first_stage import Reconstruct, build_first_stage, decode, encode, kind, last_layer, load_first_stage  # noqa: E402
+from ldm.models.presets import first_stage_preset  # noqa: E402
 from ldm.synthetic.classify import classify  # noqa: E402
 from pipelines import stages  # noqa: E402
 from pipelines.config import compose as config  # noqa: E402
@@ -44,7 +45,7 @@ def bare_images_per_s(cfg, images: np.ndarray, steps: int = 20) -> float:
     """The same model, loss and global batch in one process with every core, on tensors already in memory."""
     settings = cfg.stage
     torch.set_num_threads(os.cpu_count())
-    model = build_first_stage(preset(settings.model.preset), settings.model.logvar_bias)
+    model = build_first_stage(first_stage_preset(settings.model.preset), settings.model.logvar_bias)
     loss = FirstStageLoss(kind(model), LossWeights(**settings.loss))
     extra = [loss.logvar] if loss.logvar is not None else []
     optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=settings.optimizer.lr, betas=tuple(settings.optimizer.betas))

@@ -28,12 +28,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ldm.data.images import square_crop  # noqa: E402
-from ldm.models.first_stage import build_first_stage, encode_pixels, load_first_stage, preset  # noqa: E402
+from ldm.models.first_stage import build_first_stage, encode_pixels, load_first_stage  # noqa: E402
+from ldm.models.presets import first_stage_preset  # noqa: E402
 from ldm.storage import Storage  # noqa: E402
 from pipelines import stages  # noqa: E402
 from pipelines.config import compose as config  # noqa: E402
 from pipelines.cluster import connect  # noqa: E402
-from pipelines.encoder_actor import Encoder  # noqa: E402
+from pipelines.stages.encode_latents.encoder import Encoder  # noqa: E402
 
 
 
@@ -79,7 +80,7 @@ def main() -> None:
     stages.load("synthesize").run(config("stage=synthesize", *common))
     stages.load("prepare").run(config("stage=prepare", *common))
     model_dir = work / "first_stage"
-    build_first_stage(preset(args.preset)).save_pretrained(model_dir)  # random weights: the compute is the same
+    build_first_stage(first_stage_preset(args.preset)).save_pretrained(model_dir)  # random weights: the compute is the same
 
     cfg = config("stage=encode_latents", *common, f"stage.first_stage={model_dir}", *args.overrides)
     connect(cfg.cluster)

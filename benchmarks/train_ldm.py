@@ -33,8 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ldm.data.images import normalise, square_crop  # noqa: E402
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, noise_scheduler, sample_latents  # noqa: E402
 from ldm.latents import column_array  # noqa: E402
-from ldm.models.first_stage import build_first_stage, encode, load_first_stage, preset as first_stage_preset  # noqa: E402
-from ldm.models.text_to_image import build_text_encoder, build_unet, preset, set_attention  # noqa: E402
+from ldm.models.first_stage import build_first_stage, encode, load_first_stage  # noqa: E402
+from ldm.models.presets import first_stage_preset, text_to_image_preset  # noqa: E402
+from ldm.models.text_to_image import build_text_encoder, build_unet, set_attention  # noqa: E402
 from pipelines import stages  # noqa: E402
 from pipelines.config import compose as config  # noqa: E402
 
@@ -46,7 +47,7 @@ def bare_steps_per_s(cfg, latents: dict[str, np.ndarray], pixels: np.ndarray | N
     """Optimizer steps/s of the train_ldm step on in-memory data; with ``pixels``, z0 comes from encoding them."""
     settings = cfg.stage
     torch.manual_seed(0)
-    spec = preset(settings.model.preset, settings.model.unet, settings.model.text_encoder)
+    spec = text_to_image_preset(settings.model.preset, settings.model.unet, settings.model.text_encoder)
     text_encoder = build_text_encoder(spec.text_encoder, vocab, latents["input_ids"].shape[1])
     channels, size = latents["latent_mean"].shape[1], latents["latent_mean"].shape[2]
     unet = build_unet(spec.unet, channels, size, spec.text_encoder.width)

@@ -1,4 +1,4 @@
-"""First-stage latents as stored between encode_latents and train_ldm (DESIGN.md, latent shards).
+"""First-stage latents as stored between encode_latents and train_ldm (the latent shards).
 
 A KL first stage's posterior is stored whole, ``latent_mean`` and ``latent_logvar`` (float16, c x h x w), so
 training can draw a fresh z ~ q(z|x) every epoch; a VQ first stage's quantized ``latent`` alone. Both as

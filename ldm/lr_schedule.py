@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 
-SCHEDULES = ("constant", "cosine", "linear")
+from ldm.choices import LR_SCHEDULES
 
 
 def learning_rate(
     step: int, base: float, *, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 0, final_ratio: float = 0.0
 ) -> float:
     """The rate for optimizer step ``step`` (0-based). Decay runs from the end of warm-up to ``total_steps``."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}: expected one of {SCHEDULES}")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}: expected one of {LR_SCHEDULES}")
     if step < warmup_steps:
         return base * (step + 1) / warmup_steps
     if schedule == "constant":

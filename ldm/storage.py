@@ -74,6 +74,35 @@ class Storage:
             yield local
 
 
+def model_location(name_or_path: str) -> str:
+    """A model reference as every process reads it the same: storage URLs and existing local paths made
+    absolute, anything else taken for a hub id (``org/name``). A path that does not exist is an error here
+    rather than a confusing hub lookup."""
+    if name_or_path.startswith(("s3://", "s3a://", "file://")) or os.path.exists(name_or_path):
+        return resolve(name_or_path)
+    if name_or_path.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"no model directory at {name_or_path}")
+    return name_or_path
+
+
+def is_hub_id(location: str) -> bool:
+    """A ``model_location`` that names a hub repository rather than a directory."""
+    return not (_is_object_store(location) or os.path.isabs(location))
+
+
+@contextmanager
+def pretrained_directory(name_or_path: str, storage: Storage | None) -> Iterator[str]:
+    """What ``from_pretrained`` reads for a model reference: a hub id or a local directory as it is (one code
+    path for both), an object-store directory copied to local disk first (``from_pretrained`` reads files)."""
+    if not _is_object_store(name_or_path):
+        yield name_or_path
+        return
+    if storage is None:
+        raise ValueError(f"reading {name_or_path} needs the storage config (its endpoint and region)")
+    with storage.local_directory(name_or_path) as local:
+        yield local
+
+
 def resolve(url: str) -> str:
     """A URL that means the same in every process: relative local paths become absolute.
 
@@ -81,6 +110,10 @@ def resolve(url: str) -> str:
     """
     url = url.rstrip("/")
     return os.path.abspath(_local_path(url)) if _scheme(url) == "file" else url
+
+
+def _is_object_store(url: str) -> bool:
+    return url.startswith(("s3://", "s3a://"))
 
 
 def _scheme(url: str) -> str:

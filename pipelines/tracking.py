@@ -16,7 +16,9 @@ from typing import Any, Iterator, Mapping
 
 import mlflow
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from pipelines.config import plain
 
 # Matched against whole parts of a key ("hf_token", "aws_secret_access_key"), so "tokenizer" or "max_tokens"
 # stay visible.
@@ -64,7 +66,7 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[mlflow.ActiveRun]:
     parent = mlflow.active_run()
     if parent is None:
         mlflow.set_experiment(cfg.tracking.experiment)
-    config = redact(OmegaConf.to_container(cfg, resolve=True))
+    config = redact(plain(cfg))
     with mlflow.start_run(run_name=stage, nested=parent is not None, tags={"stage": stage}) as run:
         mlflow.log_params(flatten(config))
         mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config.yaml")

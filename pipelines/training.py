@@ -1,5 +1,5 @@
-"""What the two Ray Train stages (train_autoencoder, train_ldm) share: the run a re-run continues, the
-TorchTrainer over the cluster and storage the config names, and the tracking URI workers can reach."""
+"""What the two Ray Train stages (train_autoencoder, train_ldm) share on the driver: the run a re-run continues,
+the TorchTrainer over the cluster and storage the config names, and the MLflow run workers log to."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import os
 from typing import Any, Callable, Iterable
 
 import ray.train
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from ray.train.torch import TorchTrainer
 
 from ldm.manifest import fingerprint
 from ldm.storage import Storage, resolve
+from pipelines.config import plain
+from pipelines.stage import Job
+from pipelines.train_worker import RunTarget
 
 # How long and how often to log, evaluate, checkpoint and sample, where to write, on what hardware and whether
 # to resume: none of it changes the training trajectory, so a re-run with more steps (or other cadences or
@@ -24,42 +27,37 @@ NOT_TRAINING = (
 
 def training_identity(cfg: DictConfig, inputs: Iterable[str]) -> str:
     """The fingerprint of a training trajectory: the stage's training settings, the global batch and inputs."""
-    stage = {k: v for k, v in OmegaConf.to_container(cfg.stage, resolve=True).items() if k not in NOT_TRAINING}
+    stage = {k: v for k, v in plain(cfg.stage).items() if k not in NOT_TRAINING}
     stage["num_workers"] = cfg.stage.scaling.num_workers  # the global batch: part of the trajectory
     return fingerprint({"stage": stage, "resolution": cfg.data.resolution}, list(inputs))
 
 
-def worker_tracking_uri(cfg: DictConfig) -> str:
-    """The tracking URI as workers (other processes, other working directories) must spell it."""
-    uri = cfg.tracking.uri
+def run_target(job: Job) -> RunTarget:
+    """The stage's MLflow run, its tracking URI as workers (other processes, other directories) must spell it."""
+    uri = job.cfg.tracking.uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{os.path.abspath(uri.removeprefix('sqlite:///'))}"
-    return uri
+    return RunTarget(uri, job.run_id)
 
 
-def trainer(
-    cfg: DictConfig,
-    storage: Storage,
-    loop: Callable[[dict[str, Any]], None],
-    loop_config: dict[str, Any],
-    run_name: str,
-    datasets: dict[str, Any],
-) -> TorchTrainer:
-    """A TorchTrainer on ``stage.scaling`` whose checkpoints go to ``stage.checkpoints_url``/``run_name``: the
-    same name on a re-run (or after a worker failure) restores the latest checkpoint there."""
+def trainer(cfg: DictConfig, storage: Storage, loop: Callable[[], None], run_name: str, datasets: dict[str, Any]) -> TorchTrainer:
+    """A TorchTrainer running ``loop`` on ``stage.scaling`` whose checkpoints go to
+    ``stage.checkpoints_url``/``run_name``: the same name on a re-run (or after a worker failure) restores the
+    latest checkpoint there."""
+    for dataset in datasets.values():
+        # Read in Ray Train's processes, which have no terminal: a progress bar there only floods the driver's
+        # console with repaint lines, long after the data is read.
+        dataset.context.enable_progress_bars = False
     scaling = cfg.stage.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.get("gpus_per_worker", 1)
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     checkpoints_fs, checkpoints_path = storage.pyarrow(resolve(cfg.stage.checkpoints_url))
     return TorchTrainer(
         loop,
-        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
             resources_per_worker=resources,
-            placement_strategy=scaling.get("placement_strategy", "PACK"),
+            placement_strategy=str(scaling.placement_strategy),
         ),
         run_config=ray.train.RunConfig(
             name=run_name,

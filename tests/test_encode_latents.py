@@ -14,16 +14,18 @@ from conftest import BUCKET, ROOT, kill_midway
 from ldm.data.images import normalise, square_crop
 from ldm.latents import LatentStats, column_array
 from ldm.manifest import verify
-from ldm.models.first_stage import build_first_stage, decode, encode, load_first_stage, preset
+from ldm.models.first_stage import build_first_stage, decode, encode, load_first_stage
+from ldm.models.presets import first_stage_preset
 from ldm.storage import Storage
 from ldm.text.tokenizer import load_tokenizer
-from pipelines import encode_tasks, stages
+from pipelines import stages
 from pipelines.config import compose
-from pipelines.encoder_actor import Encoder
+from pipelines.stages.encode_latents import tasks as encode_tasks
+from pipelines.stages.encode_latents.encoder import Encoder
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
-DATA = ["data.num_samples=240", "stage.rows_per_shard=40"]
+DATA = ["experiment=ci", "stage.rows_per_shard=40"]
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +34,14 @@ def prepared(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("encode")
     common = [f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db"]
     stages.load("synthesize").run(compose("stage=synthesize", *DATA, *common))
-    stages.load("prepare").run(compose("stage=prepare", "data.num_samples=240", "stage.max_rows_per_file=25", *common))
+    stages.load("prepare").run(compose("stage=prepare", "experiment=ci", "stage.max_rows_per_file=25", *common))
     torch.manual_seed(0)
-    build_first_stage(preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(root / "first_stage")
+    build_first_stage(first_stage_preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(root / "first_stage")
     return root, common
 
 
 def encode_cfg(root, common, *overrides):
-    return compose("stage=encode_latents", "data.num_samples=240", f"stage.first_stage={root}/first_stage", *common, *overrides)
+    return compose("stage=encode_latents", "experiment=ci", f"stage.first_stage={root}/first_stage", *common, *overrides)
 
 
 def read_dir(storage, url):
@@ -97,7 +99,7 @@ def test_vq_first_stage_on_s3_stores_the_quantized_latent(ray_cluster, s3_server
     stages.load("prepare").run(compose("stage=prepare", "data.num_samples=120", *common))
     storage = Storage(root=f"s3://{BUCKET}/encode-e2e", endpoint_url=s3_server)
     fs, path = storage.fsspec(storage.url("vq"))
-    build_first_stage(preset("tiny-vq-f4")).save_pretrained(tmp_path / "vq")
+    build_first_stage(first_stage_preset("tiny-vq-f4")).save_pretrained(tmp_path / "vq")
     fs.put(str(tmp_path / "vq"), path, recursive=True)
 
     manifest = stages.load("encode_latents").run(compose(
@@ -115,9 +117,9 @@ def test_a_killed_run_resumes_to_the_same_keys_without_duplicates(prepared, tmp_
     root, common = prepared
     out = tmp_path / "latents"
     # A wider first stage (~9 s for these images here): a window to be killed in, between files.
-    build_first_stage(preset("tiny-kl-f4", block_out_channels=(64, 128, 128), layers_per_block=2)).save_pretrained(tmp_path / "wide")
+    build_first_stage(first_stage_preset("tiny-kl-f4", block_out_channels=(64, 128, 128), layers_per_block=2)).save_pretrained(tmp_path / "wide")
     command = [
-        sys.executable, str(ROOT / "pipelines" / "run.py"), "stage=encode_latents", "data.num_samples=240",
+        sys.executable, str(ROOT / "pipelines" / "run.py"), "stage=encode_latents", "experiment=ci",
         f"storage.root={root}/store", f"stage.first_stage={tmp_path}/wide", f"stage.output_url={out}",
         f"tracking.uri=sqlite:///{tmp_path}/m.db", "stage.resources.decode_batch_size=5",
         "stage.resources.encoder_batch_size=5", "stage.resources.block_mb=0.1",  # stream file by file
@@ -161,10 +163,3 @@ def test_a_resource_plan_that_would_starve_the_readers_is_refused(prepared):
     with pytest.raises(ValueError, match="hold 4 of the cluster's 4 CPUs"):
         stages.load("encode_latents").run(encode_cfg(root, common, "stage.output_url=" + str(root / "never"),
                                                      "stage.resources.encoder_concurrency=4"))
-
-
-def test_the_decode_and_write_tasks_load_without_torch_or_diffusers():
-    """Ray starts a worker process per task slot; importing diffusers in each costs seconds of the encoder's CPU."""
-    probe = "import sys, pipelines.encode_tasks; print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
-    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert loaded.stdout.strip() == "[]"

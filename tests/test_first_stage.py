@@ -14,22 +14,13 @@ from conftest import BUCKET, ROOT, write_lpips_weights
 from ldm.losses.first_stage import FirstStageLoss, LossWeights
 from ldm.losses.lpips import load_lpips
 from ldm.metrics.reconstruction import evaluate_reconstruction
-from ldm.models.first_stage import (
-    PRESETS,
-    build_first_stage,
-    decode,
-    encode,
-    factor,
-    kind,
-    last_layer,
-    load_first_stage,
-    preset,
-)
+from ldm.models.first_stage import build_first_stage, decode, encode, factor, kind, last_layer, load_first_stage
+from ldm.models.presets import FIRST_STAGE_PRESETS, first_stage_preset
 from ldm.storage import Storage
 from ldm.synthetic import all_scenes, render
 
 # Parameters of each preset as built here. kl-f8 is exactly Stable Diffusion's VAE (the paper's kl-f8
-# config: z=4, ch 128, mult 1,2,4,4, 2 res blocks); the tiny ones are DESIGN.md's 0.95M CPU model.
+# config: z=4, ch 128, mult 1,2,4,4, 2 res blocks); the tiny ones are the 0.95M CPU model.
 PARAMETERS = {
     "kl-f4": 55_312_063,
     "kl-f8": 83_653_863,
@@ -41,9 +32,9 @@ PARAMETERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(FIRST_STAGE_PRESETS))
 def test_every_preset_builds_with_its_recorded_size(name):
-    spec = preset(name)
+    spec = first_stage_preset(name)
     with torch.device("meta"):  # the shapes, without allocating 80M parameters
         model = build_first_stage(spec)
     assert sum(p.numel() for p in model.parameters()) == PARAMETERS[name]
@@ -52,15 +43,15 @@ def test_every_preset_builds_with_its_recorded_size(name):
 
 def test_presets_refuse_nonsense():
     with pytest.raises(ValueError, match="unknown first-stage preset 'kl-f7'"):
-        preset("kl-f7")
+        first_stage_preset("kl-f7")
     with pytest.raises(ValueError, match="num_vq_embeddings"):
-        preset("tiny-kl-f4", kind="vq")
-    assert preset("tiny-kl-f4", latent_channels=8).latent_channels == 8
+        first_stage_preset("tiny-kl-f4", kind="vq")
+    assert first_stage_preset("tiny-kl-f4", latent_channels=8).latent_channels == 8
 
 
 @pytest.mark.parametrize("name", ["tiny-kl-f4", "tiny-vq-f4"])
 def test_one_interface_encodes_and_decodes_both_kinds(name):
-    model = build_first_stage(preset(name), logvar_bias=-6.0 if name.startswith("tiny-kl") else None)
+    model = build_first_stage(first_stage_preset(name), logvar_bias=-6.0 if name.startswith("tiny-kl") else None)
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     encoded = encode(model, images)
     assert encoded.mode().shape == encoded.sample().shape == (2, 4, 16, 16)
@@ -75,7 +66,7 @@ def test_one_interface_encodes_and_decodes_both_kinds(name):
 @pytest.mark.parametrize("where", ["local", "s3"])
 @pytest.mark.parametrize("name", ["tiny-kl-f4", "tiny-vq-f4"])
 def test_a_saved_model_reloads_bit_identically_through_the_pretrained_path(name, where, tmp_path, request):
-    model = build_first_stage(preset(name)).eval()
+    model = build_first_stage(first_stage_preset(name)).eval()
     model.save_pretrained(tmp_path / "saved")
     if where == "s3":
         storage = Storage(root=f"s3://{BUCKET}/first-stage", endpoint_url=request.getfixturevalue("s3_server"))
@@ -111,7 +102,7 @@ def synthetic_batch(n=8, size=64, seed=0):
 
 @pytest.mark.parametrize("name", ["tiny-kl-f4", "tiny-vq-f4"])
 def test_the_paper_loss_switches_the_discriminator_on_at_disc_start(name):
-    spec = preset(name)
+    spec = first_stage_preset(name)
     model = build_first_stage(spec)
     loss = FirstStageLoss(spec.kind, LossWeights(disc_start=10))
     images = synthetic_batch(2)
@@ -141,7 +132,7 @@ def test_foreground_weighting_raises_the_cost_of_errors_on_the_object_only():
 
 def test_a_tiny_first_stage_learns_and_the_metrics_see_it():
     torch.manual_seed(0)
-    spec = preset("tiny-kl-f4")
+    spec = first_stage_preset("tiny-kl-f4")
     model = build_first_stage(spec, logvar_bias=-6.0)
     loss = FirstStageLoss("kl", LossWeights(foreground_weight=5, mse_weight=1))
     images = synthetic_batch(8)
@@ -158,7 +149,7 @@ def test_a_tiny_first_stage_learns_and_the_metrics_see_it():
 
 
 def test_codebook_usage_counts_the_codes_a_vq_model_uses():
-    model = build_first_stage(preset("tiny-vq-f4"))
+    model = build_first_stage(first_stage_preset("tiny-vq-f4"))
     metrics = evaluate_reconstruction(model, [synthetic_batch(4)])
     assert 0 < metrics.codebook_usage <= 1 and 1 <= metrics.codebook_perplexity <= 256
     assert set(metrics.as_dict("val/")) == {"val/psnr", "val/ssim", "val/images", "val/codebook_usage",
@@ -206,7 +197,7 @@ def test_the_perceptual_term_joins_the_reconstruction_loss_frozen_and_unsaved(tm
 
 def test_a_hub_id_takes_the_same_path_from_the_hub_cache(tmp_path):
     """Offline, a hub id resolves from the Hugging Face cache exactly as an online user's download would land."""
-    model = build_first_stage(preset("tiny-kl-f4"))
+    model = build_first_stage(first_stage_preset("tiny-kl-f4"))
     model.save_pretrained(tmp_path / "local")
     repo = tmp_path / "hub" / "models--acme--tiny-ldm"
     shutil.copytree(tmp_path / "local", repo / "snapshots" / ("0" * 40) / "vae")

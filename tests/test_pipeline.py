@@ -12,20 +12,12 @@ from omegaconf import OmegaConf
 from ldm.storage import Storage
 from pipelines import stages
 from pipelines.config import compose
-from pipelines.stages.pipeline import ORDER, StageFailed, plan, stage_config
+from pipelines.stages.pipeline.stage import ORDER, StageFailed, plan, stage_config
 
 pytestmark = [pytest.mark.timeout(1500), pytest.mark.slow]
 
-TINY = [
-    "data.num_samples=160", "stage.synthesize.rows_per_shard=40",
-    "stage.train_autoencoder.steps=4", "stage.train_autoencoder.batch_size=4", "stage.train_autoencoder.log_every=2",
-    "stage.train_autoencoder.eval_every=4", "stage.train_autoencoder.checkpoint_every=4",
-    "stage.train_ldm.steps=12", "stage.train_ldm.checkpoint_every=4", "stage.train_ldm.batch_size=8",
-    "stage.train_ldm.log_every=4", "stage.train_ldm.sample_every=12", "stage.train_ldm.validation.steps=2",
-    "+stage.train_ldm.model.unet.block_out_channels=[32,32,64]",
-    "stage.sample.steps=2", "stage.evaluate.steps=2", "stage.evaluate.adherence.prompts=8",
-    "stage.evaluate.reconstruction.images=16",
-]
+# The ci sizes, on fewer rows: the whole workflow in a few minutes.
+TINY = ["experiment=ci", "data.num_samples=160", "stage.synthesize.rows_per_shard=40"]
 
 
 def test_the_stages_run_with_their_own_config_and_the_plan_fits_the_data():
@@ -72,10 +64,16 @@ def test_killed_mid_stage_it_resumes_there_and_then_finds_every_stage_complete(s
     kill_when(command, tmp_path, lambda: bool(fs.glob(f"{root}/checkpoints/train_ldm/*/checkpoint_manager_snapshot.json")))
     assert fs.exists(f"{root}/latents/_manifest.json") and not fs.exists(f"{root}/ldm/_manifest.json")
 
-    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    # Its console as a file gets it, stdout and stderr together: the summary comes last, nothing after it.
+    resumed = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-5000:]
     assert all(fs.exists(f"{root}/{out}/_manifest.json") for out in ("ldm", "samples", "evaluation", "export"))
-    assert f"samples: s3://{BUCKET}/pipeline/samples/images/" in resumed.stdout
+    lines = resumed.stdout.rstrip().splitlines()
+    summary = lines[len(lines) - lines[::-1].index("pipeline: done") - 1:]
+    # The stage lines, where the samples and the model are, MLflow's own run links, and the run's URL last.
+    assert len(summary) <= 15 and summary[-1].strip().startswith(f"open {mlflow_server}/#/experiments/"), "\n".join(summary)
+    assert any(line.startswith(f"samples: s3://{BUCKET}/pipeline/samples/images/") for line in summary)
+    assert not any(line.startswith("(") or "%|" in line for line in summary), "\n".join(summary)  # no Ray worker output
 
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -12,27 +12,28 @@ import pytest
 from PIL import Image
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-from ldm.models.first_stage import build_first_stage, preset
+from ldm.models.first_stage import build_first_stage
+from ldm.models.presets import first_stage_preset
 from pipelines import stages
 from pipelines.config import compose
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 PROMPTS = ["a red circle in the top left on a blue background", "a white square at the bottom right, black background"]
-SAMPLE = ["stage=sample", "stage.steps=4", f"stage.prompts={json.dumps(PROMPTS)}"]
+SAMPLE = ["stage=sample", f"stage.prompts={json.dumps(PROMPTS)}"]
 
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, tmp_path_factory):
-    """A train_ldm output: 240 synthesized images, a random tiny-kl-f4 first stage, 10 steps of a small UNet."""
+    """A train_ldm output at the ci sizes: 240 synthesized images, a random tiny-kl-f4 first stage, 10 steps of a
+    small UNet."""
     root = tmp_path_factory.mktemp("generate")
-    common = [f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db", "data.num_samples=240"]
-    stages.load("synthesize").run(compose("stage=synthesize", "stage.rows_per_shard=60", *common))
+    common = ["experiment=ci", f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db"]
+    stages.load("synthesize").run(compose("stage=synthesize", *common))
     stages.load("prepare").run(compose("stage=prepare", *common))
-    build_first_stage(preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(root / "first_stage")
+    build_first_stage(first_stage_preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(root / "first_stage")
     stages.load("encode_latents").run(compose("stage=encode_latents", *common, f"stage.first_stage={root}/first_stage"))
-    stages.load("train_ldm").run(compose("stage=train_ldm", *common, "stage.steps=10", "stage.batch_size=8", "stage.log_every=5",
-                                         "stage.sample_every=10", "stage.validation.steps=2", "+stage.model.unet.block_out_channels=[32,32,64]"))
+    stages.load("train_ldm").run(compose("stage=train_ldm", *common, "stage.steps=10", "stage.log_every=5", "stage.sample_every=10"))
     return root, common
 
 
@@ -117,12 +118,14 @@ def test_evaluate_writes_reconstruction_adherence_and_fid(trained, tmp_path):
     ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(extractor)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(extractor)
     manifest = stages.load("evaluate").run(compose(
-        "stage=evaluate", *common, "stage.steps=2", "stage.batch_size=8", "stage.adherence.prompts=8", "stage.reconstruction.held_out_fraction=0.1",
-        f"stage.fid.feature_extractor={extractor}", "stage.fid.kid_subset_size=8", f"stage.output_url={tmp_path}/evaluation",
+        "stage=evaluate", *common, f"stage.fid.feature_extractor={extractor}", "stage.fid.images=20", "stage.fid.kid_subset_size=8",
+        f"stage.output_url={tmp_path}/evaluation",
     ))
     report = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     metrics = report["metrics"]
-    assert metrics["reconstruction"]["images"] >= 10 and metrics["reconstruction"]["psnr"] > 0
+    # A first stage that train_autoencoder did not train saw none of the prepared images: any of them is held out.
+    assert report["held_out_fraction"] == 1.0 and metrics["fid"]["images"] == 20
+    assert metrics["reconstruction"]["images"] == 16 and metrics["reconstruction"]["psnr"] > 0
     assert metrics["adherence"]["prompts"] == 8 and metrics["adherence"]["colour_chance"] == 1 / 8
     assert all(0 <= metrics["adherence"][f"{a}_accuracy"] <= 1 for a in ("colour", "shape", "position", "background", "all"))
     assert metrics["fid"]["fid"] >= 0 and np.isfinite(metrics["fid"]["kid"]) and report["skipped"] == {}

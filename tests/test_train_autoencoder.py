@@ -1,6 +1,7 @@
 """stage=train_autoencoder on a real local Ray cluster: 2 Ray Train workers (DDP over gloo) on synthesized,
-prepared images; the loss falls, MLflow sees metrics and reconstruction grids, a longer re-run resumes from the
-checkpoint, the saved model reloads, and the VQ path works too."""
+prepared images; the loss falls, the replicas (discriminator included) stay equal past disc_start, MLflow sees
+metrics and reconstruction grids, a longer re-run resumes from the checkpoint, the saved model reloads, and the
+VQ path works too."""
 
 import mlflow
 import pytest
@@ -15,17 +16,15 @@ from pipelines.config import compose
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
-DATA = ["data.num_samples=240", "stage.rows_per_shard=60"]
-TRAIN = ["stage=train_autoencoder", "data.num_samples=240", "stage.batch_size=8", "stage.log_every=8",
-         "stage.eval_every=16", "stage.checkpoint_every=8", "stage.optimizer.lr=1e-3"]
+TRAIN = ["stage=train_autoencoder", "experiment=ci"]
 
 
 @pytest.fixture(scope="module")
 def prepared(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("autoencoder")
     common = [f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db"]
-    stages.load("synthesize").run(compose("stage=synthesize", *DATA, *common))
-    stages.load("prepare").run(compose("stage=prepare", "data.num_samples=240", *common))
+    stages.load("synthesize").run(compose("stage=synthesize", "experiment=ci", *common))
+    stages.load("prepare").run(compose("stage=prepare", "experiment=ci", *common))
     return root, common
 
 
@@ -38,10 +37,14 @@ def test_two_workers_learn_log_resume_and_save_a_reloadable_model(prepared):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
     experiment = client.get_experiment_by_name("ldm").experiment_id
 
-    first = stages.load("train_autoencoder").run(compose(*TRAIN, *common, "stage.steps=32"))
+    # The discriminator starts at step 16: from then on its replicas train too, and must stay equal.
+    train = [*TRAIN, *common, "stage.loss.disc_start=16"]
+    first = stages.load("train_autoencoder").run(compose(*train, "stage.steps=32"))
     [run] = client.search_runs([experiment], "tags.stage = 'train_autoencoder'")
     losses = [v for _, v in history(client, run.info.run_id, "train/rec_loss")]
     assert len(losses) == 4 and losses[-1] < losses[0]  # two workers, and it learns
+    assert [v for _, v in history(client, run.info.run_id, "ddp/parameter_spread")] == [0.0]
+    assert "train/disc_loss" in first["facts"]["final_metrics"] and first["facts"]["held_out_fraction"] == 0.02
     psnr = history(client, run.info.run_id, "val/psnr")
     assert [s for s, _ in psnr] == [16, 32] and psnr[-1][1] > 0
     artifacts = [f.path for f in client.list_artifacts(run.info.run_id, "reconstructions")]
@@ -49,7 +52,7 @@ def test_two_workers_learn_log_resume_and_save_a_reloadable_model(prepared):
     assert first["counts"]["steps"] == 32 and first["facts"]["kind"] == "kl" and first["facts"]["factor"] == 4
 
     # The same command with more steps continues the run from its step-32 checkpoint.
-    second = stages.load("train_autoencoder").run(compose(*TRAIN, *common, "stage.steps=40", "overwrite=true"))
+    second = stages.load("train_autoencoder").run(compose(*train, "stage.steps=40", "overwrite=true"))
     runs = client.search_runs([experiment], "tags.stage = 'train_autoencoder'", order_by=["start_time DESC"])
     assert [s for s, _ in history(client, runs[0].info.run_id, "train/rec_loss")] == [40]
     assert second["counts"]["steps"] == 40 and second["facts"]["checkpoints"] == first["facts"]["checkpoints"]
@@ -62,7 +65,7 @@ def test_two_workers_learn_log_resume_and_save_a_reloadable_model(prepared):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), from_checkpoint.state_dict().values()))
     assert sum(p.numel() for p in model.parameters()) == second["facts"]["parameters"] == 954_567
 
-    again = stages.load("train_autoencoder").run(compose(*TRAIN, *common, "stage.steps=40"))
+    again = stages.load("train_autoencoder").run(compose(*train, "stage.steps=40"))
     assert again["created_at"] == second["created_at"]  # same config: nothing to do
 
 

@@ -15,16 +15,17 @@ import torch
 from conftest import BUCKET, ROOT, free_port, kill_session, wait_for
 
 from ldm.manifest import verify
-from ldm.models.first_stage import build_first_stage, preset
+from ldm.models.first_stage import build_first_stage
+from ldm.models.presets import first_stage_preset
 from ldm.models.text_to_image import load_models
 from ldm.storage import Storage
-from pipelines import ldm_loop, stages
+from pipelines import stages
+from pipelines.stages.train_ldm import loop as ldm_loop
 from pipelines.config import compose
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
-TRAIN = ["stage=train_ldm", "data.num_samples=240", "stage.batch_size=8", "stage.log_every=10", "stage.checkpoint_every=20",
-         "stage.sample_every=20", "stage.validation.steps=2", "stage.optimizer.warmup_steps=5", "stage.optimizer.lr=1e-3"]
+TRAIN = ["stage=train_ldm", "experiment=ci"]
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +33,10 @@ def latents(ray_cluster, tmp_path_factory):
     """Latents of 240 synthesized images under a random tiny first stage: the shape of the real thing."""
     root = tmp_path_factory.mktemp("train_ldm")
     common = [f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db"]
-    stages.load("synthesize").run(compose("stage=synthesize", "data.num_samples=240", "stage.rows_per_shard=60", *common))
-    stages.load("prepare").run(compose("stage=prepare", "data.num_samples=240", *common))
-    build_first_stage(preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(root / "first_stage")
-    stages.load("encode_latents").run(compose("stage=encode_latents", "data.num_samples=240", *common, f"stage.first_stage={root}/first_stage"))
+    stages.load("synthesize").run(compose("stage=synthesize", "experiment=ci", *common))
+    stages.load("prepare").run(compose("stage=prepare", "experiment=ci", *common))
+    build_first_stage(first_stage_preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(root / "first_stage")
+    stages.load("encode_latents").run(compose("stage=encode_latents", "experiment=ci", *common, f"stage.first_stage={root}/first_stage"))
     return root, common
 
 
@@ -161,10 +162,9 @@ def test_ray_job_submit_trains_across_two_nodes_of_a_ray_start_cluster(latents, 
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         command = [
             ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
-            "python", "pipelines/run.py", "stage=train_ldm", "cluster=remote", f"storage.root={tmp_path}/store", "storage.shared=true",
-            f"stage.latents_url={root}/store/latents", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", "data.num_samples=240",
-            "stage.scaling.placement_strategy=SPREAD", "stage.steps=20", "stage.batch_size=8", "stage.log_every=10",
-            "stage.sample_every=20", "stage.validation.steps=2",
+            "python", "pipelines/run.py", "stage=train_ldm", "experiment=ci", "cluster=remote", f"storage.root={tmp_path}/store",
+            "storage.shared=true", f"stage.latents_url={root}/store/latents", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
+            "stage.scaling.placement_strategy=SPREAD", "stage.steps=20",
         ]
         deadline = time.time() + 120
         while True:  # the job agent needs a few seconds after the dashboard answers, and both nodes must be up

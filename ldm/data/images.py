@@ -1,4 +1,5 @@
-"""Encoded image bytes to training tensors: decode, resize the shorter side, crop, flip, scale to [-1, 1]."""
+"""Encoded image bytes to training tensors (decode, resize the shorter side, crop, flip, scale to [-1, 1]), and
+images back to PNG bytes."""
 
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ def normalise(pixels: np.ndarray) -> np.ndarray:
 def to_pixels(data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False) -> np.ndarray:
     """``square_crop`` as float32 CHW in [-1, 1]."""
     return normalise(square_crop(data, resolution, rng, flip))
+
+
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """PNG bytes of a PIL image or an H x W x 3 uint8 array."""
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def is_held_out(key: str, fraction: float) -> bool:

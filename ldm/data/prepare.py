@@ -55,7 +55,8 @@ DROPPED_SCHEMA = pa.schema(
 
 
 def prepared_schema(max_length: int) -> pa.Schema:
-    """The prepared-shard contract (DESIGN.md), plus the source URL for attribution."""
+    """The prepared-shard contract every later stage reads (key, caption, tokens, the original image bytes,
+    size, similarity, sha256), plus the source URL for attribution."""
     return pa.schema(
         [
             ("key", pa.string()),

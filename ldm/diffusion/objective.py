@@ -16,23 +16,22 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from ldm.choices import NOISE_SCHEDULES, PREDICTION_TYPES
 from ldm.models.first_stage import Encoded
 from ldm.models.text_to_image import encode_text
 
-# LDM's "linear" schedule is linspace(√β0, √β1)², which diffusers calls scaled_linear.
-SCHEDULES = {"linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
 def noise_scheduler(schedule: str, prediction_type: str, timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> DDPMScheduler:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type is 'epsilon' or 'v_prediction', not {prediction_type!r}")
+    if schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(NOISE_SCHEDULES)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type is one of {PREDICTION_TYPES}, not {prediction_type!r}")
     return DDPMScheduler(
         num_train_timesteps=timesteps,
         beta_start=beta_start,
         beta_end=beta_end,
-        beta_schedule=SCHEDULES[schedule],
+        beta_schedule=NOISE_SCHEDULES[schedule],
         prediction_type=prediction_type,
         clip_sample=False,  # latents are not bounded like pixels
     )

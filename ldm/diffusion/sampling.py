@@ -17,13 +17,12 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.configuration_utils import FrozenDict
 from tqdm.auto import tqdm
 
+from ldm.choices import SAMPLERS, WEIGHTS
 from ldm.manifest import verify
 from ldm.models.first_stage import FirstStage, load_first_stage
 from ldm.models.text_to_image import load_models
 from ldm.storage import Storage
 from ldm.text.tokenizer import load_tokenizer
-
-SAMPLERS = ("ddim", "dpm++")
 
 
 def sampler(name: str, training_config: FrozenDict | dict):
@@ -50,7 +49,7 @@ def load_pipeline(storage: Storage, url: str, *, weights: str = "ema", sampler_n
     """The pipeline of a train_ldm output (its manifest is checked): its EMA or raw weights, its tokenizer,
     the first stage it trained on, and the sampler on its training noise schedule. ``device`` auto: a GPU if
     there is one."""
-    if weights not in ("ema", "raw"):
+    if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose 'ema' (the averaged weights) or 'raw' (the last step's)")
     facts = verify(storage, url, stage="train_ldm")["facts"]
     layout = facts["layout"]

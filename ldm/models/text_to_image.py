@@ -1,9 +1,7 @@
 """The latent diffusion model: a UNet with cross-attention to a transformer text encoder τθ(y).
 
-Named presets (as DiT names its sizes): the paper's ``txt2img-1p4b`` (CompVis ``txt2img-1p4B-eval.yaml``: UNet
-320 channels, mult 1,2,4,4, 2 res blocks, attention at downsampling 4,2,1, 8 heads, context 1280; τθ 32
-layers, width 1280, which diffusers ships as ``LDMBertModel``), a ``mid`` size for a single GPU, and ``tiny``
-for CPU. The latent channels and grid come from the latents' manifest, the vocabulary from the tokenizer.
+Built from the named presets in ``ldm.models.presets`` (the paper's ``txt2img-1p4b``, ``mid`` for a single
+GPU, ``tiny`` for CPU). The latent channels and grid come from the latents' manifest, the vocabulary from the tokenizer.
 τθ is trained jointly by default; ``text_encoder`` may instead name a pretrained transformers encoder
 (local, s3:// or hub id), kept frozen.
 """
@@ -11,8 +9,6 @@ for CPU. The latent channels and grid come from the latents' manifest, the vocab
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping, Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -20,55 +16,15 @@ from diffusers.models.attention_processor import AttnProcessor
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
-from ldm.storage import Storage
+from ldm.choices import ATTENTION
+from ldm.models.presets import TextEncoderSpec, UNetSpec
+from ldm.storage import Storage, pretrained_directory
 
 UNET, TEXT_ENCODER, EMA = "unet", "text_encoder", "ema"  # folders of a checkpoint and of a train_ldm output
 
 # τθ saved by us loads like any transformers encoder (AutoModel), whichever it is.
 AutoConfig.register(LDMBertConfig.model_type, LDMBertConfig, exist_ok=True)
 AutoModel.register(LDMBertConfig, LDMBertModel, exist_ok=True)
-
-
-@dataclass(frozen=True)
-class UNetSpec:
-    block_out_channels: tuple[int, ...]
-    layers_per_block: int
-    attention_levels: tuple[int, ...]  # resolution levels (0 = full latent grid) with cross-attention
-    heads: int  # diffusers' ``attention_head_dim`` means the head count in UNet2DConditionModel
-
-
-@dataclass(frozen=True)
-class TextEncoderSpec:
-    layers: int
-    width: int
-    heads: int
-    ffn: int
-    # ldmbert: the paper's τθ (diffusers' LDMBertModel, pre-LayerNorm); bert: transformers' BertModel
-    # (post-LayerNorm). A tiny LDMBert trained on CPU collapsed to a near-constant context (DESIGN.md).
-    kind: str = "ldmbert"
-
-
-@dataclass(frozen=True)
-class TextToImagePreset:
-    unet: UNetSpec
-    text_encoder: TextEncoderSpec
-
-
-PRESETS: dict[str, TextToImagePreset] = {
-    "txt2img-1p4b": TextToImagePreset(UNetSpec((320, 640, 1280, 1280), 2, (0, 1, 2), 8), TextEncoderSpec(32, 1280, 8, 5120)),
-    "mid": TextToImagePreset(UNetSpec((192, 384, 768), 2, (1, 2), 8), TextEncoderSpec(8, 512, 8, 2048)),
-    # DESIGN.md's measured CPU model: 5.9M UNet params, cross-attention at 16x16 and 8x8, a 2-layer τθ.
-    "tiny": TextToImagePreset(UNetSpec((64, 128, 128), 1, (0, 1), 4), TextEncoderSpec(2, 128, 4, 512, kind="bert")),
-}
-
-
-def preset(name: str, unet: Mapping[str, Any] | None = None, text_encoder: Mapping[str, Any] | None = None) -> TextToImagePreset:
-    """A named preset with any UNet or τθ field overridden."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown text-to-image preset {name!r}; the presets are {sorted(PRESETS)}")
-    tuples = lambda fields: {k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in (fields or {}).items()}  # noqa: E731
-    spec = PRESETS[name]
-    return TextToImagePreset(replace(spec.unet, **tuples(unet)), replace(spec.text_encoder, **tuples(text_encoder)))
 
 
 def build_text_encoder(spec: TextEncoderSpec, vocab_size: int, max_length: int) -> torch.nn.Module:
@@ -113,19 +69,15 @@ def build_unet(spec: UNetSpec, latent_channels: int, latent_size: int, context_d
 def load_text_encoder(name_or_path: str, storage: Storage | None = None) -> torch.nn.Module:
     """A pretrained transformers text encoder (or a τθ we saved): hub id, local directory or ``s3://``, all
     through ``AutoModel.from_pretrained``; object-store directories are copied to local disk first."""
-    if name_or_path.startswith(("s3://", "s3a://")):
-        if storage is None:
-            raise ValueError(f"loading the text encoder at {name_or_path} needs the storage config")
-        with storage.local_directory(name_or_path) as local:
-            return AutoModel.from_pretrained(local)
-    return AutoModel.from_pretrained(name_or_path)
+    with pretrained_directory(name_or_path, storage) as local:
+        return AutoModel.from_pretrained(local)
 
 
 def set_attention(unet: UNet2DConditionModel, kind: str, device: torch.device) -> None:
     """``sdpa`` (torch's fused kernels), ``math`` (diffusers' plain matmul + softmax), or ``auto``: math on CPU,
     where the fused kernel's backward took 42 % of a tiny-preset step (math: 1.25x the steps/s, bf16)."""
-    if kind not in ("auto", "sdpa", "math"):
-        raise ValueError(f"attention={kind!r}: choose auto, sdpa or math")
+    if kind not in ATTENTION:
+        raise ValueError(f"attention={kind!r}: choose one of {ATTENTION}")
     if kind == "math" or (kind == "auto" and device.type == "cpu"):
         unet.set_attn_processor(AttnProcessor())
 
@@ -160,7 +112,3 @@ def encode_text(text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch
     """τθ(y): per-token features. Called without an attention mask, as LDMTextToImagePipeline calls it, so
     that training, our sampler and the exported pipeline see the same context."""
     return text_encoder(input_ids)[0]
-
-
-def describe(spec: TextToImagePreset) -> dict[str, Any]:
-    return asdict(spec)

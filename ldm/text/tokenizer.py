@@ -15,7 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
 
-from ldm.storage import Storage
+from ldm.storage import Storage, pretrained_directory
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
 
@@ -48,17 +48,9 @@ def load_tokenizer(name_or_path: str, storage: Storage | None = None) -> PreTrai
     Hub ids and local directories take the same ``AutoTokenizer.from_pretrained`` path; only object-store
     locations are copied to local disk first, because ``from_pretrained`` reads files.
     """
-    if name_or_path.startswith(("s3://", "s3a://")):
-        if storage is None:
-            raise ValueError(f"loading the tokenizer at {name_or_path} needs the storage config")
-        return _from_object_store(storage, name_or_path)
-    return AutoTokenizer.from_pretrained(name_or_path)
-
-
-def _from_object_store(storage: Storage, url: str) -> PreTrainedTokenizerBase:
-    with storage.local_directory(url) as local:
-        if not os.path.exists(os.path.join(local, "tokenizer_config.json")):
-            raise FileNotFoundError(f"{url} holds no tokenizer (no tokenizer_config.json)")
+    with pretrained_directory(name_or_path, storage) as local:
+        if os.path.isdir(local) and not os.path.exists(os.path.join(local, "tokenizer_config.json")):
+            raise FileNotFoundError(f"{name_or_path} holds no tokenizer (no tokenizer_config.json)")
         return AutoTokenizer.from_pretrained(local)
 
 

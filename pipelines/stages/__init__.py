@@ -1,4 +1,6 @@
-"""The stage registry: one module per stage, each exposing ``run(cfg)``; ``conf/stage/<name>.yaml`` beside it."""
+"""The stage registry: a package per stage, ``pipelines/stages/<name>/``, whose ``stage`` module exposes
+``run(cfg)``, with ``conf/stage/<name>.yaml`` beside it. A stage's Ray-side code (tasks, actors, training loops)
+lives in the same package, in modules that import neither MLflow, Hydra nor the driver."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-STAGES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+STAGES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg))
 
 
 class UnknownStageError(ValueError):
@@ -16,4 +18,4 @@ class UnknownStageError(ValueError):
 def load(name: str) -> ModuleType:
     if name not in STAGES:
         raise UnknownStageError(f"unknown stage {name!r}; the stages are: {', '.join(STAGES)}")
-    return importlib.import_module(f"{__name__}.{name}")
+    return importlib.import_module(f"{__name__}.{name}.stage")

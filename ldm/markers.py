@@ -1,4 +1,5 @@
-"""Per-file "done" markers in an output's scratch space: how a killed stage knows what it already finished."""
+"""Per-file "done" markers in an output's scratch space: how a killed stage knows what it already finished
+(written by the tasks that finish a file, read by the stage that resumes)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Tokenizer, τθ (``bert``), UNet, first stage (``vqvae``, its ``scaling_factor`` the latents' ``scale_factor``)
 and scheduler, loadable with ``DiffusionPipeline.from_pretrained(dir)`` without this project. The same
-directory is logged to the MLflow run as a pyfunc model (``pipelines/mlflow_models/text_to_image.py``) and
-registered in the model registry.
+directory is logged to the MLflow run as a pyfunc model (``pyfunc_model.py``) and registered in the model
+registry.
 """
 
 from __future__ import annotations
@@ -18,32 +18,35 @@ import mlflow
 from omegaconf import DictConfig
 
 from ldm.diffusion.sampling import pipeline_size
-from pipelines.model_stage import ModelJob, run_on_model
+from ldm.storage import Storage
+from pipelines.model_stage import load_model, model_inputs
+from pipelines.stage import Inputs, Job, Output, Stage
 
-STAGE = "export"
-VERSION = 1
+STAGE = Stage("export", version=1, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False)
 # LDMTextToImagePipeline pads prompts to 77 tokens; τθ must have been trained on that length.
 PIPELINE_MAX_LENGTH = 77
-PYFUNC_MODEL = Path(__file__).resolve().parents[1] / "mlflow_models" / "text_to_image.py"
+PYFUNC_MODEL = Path(__file__).resolve().with_name("pyfunc_model.py")
 REQUIREMENTS = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "pandas", "Pillow")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    return run_on_model(cfg, STAGE, VERSION, _export, check=_check_max_length)
+    return STAGE.run(cfg, _inputs, _export)
 
 
-def _check_max_length(job: ModelJob) -> None:
-    max_length = job.trained["facts"]["max_length"]
+def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
+    inputs = model_inputs(cfg, storage)
+    max_length = inputs.found["model"]["facts"]["max_length"]
     if max_length != PIPELINE_MAX_LENGTH:
         raise ValueError(
-            f"{job.model_url} was trained on captions of {max_length} tokens; LDMTextToImagePipeline pads prompts to "
+            f"{inputs.record['model']} was trained on captions of {max_length} tokens; LDMTextToImagePipeline pads prompts to "
             f"{PIPELINE_MAX_LENGTH}. Prepare with stage.tokenizer.max_length={PIPELINE_MAX_LENGTH} to export."
         )
+    return inputs
 
 
-def _export(job: ModelJob) -> dict[str, Any]:
+def _export(job: Job) -> Output:
     settings, out = job.settings, job.out
-    pipeline = job.pipeline()
+    pipeline = load_model(job, "cpu")  # saved, not run: no accelerator needed
     size = pipeline_size(pipeline)
     registered = None
     with tempfile.TemporaryDirectory(prefix="export-") as local:
@@ -63,7 +66,9 @@ def _export(job: ModelJob) -> dict[str, Any]:
             if settings.registered_model:
                 registered = {"name": settings.registered_model, "version": int(logged.registered_model_version)}
     where = f"; registered as {registered['name']} version {registered['version']}" if registered else ""
-    print(f"{STAGE}: {type(pipeline).__name__} at {out}{where}\n"
-          f"        DiffusionPipeline.from_pretrained({out!r})(prompt, height={size}, width={size}, guidance_scale=4.0)")
-    return {"facts": {"pipeline": type(pipeline).__name__, "weights": settings.weights, "scheduler": type(pipeline.scheduler).__name__,
-                      "height": size, "width": size, "resolution": size // 8 * pipeline.vae_scale_factor, "registered_model": registered}}
+    return Output(
+        facts={"pipeline": type(pipeline).__name__, "weights": str(settings.weights), "scheduler": type(pipeline.scheduler).__name__,
+               "height": size, "width": size, "resolution": size // 8 * pipeline.vae_scale_factor, "registered_model": registered},
+        message=f"{STAGE.name}: {type(pipeline).__name__} at {out}{where}\n"
+                f"        DiffusionPipeline.from_pretrained({out!r})(prompt, height={size}, width={size}, guidance_scale=4.0)",
+    )

@@ -7,7 +7,6 @@ seed) and a captioned grid go to ``stage.output_url`` and to the MLflow run.
 
 from __future__ import annotations
 
-import io
 import json
 import tempfile
 import time
@@ -16,52 +15,55 @@ from typing import Any
 import mlflow
 import numpy as np
 from omegaconf import DictConfig
-from PIL import Image
 
+from ldm.data.images import encode_png
 from ldm.diffusion.sampling import generate_images
 from ldm.grids import captioned_grid
 from ldm.storage import Storage, resolve
-from pipelines.model_stage import ModelJob, run_on_model
+from pipelines.config import plain
+from pipelines.model_stage import load_model, model_inputs
+from pipelines.stage import Inputs, Job, Output, Stage
 
-STAGE = "sample"
-VERSION = 1
+STAGE = Stage("sample", version=1, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False, detail="{images} images")
 IMAGES, INDEX, GRID = "images", "samples.jsonl", "grid.png"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    return run_on_model(cfg, STAGE, VERSION, _sample, check=_prompts, detail="{images} images")
+    return STAGE.run(cfg, _inputs, _sample)
 
 
-def _prompts(job: ModelJob) -> list[str]:
-    return read_prompts(job.storage, list(job.settings.prompts), job.settings.prompts_file)
+def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
+    inputs = model_inputs(cfg, storage)
+    inputs.found["prompts"] = read_prompts(storage, plain(cfg.stage.prompts), cfg.stage.prompts_file)
+    return inputs
 
 
-def _sample(job: ModelJob) -> dict[str, Any]:
-    settings, out = job.settings, job.out
-    prompts = _prompts(job)
+def _sample(job: Job) -> Output:
+    settings, out, prompts = job.settings, job.out, job.inputs.found["prompts"]
     started = time.time()
     rows = [prompt for prompt in prompts for _ in range(settings.images_per_prompt)]
     seeds = [settings.seed + i for i in range(len(rows))]
-    images = generate_images(job.pipeline(), rows, seeds, steps=settings.steps, guidance_scale=settings.guidance_scale,
-                             batch_size=settings.batch_size, progress=True)
+    images = generate_images(load_model(job, str(settings.device)), rows, seeds, steps=settings.steps,
+                             guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True)
     elapsed = time.time() - started
     index = [{"file": f"{IMAGES}/{i:05d}.png", "prompt": prompt, "seed": seed} for i, (prompt, seed) in enumerate(zip(rows, seeds))]
     grid = captioned_grid(images, rows, columns=settings.grid_columns)
     files = sample_files(images, index)
-    write_files(job.storage, out, {**files, GRID: png(grid)})
-    mlflow.log_metrics({"images": len(rows), "seconds": elapsed, "images_per_s": len(rows) / max(elapsed, 1e-9)})
+    write_files(job.storage, out, {**files, GRID: encode_png(grid)})
     mlflow.log_image(grid, GRID)
     with tempfile.TemporaryDirectory(prefix="samples-") as local:
         write_files(Storage(root=local), local, files)
         mlflow.log_artifacts(local, "samples")
-    print(f"{STAGE}: {len(rows)} images for {len(prompts)} prompt(s) in {elapsed:.1f}s; at {out} (grid: {out}/{GRID})")
-    return {
-        "counts": {"images": len(rows), "prompts": len(prompts)},
-        "timings": {"images_per_s": round(len(rows) / max(elapsed, 1e-9), 3)},
-        "facts": {"layout": {"images": f"{IMAGES}/", "index": INDEX, "grid": GRID}, "weights": settings.weights,
-                  "sampler": settings.sampler, "steps": settings.steps, "guidance_scale": settings.guidance_scale,
-                  "resolution": int(images.shape[1])},
-    }
+    rate = len(rows) / max(elapsed, 1e-9)
+    return Output(
+        counts={"images": len(rows), "prompts": len(prompts)},
+        timings={"images_per_s": round(rate, 3)},
+        facts={"layout": {"images": f"{IMAGES}/", "index": INDEX, "grid": GRID}, "weights": str(settings.weights),
+               "sampler": str(settings.sampler), "steps": settings.steps, "guidance_scale": settings.guidance_scale,
+               "resolution": int(images.shape[1])},
+        metrics={"images": len(rows), "images_per_s": rate},
+        message=f"{STAGE.name}: {len(rows)} images for {len(prompts)} prompt(s) in {elapsed:.1f}s; at {out} (grid: {out}/{GRID})",
+    )
 
 
 def read_prompts(storage: Storage, prompts: list[str], prompts_file: str | None) -> list[str]:
@@ -80,7 +82,7 @@ def read_prompts(storage: Storage, prompts: list[str], prompts_file: str | None)
 
 def sample_files(images: np.ndarray, index: list[dict[str, Any]]) -> dict[str, bytes]:
     """The PNGs and the ``samples.jsonl`` index, by their path in the output, encoded once."""
-    files = {row["file"]: png(Image.fromarray(image)) for image, row in zip(images, index)}
+    files = {row["file"]: encode_png(image) for image, row in zip(images, index)}
     files[INDEX] = "".join(json.dumps(row) + "\n" for row in index).encode()
     return files
 
@@ -90,9 +92,3 @@ def write_files(storage: Storage, out: str, files: dict[str, bytes]) -> None:
     fs.makedirs(f"{root}/{IMAGES}", exist_ok=True)
     for name, data in files.items():
         fs.pipe_file(f"{root}/{name}", data)
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from ldm.diffusion.sampling import generate_images, sampler, text_to_image_pipel
 from ldm.grids import captioned_grid
 from ldm.lr_schedule import learning_rate, set_learning_rate
 from ldm.models.first_stage import load_first_stage
+from ldm.models.presets import text_to_image_preset
 from ldm.models.text_to_image import (
     EMA,
     build_text_encoder,
@@ -37,13 +39,14 @@ from ldm.models.text_to_image import (
     context_width,
     load_models,
     load_text_encoder,
-    preset,
     save_models,
     set_attention,
     set_trainable,
 )
+from ldm.storage import Storage
 from ldm.text.tokenizer import load_tokenizer, tokenize
-from pipelines.run_logger import RunLogger
+from pipelines.schema import Noise, TrainLdm
+from pipelines.train_worker import RunLogger, RunTarget, parameter_spread
 
 STATE_FILE = "training_state.pt"
 
@@ -61,17 +64,34 @@ class LatentBatch(NumpyBatchCollateFn):
         return out
 
 
-def train_loop(config: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every worker gets: the stage's typed config and what the driver resolved for it."""
+
+    settings: TrainLdm
+    tokenizer: str  # the prepared captions' tokenizer
+    max_length: int
+    latent_shape: list[int]  # c, h, w
+    scale_factor: float
+    first_stage: dict[str, Any]  # the latents' first stage (location, subfolder): validation grids decode with it
+    pretrained_text_encoder: str | None  # as every process spells it (or None: τθ trained from the preset)
+    resume_from: ray.train.Checkpoint | None  # stage.resume's checkpoint, when it names one
+    storage: Storage
+    run: RunTarget
+
+
+def train_loop(config: LoopConfig) -> None:
+    settings, opt = config.settings, config.settings.optimizer
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(config["seed"])  # the same initial weights on every rank
+    torch.manual_seed(settings.seed)  # the same initial weights on every rank
 
     # -- tokenizer, models, optimizer, EMA, and the state to resume from ----------------------------------------
-    tokenizer = load_tokenizer(config["tokenizer"], config["storage"])
-    unconditional = torch.from_numpy(tokenize(tokenizer, [""], config["max_length"])[0][0]).long().to(device)
+    tokenizer = load_tokenizer(config.tokenizer, config.storage)
+    unconditional = torch.from_numpy(tokenize(tokenizer, [""], config.max_length)[0][0]).long().to(device)
     # This run's latest checkpoint (a restart, or the same command again); else the one stage.resume names.
-    checkpoint = ray.train.get_checkpoint() or config["resume_from"]
+    checkpoint = ray.train.get_checkpoint() or config.resume_from
     state: dict[str, Any] = {}
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -80,22 +100,21 @@ def train_loop(config: dict[str, Any]) -> None:
             state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
     else:
         unet, text_encoder = _build_models(config, len(tokenizer))
-    train_text_encoder = config["pretrained_text_encoder"] is None
+    train_text_encoder = config.pretrained_text_encoder is None
     set_trainable(text_encoder, train_text_encoder)
-    set_attention(unet, config["attention"], device)
-    if config["gradient_checkpointing"]:
+    set_attention(unet, settings.attention, device)
+    if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_text_encoder and text_encoder.supports_gradient_checkpointing:
             text_encoder.gradient_checkpointing_enable()
-    objective = DiffusionObjective(training_schedule(config), config["noise"]["snr_gamma"])
+    objective = DiffusionObjective(training_schedule(settings.noise), settings.noise.snr_gamma)
     module = DenoisingLoss(unet, text_encoder, objective, train_text_encoder).to(device)
     trained = [p for p in module.parameters() if p.requires_grad]
-    opt = config["optimizer"]
-    optimizer = torch.optim.AdamW(trained, lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"])
+    optimizer = torch.optim.AdamW(trained, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
     averaged = [*unet.parameters(), *text_encoder.parameters()]  # the EMA's order; frozen ones are copied
-    ema = EMAModel(averaged, decay=config["ema"]["decay"], update_after_step=config["ema"]["start_step"], foreach=True)
+    ema = EMAModel(averaged, decay=settings.ema.decay, update_after_step=settings.ema.start_step, foreach=True)
     generator = torch.Generator(device=device)
-    generator.manual_seed(config["seed"] * 1000 + rank)
+    generator.manual_seed(settings.seed * 1000 + rank)
     step, epoch = 0, 0
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -106,16 +125,16 @@ def train_loop(config: dict[str, Any]) -> None:
             generator.set_state(state["rng"][rank])
             torch.set_rng_state(state["torch_rng"][rank])
         else:
-            generator.manual_seed(config["seed"] * 1000 + step * world + rank)
+            generator.manual_seed(settings.seed * 1000 + step * world + rank)
         print(f"train_ldm: rank {rank} resumed at step {step}, epoch {epoch}, {ema.optimization_step} EMA updates")
     network = ray.train.torch.prepare_model(module)
-    if config["compile"]:
+    if settings.compile:
         network = torch.compile(network)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config["bf16"] else nullcontext()
-    accumulation, batch_size = opt["accumulation"], config["batch_size"]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if settings.bf16 else nullcontext()
+    accumulation, batch_size = opt.accumulation, settings.batch_size
     global_batch = batch_size * world * accumulation
 
-    tracker = RunLogger(config["tracking_uri"], config["run_id"])
+    tracker = RunLogger(config.run)
     validation = Validation(config, tokenizer, unet, text_encoder, device) if rank == 0 else None
     nodes = _node_count(world)
     if rank == 0:
@@ -136,17 +155,18 @@ def train_loop(config: dict[str, Any]) -> None:
         batch_size=batch_size,
         collate_fn=LatentBatch(),
         drop_last=True,
-        prefetch_batches=config["prefetch_batches"],
-        local_shuffle_buffer_size=config["shuffle_buffer"] or None,
-        local_shuffle_seed=config["seed"] * 1000 + e * world + rank,
+        prefetch_batches=settings.prefetch_batches,
+        local_shuffle_buffer_size=settings.shuffle_buffer or None,
+        local_shuffle_seed=settings.seed * 1000 + e * world + rank,
     )
-    batches = EpochStream(epoch_batches, first=epoch, depth=config["prefetch_batches"])
+    batches = EpochStream(epoch_batches, first=epoch, depth=settings.prefetch_batches)
     try:
-        while step < config["steps"]:
+        while step < settings.steps:
             seen: list[str] = []
             exhausted = False
-            while step < config["steps"]:
-                set_learning_rate(optimizer, learning_rate(step, opt["lr"], total_steps=config["steps"], **config["schedule"]))
+            while step < settings.steps:
+                set_learning_rate(optimizer, learning_rate(step, opt.lr, total_steps=settings.steps, schedule=opt.schedule,
+                                                            warmup_steps=opt.warmup_steps, final_ratio=opt.final_ratio))
                 optimizer.zero_grad(set_to_none=True)
                 loss_value = 0.0
                 for micro in range(accumulation):
@@ -158,16 +178,16 @@ def train_loop(config: dict[str, Any]) -> None:
                         break
                     seen.extend(batch["key"])
                     moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
-                    input_ids = drop_captions(batch["input_ids"].to(device), unconditional, config["caption_dropout"], generator)
+                    input_ids = drop_captions(batch["input_ids"].to(device), unconditional, settings.caption_dropout, generator)
                     last = micro == accumulation - 1
                     with nullcontext() if last or world == 1 else network.no_sync():
                         with autocast:
-                            loss = network(sample_latents(moments, config["scale_factor"], generator), input_ids, generator)
+                            loss = network(sample_latents(moments, config.scale_factor, generator), input_ids, generator)
                         (loss / accumulation).backward()
                     loss_value += loss.item() / accumulation
                 if exhausted:  # a partial accumulation is dropped: every update sees the whole global batch
                     break
-                grad_norm = torch.nn.utils.clip_grad_norm_(trained, opt["grad_clip"] or float("inf"))
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained, opt.grad_clip or float("inf"))
                 optimizer.step()
                 ema.step(averaged)
                 step += 1
@@ -175,7 +195,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 loss_sum += loss_value
                 norm_sum += float(grad_norm)
 
-                if step % config["log_every"] == 0 or step == config["steps"]:
+                if step % settings.log_every == 0 or step == settings.steps:
                     elapsed = time.perf_counter() - window_start
                     metrics = {
                         "train/loss": loss_sum / window_steps,
@@ -187,17 +207,17 @@ def train_loop(config: dict[str, Any]) -> None:
                         "train/epoch": epoch,
                         "step": step,
                     }
-                    if step == config["steps"]:
-                        metrics["ddp/parameter_spread"] = _parameter_spread(trained, world)
+                    if step == settings.steps:
+                        metrics["ddp/parameter_spread"] = parameter_spread(trained, world)
                     if rank == 0:
-                        if validation.prompts and (step % config["sample_every"] == 0 or step == config["steps"]):
+                        if validation.prompts and (step % settings.sample_every == 0 or step == settings.steps):
                             tracker.image(validation.grid(), f"samples/step_{step:07d}.png")
                         tracker.metrics(metrics, step)
-                    save = step % config["checkpoint_every"] == 0 or step == config["steps"]
+                    save = step % settings.checkpoint_every == 0 or step == settings.steps
                     _report(metrics, save, module, ema, optimizer, step, epoch, generator, world, rank)
                     loss_sum = norm_sum = data_wait = 0.0
                     window_steps, window_start = 0, time.perf_counter()
-            if config["data_audit"]:
+            if settings.data_audit:
                 tracker.text("\n".join(seen), f"data_audit/epoch-{epoch:04d}-rank-{rank}.txt")
             if exhausted:
                 if not seen:
@@ -208,24 +228,25 @@ def train_loop(config: dict[str, Any]) -> None:
         batches.close()
 
 
-def training_schedule(config: dict[str, Any]):
-    noise = config["noise"]
-    return noise_scheduler(noise["schedule"], noise["prediction_type"], noise["timesteps"], noise["beta_start"], noise["beta_end"])
+def training_schedule(noise: Noise):
+    """The noise schedule ``stage.noise`` describes, as the diffusers scheduler config the samplers read."""
+    return noise_scheduler(str(noise.schedule), str(noise.prediction_type), noise.timesteps, noise.beta_start, noise.beta_end)
 
 
-def _build_models(config: dict[str, Any], vocab_size: int) -> tuple[UNet2DConditionModel, torch.nn.Module]:
-    spec = preset(config["preset"], config["unet"], config["text_encoder"])
-    if config["pretrained_text_encoder"] is not None:
-        text_encoder = load_text_encoder(config["pretrained_text_encoder"], config["storage"])
+def _build_models(config: LoopConfig, vocab_size: int) -> tuple[UNet2DConditionModel, torch.nn.Module]:
+    model = config.settings.model
+    spec = text_to_image_preset(model.preset, model.unet, model.text_encoder)
+    if config.pretrained_text_encoder is not None:
+        text_encoder = load_text_encoder(config.pretrained_text_encoder, config.storage)
         if vocab_size > text_encoder.config.vocab_size:
             raise ValueError(
-                f"stage.model.pretrained_text_encoder={config['pretrained_text_encoder']} knows {text_encoder.config.vocab_size} "
-                f"tokens, the prepared captions' tokenizer ({config['tokenizer']}) {vocab_size}: prepare with that encoder's "
+                f"stage.model.pretrained_text_encoder={config.pretrained_text_encoder} knows {text_encoder.config.vocab_size} "
+                f"tokens, the prepared captions' tokenizer ({config.tokenizer}) {vocab_size}: prepare with that encoder's "
                 "tokenizer (stage=prepare stage.tokenizer.train=false stage.tokenizer.name_or_path=...)"
             )
     else:
-        text_encoder = build_text_encoder(spec.text_encoder, vocab_size, config["max_length"])
-    channels, size = config["latent_shape"][0], config["latent_shape"][1]
+        text_encoder = build_text_encoder(spec.text_encoder, vocab_size, config.max_length)
+    channels, size = config.latent_shape[0], config.latent_shape[1]
     return build_unet(spec.unet, channels, size, context_width(text_encoder)), text_encoder
 
 
@@ -237,16 +258,6 @@ def _node_count(world: int) -> int:
     nodes: list[Any] = [None] * world
     dist.all_gather_object(nodes, node)
     return len(set(nodes))
-
-
-def _parameter_spread(parameters: list[torch.nn.Parameter], world: int) -> float:
-    """The largest difference of a parameter checksum between ranks: 0 when DDP kept the replicas equal."""
-    total = torch.stack([p.detach().double().sum() for p in parameters]).sum()
-    if world == 1:
-        return 0.0
-    sums = [torch.zeros_like(total) for _ in range(world)]
-    dist.all_gather(sums, total)
-    return float(max(sums) - min(sums))
 
 
 def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer, step: int, epoch: int, generator, world: int, rank: int) -> None:
@@ -278,19 +289,19 @@ def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer
 class Validation:
     """A grid of samples for the fixed validation prompts, decoded by the first stage (rank 0 only)."""
 
-    def __init__(self, config: dict[str, Any], tokenizer, unet: UNet2DConditionModel, text_encoder: torch.nn.Module, device: torch.device):
-        self.settings = config["validation"]
-        self.prompts = list(self.settings["prompts"])
-        first = config["first_stage"]
-        first_stage = load_first_stage(first["location"], config["storage"], first.get("subfolder")).to(device).eval()
-        scheduler = sampler(self.settings["sampler"], training_schedule(config).config)
-        self.pipeline = text_to_image_pipeline(unet, text_encoder, tokenizer, first_stage, config["scale_factor"], scheduler)
+    def __init__(self, config: LoopConfig, tokenizer, unet: UNet2DConditionModel, text_encoder: torch.nn.Module, device: torch.device):
+        self.settings = config.settings.validation
+        self.prompts = list(self.settings.prompts)
+        first = config.first_stage
+        first_stage = load_first_stage(first["location"], config.storage, first["subfolder"]).to(device).eval()
+        scheduler = sampler(self.settings.sampler, training_schedule(config.settings.noise).config)
+        self.pipeline = text_to_image_pipeline(unet, text_encoder, tokenizer, first_stage, config.scale_factor, scheduler)
 
     def grid(self):
         unet, text_encoder = self.pipeline.unet, self.pipeline.bert
         was_training = unet.training
         unet.eval(), text_encoder.eval()
-        seeds = [self.settings["seed"] + i for i in range(len(self.prompts))]
-        images = generate_images(self.pipeline, self.prompts, seeds, steps=self.settings["steps"], guidance_scale=self.settings["guidance_scale"])
+        seeds = [self.settings.seed + i for i in range(len(self.prompts))]
+        images = generate_images(self.pipeline, self.prompts, seeds, steps=self.settings.steps, guidance_scale=self.settings.guidance_scale)
         unet.train(was_training), text_encoder.train(was_training)
         return captioned_grid(images, self.prompts)

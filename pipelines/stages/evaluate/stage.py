@@ -1,6 +1,7 @@
 """stage=evaluate: numbers to trust about a train_ldm output.
 
-(a) The first stage's reconstruction PSNR / SSIM on prepared images it never trained on; (b) on synthetic
+(a) The first stage's reconstruction PSNR / SSIM on prepared images it never trained on (the keys its
+train_autoencoder manifest says were held out); (b) on synthetic
 data, prompt adherence: images generated for (colour, shape, background) combinations that were never
 rendered, read back by the synthesizer's classifier, accuracy per attribute against chance; (c) FID / KID
 against held-out images when a feature extractor is configured (nothing is downloaded). ``metrics.json`` and
@@ -19,37 +20,38 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoImageProcessor, AutoModel
 
-from ldm.data.images import is_held_out, normalise, square_crop
+from ldm.data.images import encode_png, is_held_out, normalise, square_crop
 from ldm.diffusion.sampling import generate_images
 from ldm.grids import captioned_grid
 from ldm.manifest import data_files, read_manifest, verify
 from ldm.metrics.adherence import adherence, held_out_scenes, prompts_for
 from ldm.metrics.distribution import frechet_distance, image_features, kernel_distance
 from ldm.metrics.reconstruction import evaluate_reconstruction
-from ldm.storage import Storage, resolve
-from pipelines.model_stage import ModelJob, run_on_model
-from pipelines.stages.sample import png
+from ldm.storage import Storage, pretrained_directory, resolve
+from pipelines.model_stage import load_model, model_inputs
+from pipelines.stage import Job, Output, Stage
 
-STAGE = "evaluate"
-VERSION = 1
+STAGE = Stage("evaluate", version=2, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False)  # 2: the first stage's held-out rows from its manifest
 METRICS, GRID = "metrics.json", "adherence.png"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    return run_on_model(cfg, STAGE, VERSION, _evaluate)
+    return STAGE.run(cfg, model_inputs, _evaluate)
 
 
-def _evaluate(job: ModelJob) -> dict[str, Any]:
-    storage, settings, out = job.storage, job.settings, job.out
-    pipeline = job.pipeline()
+def _evaluate(job: Job) -> Output:
+    storage, settings, out, trained = job.storage, job.settings, job.out, job.inputs.found["model"]
+    pipeline = load_model(job, str(settings.device))
     generate = lambda prompts: generate_images(  # noqa: E731
         pipeline, prompts, [settings.seed + i for i in range(len(prompts))], steps=settings.steps,
         guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True,
     )
-    resolution = job.trained["facts"]["resolution"]
-    # Only reconstruction and FID look at images: the prepared shards are read for them alone.
-    needs_images = settings.reconstruction.enabled or settings.fid.feature_extractor
-    held_out = _held_out_rows(storage, job.trained, settings.reconstruction.held_out_fraction) if needs_images else None
+    resolution = trained["facts"]["resolution"]
+    # Only reconstruction and FID look at images: the prepared shards are read for them alone, as many as they use.
+    wanted = max(settings.reconstruction.images if settings.reconstruction.enabled else 0,
+                 settings.fid.images if settings.fid.feature_extractor else 0)
+    fraction = _held_out_fraction(storage, trained["facts"]["first_stage"])
+    held_out = _held_out_rows(storage, trained, fraction, wanted)
     metrics: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     fs, root = storage.fsspec(out)
@@ -62,7 +64,7 @@ def _evaluate(job: ModelJob) -> dict[str, Any]:
             batches = (torch.from_numpy(normalise(pixels[i : i + 32])).to(pipeline.device) for i in range(0, len(pixels), 32))
             metrics["reconstruction"] = evaluate_reconstruction(pipeline.vqvae, batches).as_dict()
         else:
-            skipped["reconstruction"] = f"no prepared row is held out at held_out_fraction={settings.reconstruction.held_out_fraction}"
+            skipped["reconstruction"] = f"no prepared row is held out at the first stage's held_out_fraction={fraction}"
 
     synthesized = read_manifest(storage, resolve(settings.adherence.synthesized_url)) if settings.adherence.synthesized_url else None
     if settings.adherence.enabled and synthesized is not None and synthesized.get("stage") == "synthesize":
@@ -71,7 +73,7 @@ def _evaluate(job: ModelJob) -> dict[str, Any]:
         generated = generate(prompts)
         metrics["adherence"] = {**adherence(scenes, generated), "prompts": len(prompts)}
         grid = captioned_grid(generated[:32], prompts[:32], columns=8)
-        fs.pipe_file(f"{root}/{GRID}", png(grid))
+        fs.pipe_file(f"{root}/{GRID}", encode_png(grid))
         mlflow.log_image(grid, GRID)
     elif settings.adherence.enabled:
         skipped["adherence"] = (f"stage.adherence.synthesized_url={settings.adherence.synthesized_url} is not a synthesize "
@@ -91,36 +93,52 @@ def _evaluate(job: ModelJob) -> dict[str, Any]:
     else:
         skipped["fid"] = "stage.fid.feature_extractor is null: set it to a local (or s3://) vision model directory for FID / KID"
 
-    report = {"model": job.model_url, "weights": settings.weights, "sampler": settings.sampler, "steps": settings.steps,
-              "guidance_scale": settings.guidance_scale, "metrics": metrics, "skipped": skipped}
+    report = {"model": job.inputs.record["model"], "weights": str(settings.weights), "sampler": str(settings.sampler),
+              "steps": settings.steps, "guidance_scale": settings.guidance_scale, "held_out_fraction": fraction,
+              "metrics": metrics, "skipped": skipped}
     fs.pipe_file(f"{root}/{METRICS}", json.dumps(report, indent=2).encode())
-    mlflow.log_metrics({f"{group}/{name}": value for group, values in metrics.items() for name, value in values.items()})
     mlflow.log_dict(report, METRICS)
     for group, values in metrics.items():
-        print(f"{STAGE}: {group}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        print(f"{STAGE.name}: {group}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
     for group, why in skipped.items():
-        print(f"{STAGE}: {group} skipped: {why}")
-    print(f"{STAGE}: {out}/{METRICS}")
-    return {"facts": {"layout": {"metrics": METRICS, "grid": GRID if "adherence" in metrics else None}, **report}}
+        print(f"{STAGE.name}: {group} skipped: {why}")
+    return Output(
+        facts={"layout": {"metrics": METRICS, "grid": GRID if "adherence" in metrics else None}, **report},
+        metrics={f"{group}/{name}": value for group, values in metrics.items() for name, value in values.items()},
+        message=f"{STAGE.name}: {out}/{METRICS}",
+    )
 
 
-def _held_out_rows(storage: Storage, trained: dict[str, Any], fraction: float) -> dict[str, list]:
-    """Key, caption and image bytes of the prepared rows ``is_held_out`` picks (train_autoencoder never saw
-    them), found through the model's manifest chain: train_ldm -> encode_latents -> prepare."""
+def _held_out_fraction(storage: Storage, first_stage: dict[str, Any]) -> float:
+    """The fraction of prepared rows (by key) the first stage never trained on, as its train_autoencoder manifest
+    records it; all of them for a first stage trained elsewhere."""
+    if first_stage["trained_by"] is None:
+        return 1.0
+    return verify(storage, first_stage["autoencoder"], stage="train_autoencoder")["facts"]["held_out_fraction"]
+
+
+def _held_out_rows(storage: Storage, trained: dict[str, Any], fraction: float, limit: int) -> dict[str, list]:
+    """Key, caption and image bytes of up to ``limit`` prepared rows ``is_held_out`` picks, found through the
+    model's manifest chain (train_ldm -> encode_latents -> prepare), read a batch at a time."""
+    rows: dict[str, list] = {"key": [], "caption": [], "image": []}
+    if limit == 0:
+        return rows
     latents = verify(storage, trained["inputs"]["latents"], stage="encode_latents")
     prepared_url = latents["inputs"]["prepared"]
     prepared = verify(storage, prepared_url, stage="prepare")
-    rows: dict[str, list] = {"key": [], "caption": [], "image": []}
     for shard in data_files(prepared, prepared_url):
         fs, path = storage.pyarrow(shard)
-        table = pq.read_table(path, filesystem=fs, columns=list(rows))
-        for key, caption, image in zip(*(table[c].to_pylist() for c in rows)):
-            if is_held_out(str(key), fraction):
-                rows["key"].append(key), rows["caption"].append(caption), rows["image"].append(image)
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=list(rows)):
+                for key, caption, image in zip(*(batch[c].to_pylist() for c in rows)):
+                    if is_held_out(str(key), fraction):
+                        rows["key"].append(key), rows["caption"].append(caption), rows["image"].append(image)
+                        if len(rows["key"]) == limit:
+                            return rows
     return rows
 
 
 def _feature_extractor(storage: Storage, location: str):
     """A vision model and its image processor: hub id, local directory or s3:// (fetched), one path."""
-    with storage.local_directory(location) as local:
+    with pretrained_directory(location, storage) as local:
         return AutoModel.from_pretrained(local).eval(), AutoImageProcessor.from_pretrained(local)

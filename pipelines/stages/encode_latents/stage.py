@@ -1,11 +1,11 @@
 """stage=encode_latents: the prepared images through the first stage's encoder, once, into latent shards.
 
 Ray Data streams the prepared shards through CPU decode tasks (resize, center crop), an actor pool holding the
-first stage (on GPUs when ``num_gpus_per_encoder`` > 0, in half precision there), and writer tasks
-(``pipelines/encode_tasks.py``). The driver counts each prepared file's rows as the writers report them and
-marks the file done when all are written or dropped, so a killed run resumes file by file without duplicating
-a key. The manifest records the latents' statistics and ``scale_factor`` over exactly the rows written, the
-first stage's identity and the tokenizer's location.
+first stage (``encoder.py``; on GPUs when ``num_gpus_per_encoder`` > 0, in half precision there), and writer
+tasks (``tasks.py``). The driver counts each prepared file's rows as the writers report them and marks the file
+done when all are written or dropped, so a killed run resumes file by file without duplicating a key. The
+manifest records the latents' statistics and ``scale_factor`` over exactly the rows written, the first stage's
+identity and the tokenizer's location.
 """
 
 from __future__ import annotations
@@ -16,120 +16,102 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-import mlflow
 import pyarrow.parquet as pq
 import ray
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ldm.latents import LatentStats, latent_columns
-from ldm.manifest import clear, data_files, read_manifest, verify, write_manifest
-from ldm.models.first_stage import factor, is_hub_id, kind, load_first_stage, model_location, weights_digest
-from ldm.storage import Storage, resolve
-from pipelines import encode_tasks as tasks
-from pipelines.encoder_actor import Encoder
-from pipelines.cluster import connect
-from pipelines.markers import read_markers, write_marker
-from pipelines.outputs import claim_or_skip, require_reachable_storage, stage_fingerprint
-from pipelines.tracking import stage_run
+from ldm.manifest import clear, data_files, read_manifest, verify
+from ldm.markers import read_markers, write_marker
+from ldm.models.first_stage import factor, kind, load_first_stage, weights_digest
+from ldm.storage import Storage, is_hub_id, model_location
+from pipelines.config import plain
+from pipelines.stage import Inputs, Job, Output, Stage
+from pipelines.stages.encode_latents import tasks
+from pipelines.stages.encode_latents.encoder import Encoder
 
-STAGE = "encode_latents"
-VERSION = 1
+STAGE = Stage("encode_latents", version=1, output_url=lambda cfg: cfg.stage.output_url, resume=True, detail="{rows_out} rows")
 WORK = "_work"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    storage = Storage.from_config(cfg.storage)
-    settings = cfg.stage
-    source = resolve(cfg.data.prepared_url)
-    prepared = verify(storage, source, stage="prepare")
-    if prepared["facts"].get("format") == "metadata":
+    return STAGE.run(cfg, _inputs, _encode)
+
+
+def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
+    """The prepared images (not metadata) and the first stage, loaded once here so that a bad one fails before
+    any actor starts; its weights' digest is part of the output's identity."""
+    inputs = Inputs.output_of("prepare", cfg.data.prepared_url, storage, "prepared")
+    if inputs.found["prepared"]["facts"]["format"] == "metadata":
         raise ValueError(
-            f"data.prepared_url={source} holds filtered LAION metadata, not images: download them with the "
-            "img2dataset command in its manifest, then run stage=prepare on the downloads"
+            f"data.prepared_url={inputs.record['prepared']} holds filtered LAION metadata, not images: download them "
+            "with the img2dataset command in its manifest, then run stage=prepare on the downloads"
         )
-    out = resolve(settings.output_url)
-    require_reachable_storage(cfg, storage.is_local(out))
-    first_stage = _first_stage(storage, model_location(settings.first_stage), settings.first_stage_subfolder)
-    identity = stage_fingerprint(cfg, VERSION, [prepared["fingerprint"], first_stage["sha256"]])
+    first_stage = _first_stage(storage, model_location(cfg.stage.first_stage), cfg.stage.first_stage_subfolder)
+    inputs.fingerprints.append(first_stage["sha256"])
+    inputs.record["first_stage"] = first_stage["location"]
+    inputs.found["first_stage"] = first_stage
+    return inputs
 
-    with stage_run(cfg, STAGE):
-        done = claim_or_skip(cfg, storage, out, STAGE, identity, resume=True, detail="{rows_out} rows")
-        if done is not None:
-            return done
-        connect(cfg.cluster)
-        _check_resource_plan(cfg)
-        started = time.time()
-        shards = data_files(prepared, source)
-        job = _Job(storage, out)
-        expected = job.row_counts(shards)
-        finished = job.finished()
-        job.remove_unfinished_parts(finished)
-        for empty in (s for s in shards if expected[tasks.stem(s)] == 0 and tasks.stem(s) not in finished):
-            job.mark_done(tasks.stem(empty), {"files": {}, "rows": 0, "undecodable": 0, "stats": LatentStats()})
-        finished = job.finished()
-        pending = [s for s in shards if tasks.stem(s) not in finished]
-        if finished:
-            print(f"{STAGE}: resuming: {len(finished)} of {len(shards)} prepared file(s) already encoded")
-        if pending:
-            job.encode(pending, expected, first_stage, settings)
-        finished = job.finished()
-        missing = [s for s in shards if tasks.stem(s) not in finished]
-        if missing:
-            raise RuntimeError(f"{STAGE}: {len(missing)} prepared file(s) were not fully encoded, e.g. {missing[:3]}")
-        elapsed = time.time() - started
 
-        markers = [finished[tasks.stem(s)] for s in shards]
-        stats = LatentStats()
-        for marker in markers:
-            stats = stats.merge(LatentStats(**marker["stats"]))
-        rows_in = sum(expected.values())
-        rows_out = sum(m["rows"] for m in markers)
-        dropped = {"undecodable": sum(m["undecodable"] for m in markers)}
-        if rows_out == 0:
-            raise RuntimeError(f"{STAGE}: none of the {rows_in} prepared images could be encoded ({dropped})")
-        summary = stats.summary()
-        side = settings.resolution // first_stage["factor"]
-        files = {name: size for m in markers for name, size in m["files"].items()}
-        job.clear_work()
-        tokenizer = f"{source}/{prepared['facts']['tokenizer']['path'].strip('/')}"
-        manifest = write_manifest(
-            storage,
-            out,
-            stage=STAGE,
-            fingerprint=identity,
-            expected_files=files,
-            inputs={"prepared": source, "fingerprint": prepared["fingerprint"], "first_stage": first_stage["location"]},
-            counts={"rows_in": rows_in, "rows_out": rows_out, "dropped": dropped},
-            timings={"seconds": round(elapsed, 3), "images_per_s": round(rows_in / max(elapsed, 1e-9), 2)},
-            schema=_schema(first_stage["kind"]),
-            facts={
-                "layout": {"data": f"{tasks.SHARDS}/"},
-                "first_stage": first_stage,
-                "resolution": settings.resolution,
-                "latent_shape": [first_stage["latent_channels"], side, side],
-                "latent_columns": list(latent_columns(first_stage["kind"])),
-                **summary,
-                "tokenizer": {**prepared["facts"]["tokenizer"], "path": tokenizer},
-            },
-        )
-        mlflow.log_metrics(
-            {
-                "rows_in": rows_in,
-                "rows_out": rows_out,
-                "seconds": elapsed,
-                "images_per_s": rows_in / max(elapsed, 1e-9),
-                "scale_factor": summary["scale_factor"],
-                **{f"dropped.{k}": v for k, v in dropped.items()},
-            }
-        )
-        mlflow.log_dict(manifest, "manifest.json")
-        print(
-            f"{STAGE}: {rows_out} of {rows_in} images encoded in {elapsed:.1f}s ({rows_in / max(elapsed, 1e-9):.1f} "
-            f"images/s), dropped {dropped}; latents {manifest['facts']['latent_shape']}, scale_factor "
-            f"{summary['scale_factor']:.4f}; at {out}"
-        )
-        return manifest
+def _encode(job: Job) -> Output:
+    storage, settings, out = job.storage, job.settings, job.out
+    source, prepared, first_stage = job.inputs.record["prepared"], job.inputs.found["prepared"], job.inputs.found["first_stage"]
+    _check_resource_plan(job.cfg)
+    started = time.time()
+    shards = data_files(prepared, source)
+    encoding = _Encoding(storage, out)
+    expected = encoding.row_counts(shards)
+    finished = encoding.finished()
+    encoding.remove_unfinished_parts(finished)
+    for empty in (s for s in shards if expected[tasks.stem(s)] == 0 and tasks.stem(s) not in finished):
+        encoding.mark_done(tasks.stem(empty), {"files": {}, "rows": 0, "undecodable": 0, "stats": LatentStats()})
+    finished = encoding.finished()
+    pending = [s for s in shards if tasks.stem(s) not in finished]
+    if finished:
+        print(f"{STAGE.name}: resuming: {len(finished)} of {len(shards)} prepared file(s) already encoded")
+    if pending:
+        encoding.encode(pending, expected, first_stage, settings)
+    elapsed = time.time() - started
+    finished = encoding.finished()
+    missing = [s for s in shards if tasks.stem(s) not in finished]
+    if missing:
+        raise RuntimeError(f"{STAGE.name}: {len(missing)} prepared file(s) were not fully encoded, e.g. {missing[:3]}")
+
+    markers = [finished[tasks.stem(s)] for s in shards]
+    stats = LatentStats()
+    for marker in markers:
+        stats = stats.merge(LatentStats(**marker["stats"]))
+    rows_in = sum(expected.values())
+    rows_out = sum(m["rows"] for m in markers)
+    dropped = {"undecodable": sum(m["undecodable"] for m in markers)}
+    if rows_out == 0:
+        raise RuntimeError(f"{STAGE.name}: none of the {rows_in} prepared images could be encoded ({dropped})")
+    summary = stats.summary()
+    side = settings.resolution // first_stage["factor"]
+    encoding.clear_work()
+    latent_shape = [first_stage["latent_channels"], side, side]
+    rate = rows_in / max(elapsed, 1e-9)
+    return Output(
+        counts={"rows_in": rows_in, "rows_out": rows_out, "dropped": dropped},
+        facts={
+            "layout": {"data": f"{tasks.SHARDS}/"},
+            "first_stage": first_stage,
+            "resolution": settings.resolution,
+            "latent_shape": latent_shape,
+            "latent_columns": list(latent_columns(first_stage["kind"])),
+            **summary,
+            "tokenizer": {**prepared["facts"]["tokenizer"], "path": f"{source}/{prepared['facts']['tokenizer']['path'].strip('/')}"},
+        },
+        schema=_schema(first_stage["kind"]),
+        timings={"images_per_s": round(rate, 2)},
+        expected_files={name: size for m in markers for name, size in m["files"].items()},
+        metrics={"rows_in": rows_in, "rows_out": rows_out, "images_per_s": rate, "scale_factor": summary["scale_factor"],
+                 **{f"dropped.{k}": v for k, v in dropped.items()}},
+        message=f"{STAGE.name}: {rows_out} of {rows_in} images encoded in {elapsed:.1f}s ({rate:.1f} images/s), dropped {dropped}; "
+                f"latents {latent_shape}, scale_factor {summary['scale_factor']:.4f}; at {out}",
+    )
 
 
 def _first_stage(storage: Storage, location: str, subfolder: str | None) -> dict[str, Any]:
@@ -151,6 +133,7 @@ def _first_stage(storage: Storage, location: str, subfolder: str | None) -> dict
         "latent_channels": model.config.latent_channels,
         "sha256": weights_digest(model_url, storage, subfolder),
         "trained_by": manifest["fingerprint"] if manifest else None,
+        "autoencoder": location if manifest else None,  # the train_autoencoder output: what it held out
     }
 
 
@@ -172,7 +155,7 @@ def _check_resource_plan(cfg: DictConfig) -> None:
         )
     if resources.num_gpus_per_encoder == 0 and resources.num_cpus_per_decode_task == resources.num_cpus_per_encoder:
         print(
-            f"{STAGE}: warning: decode tasks and encoder actors ask for the same resources, so Ray Data fuses "
+            f"{STAGE.name}: warning: decode tasks and encoder actors ask for the same resources, so Ray Data fuses "
             "decoding into the encoder actors, where it waits behind every forward; give "
             "stage.resources.num_cpus_per_decode_task another value"
         )
@@ -188,7 +171,7 @@ def _schema(kind: str) -> dict[str, str]:
     return {**schema, **{c: "fixed_shape_tensor<halffloat>" for c in latent_columns(kind)}}
 
 
-class _Job:
+class _Encoding:
     """One encode_latents run's output location, its per-file done markers, and the Ray Data pipeline."""
 
     def __init__(self, storage: Storage, out: str):
@@ -249,7 +232,7 @@ class _Job:
                     "first_stage": first_stage["location"],
                     "subfolder": first_stage["subfolder"],
                     "storage": self.storage,
-                    "dtype": resources.dtype,
+                    "dtype": str(resources.dtype),
                     "threads": int(max(1, resources.num_cpus_per_encoder)),
                     "resolution": settings.resolution,
                 },
@@ -261,7 +244,7 @@ class _Job:
                 label_selector=_selector(resources.encoder_label_selector),
             )
             .map_batches(
-                partial(tasks.write, storage=self.storage, out=self.out, compression=settings.compression),
+                partial(tasks.write, storage=self.storage, out=self.out, compression=str(settings.compression)),
                 batch_format="pyarrow",
                 batch_size=None,
                 num_cpus=resources.num_cpus_per_write_task,
@@ -270,7 +253,7 @@ class _Job:
         seen: dict[str, int] = defaultdict(int)
         parts: dict[str, dict[str, Any]] = defaultdict(lambda: {"files": {}, "rows": 0, "undecodable": 0, "stats": LatentStats()})
         total = sum(expected[tasks.stem(s)] for s in pending)
-        with tqdm(total=total, desc=f"{STAGE}: images", unit="img") as progress:
+        with tqdm(total=total, desc=f"{STAGE.name}: images", unit="img") as progress:
             for report in reports.iter_rows():
                 stem = tasks.stem(report["source"])
                 part = parts[stem]
@@ -285,7 +268,7 @@ class _Job:
                 if seen[stem] == expected[stem]:
                     self.mark_done(stem, part)
                 elif seen[stem] > expected[stem]:
-                    raise RuntimeError(f"{STAGE}: {report['source']} reported {seen[stem]} rows, it has {expected[stem]}")
+                    raise RuntimeError(f"{STAGE.name}: {report['source']} reported {seen[stem]} rows, it has {expected[stem]}")
 
     def mark_done(self, stem: str, part: dict[str, Any]) -> None:
         write_marker(self.storage, f"{self.out}/{WORK}/done", stem, {**part, "source": stem, "stats": vars(part["stats"])})
@@ -295,4 +278,4 @@ class _Job:
 
 
 def _selector(labels: DictConfig | None) -> dict[str, str] | None:
-    return OmegaConf.to_container(labels) if labels else None
+    return plain(labels) if labels else None

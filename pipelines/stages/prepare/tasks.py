@@ -1,6 +1,6 @@
 """What stage=prepare runs on Ray workers: one input file (unit) or one hash partition per call.
 
-Kept apart from the stage module so that workers import pyarrow and ``ldm``, not MLflow or Hydra.
+Kept apart from the stage module so that workers import pyarrow and ``ldm``, not MLflow, Hydra or the driver.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ldm.data.parts import PartWriter
 from ldm.data.prepare import prepare_unit, scan_unit
 from ldm.data.sources import MissingColumnError, Unit, UnreadableInputError
 from ldm.storage import Storage
-from pipelines.markers import write_marker
+from ldm.markers import write_marker
 
 TOKENIZER = "tokenizer"
 DROPPED = "dropped"  # every dropped row with its reason, beside the kept ones

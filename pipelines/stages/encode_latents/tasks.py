@@ -1,4 +1,4 @@
-"""The CPU tasks stage=encode_latents runs on Ray around the encoder actors (``encoder_actor``): decode, write.
+"""The CPU tasks stage=encode_latents runs on Ray around the encoder actors (``encoder``): decode, write.
 
 They import neither torch nor diffusers: Ray starts a worker process per task slot, and diffusers' import
 alone costs ~7 s of CPU in each, which on a small machine is time taken from the encoder.

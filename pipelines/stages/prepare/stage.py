@@ -1,19 +1,3 @@
-"""stage=prepare: filter and tokenize LAION metadata or img2dataset downloads into ``data.prepared_url``.
-
-Four steps, each resumable, all on Ray Data:
-
-1. scan: every input file's metadata columns -> the rows that pass the metadata rules, with their captions and
-   deduplication keys (``_work/keys``);
-2. deduplicate: those keys hash-shuffled so that each URL / image digest lands whole in one partition; the
-   later rows of each are the duplicates (``_work/duplicates/unit=N``);
-3. tokenizer: trained with ``tokenizers`` on the scanned captions, or loaded, and saved into the output;
-4. prepare: every input file in full through all the rules, its kept rows written as bounded parquet parts
-   and a ``_work/done/<unit>.json`` with its counts.
-
-A re-run after a kill finds its claim, skips the steps and files that finished, and redoes the rest; the
-manifest (counts per reason, tokenizer, schema) is written last, after ``_work`` is removed.
-"""
-
 from __future__ import annotations
 
 import json
@@ -27,22 +11,21 @@ import mlflow
 import pyarrow.dataset
 import pyarrow.parquet as pq
 import ray
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ldm.data.filters import REASONS, Filters
 from ldm.data.img2dataset import download_command
 from ldm.data.prepare import PREPARE_VERSION, prepared_schema, unused_rules
 from ldm.data.sources import Columns, Unit, checked, list_units
-from ldm.manifest import CLAIM_NAME, IncompleteOutputError, clear, list_files, read_manifest, verify, write_manifest
+from ldm.manifest import CLAIM_NAME, IncompleteOutputError, clear, list_files, read_manifest, verify
+from ldm.markers import read_markers
 from ldm.storage import Storage, resolve
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
-from pipelines import prepare_tasks as tasks
-from pipelines.cluster import connect
-from pipelines.markers import read_markers
-from pipelines.outputs import claim_or_skip, require_reachable_storage, stage_fingerprint
-from pipelines.tracking import stage_run
+from pipelines.config import plain
+from pipelines.stage import Inputs, Job, Output, Stage
+from pipelines.stages.prepare import tasks
 
-STAGE = "prepare"
+STAGE = Stage("prepare", version=PREPARE_VERSION, output_url=lambda cfg: cfg.data.prepared_url, resume=True, detail="{rows_out} rows")
 WORK = "_work"
 TOKENIZER = tasks.TOKENIZER
 
@@ -52,104 +35,90 @@ class EmptyOutputError(RuntimeError):
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    storage = Storage.from_config(cfg.storage)
-    data, settings = cfg.data, cfg.stage
-    fmt = data.input.format
-    columns = Columns.from_config(data.input)
+    return STAGE.run(cfg, _inputs, _prepare)
+
+
+def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
+    """The input files, checked (columns, readable) before anything starts; the upstream output's fingerprint
+    when the input is one of ours, else the listing's."""
+    fmt = str(cfg.data.input.format)
+    columns = Columns.from_config(plain(cfg.data.input))
     columns.validate(fmt)
-    filters = Filters.from_config(OmegaConf.to_container(settings.filters, resolve=True))
-    out = resolve(data.prepared_url)
-    require_reachable_storage(cfg, storage.is_local(out))
-    source, upstream = _input_location(storage, resolve(data.input.url), fmt)
+    filters = Filters.from_config(plain(cfg.stage.filters))
+    source, upstream = _input_location(storage, resolve(cfg.data.input.url), fmt)
     units, listing = list_units(storage, source, fmt)
-    checked(storage, units[0], columns, fmt)  # fail before anything starts; each task checks its own file too
-    identity = stage_fingerprint(cfg, PREPARE_VERSION, [upstream or listing])
+    checked(storage, units[0], columns, fmt)  # each task checks its own file too
+    return Inputs(
+        fingerprints=[upstream or listing],
+        record={"url": source, "format": fmt, "fingerprint": upstream, "listing": listing, "files": len(units)},
+        found={"units": units, "columns": columns, "filters": filters},
+    )
 
-    with stage_run(cfg, STAGE):
-        done = claim_or_skip(cfg, storage, out, STAGE, identity, resume=True, detail="{rows_out} rows")
-        if done is not None:
-            return done
-        connect(cfg.cluster)
-        started = time.time()
-        job = _Job(storage, out, fmt, columns, filters, settings)
-        print(f"{STAGE}: {len(units)} {fmt} file(s) from {source} -> {out}")
-        timings: dict[str, float] = {}
-        for step, work in (
-            ("scan", partial(job.scan, units)),
-            ("duplicates", job.find_duplicates),
-            ("tokenizer", job.tokenizer),
-            ("prepare", partial(job.prepare, units)),
-        ):
-            begun = time.time()
-            result = work()
-            timings[step] = round(time.time() - begun, 3)
-            if step == "tokenizer":
-                tokenizer_files, vocab_size = result
-        summaries = result
-        elapsed = time.time() - started
-        timings["seconds"] = round(elapsed, 3)
 
-        rows_in = sum(s["rows_in"] for s in summaries)
-        rows_out = sum(s["rows_out"] for s in summaries)
-        dropped = Counter()
-        for s in summaries:
-            dropped.update(s["dropped"])
-        dropped = {reason: dropped.get(reason, 0) for reason in REASONS}
-        unused = unused_rules(fmt, columns, filters)
-        _report(rows_in, rows_out, dropped, unused, timings)
-        if rows_out == 0:
-            raise EmptyOutputError(
-                f"{STAGE}: every one of the {rows_in} input rows was filtered out (dropped per rule: "
-                f"{ {r: n for r, n in dropped.items() if n} }); loosen stage.filters or check data.input"
-            )
+def _prepare(job: Job) -> Output:
+    cfg, storage, out, settings = job.cfg, job.storage, job.out, job.settings
+    units, columns, filters = job.inputs.found["units"], job.inputs.found["columns"], job.inputs.found["filters"]
+    fmt = job.inputs.record["format"]
+    started = time.time()
+    work = _Steps(storage, out, fmt, columns, filters, settings)
+    print(f"prepare: {len(units)} {fmt} file(s) from {job.inputs.record['url']} -> {out}")
+    timings: dict[str, float] = {}
+    for step, run_step in (
+        ("scan", partial(work.scan, units)),
+        ("duplicates", work.find_duplicates),
+        ("tokenizer", work.tokenizer),
+        ("prepare", partial(work.prepare, units)),
+    ):
+        begun = time.time()
+        result = run_step()
+        timings[step] = round(time.time() - begun, 3)
+        if step == "tokenizer":
+            tokenizer_files, vocab_size = result
+    summaries = result
+    elapsed = time.time() - started
 
-        job.clear_work()
-        layout = job.layout
-        facts: dict[str, Any] = {
-            "format": fmt,
-            "layout": {"data": f"{layout}/", "dropped": f"{tasks.DROPPED}/", "tokenizer": f"{TOKENIZER}/"},
-            "tokenizer": {"path": f"{TOKENIZER}/", "vocab_size": vocab_size, "max_length": settings.tokenizer.max_length},
-            "unused_rules": unused,
-        }
-        if fmt == "metadata":
-            command = download_command(
-                f"{out}/metadata",
-                resolve(data.images_url),
-                columns,
-                filters,
-                settings.img2dataset,
-                data.input.get("extra_columns") or (),
-            )
-            facts["img2dataset_command"] = command
-            print(f"{STAGE}: download the kept rows with\n  {command}")
-        files = {f"{layout}/{name}": size for s in summaries for name, size in s["files"].items()}
-        files.update({f"{tasks.DROPPED}/{name}": size for s in summaries for name, size in s["dropped_files"].items()})
-        manifest = write_manifest(
-            storage,
-            out,
-            stage=STAGE,
-            fingerprint=identity,
-            expected_files={**files, **{f"{TOKENIZER}/{n}": s for n, s in tokenizer_files.items()}},
-            inputs={"url": source, "format": fmt, "fingerprint": upstream, "listing": listing, "files": len(units)},
-            counts={"rows_in": rows_in, "rows_out": rows_out, "dropped": dropped},
-            timings=timings,
-            facts=facts,
-            schema=None if fmt == "metadata" else {f.name: str(f.type) for f in prepared_schema(settings.tokenizer.max_length)},
+    rows_in = sum(s["rows_in"] for s in summaries)
+    rows_out = sum(s["rows_out"] for s in summaries)
+    dropped = Counter()
+    for s in summaries:
+        dropped.update(s["dropped"])
+    dropped = {reason: dropped.get(reason, 0) for reason in REASONS}
+    unused = unused_rules(fmt, columns, filters)
+    _report(rows_in, rows_out, dropped, unused, timings, elapsed)
+    if rows_out == 0:
+        raise EmptyOutputError(
+            f"prepare: every one of the {rows_in} input rows was filtered out (dropped per rule: "
+            f"{ {r: n for r, n in dropped.items() if n} }); loosen stage.filters or check data.input"
         )
-        mlflow.log_metrics(
-            {
-                "rows_in": rows_in,
-                "rows_out": rows_out,
-                "seconds": elapsed,
-                "rows_per_s": rows_in / max(elapsed, 1e-9),
-                "vocab_size": vocab_size,
-                **{f"dropped.{reason}": n for reason, n in dropped.items()},
-            }
+
+    work.clear_work()
+    layout = work.layout
+    facts: dict[str, Any] = {
+        "format": fmt,
+        "layout": {"data": f"{layout}/", "dropped": f"{tasks.DROPPED}/", "tokenizer": f"{TOKENIZER}/"},
+        "tokenizer": {"path": f"{TOKENIZER}/", "vocab_size": vocab_size, "max_length": settings.tokenizer.max_length},
+        "unused_rules": unused,
+    }
+    message = ""
+    if fmt == "metadata":
+        command = download_command(
+            f"{out}/metadata", resolve(cfg.data.images_url), columns, filters, plain(settings.img2dataset), plain(cfg.data.input.extra_columns)
         )
-        mlflow.log_dict(manifest, "manifest.json")
-        if fmt == "metadata":
-            mlflow.log_text(facts["img2dataset_command"] + "\n", "img2dataset_command.txt")
-        return manifest
+        facts["img2dataset_command"] = command
+        mlflow.log_text(command + "\n", "img2dataset_command.txt")
+        message = f"prepare: download the kept rows with\n  {command}"
+    files = {f"{layout}/{name}": size for s in summaries for name, size in s["files"].items()}
+    files.update({f"{tasks.DROPPED}/{name}": size for s in summaries for name, size in s["dropped_files"].items()})
+    return Output(
+        counts={"rows_in": rows_in, "rows_out": rows_out, "dropped": dropped},
+        facts=facts,
+        schema=None if fmt == "metadata" else {f.name: str(f.type) for f in prepared_schema(settings.tokenizer.max_length)},
+        timings=timings,
+        expected_files={**files, **{f"{TOKENIZER}/{n}": s for n, s in tokenizer_files.items()}},
+        metrics={"rows_in": rows_in, "rows_out": rows_out, "rows_per_s": rows_in / max(elapsed, 1e-9), "vocab_size": vocab_size,
+                 **{f"dropped.{reason}": n for reason, n in dropped.items()}},
+        message=message,
+    )
 
 
 def _input_location(storage: Storage, url: str, fmt: str) -> tuple[str, str | None]:
@@ -182,7 +151,7 @@ def _input_location(storage: Storage, url: str, fmt: str) -> tuple[str, str | No
     return url, None
 
 
-class _Job:
+class _Steps:
     """The steps of one prepare run, sharing its locations and settings."""
 
     def __init__(self, storage: Storage, out: str, fmt: str, columns: Columns, filters: Filters, settings: DictConfig):
@@ -278,7 +247,7 @@ class _Job:
             save_tokenizer(tokenizer, self.storage, url)
             self._finish(TOKENIZER)
         tokenizer = load_tokenizer(url, self.storage)
-        print(f"{STAGE}: tokenizer at {url}: {len(tokenizer)} tokens, max_length {config.max_length}")
+        print(f"{STAGE.name}: tokenizer at {url}: {len(tokenizer)} tokens, max_length {config.max_length}")
         return list_files(self.storage, url), len(tokenizer)
 
     def _training_captions(self, limit: int) -> Iterator[str]:
@@ -299,7 +268,7 @@ class _Job:
         finished = self._done_units()
         todo = [u for u in units if u.index not in finished]
         if finished:
-            print(f"{STAGE}: resuming: {len(finished)} of {len(units)} file(s) already prepared")
+            print(f"{STAGE.name}: resuming: {len(finished)} of {len(units)} file(s) already prepared")
         if todo:
             task = partial(
                 tasks.prepare,
@@ -326,7 +295,7 @@ class _Job:
         done = self._done_units()
         missing = [u.path for u in units if u.index not in done]
         if missing:
-            raise IncompleteOutputError(f"{STAGE}: {len(missing)} input file(s) were not prepared, e.g. {missing[:3]}")
+            raise IncompleteOutputError(f"{STAGE.name}: {len(missing)} input file(s) were not prepared, e.g. {missing[:3]}")
         return [done[u.index] for u in units]
 
     def _done_units(self) -> dict[int, dict[str, Any]]:
@@ -351,12 +320,10 @@ class _Job:
         self.fs.pipe_file(f"{self.root}/{WORK}/{step}.done", b"")
 
 
-def _report(rows_in: int, rows_out: int, dropped: dict[str, int], unused: dict[str, str], timings: dict[str, float]) -> None:
+def _report(rows_in: int, rows_out: int, dropped: dict[str, int], unused: dict[str, str], timings: dict[str, float], seconds: float) -> None:
     width = max(len(r) for r in REASONS)
-    steps = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "seconds")
-    lines = [
-        f"{STAGE}: {rows_in} rows in, {rows_out} kept, {sum(dropped.values())} dropped in {timings['seconds']:.1f}s ({steps})"
-    ]
+    steps = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+    lines = [f"{STAGE.name}: {rows_in} rows in, {rows_out} kept, {sum(dropped.values())} dropped in {seconds:.1f}s ({steps})"]
     for reason, n in dropped.items():
         note = f"  (off: {unused[reason]})" if reason in unused else ""
         lines.append(f"  {reason:<{width}} {n:>10}{note}")

@@ -3,23 +3,28 @@ export, as one workflow in one process, one Ray cluster and one MLflow parent ru
 
 Each stage runs as ``python pipelines/run.py stage=<name>`` would, with the node ``stage.<name>`` of this
 config, and is an MLflow run nested under the pipeline's. Each output's manifest holds the fingerprint of the
-config that made it (``pipelines/outputs.py``), so a stage whose output is complete for its config is skipped, a
+config that made it (``pipelines/stage.py``), so a stage whose output is complete for its config is skipped, a
 failure leaves every earlier output complete, and the same command again resumes at the stage that failed
 (prepare and encode_latents file by file, the training stages from their last checkpoint). A complete output of
 another config is replaced only with ``overwrite=true``.
+
+It is the one stage without an output of its own, so it uses only the skeleton's MLflow run: its children
+are the stages. Before the summary it stops the Ray cluster it started, so that nothing a Ray worker still has
+to print comes after the summary.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
 import mlflow
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from ldm.storage import resolve
-from pipelines import stages
-from pipelines.stages import sample
+from pipelines import cluster, stages
+from pipelines.stages.sample import stage as sample
 from pipelines.tracking import stage_run
 
 STAGE = "pipeline"
@@ -40,7 +45,7 @@ def plan(cfg: DictConfig) -> list[tuple[str, str | None]]:
         )
     settings = cfg.stage
     # Synthesize when prepare reads what it writes: a synthetic corpus is made, real data only read.
-    synthesized = cfg.data.get("raw_url") is not None and resolve(cfg.data.input.url) == resolve(cfg.data.raw_url)
+    synthesized = "raw_url" in cfg.data and resolve(cfg.data.input.url) == resolve(cfg.data.raw_url)
     trained_first_stage = resolve(settings.train_autoencoder.output_url)
     reasons = {
         "synthesize": None if synthesized else f"data.input.url={cfg.data.input.url} is not a synthesize output",
@@ -51,11 +56,12 @@ def plan(cfg: DictConfig) -> list[tuple[str, str | None]]:
 
 
 def stage_config(cfg: DictConfig, name: str) -> DictConfig:
-    """The config ``stage=<name>`` with this pipeline's settings: its node, resolved here because it links to
-    other stages' nodes (``${stage.train_ldm.output_url}``), which the stage's own config does not have."""
-    stage_cfg = cfg.copy()
-    with open_dict(stage_cfg):
-        stage_cfg.stage = OmegaConf.to_container(cfg.stage[name], resolve=True)
+    """The config ``stage=<name>`` with this pipeline's settings: its node (typed as when the stage runs alone),
+    resolved here because it links to other stages' nodes (``${stage.train_ldm.output_url}``), which the
+    stage's own config does not have."""
+    stage_cfg = copy.deepcopy(cfg)
+    OmegaConf.resolve(stage_cfg)
+    stage_cfg.stage = stage_cfg.stage[name]
     return stage_cfg
 
 
@@ -87,6 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ran = [name for name, result in results.items() if not result["skipped"]]
         mlflow.set_tags({"stages_run": ",".join(ran) or "none",
                          "stages_skipped": ",".join(n for n in results if n not in ran) or "none"})
+        cluster.disconnect()
         _print_summary(cfg, results)
     return results
 

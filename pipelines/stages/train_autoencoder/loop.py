@@ -3,7 +3,8 @@
 Two optimizers as in the paper: the autoencoder (plus the loss's learned log-variance) and the PatchGAN
 discriminator, which starts at ``disc_start``. The autoencoder is DDP-wrapped; the loss module's parameters
 (discriminator, log-variance) have their gradients averaged across workers by hand, because the
-discriminator runs twice per step (generator and discriminator terms), which DDP does not allow.
+discriminator runs twice per step (generator and discriminator terms), which DDP does not allow. Every
+replica is built from the same seed, so averaged gradients keep them equal (``ddp/parameter_spread``).
 Rank 0 checkpoints (the model in diffusers format + the training state), evaluates on the held-out images and
 logs to the MLflow run the driver opened.
 """
@@ -14,6 +15,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray.train
@@ -26,17 +28,31 @@ from ldm.losses.lpips import load_lpips
 from ldm.lr_schedule import learning_rate, set_learning_rate
 from ldm.grids import pair_grid
 from ldm.metrics.reconstruction import evaluate_reconstruction
-from ldm.models.first_stage import Reconstruct, build_first_stage, kind, last_layer, load_first_stage, preset
-from pipelines.run_logger import RunLogger
+from ldm.models.first_stage import Reconstruct, build_first_stage, kind, last_layer, load_first_stage
+from ldm.models.presets import first_stage_preset
+from ldm.storage import Storage
+from pipelines.schema import TrainAutoencoder
+from pipelines.train_worker import RunLogger, RunTarget, parameter_spread
 
 MODEL_DIR = "model"  # inside a checkpoint: the autoencoder as diffusers saves it
 STATE_FILE = "training_state.pt"
 
 
-def train_loop(config: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every worker gets: the stage's typed config and what the driver resolved for it."""
+
+    settings: TrainAutoencoder
+    pretrained: str | None  # the first stage to fine-tune, as every process spells it (or None: a preset)
+    storage: Storage
+    run: RunTarget
+
+
+def train_loop(config: LoopConfig) -> None:
+    settings, opt = config.settings, config.settings.optimizer
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(config["seed"] + rank)
+    torch.manual_seed(settings.seed)  # every replica of the autoencoder and of the discriminator starts the same
     device = ray.train.torch.get_device()
 
     # -- model, loss, optimizers, and the state to resume from ------------------------------------------------
@@ -46,16 +62,17 @@ def train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             model = load_first_stage(os.path.join(directory, MODEL_DIR))
             state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
-    elif config["pretrained"]:
-        model = load_first_stage(config["pretrained"], config["storage"])
+    elif config.pretrained:
+        model = load_first_stage(config.pretrained, config.storage)
     else:
-        model = build_first_stage(preset(config["preset"], **config["preset_overrides"]), config["logvar_bias"])
-    perceptual = load_lpips(config["lpips_weights"], config["storage"])
-    loss = FirstStageLoss(kind(model), LossWeights(**config["loss"]), perceptual, config["disc_layers"]).to(device)
+        model = build_first_stage(first_stage_preset(settings.model.preset, **settings.model.overrides), settings.model.logvar_bias)
+    perceptual = load_lpips(settings.lpips_weights, config.storage)
+    loss = FirstStageLoss(kind(model), LossWeights(**asdict(settings.loss)), perceptual, settings.disc_layers).to(device)
+    torch.manual_seed(settings.seed + rank)  # then each rank draws its own posterior noise
     extra = [loss.logvar] if loss.logvar is not None else []
-    betas = tuple(config["betas"])
-    ae_optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=config["lr"], betas=betas)
-    d_optimizer = torch.optim.Adam(loss.discriminator.parameters(), lr=config["disc_lr"], betas=betas)
+    betas = tuple(opt.betas)
+    ae_optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=opt.lr, betas=betas)
+    d_optimizer = torch.optim.Adam(loss.discriminator.parameters(), lr=opt.disc_lr, betas=betas)
     step = 0
     if state:
         loss.load_state_dict(state["loss"])
@@ -64,20 +81,21 @@ def train_loop(config: dict[str, Any]) -> None:
         step = state["step"]
     network = ray.train.torch.prepare_model(Reconstruct(model))
     autoencoder = model.to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config["bf16"] else nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and settings.bf16 else nullcontext()
 
-    tracker = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    validation = _validation_batches(config) if rank == 0 else None
+    tracker = RunLogger(config.run) if rank == 0 else None
+    validation = _validation_batches(settings.batch_size) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     sums: dict[str, float] = {}
     started, seen = time.time(), 0
 
     # -- the loop ---------------------------------------------------------------------------------------------
-    while step < config["steps"]:
-        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], device=device, drop_last=True):
+    schedule = {"schedule": opt.schedule, "warmup_steps": opt.warmup_steps, "final_ratio": opt.final_ratio, "total_steps": settings.steps}
+    while step < settings.steps:
+        for batch in shard.iter_torch_batches(batch_size=settings.batch_size, device=device, drop_last=True):
             images = batch["pixels"]
-            for optimizer, base in ((ae_optimizer, config["lr"]), (d_optimizer, config["disc_lr"])):
-                set_learning_rate(optimizer, learning_rate(step, base, total_steps=config["steps"], **config["schedule"]))
+            for optimizer, base in ((ae_optimizer, opt.lr), (d_optimizer, opt.disc_lr)):
+                set_learning_rate(optimizer, learning_rate(step, base, **schedule))
             with autocast:
                 reconstructions, encoded = network(images)
                 ae_loss, logs = loss.generator(images, reconstructions, encoded, step, last_layer(autoencoder))
@@ -98,19 +116,22 @@ def train_loop(config: dict[str, Any]) -> None:
             for name, value in {"loss": ae_loss.item(), **logs, **d_logs}.items():
                 sums[name] = sums.get(name, 0.0) + value
 
-            if step % config["log_every"] == 0 or step == config["steps"]:
-                metrics = {f"train/{k}": v / config["log_every"] for k, v in sums.items()}
+            last = step == settings.steps
+            if step % settings.log_every == 0 or last:
+                metrics = {f"train/{k}": v / settings.log_every for k, v in sums.items()}
                 metrics["train/images_per_s"] = seen / (time.time() - started)
                 metrics["train/lr"] = ae_optimizer.param_groups[0]["lr"]
                 metrics["step"] = step
+                if last:  # the autoencoder, its log-variance and the discriminator: equal on every rank
+                    metrics["ddp/parameter_spread"] = parameter_spread([*autoencoder.parameters(), *loss.parameters()], world)
                 sums, started, seen = {}, time.time(), 0
-                checkpoint_now = step % config["checkpoint_every"] == 0 or step == config["steps"]
+                checkpoint_now = step % settings.checkpoint_every == 0 or last
                 if rank == 0:
-                    if step % config["eval_every"] == 0 or step == config["steps"]:
+                    if step % settings.eval_every == 0 or last:
                         metrics.update(_evaluate(autoencoder, validation, tracker, step))
                     tracker.metrics(metrics, step)
                 _report(metrics, checkpoint_now and rank == 0, autoencoder, loss, ae_optimizer, d_optimizer, step)
-            if step >= config["steps"]:
+            if step >= settings.steps:
                 break
 
 
@@ -142,10 +163,10 @@ def _report(metrics, save: bool, autoencoder, loss, ae_optimizer, d_optimizer, s
         ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint)
 
 
-def _validation_batches(config: dict[str, Any]) -> list[torch.Tensor]:
+def _validation_batches(batch_size: int) -> list[torch.Tensor]:
     """The held-out images (center crops), kept in memory: a fixed, small set."""
     images = []
-    for batch in ray.train.get_dataset_shard("validation").iter_batches(batch_size=config["batch_size"], batch_format="numpy"):
+    for batch in ray.train.get_dataset_shard("validation").iter_batches(batch_size=batch_size, batch_format="numpy"):
         images.append(torch.from_numpy(batch["pixels"]))
     return images
 

@@ -1,0 +1,495 @@
+"""The typed config tree: one dataclass per node of ``conf/``, registered with Hydra's ConfigStore by
+``pipelines.config`` and named first in each option's defaults list, so Hydra checks every value at compose
+time: a wrong type, an unknown choice or an unknown key is Hydra's error naming the key, before anything runs.
+
+The values (every default) live in ``conf/``; these classes hold the types only. Choices are enums of the
+names the library takes (``ldm.choices``, ``ldm.models.presets``), so a new sampler or preset is one edit
+there. Ray Train workers get their stage's node as an instance of its class (``OmegaConf.to_object``): this
+module imports neither Hydra nor OmegaConf, so worker processes can load it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from ldm.choices import ATTENTION, LR_SCHEDULES, NOISE_SCHEDULES, PREDICTION_TYPES, SAMPLERS, WEIGHTS
+from ldm.models.presets import FIRST_STAGE_PRESETS, TEXT_TO_IMAGE_PRESETS
+
+
+class Choice(str, Enum):
+    """A config choice: a member is its name, compares equal to it, and prints as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+def _choice(name: str, values) -> type[Choice]:
+    # The functional form: names such as "dpm++" or "tiny-kl-f4" are not identifiers.
+    return Choice(name, {v: v for v in values}, module=__name__, qualname=name)
+
+
+Sampler = _choice("Sampler", SAMPLERS)
+NoiseSchedule = _choice("NoiseSchedule", NOISE_SCHEDULES)
+PredictionType = _choice("PredictionType", PREDICTION_TYPES)
+Attention = _choice("Attention", ATTENTION)
+Weights = _choice("Weights", WEIGHTS)
+LrSchedule = _choice("LrSchedule", LR_SCHEDULES)
+FirstStagePresetName = _choice("FirstStagePresetName", FIRST_STAGE_PRESETS)
+TextToImagePresetName = _choice("TextToImagePresetName", TEXT_TO_IMAGE_PRESETS)
+InputFormat = _choice("InputFormat", ("metadata", "parquet", "webdataset"))  # what stage=prepare reads
+ShardFormat = _choice("ShardFormat", ("webdataset", "parquet"))  # img2dataset output formats prepare reads back
+Device = _choice("Device", ("auto", "cpu", "cuda"))  # auto: a GPU if there is one
+Placement = _choice("Placement", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))  # Ray placement strategies
+Dtype = _choice("Dtype", ("bfloat16", "float16", "float32"))
+Compression = _choice("Compression", ("zstd", "snappy", "gzip", "brotli", "lz4", "none"))  # parquet codecs
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Input:
+    """What stage=prepare reads; a column set to null means the data has none (its rule is skipped)."""
+
+    url: str
+    format: InputFormat
+    url_col: Optional[str]
+    caption_col: str
+    similarity_col: Optional[str]
+    nsfw_col: Optional[str]
+    width_col: Optional[str]
+    height_col: Optional[str]
+    status_col: Optional[str]
+    sha256_col: Optional[str]
+    key_col: Optional[str]
+    image_col: Optional[str]
+
+
+@dataclass
+class MetadataInput(Input):
+    extra_columns: List[str]  # carried into the download by img2dataset --save_additional_columns
+
+
+@dataclass
+class Data:
+    name: str
+    resolution: int
+    input: Input
+    prepared_url: str
+
+
+@dataclass
+class ImageData(Data):
+    validation_prompts: List[str]
+
+
+@dataclass
+class MetadataData(Data):
+    input: MetadataInput
+    images_url: str
+
+
+@dataclass
+class SyntheticData(ImageData):
+    raw_url: str
+    num_samples: int
+    seed: int
+    holdout_fraction: float
+    bad_rows: Dict[str, float]
+
+
+@dataclass
+class SyntheticMetadataData(SyntheticData):
+    input: MetadataInput
+    images_url: str
+
+
+# -- where outputs go, where runs are tracked, which Ray ---------------------------------------------------------
+@dataclass
+class StorageConfig:
+    root: str
+    endpoint_url: Optional[str]
+    region: Optional[str]
+    shared: bool
+
+
+@dataclass
+class S3StorageConfig(StorageConfig):
+    bucket: str
+    prefix: str
+
+
+@dataclass
+class Tracking:
+    uri: str
+    experiment: str
+
+
+@dataclass
+class Cluster:
+    address: str
+    num_cpus: Optional[float]
+    num_gpus: Optional[float]
+    object_store_memory: Optional[int]
+    include_dashboard: Optional[bool]
+
+
+# -- shared by stages ---------------------------------------------------------------------------------------------
+@dataclass
+class Scaling:
+    """A Ray Train worker group."""
+
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    gpus_per_worker: float
+    placement_strategy: Placement
+    max_failures: int
+
+
+# -- stage=synthesize ---------------------------------------------------------------------------------------------
+@dataclass
+class SynthesizeResources:
+    num_cpus_per_task: float
+
+
+@dataclass
+class Synthesize:
+    name: str
+    rows_per_shard: int
+    metadata_rows_per_file: int
+    formats: List[ShardFormat]
+    jpeg_quality: int
+    resources: SynthesizeResources
+
+
+# -- stage=prepare ------------------------------------------------------------------------------------------------
+@dataclass
+class Filters:
+    status: Optional[str]
+    min_similarity: Optional[float]
+    nsfw_allowed: Optional[List[str]]
+    min_width: Optional[int]
+    min_height: Optional[int]
+    max_aspect_ratio: Optional[float]
+    caption_min_chars: Optional[int]
+    caption_max_chars: Optional[int]
+    caption_min_tokens: Optional[int]
+    caption_max_tokens: Optional[int]
+    caption_denylist: Optional[List[str]]
+    dedup_urls: bool
+    dedup_images: bool
+    verify_image_stream: bool
+
+
+@dataclass
+class TokenizerConfig:
+    train: bool
+    name_or_path: str
+    vocab_size: int
+    min_frequency: int
+    lowercase: bool
+    train_max_captions: int
+    max_length: int
+
+
+@dataclass
+class Img2dataset:
+    output_format: ShardFormat
+    processes_count: int
+    thread_count: int
+    number_sample_per_shard: int
+
+
+@dataclass
+class PrepareResources:
+    num_cpus_per_task: float
+    batch_rows: int
+    dedup_on_driver_max_rows: int
+    dedup_partitions: int
+
+
+@dataclass
+class Prepare:
+    name: str
+    filters: Filters
+    tokenizer: TokenizerConfig
+    max_rows_per_file: int
+    max_bytes_per_file: int
+    img2dataset: Img2dataset
+    resources: PrepareResources
+
+
+# -- stage=train_autoencoder --------------------------------------------------------------------------------------
+@dataclass
+class AutoencoderModel:
+    preset: FirstStagePresetName
+    overrides: Dict[str, Any]
+    logvar_bias: Optional[float]
+
+
+@dataclass
+class AutoencoderLoss:
+    kl_weight: float
+    codebook_weight: float
+    disc_weight: float
+    disc_start: int
+    perceptual_weight: float
+    foreground_weight: float
+    mse_weight: float
+
+
+@dataclass
+class AutoencoderOptimizer:
+    lr: float
+    disc_lr: float
+    betas: List[float]
+    schedule: LrSchedule
+    warmup_steps: int
+    final_ratio: float
+
+
+@dataclass
+class DecodeResources:
+    num_cpus_per_decode_task: float
+
+
+@dataclass
+class TrainAutoencoder:
+    name: str
+    model: AutoencoderModel
+    pretrained: Optional[str]
+    loss: AutoencoderLoss
+    disc_layers: int
+    lpips_weights: List[str]
+    optimizer: AutoencoderOptimizer
+    steps: int
+    batch_size: int
+    seed: int
+    random_flip: bool
+    held_out_fraction: float
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    bf16: bool
+    scaling: Scaling
+    output_url: str
+    checkpoints_url: str
+    resources: DecodeResources
+
+
+# -- stage=encode_latents -----------------------------------------------------------------------------------------
+@dataclass
+class EncodeResources:
+    num_cpus_per_decode_task: float
+    decode_batch_size: int
+    # Ray node labels ({label: value}) or null: any node. Any, not Optional[Dict]: OmegaConf 2.3 cannot merge a
+    # command-line mapping into a null Dict node.
+    decode_label_selector: Any
+    encoder_concurrency: int
+    encoder_batch_size: int
+    num_cpus_per_encoder: float
+    num_gpus_per_encoder: float
+    encoder_label_selector: Any
+    dtype: Dtype
+    num_cpus_per_write_task: float
+    block_mb: float
+
+
+@dataclass
+class EncodeLatents:
+    name: str
+    first_stage: str
+    first_stage_subfolder: Optional[str]
+    resolution: int
+    output_url: str
+    compression: Compression
+    resources: EncodeResources
+
+
+# -- stage=train_ldm ----------------------------------------------------------------------------------------------
+@dataclass
+class LdmModel:
+    preset: TextToImagePresetName
+    unet: Dict[str, Any]
+    text_encoder: Dict[str, Any]
+    pretrained_text_encoder: Optional[str]
+
+
+@dataclass
+class Noise:
+    schedule: NoiseSchedule
+    timesteps: int
+    beta_start: float
+    beta_end: float
+    prediction_type: PredictionType
+    snr_gamma: Optional[float]
+
+
+@dataclass
+class LdmOptimizer:
+    lr: float
+    betas: List[float]
+    weight_decay: float
+    schedule: LrSchedule
+    warmup_steps: int
+    final_ratio: float
+    grad_clip: float
+    accumulation: int
+
+
+@dataclass
+class Ema:
+    decay: float
+    start_step: int
+
+
+@dataclass
+class Validation:
+    prompts: List[str]
+    sampler: Sampler
+    steps: int
+    guidance_scale: float
+    seed: int
+
+
+@dataclass
+class TrainLdm:
+    name: str
+    latents_url: str
+    model: LdmModel
+    noise: Noise
+    caption_dropout: float
+    optimizer: LdmOptimizer
+    ema: Ema
+    steps: int
+    batch_size: int
+    seed: int
+    shuffle_buffer: int
+    prefetch_batches: int
+    bf16: bool
+    attention: Attention
+    gradient_checkpointing: bool
+    compile: bool
+    data_audit: bool
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    sample_every: int
+    validation: Validation
+    resume: str
+    scaling: Scaling
+    log_model: bool
+    output_url: str
+    checkpoints_url: str
+
+
+# -- stage=sample, stage=evaluate, stage=export -------------------------------------------------------------------
+@dataclass
+class Sample:
+    name: str
+    model_url: str
+    weights: Weights
+    prompts: List[str]
+    prompts_file: Optional[str]
+    images_per_prompt: int
+    sampler: Sampler
+    steps: int
+    guidance_scale: float
+    seed: int
+    batch_size: int
+    device: Device
+    grid_columns: int
+    output_url: str
+
+
+@dataclass
+class Reconstruction:
+    enabled: bool
+    images: int
+
+
+@dataclass
+class Adherence:
+    enabled: bool
+    synthesized_url: Optional[str]
+    prompts: int
+
+
+@dataclass
+class Fid:
+    feature_extractor: Optional[str]
+    images: int
+    kid_subset_size: int
+
+
+@dataclass
+class Evaluate:
+    name: str
+    model_url: str
+    weights: Weights
+    sampler: Sampler
+    steps: int
+    guidance_scale: float
+    seed: int
+    batch_size: int
+    device: Device
+    output_url: str
+    reconstruction: Reconstruction
+    adherence: Adherence
+    fid: Fid
+
+
+@dataclass
+class Export:
+    name: str
+    model_url: str
+    weights: Weights
+    sampler: Sampler
+    output_url: str
+    registered_model: Optional[str]
+    log_model: bool
+
+
+# -- stage=pipeline -----------------------------------------------------------------------------------------------
+@dataclass
+class Pipeline:
+    name: str
+    synthesize: Synthesize
+    prepare: Prepare
+    train_autoencoder: TrainAutoencoder
+    encode_latents: EncodeLatents
+    train_ldm: TrainLdm
+    sample: Sample
+    evaluate: Evaluate
+    export: Export
+
+
+# -- the root -----------------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    stage: Any  # the chosen stage's class
+    data: Any  # the chosen data option's class
+    storage: Any
+    tracking: Tracking
+    cluster: Cluster
+    overwrite: bool  # replace a complete output of a different config at the same location
+
+
+# Which class each config option is checked against: ConfigStore entries schema/<group>/<option>.
+OPTIONS: dict[str, dict[str, type]] = {
+    "stage": {
+        "synthesize": Synthesize, "prepare": Prepare, "train_autoencoder": TrainAutoencoder, "encode_latents": EncodeLatents,
+        "train_ldm": TrainLdm, "sample": Sample, "evaluate": Evaluate, "export": Export, "pipeline": Pipeline,
+    },
+    "data": {
+        "synthetic": SyntheticData, "synthetic_metadata": SyntheticMetadataData, "laion400m": ImageData,
+        "laion400m_metadata": MetadataData, "url_list": MetadataData,
+    },
+    "storage": {"local": StorageConfig, "s3": S3StorageConfig},
+    "tracking": {"local": Tracking, "server": Tracking},
+    "cluster": {"local": Cluster, "remote": Cluster},
+}

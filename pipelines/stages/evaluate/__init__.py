@@ -1,0 +1,1 @@
+"""stage=evaluate: numbers to trust about a train_ldm output."""

@@ -1,0 +1,1 @@
+"""stage=export: a train_ldm output as a diffusers pipeline directory, registered in MLflow (``pyfunc_model``)."""

@@ -1,0 +1,1 @@
+"""stage=pipeline: the stages as one workflow."""

@@ -1,0 +1,1 @@
+"""stage=sample: images for prompts from a train_ldm output."""

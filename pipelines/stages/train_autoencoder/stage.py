@@ -1,0 +1,79 @@
+"""stage=train_autoencoder: the first stage (KL or VQ autoencoder) on the prepared images, with Ray Train.
+
+Ray Data decodes, crops and flips the prepared shards' images on CPU tasks (``tasks.py``) and streams them to
+the Ray Train workers (``loop.py``). Checkpoints go to ``stage.checkpoints_url`` under a run name made from
+the training settings, so the same command after a kill (or a worker failure) resumes from the latest one.
+The final autoencoder is written in diffusers format to ``stage.output_url``; the manifest records which
+prepared rows were held out (``held_out_fraction``), which stage=evaluate measures it on.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from functools import partial
+from typing import Any
+
+import ray
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.manifest import data_files
+from ldm.models.first_stage import factor, kind, load_first_stage
+from ldm.storage import model_location, resolve
+from pipelines import training
+from pipelines.stage import Inputs, Job, Output, Stage
+from pipelines.stages.train_autoencoder import loop, tasks
+
+# 2: every discriminator replica starts from the same seed; the manifest records held_out_fraction.
+STAGE = Stage("train_autoencoder", version=2, output_url=lambda cfg: cfg.stage.output_url, detail="{steps} steps")
+MODEL = "model"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    return STAGE.run(cfg, lambda cfg, storage: Inputs.output_of("prepare", cfg.data.prepared_url, storage, "prepared"), _train)
+
+
+def _train(job: Job) -> Output:
+    cfg, storage, settings = job.cfg, job.storage, job.settings
+    source, prepared = job.inputs.record["prepared"], job.inputs.found["prepared"]
+    run_name = f"{STAGE.name}-{training.training_identity(cfg, job.inputs.fingerprints)[:16]}"
+    pafs, _ = storage.pyarrow(source)
+    rows = ray.data.read_parquet([storage.pyarrow(s)[1] for s in data_files(prepared, source)], filesystem=pafs, columns=["key", "image"])
+    pixels = partial(tasks.pixels, resolution=cfg.data.resolution, fraction=settings.held_out_fraction)
+    decode_cpus = settings.resources.num_cpus_per_decode_task
+    datasets = {
+        "train": rows.map_batches(partial(pixels, train=True, flip=settings.random_flip), num_cpus=decode_cpus),
+        "validation": rows.map_batches(partial(pixels, train=False, flip=False), num_cpus=decode_cpus),
+    }
+    config = loop.LoopConfig(
+        settings=OmegaConf.to_object(settings),
+        pretrained=model_location(settings.pretrained) if settings.pretrained else None,
+        storage=storage,
+        run=training.run_target(job),
+    )
+    result = training.trainer(cfg, storage, partial(loop.train_loop, config), run_name, datasets).fit()
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+
+    fs, root = storage.fsspec(job.out)
+    with tempfile.TemporaryDirectory(prefix="autoencoder-") as local:
+        result.checkpoint.to_directory(local)
+        model_dir = os.path.join(local, loop.MODEL_DIR)
+        model = load_first_stage(model_dir)
+        fs.put(model_dir, f"{root}/{MODEL}", recursive=True)
+    steps = int(metrics.get("step", 0))
+    val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+    return Output(
+        counts={"steps": steps},
+        facts={
+            "model": f"{MODEL}/",
+            "kind": kind(model),
+            "factor": factor(model),
+            "latent_channels": model.config.latent_channels,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "resolution": cfg.data.resolution,
+            "held_out_fraction": settings.held_out_fraction,
+            "final_metrics": metrics,
+            "checkpoints": f"{resolve(settings.checkpoints_url)}/{run_name}",
+        },
+        message=f"{STAGE.name}: {steps} steps; {val}; model at {job.out}/{MODEL}",
+    )

@@ -1,0 +1,124 @@
+"""stage=train_ldm: the text-to-image latent diffusion model on the precomputed latents, with Ray Train.
+
+Ray Data streams the latent shards (moments, tokens) to the workers, split between them, block order
+randomised every epoch and shuffled locally (``loop.py``); training never touches pixels. Checkpoints go to
+``stage.checkpoints_url`` under a run name made from the training settings, so the same command after a kill
+continues (``resume=latest``), and a dying worker restarts the group from the latest one
+(``scaling.max_failures``). The final model (UNet, τθ, their EMA, tokenizer, noise schedule; the first stage by
+reference) is written to ``stage.output_url`` with a manifest, and logged to the MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from functools import partial
+from typing import Any
+
+import mlflow
+import ray
+import ray.train
+from omegaconf import DictConfig, OmegaConf
+from pyarrow.fs import FileType
+
+from ldm.manifest import data_files
+from ldm.models.presets import describe, text_to_image_preset
+from ldm.models.text_to_image import EMA, TEXT_ENCODER, UNET
+from ldm.storage import Storage, model_location, resolve
+from ldm.text.tokenizer import load_tokenizer, save_tokenizer
+from pipelines import training
+from pipelines.stage import Inputs, Job, Output, Stage
+from pipelines.stages.train_ldm import loop
+
+STAGE = Stage("train_ldm", version=2, output_url=lambda cfg: cfg.stage.output_url, detail="{steps} steps")  # 2: tiny's τθ is a BertModel
+SCHEDULER_DIR, TOKENIZER_DIR = "scheduler", "tokenizer"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    return STAGE.run(cfg, _inputs, _train)
+
+
+def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
+    """The latents, and the checkpoint ``stage.resume`` names, if it names one: both part of the output's identity.
+    The model's preset is resolved here too, so that a bad override fails before anything starts."""
+    model = cfg.stage.model
+    spec = text_to_image_preset(model.preset, model.unet, model.text_encoder)
+    inputs = Inputs.output_of("encode_latents", cfg.stage.latents_url, storage, "latents")
+    resume_from = _resume_from(cfg.stage.resume, storage)
+    inputs.fingerprints.extend([resume_from.path] if resume_from else [])
+    inputs.found.update(resume_from=resume_from, spec=spec)
+    return inputs
+
+
+def _train(job: Job) -> Output:
+    cfg, storage, settings = job.cfg, job.storage, job.settings
+    source, latents, resume_from = job.inputs.record["latents"], job.inputs.found["latents"], job.inputs.found["resume_from"]
+    facts, spec = latents["facts"], job.inputs.found["spec"]
+    # The resolved architecture too: a preset whose definition changed must not resume an older checkpoint.
+    identity = training.training_identity(cfg, [*job.inputs.fingerprints, json.dumps(describe(spec), sort_keys=True)])
+    run_name = f"{STAGE.name}-{identity[:16]}" + (time.strftime("-%Y%m%d-%H%M%S") if settings.resume == "never" else "")
+    pafs, _ = storage.pyarrow(source)
+    rows = ray.data.read_parquet([storage.pyarrow(s)[1] for s in data_files(latents, source)], filesystem=pafs,
+                                 columns=["key", "input_ids", *facts["latent_columns"]])
+    config = loop.LoopConfig(
+        settings=OmegaConf.to_object(settings),
+        tokenizer=facts["tokenizer"]["path"],
+        max_length=facts["tokenizer"]["max_length"],
+        latent_shape=facts["latent_shape"],
+        scale_factor=facts["scale_factor"],
+        first_stage=facts["first_stage"],
+        pretrained_text_encoder=model_location(settings.model.pretrained_text_encoder) if settings.model.pretrained_text_encoder else None,
+        resume_from=resume_from,
+        storage=storage,
+        run=training.run_target(job),
+    )
+    mlflow.log_params({"latents.rows": latents["counts"]["rows_out"], "latents.scale_factor": facts["scale_factor"],
+                       "latents.shape": facts["latent_shape"], "run_name": run_name})
+    fit = training.trainer(cfg, storage, partial(loop.train_loop, config), run_name, {"train": rows.randomize_block_order()})
+    result = fit.fit()
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    if result.checkpoint is None:
+        raise RuntimeError(f"{STAGE.name}: training ended without a checkpoint (steps={settings.steps})")
+
+    fs, root = storage.fsspec(job.out)
+    with tempfile.TemporaryDirectory(prefix="ldm-") as local:
+        result.checkpoint.to_directory(local)
+        save_tokenizer(load_tokenizer(config.tokenizer, storage), storage, f"{job.out}/{TOKENIZER_DIR}")
+        loop.training_schedule(settings.noise).save_config(os.path.join(local, SCHEDULER_DIR))
+        for folder in (UNET, TEXT_ENCODER, EMA, SCHEDULER_DIR):
+            fs.put(os.path.join(local, folder), f"{root}/{folder}", recursive=True)
+            if settings.log_model:
+                mlflow.log_artifacts(os.path.join(local, folder), f"model/{folder}")
+    steps = int(metrics.get("step", 0))
+    return Output(
+        counts={"steps": steps},
+        facts={
+            "layout": {"unet": f"{UNET}/", "text_encoder": f"{TEXT_ENCODER}/", "ema": f"{EMA}/",
+                       "tokenizer": f"{TOKENIZER_DIR}/", "scheduler": f"{SCHEDULER_DIR}/"},
+            "preset": str(settings.model.preset),
+            "text_encoder_trained": settings.model.pretrained_text_encoder is None,
+            "first_stage": facts["first_stage"],
+            "scale_factor": facts["scale_factor"],
+            "latent_shape": facts["latent_shape"],
+            "resolution": facts["resolution"],
+            "max_length": facts["tokenizer"]["max_length"],
+            "prediction_type": str(settings.noise.prediction_type),
+            "global_batch_size": settings.batch_size * settings.scaling.num_workers * settings.optimizer.accumulation,
+            "final_metrics": metrics,
+            "checkpoints": f"{resolve(settings.checkpoints_url)}/{run_name}",
+        },
+        message=f"{STAGE.name}: {steps} steps, final loss {metrics.get('train/loss', float('nan')):.4f}; model at {job.out}",
+    )
+
+
+def _resume_from(resume: str, storage: Storage) -> ray.train.Checkpoint | None:
+    """``latest`` and ``never`` are run names' business; anything else is a checkpoint folder to start from."""
+    if resume in ("latest", "never"):
+        return None
+    url = resolve(resume)
+    fs, path = storage.pyarrow(url)
+    if fs.get_file_info(f"{path}/{loop.STATE_FILE}").type != FileType.File:
+        raise FileNotFoundError(f"stage.resume={resume}: no {loop.STATE_FILE} there; give latest, never, or a checkpoint_* folder of a train_ldm run")
+    return ray.train.Checkpoint(path, filesystem=fs)

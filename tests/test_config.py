@@ -1,0 +1,125 @@
+"""The typed config: every option of conf/ is checked against its schema when Hydra composes it, so a wrong
+type, an unknown choice or an unknown key is Hydra's error naming the key, before anything runs."""
+
+import dataclasses
+import subprocess
+import sys
+import typing
+from enum import Enum
+
+import pytest
+import yaml
+from conftest import ROOT
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from pipelines import stages
+from pipelines.config import compose
+from pipelines.schema import OPTIONS
+
+CONF = ROOT / "conf"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "pipelines/run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def choices(schema: type, prefix: str = "") -> dict[str, type[Enum]]:
+    """key -> enum class of every choice-typed setting of a schema class, lists of choices included."""
+    found = {}
+    for name, hint in typing.get_type_hints(schema).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if typing.get_origin(hint) in (typing.Union, list) and len(args) == 1 else hint
+        if dataclasses.is_dataclass(hint):
+            found.update(choices(hint, f"{prefix}{name}."))
+        elif isinstance(hint, type) and issubclass(hint, Enum):
+            found[f"{prefix}{name}"] = hint
+    return found
+
+
+def test_every_option_names_its_schema_first_and_every_schema_has_its_option():
+    for group, options in OPTIONS.items():
+        assert sorted(p.stem for p in (CONF / group).glob("*.yaml")) == sorted(options), group
+        for option in options:
+            defaults = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())["defaults"]
+            schema = f"/schema/{group}/{option}@_here_"
+            assert schema in defaults, f"conf/{group}/{option}.yaml does not name {schema}"
+            # first, or right after the option it extends (whose schema it subclasses)
+            assert defaults.index(schema) <= 1 and defaults.index(schema) < defaults.index("_self_")
+    assert sorted(stages.STAGES) == sorted(OPTIONS["stage"])
+
+
+@pytest.mark.parametrize("stage", sorted(set(stages.STAGES) - {"pipeline"}))
+def test_an_unknown_choice_of_every_choice_setting_is_refused_naming_the_key(stage):
+    cfg = compose(f"stage={stage}")
+    found = {f"stage.{k}": v for k, v in choices(OmegaConf.get_type(cfg.stage)).items()}
+    found.update({f"data.{k}": v for k, v in choices(OmegaConf.get_type(cfg.data)).items()})
+    assert found, f"stage={stage} has no choice settings"
+    for key, enum in found.items():
+        value = "[not-a-choice]" if OmegaConf.is_list(OmegaConf.select(cfg, key, throw_on_missing=False)) else "not-a-choice"
+        with pytest.raises(ConfigCompositionException) as error:
+            compose(f"stage={stage}", f"{key}={value}")
+        message = str(error.value) + str(error.value.__cause__)
+        assert key in message and "not-a-choice" in message, message
+        assert all(member.name in message for member in enum), f"{key}: the error should list the choices"
+
+
+def test_the_choice_settings_users_meet_first_are_typed():
+    """The settings the issue tracker saw typos in are among the checked ones (a test that cannot miss them)."""
+    every = {}
+    for stage in set(stages.STAGES) - {"pipeline"}:
+        every.update({f"{stage}:{k}": v for k, v in choices(OPTIONS["stage"][stage]).items()})
+    every.update({f"data:{k}": v for k, v in choices(OPTIONS["data"]["synthetic"]).items()})
+    for key in ("train_ldm:noise.prediction_type", "train_ldm:noise.schedule", "train_ldm:optimizer.schedule",
+                "train_ldm:scaling.placement_strategy", "train_ldm:validation.sampler", "train_ldm:model.preset",
+                "train_ldm:attention", "train_autoencoder:model.preset", "train_autoencoder:optimizer.schedule",
+                "sample:sampler", "sample:weights", "sample:device", "evaluate:weights", "export:sampler",
+                "encode_latents:resources.dtype", "encode_latents:compression", "synthesize:formats",
+                "prepare:img2dataset.output_format", "data:input.format"):
+        assert key in every, key
+
+
+def test_a_wrong_type_or_an_unknown_key_is_refused_at_compose_time():
+    for override, key in (("stage.steps=abc", "stage.steps"), ("stage.nope=1", "nope"), ("stage.scaling.use_gpu=maybe", "stage.scaling.use_gpu"),
+                          ("cluster.num_cpus=four", "cluster.num_cpus"), ("storage.shared=sometimes", "storage.shared")):
+        with pytest.raises(ConfigCompositionException) as error:
+            compose("stage=train_ldm", override)
+        assert key in str(error.value) + str(error.value.__cause__)
+
+
+@pytest.mark.parametrize("args, key", [
+    (["stage=synthesize", "data.num_samples=abc"], "data.num_samples"),
+    (["stage=train_ldm", "stage.noise.prediction_type=nope"], "stage.noise.prediction_type"),
+])
+def test_the_cli_refuses_a_bad_value_with_hydras_error_and_no_traceback(args, key):
+    result = run_cli(*args)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"full_key: {key}" in output and "Traceback" not in output
+    assert "Ray" not in output  # nothing started
+
+
+def test_a_value_left_unset_is_named_before_anything_runs():
+    result = run_cli("stage=prepare", "data=laion400m_metadata")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Missing mandatory value" in output and "data.input.url" in output
+    assert "Traceback" not in output
+
+
+def test_experiments_compose_for_their_stages():
+    quality = compose("experiment=quality")
+    assert quality.stage.name == "pipeline" and quality.stage.train_ldm.noise.snr_gamma == 5.0
+    assert str(quality.stage.sample.weights) == "raw" and quality.data.num_samples == 5000
+    for stage in stages.STAGES:
+        cfg = compose(f"stage={stage}", "experiment=ci")
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        assert cfg.data.num_samples == 240
+    assert compose("stage=train_ldm", "experiment=ci").stage.batch_size == 8
+    pipeline = compose("stage=pipeline", "experiment=ci").stage
+    assert pipeline.train_ldm.batch_size == 8 and pipeline.train_ldm.steps == 12 and pipeline.synthesize.rows_per_shard == 60
+
+
+def test_ray_train_workers_get_the_typed_stage():
+    settings = OmegaConf.to_object(compose("stage=train_ldm", "stage.noise.prediction_type=v_prediction").stage)
+    assert type(settings).__name__ == "TrainLdm" and settings.noise.prediction_type == "v_prediction"
+    assert f"{settings.validation.sampler}" == "ddim" and isinstance(settings.scaling.num_workers, int)
