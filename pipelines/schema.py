@@ -387,23 +387,33 @@ class TrainLdm:
     checkpoints_url: str
 
 
-# -- stage=sample, stage=evaluate, stage=export -------------------------------------------------------------------
+# -- stage=sample, stage=evaluate, stage=export: a train_ldm output in -----------------------------------------------
 @dataclass
-class Sample:
+class ModelStage:
     name: str
     model_url: str
     weights: Weights
-    prompts: List[str]
-    prompts_file: Optional[str]
-    images_per_prompt: int
     sampler: Sampler
+    output_url: str
+
+
+@dataclass
+class Generation(ModelStage):
+    """A model stage that draws images."""
+
     steps: int
     guidance_scale: float
     seed: int
     batch_size: int
     device: Device
+
+
+@dataclass
+class Sample(Generation):
+    prompts: List[str]
+    prompts_file: Optional[str]
+    images_per_prompt: int
     grid_columns: int
-    output_url: str
 
 
 @dataclass
@@ -427,29 +437,14 @@ class Fid:
 
 
 @dataclass
-class Evaluate:
-    name: str
-    model_url: str
-    weights: Weights
-    sampler: Sampler
-    steps: int
-    guidance_scale: float
-    seed: int
-    batch_size: int
-    device: Device
-    output_url: str
+class Evaluate(Generation):
     reconstruction: Reconstruction
     adherence: Adherence
     fid: Fid
 
 
 @dataclass
-class Export:
-    name: str
-    model_url: str
-    weights: Weights
-    sampler: Sampler
-    output_url: str
+class Export(ModelStage):
     registered_model: Optional[str]
     log_model: bool
 
