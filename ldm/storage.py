@@ -78,7 +78,7 @@ def model_location(name_or_path: str) -> str:
     """A model reference as every process reads it the same: storage URLs and existing local paths made
     absolute, anything else taken for a hub id (``org/name``). A path that does not exist is an error here
     rather than a confusing hub lookup."""
-    if name_or_path.startswith(("s3://", "s3a://", "file://")) or os.path.exists(name_or_path):
+    if _is_object_store(name_or_path) or name_or_path.startswith("file://") or os.path.exists(name_or_path):
         return resolve(name_or_path)
     if name_or_path.startswith(("/", ".", "~")):
         raise FileNotFoundError(f"no model directory at {name_or_path}")

@@ -65,7 +65,7 @@ def test_an_unknown_choice_of_every_choice_setting_is_refused_naming_the_key(sta
 
 
 def test_the_choice_settings_users_meet_first_are_typed():
-    """The settings the issue tracker saw typos in are among the checked ones (a test that cannot miss them)."""
+    """The choice settings users get wrong first are among those the schema walk finds, so it cannot skip them."""
     every = {}
     for stage in set(stages.STAGES) - {"pipeline"}:
         every.update({f"{stage}:{k}": v for k, v in choices(OPTIONS["stage"][stage]).items()})

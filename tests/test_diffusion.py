@@ -169,5 +169,5 @@ def test_math_attention_computes_what_the_fused_kernel_does():
     set_attention(model.unet, "auto", torch.device("cpu"))  # on CPU: math
     assert {type(p).__name__ for p in model.unet.attn_processors.values()} == {"AttnProcessor"}
     assert torch.allclose(model.unet(z, t, encoder_hidden_states=context).sample, fused, atol=1e-5)
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(ValueError, match=r"attention='flash': choose one of \('auto', 'sdpa', 'math'\)"):
         set_attention(model.unet, "flash", torch.device("cpu"))

@@ -21,7 +21,6 @@ from ldm.models.first_stage import Encoded
 from ldm.models.text_to_image import encode_text
 
 
-
 def noise_scheduler(schedule: str, prediction_type: str, timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> DDPMScheduler:
     if schedule not in NOISE_SCHEDULES:
         raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(NOISE_SCHEDULES)}")

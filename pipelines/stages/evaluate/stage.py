@@ -1,11 +1,11 @@
 """stage=evaluate: numbers to trust about a train_ldm output.
 
 (a) The first stage's reconstruction PSNR / SSIM on prepared images it never trained on (the keys its
-train_autoencoder manifest says were held out); (b) on synthetic
-data, prompt adherence: images generated for (colour, shape, background) combinations that were never
-rendered, read back by the synthesizer's classifier, accuracy per attribute against chance; (c) FID / KID
-against held-out images when a feature extractor is configured (nothing is downloaded). ``metrics.json`` and
-a grid of the adherence samples go to ``stage.output_url``; the metrics to the MLflow run.
+train_autoencoder manifest says were held out); (b) on synthetic data, prompt adherence: images generated for
+(colour, shape, background) combinations that were never rendered, read back by the synthesizer's classifier,
+accuracy per attribute against chance; (c) FID / KID against held-out images when a feature extractor is
+configured (nothing is downloaded). ``metrics.json`` and a grid of the adherence samples go to
+``stage.output_url``; the metrics to the MLflow run.
 """
 
 from __future__ import annotations
