@@ -31,13 +31,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ldm.data.images import normalise, square_crop  # noqa: E402
-from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, noise_scheduler, sample_latents  # noqa: E402
+from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, sample_latents  # noqa: E402
 from ldm.latents import column_array  # noqa: E402
 from ldm.models.first_stage import build_first_stage, encode, load_first_stage  # noqa: E402
 from ldm.models.presets import first_stage_preset, text_to_image_preset  # noqa: E402
 from ldm.models.text_to_image import build_text_encoder, build_unet, set_attention  # noqa: E402
 from pipelines import stages  # noqa: E402
 from pipelines.config import compose as config  # noqa: E402
+from pipelines.stages.train_ldm.loop import training_schedule  # noqa: E402
 
 TARGET_WAIT = 0.05
 
@@ -52,8 +53,7 @@ def bare_steps_per_s(cfg, latents: dict[str, np.ndarray], pixels: np.ndarray | N
     channels, size = latents["latent_mean"].shape[1], latents["latent_mean"].shape[2]
     unet = build_unet(spec.unet, channels, size, spec.text_encoder.width)
     set_attention(unet, settings.attention, torch.device("cpu"))
-    noise = settings.noise
-    objective = DiffusionObjective(noise_scheduler(noise.schedule, noise.prediction_type, noise.timesteps, noise.beta_start, noise.beta_end))
+    objective = DiffusionObjective(training_schedule(settings.noise), settings.noise.snr_gamma)
     module = DenoisingLoss(unet, text_encoder, objective, train_text_encoder=True)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=settings.optimizer.lr)
     batch = settings.batch_size * settings.scaling.num_workers

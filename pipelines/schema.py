@@ -75,6 +75,7 @@ class MetadataInput(Input):
 @dataclass
 class Data:
     name: str
+    scenes: bool
     resolution: int
     input: Input
     prepared_url: str
@@ -270,6 +271,7 @@ class TrainAutoencoder:
     seed: int
     random_flip: bool
     held_out_fraction: float
+    scene_fidelity: bool
     log_every: int
     eval_every: int
     checkpoint_every: int
@@ -326,6 +328,7 @@ class Noise:
     beta_start: float
     beta_end: float
     prediction_type: PredictionType
+    zero_terminal_snr: bool
     snr_gamma: Optional[float]
 
 
@@ -420,6 +423,7 @@ class Sample(Generation):
 class Reconstruction:
     enabled: bool
     images: int
+    scene_fidelity: bool
 
 
 @dataclass
@@ -427,6 +431,7 @@ class Adherence:
     enabled: bool
     synthesized_url: Optional[str]
     prompts: int
+    seeds: int
 
 
 @dataclass

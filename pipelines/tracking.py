@@ -30,6 +30,11 @@ SECRET_KEY = re.compile(
 URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 MASK = "***"
 
+# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, prompts); these are training runs.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# `mlflow ui` otherwise starts job-consumer processes (GenAI jobs this project never submits) that take CPU.
+UI_ENVIRONMENT = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false"
+
 
 def redact(value: Any) -> Any:
     """A copy of a config tree with secrets masked: values of secret-looking keys, ``{name: <secret-looking>,
@@ -65,7 +70,9 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[mlflow.ActiveRun]:
     mlflow.set_tracking_uri(cfg.tracking.uri)
     parent = mlflow.active_run()
     if parent is None:
-        mlflow.set_experiment(cfg.tracking.experiment)
+        experiment = mlflow.set_experiment(cfg.tracking.experiment)
+        if EXPERIMENT_KIND not in experiment.tags:
+            mlflow.set_experiment_tag(EXPERIMENT_KIND, MODEL_TRAINING)
     config = redact(plain(cfg))
     with mlflow.start_run(run_name=stage, nested=parent is not None, tags={"stage": stage}) as run:
         mlflow.log_params(flatten(config))
@@ -79,5 +86,5 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[mlflow.ActiveRun]:
         if cfg.tracking.uri.startswith("sqlite:///"):
             database = os.path.abspath(cfg.tracking.uri.removeprefix("sqlite:///"))
             mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
-            print(f"        open the UI with: {mlflow_cli} ui --backend-store-uri sqlite:///{database}"
+            print(f"        open the UI with: {UI_ENVIRONMENT} {mlflow_cli} ui --backend-store-uri sqlite:///{database}"
                   " (then http://127.0.0.1:5000)")

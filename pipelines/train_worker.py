@@ -42,8 +42,9 @@ class RunLogger:
     def params(self, params: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, params=[self.entities.Param(k, str(v)) for k, v in params.items()])
 
-    def image(self, image: Image.Image, path: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file=path)
+    def image(self, image: Image.Image, key: str, step: int) -> None:
+        """An image in the series ``key``: the UI's Images tab steps through a series by training step."""
+        self.client.log_image(self.run_id, image, key=key, step=step)
 
     def text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, text, path)

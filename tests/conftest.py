@@ -167,3 +167,14 @@ def write_lpips_weights(directory: Path) -> list[str]:
     torch.save(vgg, directory / "vgg16.pth")
     save_file(heads, str(directory / "lpips_vgg.safetensors"))
     return [str(directory / "vgg16.pth"), str(directory / "lpips_vgg.safetensors")]
+
+
+def history(client, run_id, key):
+    """(step, value) of an MLflow metric, by step."""
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def image_steps(client, run_id, key):
+    """The steps of an MLflow image series (``log_image(key=, step=)``), as the UI's Images tab lists them."""
+    names = [f.path for f in client.list_artifacts(run_id, "images")]
+    return sorted({int(name.split("+step+")[1].split("+")[0]) for name in names if name.startswith(f"images/{key}+step+")})

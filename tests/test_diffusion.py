@@ -15,6 +15,8 @@ from ldm.models.presets import TEXT_TO_IMAGE_PRESETS, describe, first_stage_pres
 from ldm.models.text_to_image import build_text_encoder, build_unet, set_attention, set_trainable
 from ldm.synthetic.scene import all_scenes, caption
 from ldm.text.tokenizer import train_wordpiece
+from pipelines.config import compose
+from pipelines.stages.train_ldm.loop import training_schedule
 
 
 def parameters(module) -> int:
@@ -65,6 +67,24 @@ def test_linear_schedule_is_ldms_and_the_cosine_option_exists():
     assert noise_scheduler("cosine", "epsilon").config.beta_schedule == "squaredcos_cap_v2"
     with pytest.raises(ValueError, match="prediction_type"):
         noise_scheduler("linear", "sample")
+
+
+@pytest.mark.parametrize("overrides", [["stage=train_ldm"], ["experiment=quality"]], ids=["default", "quality"])
+def test_sampling_starts_where_training_left_nothing_of_the_image(overrides):
+    """The cause of prompts whose position words were ignored: LDM's linear schedule keeps √ᾱ_T = 0.068 of z0
+    at t = T, so on a 16 x 16 latent the model learned to read the object's place from z_T, and at sampling
+    time put the object wherever the starting noise hinted, whatever the prompt said. The configured schedule
+    must leave nothing of z0 at the sampler's first timestep."""
+    noise_config = compose(*overrides).stage
+    noise_config = noise_config.train_ldm.noise if "train_ldm" in noise_config else noise_config.noise
+    schedule = training_schedule(noise_config)
+    first = sampler("ddim", schedule.config)
+    first.set_timesteps(25)
+    start = first.timesteps[:1]
+    z0, noise = torch.randn(8, 4, 16, 16) * 3, torch.randn(8, 4, 16, 16)
+    assert torch.equal(schedule.add_noise(z0, noise, start.expand(8)), noise)
+    with pytest.raises(ValueError, match="needs prediction_type v_prediction"):
+        noise_scheduler("linear", "epsilon", zero_terminal_snr=True)
 
 
 def test_latents_are_drawn_from_the_stored_posterior_and_scaled():

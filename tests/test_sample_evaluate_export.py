@@ -126,14 +126,20 @@ def test_evaluate_writes_reconstruction_adherence_and_fid(trained, tmp_path):
     # A first stage that train_autoencoder did not train saw none of the prepared images: any of them is held out.
     assert report["held_out_fraction"] == 1.0 and metrics["fid"]["images"] == 20
     assert metrics["reconstruction"]["images"] == 16 and metrics["reconstruction"]["psnr"] > 0
-    assert metrics["adherence"]["prompts"] == 8 and metrics["adherence"]["colour_chance"] == 1 / 8
-    assert all(0 <= metrics["adherence"][f"{a}_accuracy"] <= 1 for a in ("colour", "shape", "position", "background", "all"))
+    scores = metrics["adherence"]
+    assert (scores["prompts"], scores["seeds"]) == (8, 3) and scores["colour_chance"] == 1 / 8
+    for a in ("colour", "shape", "position", "background", "vertical", "horizontal", "all"):
+        assert 0 <= scores[f"{a}_low"] <= scores[f"{a}_accuracy"] <= scores[f"{a}_high"] <= 1
+    assert 0 <= scores["multi_object"] <= 1 and 0 <= metrics["reconstruction"]["scene_shape"] <= 1
     assert metrics["fid"]["fid"] >= 0 and np.isfinite(metrics["fid"]["kid"]) and report["skipped"] == {}
     assert manifest["facts"]["metrics"] == metrics and (tmp_path / "evaluation" / "adherence.png").exists()
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
     run = client.search_runs([client.get_experiment_by_name("ldm").experiment_id], "tags.stage = 'evaluate'")[0]
     assert run.data.metrics["adherence/colour_accuracy"] == metrics["adherence"]["colour_accuracy"]
     assert run.data.metrics["fid/fid"] == pytest.approx(metrics["fid"]["fid"])
+    # Each generated image is a row of an MLflow table: its prompt, seed, template, and what was asked and seen.
+    table = client.load_table(run.info.experiment_id, "adherence_per_image.json", run_ids=[run.info.run_id])
+    assert len(table) == 24 and {"prompt", "seed", "template", "colour", "seen_colour", "objects"} <= set(table.columns)
 
     bare = stages.load("evaluate").run(compose("stage=evaluate", *common, "stage.reconstruction.enabled=false", "stage.adherence.enabled=false",
                                                f"stage.output_url={tmp_path}/bare"))

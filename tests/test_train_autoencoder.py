@@ -6,7 +6,7 @@ VQ path works too."""
 import mlflow
 import pytest
 import torch
-from conftest import write_lpips_weights
+from conftest import history, image_steps, write_lpips_weights
 
 from ldm.manifest import verify
 from ldm.models.first_stage import load_first_stage
@@ -28,10 +28,6 @@ def prepared(ray_cluster, tmp_path_factory):
     return root, common
 
 
-def history(client, run_id, key):
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-
-
 def test_two_workers_learn_log_resume_and_save_a_reloadable_model(prepared):
     root, common = prepared
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
@@ -47,8 +43,9 @@ def test_two_workers_learn_log_resume_and_save_a_reloadable_model(prepared):
     assert "train/disc_loss" in first["facts"]["final_metrics"] and first["facts"]["held_out_fraction"] == 0.02
     psnr = history(client, run.info.run_id, "val/psnr")
     assert [s for s, _ in psnr] == [16, 32] and psnr[-1][1] > 0
-    artifacts = [f.path for f in client.list_artifacts(run.info.run_id, "reconstructions")]
-    assert artifacts == ["reconstructions/step_0000016.png", "reconstructions/step_0000032.png"]
+    assert image_steps(client, run.info.run_id, "reconstructions") == [16, 32]  # a series the UI steps through
+    scenes = history(client, run.info.run_id, "val/scene_colour")
+    assert [s for s, _ in scenes] == [16, 32] and all(0 <= v <= 1 for _, v in scenes)
     assert first["counts"]["steps"] == 32 and first["facts"]["kind"] == "kl" and first["facts"]["factor"] == 4
 
     # The same command with more steps continues the run from its step-32 checkpoint.

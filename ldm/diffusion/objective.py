@@ -21,7 +21,18 @@ from ldm.models.first_stage import Encoded
 from ldm.models.text_to_image import encode_text
 
 
-def noise_scheduler(schedule: str, prediction_type: str, timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> DDPMScheduler:
+def noise_scheduler(
+    schedule: str, prediction_type: str, timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+    zero_terminal_snr: bool = False,
+) -> DDPMScheduler:
+    """The training noise schedule. ``zero_terminal_snr`` rescales it so that z_T holds no trace of z0 (Lin et
+    al., 2024): LDM's linear schedule leaves √ᾱ_T = 0.068 of the image at t = T, enough on a small latent grid
+    for the model to read where the object is from z_T itself. It then learns to place the object where the
+    starting noise suggests, not where the prompt says. With no signal at t = T, an ε-prediction says nothing
+    about z0 there, so it needs v-prediction."""
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ValueError(f"zero_terminal_snr needs prediction_type v_prediction, not {prediction_type!r}: at t = T an "
+                         "ε-prediction gives no estimate of the image")
     if schedule not in NOISE_SCHEDULES:
         raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(NOISE_SCHEDULES)}")
     if prediction_type not in PREDICTION_TYPES:
@@ -33,6 +44,7 @@ def noise_scheduler(schedule: str, prediction_type: str, timesteps: int = 1000, 
         beta_schedule=NOISE_SCHEDULES[schedule],
         prediction_type=prediction_type,
         clip_sample=False,  # latents are not bounded like pixels
+        rescale_betas_zero_snr=zero_terminal_snr,
     )
 
 

@@ -24,7 +24,7 @@ from ldm.data.images import encode_png, is_held_out, normalise, square_crop
 from ldm.diffusion.sampling import generate_images
 from ldm.grids import captioned_grid
 from ldm.manifest import data_files, read_manifest, verify
-from ldm.metrics.adherence import adherence, held_out_scenes, prompts_for
+from ldm.metrics.adherence import adherence, describe, held_out_prompts, held_out_scenes
 from ldm.metrics.distribution import frechet_distance, image_features, kernel_distance
 from ldm.metrics.reconstruction import evaluate_reconstruction
 from ldm.storage import Storage, pretrained_directory, resolve
@@ -32,7 +32,7 @@ from pipelines.model_stage import load_model, model_inputs
 from pipelines.stage import Job, Output, Stage
 
 STAGE = Stage("evaluate", version=2, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False)  # 2: the first stage's held-out rows from its manifest
-METRICS, GRID = "metrics.json", "adherence.png"
+METRICS, GRID, PER_PROMPT = "metrics.json", "adherence.png", "adherence_per_image.json"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -42,8 +42,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _evaluate(job: Job) -> Output:
     storage, settings, out, trained = job.storage, job.settings, job.out, job.inputs.found["model"]
     pipeline = load_model(job, str(settings.device))
-    generate = lambda prompts: generate_images(  # noqa: E731
-        pipeline, prompts, [settings.seed + i for i in range(len(prompts))], steps=settings.steps,
+    generate = lambda prompts, seeds: generate_images(  # noqa: E731
+        pipeline, prompts, seeds, steps=settings.steps,
         guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True,
     )
     resolution = trained["facts"]["resolution"]
@@ -62,17 +62,19 @@ def _evaluate(job: Job) -> Output:
         if images:
             pixels = np.stack([square_crop(data, resolution) for data in images])
             batches = (torch.from_numpy(normalise(pixels[i : i + 32])).to(pipeline.device) for i in range(0, len(pixels), 32))
-            metrics["reconstruction"] = evaluate_reconstruction(pipeline.vqvae, batches).as_dict()
+            metrics["reconstruction"] = evaluate_reconstruction(pipeline.vqvae, batches, settings.reconstruction.scene_fidelity).as_dict()
         else:
             skipped["reconstruction"] = f"no prepared row is held out at the first stage's held_out_fraction={fraction}"
 
     synthesized = read_manifest(storage, resolve(settings.adherence.synthesized_url)) if settings.adherence.synthesized_url else None
     if settings.adherence.enabled and synthesized is not None and synthesized.get("stage") == "synthesize":
         scenes = held_out_scenes(synthesized["facts"]["held_out"], settings.adherence.prompts, settings.seed)
-        prompts = prompts_for(scenes)
-        generated = generate(prompts)
-        metrics["adherence"] = {**adherence(scenes, generated), "prompts": len(prompts)}
-        grid = captioned_grid(generated[:32], prompts[:32], columns=8)
+        prompts = held_out_prompts(scenes, settings.adherence.seeds, settings.seed)
+        texts = [p.text for p in prompts]
+        generated = generate(texts, [p.seed for p in prompts])
+        metrics["adherence"], per_image = adherence(prompts, generated)
+        mlflow.log_table(per_image, PER_PROMPT)
+        grid = captioned_grid(generated[:32], texts[:32], columns=8)
         fs.pipe_file(f"{root}/{GRID}", encode_png(grid))
         mlflow.log_image(grid, GRID)
     elif settings.adherence.enabled:
@@ -85,7 +87,7 @@ def _evaluate(job: Job) -> Output:
             skipped["fid"] = f"{count} held-out image(s): FID needs at least 2"
         else:
             real = np.stack([square_crop(data, resolution) for data in held_out["image"][:count]])
-            fake = generate(held_out["caption"][:count])
+            fake = generate(held_out["caption"][:count], [settings.seed + i for i in range(count)])
             model, processor = _feature_extractor(storage, settings.fid.feature_extractor)
             real_f, fake_f = image_features(model.to(pipeline.device), processor, real), image_features(model, processor, fake)
             kid, kid_std = kernel_distance(real_f, fake_f, subset_size=settings.fid.kid_subset_size)
@@ -99,7 +101,8 @@ def _evaluate(job: Job) -> Output:
     fs.pipe_file(f"{root}/{METRICS}", json.dumps(report, indent=2).encode())
     mlflow.log_dict(report, METRICS)
     for group, values in metrics.items():
-        print(f"{STAGE.name}: {group}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        lines = describe(values) if group == "adherence" else [", ".join(f"{k} {v:.4g}" for k, v in values.items())]
+        print(f"{STAGE.name}: {group}: " + "\n".join(lines))
     for group, why in skipped.items():
         print(f"{STAGE.name}: {group} skipped: {why}")
     return Output(

@@ -22,7 +22,9 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.storage import resolve
+from ldm.manifest import read_manifest
+from ldm.metrics.adherence import headline
+from ldm.storage import Storage, resolve
 from pipelines import cluster, stages
 from pipelines.stages.sample import stage as sample
 from pipelines.tracking import stage_run
@@ -112,6 +114,11 @@ def _print_summary(cfg: DictConfig, results: dict[str, dict[str, Any]]) -> None:
     for name, result in results.items():
         done = "complete already, skipped" if result["skipped"] else f"{result['minutes']:.1f} min"
         print(f"  {name:<18} {done}")
+    if "evaluate" in results:
+        evaluated = read_manifest(Storage.from_config(cfg.storage), resolve(cfg.stage.evaluate.output_url))
+        scores = ((evaluated or {}).get("facts") or {}).get("metrics", {}).get("adherence")
+        if scores:
+            print(f"prompt adherence on {headline(scores)}")
     samples = resolve(cfg.stage.sample.output_url)
     print(f"samples: {samples}/{sample.IMAGES}/ (grid: {samples}/{sample.GRID})")
     print(f"model:   {resolve(cfg.stage.export.output_url)} (diffusers: DiffusionPipeline.from_pretrained)")

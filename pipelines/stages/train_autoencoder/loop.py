@@ -128,7 +128,7 @@ def train_loop(config: LoopConfig) -> None:
                 checkpoint_now = step % settings.checkpoint_every == 0 or last
                 if rank == 0:
                     if step % settings.eval_every == 0 or last:
-                        metrics.update(_evaluate(autoencoder, validation, tracker, step))
+                        metrics.update(_evaluate(autoencoder, validation, tracker, step, settings.scene_fidelity))
                     tracker.metrics(metrics, step)
                 _report(metrics, checkpoint_now and rank == 0, autoencoder, loss, ae_optimizer, d_optimizer, step)
             if step >= settings.steps:
@@ -171,13 +171,13 @@ def _validation_batches(batch_size: int) -> list[torch.Tensor]:
     return images
 
 
-def _evaluate(autoencoder, validation: list[torch.Tensor], tracker: RunLogger, step: int) -> dict[str, float]:
+def _evaluate(autoencoder, validation: list[torch.Tensor], tracker: RunLogger, step: int, scenes: bool) -> dict[str, float]:
     if not validation:
         return {}
     device = next(autoencoder.parameters()).device
-    metrics = evaluate_reconstruction(autoencoder, [b.to(device) for b in validation])
+    metrics = evaluate_reconstruction(autoencoder, [b.to(device) for b in validation], scenes)
     with torch.no_grad():
         originals = validation[0][:8].to(device)
         reconstructions, _ = Reconstruct(autoencoder)(originals, sample=False)
-    tracker.image(pair_grid(originals, reconstructions), f"reconstructions/step_{step:07d}.png")
+    tracker.image(pair_grid(originals, reconstructions), "reconstructions", step)
     return metrics.as_dict("val/")

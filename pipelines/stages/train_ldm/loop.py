@@ -211,7 +211,7 @@ def train_loop(config: LoopConfig) -> None:
                         metrics["ddp/parameter_spread"] = parameter_spread(trained, world)
                     if rank == 0:
                         if validation.prompts and (step % settings.sample_every == 0 or step == settings.steps):
-                            tracker.image(validation.grid(), f"samples/step_{step:07d}.png")
+                            tracker.image(validation.grid(), "samples", step)
                         tracker.metrics(metrics, step)
                     save = step % settings.checkpoint_every == 0 or step == settings.steps
                     _report(metrics, save, module, ema, optimizer, step, epoch, generator, world, rank)
@@ -230,7 +230,8 @@ def train_loop(config: LoopConfig) -> None:
 
 def training_schedule(noise: Noise):
     """The noise schedule ``stage.noise`` describes, as the diffusers scheduler config the samplers read."""
-    return noise_scheduler(str(noise.schedule), str(noise.prediction_type), noise.timesteps, noise.beta_start, noise.beta_end)
+    return noise_scheduler(str(noise.schedule), str(noise.prediction_type), noise.timesteps, noise.beta_start, noise.beta_end,
+                           noise.zero_terminal_snr)
 
 
 def _build_models(config: LoopConfig, vocab_size: int) -> tuple[UNet2DConditionModel, torch.nn.Module]:
