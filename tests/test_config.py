@@ -108,7 +108,7 @@ def test_a_value_left_unset_is_named_before_anything_runs():
 
 def test_experiments_compose_for_their_stages():
     quality = compose("experiment=quality")
-    assert quality.stage.name == "pipeline" and quality.stage.train_ldm.noise.snr_gamma == 5.0
+    assert quality.stage.name == "pipeline" and quality.stage.train_ldm.steps == 2400 and quality.stage.evaluate.guidance_scale == 4.0
     assert str(quality.stage.sample.weights) == "raw" and quality.data.num_samples == 5000
     for stage in stages.STAGES:
         cfg = compose(f"stage={stage}", "experiment=ci")

@@ -48,6 +48,7 @@ def test_interval_covers_the_truth_95_percent_of_the_time_and_counts_agreeing_se
     assert agreeing[1] - agreeing[0] > 1.5 * (independent[1] - independent[0])
     # Wilson at the edges: never outside [0, 1], never empty.
     assert wilson_interval(0, 50)[0] == 0.0 < wilson_interval(0, 50)[1] < 0.1
+    assert all(low <= k / 30 <= high for k in range(31) for low, high in [wilson_interval(k, 30)])
     assert 0.9 < wilson_interval(50, 50)[0] < wilson_interval(50, 50)[1] == 1.0
 
 

@@ -58,7 +58,8 @@ def wilson_interval(successes: float, n: float, z: float = Z95) -> tuple[float, 
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Exactly, the interval holds p; in floating point at p = 0 or 1 it can miss it by an ulp.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def clustered_interval(right: np.ndarray, z: float = Z95) -> tuple[float, float]:

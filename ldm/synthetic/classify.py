@@ -62,11 +62,11 @@ def read(pixels: np.ndarray) -> Reading:
     # edge keeps its place there, whatever the contrast, where a fixed distance would grow or shrink it.
     axis = colour - background
     halfway = (smooth - background) @ axis / max(float(axis @ axis), 1e-6) > 0.5
-    largest = _largest(halfway & ndimage.binary_dilation(largest, iterations=2)) if halfway[largest].any() else largest
-    ys, xs = np.nonzero(largest)
+    outline = _largest(halfway & ndimage.binary_dilation(largest, iterations=2)) if halfway[largest].any() else largest
+    ys, xs = np.nonzero(outline)
     height, width = mask.shape
     position = f"{'top' if ys.mean() < height / 2 else 'bottom'} {'left' if xs.mean() < width / 2 else 'right'}"
-    return Reading(Scene(_nearest(colour), _shape(largest[ys.min():ys.max() + 1, xs.min():xs.max() + 1]), position, background_name), objects)
+    return Reading(Scene(_nearest(colour), _shape(outline[ys.min():ys.max() + 1, xs.min():xs.max() + 1]), position, background_name), objects)
 
 
 def classify(pixels: np.ndarray) -> Scene:
