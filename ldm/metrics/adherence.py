@@ -114,10 +114,17 @@ def adherence(prompts: Sequence[Prompt], images: np.ndarray) -> tuple[dict[str, 
     return scores, table
 
 
+LABELS = {"vertical": "top/bottom", "horizontal": "left/right", "all": "all four"}
+
+
+def _score(scores: dict[str, float], name: str, digits: int) -> str:
+    """``accuracy [low, high]`` of one score."""
+    return f"{scores[f'{name}_accuracy']:.{digits}f} [{scores[f'{name}_low']:.{digits}f}, {scores[f'{name}_high']:.{digits}f}]"
+
+
 def headline(scores: dict[str, float]) -> str:
     """The scores in one line: each attribute, all four at once, with their intervals."""
-    parts = [f"{name if name != 'all' else 'all four'} {scores[f'{name}_accuracy']:.2f} [{scores[f'{name}_low']:.2f}, {scores[f'{name}_high']:.2f}]"
-             for name in (*ATTRIBUTES, "all")]
+    parts = [f"{LABELS.get(name, name)} {_score(scores, name, 2)}" for name in (*ATTRIBUTES, "all")]
     return f"{scores['prompts']} held-out prompts x {scores['seeds']} seeds: " + ", ".join(parts)
 
 
@@ -126,7 +133,6 @@ def describe(scores: dict[str, float]) -> list[str]:
     lines = [f"{scores['prompts']} held-out prompts x {scores['seeds']} seeds:"]
     for name in (*ATTRIBUTES, "vertical", "horizontal", "all"):
         chance = f" (chance {scores[f'{name}_chance']:.3f})" if f"{name}_chance" in scores else ""
-        label = {"vertical": "top/bottom", "horizontal": "left/right", "all": "all four"}.get(name, name)
-        lines.append(f"  {label:<11} {scores[f'{name}_accuracy']:.3f} [{scores[f'{name}_low']:.3f}, {scores[f'{name}_high']:.3f}]{chance}")
+        lines.append(f"  {LABELS.get(name, name):<11} {_score(scores, name, 3)}{chance}")
     lines.append(f"  more than one object in {scores['multi_object']:.3f} of the images, none in {scores['no_object']:.3f}")
     return lines

@@ -12,10 +12,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from ldm.grids import to_uint8
 from ldm.models.first_stage import FirstStage, decode, encode
+from ldm.metrics.adherence import ATTRIBUTES
 from ldm.synthetic.classify import read
-from ldm.synthetic.scene import Scene
-
-SCENE_ATTRIBUTES = tuple(Scene.__dataclass_fields__)
 
 
 @dataclass
@@ -44,7 +42,7 @@ def evaluate_reconstruction(model: FirstStage, batches: Iterable[torch.Tensor], 
     psnr_sum = ssim_sum = 0.0
     count = 0
     codes: torch.Tensor | None = None
-    agree: dict[str, float] = {a: 0.0 for a in (*SCENE_ATTRIBUTES, "all")} if scenes else {}
+    agree: dict[str, float] = {a: 0.0 for a in (*ATTRIBUTES, "all")} if scenes else {}
     for images in batches:
         encoded = encode(model, images)
         reconstructions = decode(model, encoded.mode())
@@ -58,7 +56,7 @@ def evaluate_reconstruction(model: FirstStage, batches: Iterable[torch.Tensor], 
         if scenes:
             for a, b in zip(to_uint8(images).numpy(), to_uint8(reconstructions).numpy()):
                 before, after = read(a).scene, read(b).scene
-                for name in SCENE_ATTRIBUTES:
+                for name in ATTRIBUTES:
                     agree[name] += getattr(before, name) == getattr(after, name)
                 agree["all"] += before == after
         if encoded.indices is not None:
@@ -74,4 +72,3 @@ def evaluate_reconstruction(model: FirstStage, batches: Iterable[torch.Tensor], 
         metrics.codebook_usage = (codes > 0).float().mean().item()
         metrics.codebook_perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item()
     return metrics
-

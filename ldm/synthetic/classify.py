@@ -47,12 +47,11 @@ def read(pixels: np.ndarray) -> Reading:
     background_name = _nearest(background)
     mask = np.linalg.norm(smooth - background, axis=-1) > OBJECT_DISTANCE
     mask = ndimage.binary_opening(mask, structure=np.ones((2, 2), bool))
-    labels, count = ndimage.label(mask)
-    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    if not count or areas.max() < MIN_OBJECT_AREA * mask.size:
+    labels, areas = _components(mask)
+    if not len(areas) or areas.max() < MIN_OBJECT_AREA * mask.size:
         # Nothing stands out: an object of the background's colour, which can never be right.
         return Reading(Scene(background_name, "square", "top left", background_name), 0)
-    largest = labels == 1 + int(np.argmax(areas))
+    largest = labels == 1 + int(np.argmax(areas))  # _largest, from the areas the count needs too
     objects = int(np.sum((areas >= MIN_OBJECT_AREA * mask.size) & (areas >= MIN_OBJECT_RATIO * areas.max())))
 
     # The colour from the component's interior in the unsmoothed image: blur and halos live on the rim.
@@ -74,9 +73,15 @@ def classify(pixels: np.ndarray) -> Scene:
     return read(pixels).scene
 
 
-def _largest(mask: np.ndarray) -> np.ndarray:
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mask's connected components as labels 1..n, and the area of each."""
     labels, count = ndimage.label(mask)
-    return labels == 1 + int(np.argmax(np.bincount(labels.ravel(), minlength=count + 1)[1:]))
+    return labels, np.bincount(labels.ravel(), minlength=count + 1)[1:]
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    labels, areas = _components(mask)
+    return labels == 1 + int(np.argmax(areas))
 
 
 def _nearest(rgb: np.ndarray) -> str:

@@ -32,7 +32,7 @@ from pipelines.model_stage import load_model, model_inputs
 from pipelines.stage import Job, Output, Stage
 
 STAGE = Stage("evaluate", version=2, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False)  # 2: the first stage's held-out rows from its manifest
-METRICS, GRID, PER_PROMPT = "metrics.json", "adherence.png", "adherence_per_image.json"
+METRICS, GRID, PER_IMAGE = "metrics.json", "adherence.png", "adherence_per_image.json"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def _evaluate(job: Job) -> Output:
         texts = [p.text for p in prompts]
         generated = generate(texts, [p.seed for p in prompts])
         metrics["adherence"], per_image = adherence(prompts, generated)
-        mlflow.log_table(per_image, PER_PROMPT)
+        mlflow.log_table(per_image, PER_IMAGE)
         grid = captioned_grid(generated[:32], texts[:32], columns=8)
         fs.pipe_file(f"{root}/{GRID}", encode_png(grid))
         mlflow.log_image(grid, GRID)

@@ -115,8 +115,9 @@ def _print_summary(cfg: DictConfig, results: dict[str, dict[str, Any]]) -> None:
         done = "complete already, skipped" if result["skipped"] else f"{result['minutes']:.1f} min"
         print(f"  {name:<18} {done}")
     if "evaluate" in results:
+        # Complete, whether it ran now or before: its manifest holds the metrics.
         evaluated = read_manifest(Storage.from_config(cfg.storage), resolve(cfg.stage.evaluate.output_url))
-        scores = ((evaluated or {}).get("facts") or {}).get("metrics", {}).get("adherence")
+        scores = evaluated["facts"]["metrics"].get("adherence")
         if scores:
             print(f"prompt adherence on {headline(scores)}")
     samples = resolve(cfg.stage.sample.output_url)
