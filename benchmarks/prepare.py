@@ -1,9 +1,16 @@
 """stage=prepare throughput against a bare single-process loop over the same rows, measured in one run.
 
-Two inputs: ~100k synthesized LAION metadata rows (the pre-download pass) and synthesized img2dataset
-webdataset shards (the image pass). The bare loop is what any script must do at the least: read the parquet
-with pyarrow, tokenize the captions with the same tokenizer and, for images, open each one and read its size.
-The stage does that plus every filter, global deduplication, bounded writes, drop logs and a manifest, on Ray.
+Three inputs: ~100k synthesized LAION metadata rows (the pre-download pass), synthesized img2dataset webdataset
+shards (the image pass), and the same tars alone, without img2dataset's parquet (as the hub ships image-text
+sets). The bare loop is what any script must do at the least: read the parquet (or the tar's members) with
+pyarrow (or tarfile), tokenize the captions with the same tokenizer and, for images, open each one and read its
+size. The stage does that plus every filter, global deduplication, bounded writes, drop logs and a manifest, on Ray.
+
+Two comparisons decide how the stage reads:
+- tars alone: the project's tar reader against Ray Data's ``read_webdataset``, each as a Ray Data job that
+  hands every sample's image bytes and caption to the driver (rows/s);
+- the metadata pass on one large file: split into tasks of whole row groups (``stage.rows_per_task``) against
+  one task for the file.
 
     .venv/bin/python benchmarks/prepare.py [--metadata-rows 100000] [--images 8000]
 """
@@ -16,13 +23,18 @@ import shutil
 import tarfile
 import tempfile
 import time
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ldm.data.filters import probe_image  # noqa: E402
+from ldm.data.sources import Columns, Unit, read_samples  # noqa: E402
 from ldm.synthetic.corpus import DEFECTS, laion_metadata_table, plan_rows  # noqa: E402
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, tokenize, train_wordpiece  # noqa: E402
 from ldm.storage import Storage  # noqa: E402
@@ -54,6 +66,60 @@ def bare_webdataset(tars: list[str], tokenizer) -> int:
                     probe_image(tar.extractfile(member).read())
         rows += len(table)
     return rows
+
+
+def bare_tars(tars: list[str], tokenizer) -> int:
+    rows = 0
+    for path in tars:
+        captions = []
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".txt"):
+                    captions.append(" ".join(tar.extractfile(member).read().decode().split()))
+                elif member.name.endswith(".jpg"):
+                    probe_image(tar.extractfile(member).read())
+                    rows += 1
+        tokenize(tokenizer, captions, 77)
+    return rows
+
+
+def _our_reader(batch: pa.Table, columns: Columns) -> pa.Table:
+    storage = Storage(root="/")
+    return pa.concat_tables(
+        table.select(["_image", columns.caption])
+        for unit in batch.to_pylist()
+        for table in read_samples(storage, Unit(**unit), "webdataset", columns, 512)
+    )
+
+
+def compare_tar_readers(tars: list[str]) -> None:
+    """Rows/s through the driver: the project's reader (one task per tar) against Ray Data's read_webdataset."""
+    columns = Columns(url="url", caption="caption", key="key")
+    units = [asdict(Unit(i, path, None)) for i, path in enumerate(tars)]
+    ours = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        partial(_our_reader, columns=columns), batch_size=1, batch_format="pyarrow")
+    theirs = ray.data.read_webdataset(tars, decoder=None)
+    results = {}
+    for name, dataset in (("project reader", ours), ("ray read_webdataset", theirs)):
+        started = time.perf_counter()
+        rows = sum(len(b) for b in dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+        results[name] = rows / (time.perf_counter() - started)
+        print(f"  {name}: {rows} rows, {results[name]:,.0f} rows/s")
+    print(f"  ratio project/read_webdataset {results['project reader'] / results['ray read_webdataset']:.2f}")
+
+
+def compare_split(stage_cfg, rows_per_group: int) -> None:
+    """The metadata pass on one file: tasks of whole row groups against one task for the file."""
+    seconds = {}
+    for label, per_task in (("one task per file", 10**12), ("split by row groups", rows_per_group)):
+        shutil.rmtree(stage_cfg.data.prepared_url, ignore_errors=True)
+        stage_cfg.stage.rows_per_task = per_task
+        manifest = stages.load("prepare").run(stage_cfg)
+        seconds[label] = manifest["timings"]["scan"] + manifest["timings"]["prepare"]
+        rows = manifest["counts"]["rows_in"]
+        print(f"  {label}: {manifest['inputs']['units']} task(s), scan + prepare {rows / seconds[label]:,.0f} rows/s "
+              f"({seconds[label]:.1f}s), kept {manifest['counts']['rows_out']}")
+    print(f"  ratio split/one task {seconds['one task per file'] / seconds['split by row groups']:.2f}")
 
 
 def measure(label: str, stage_cfg, bare, *bare_args) -> None:
@@ -115,6 +181,24 @@ def main() -> None:
     stages.load("synthesize").run(config("stage=synthesize", *synth, "stage.rows_per_shard=1000"))
     tars = sorted(str(p) for p in (work / "store" / "raw" / "webdataset").glob("*.tar"))
     measure("images", config("stage=prepare", *synth, *pretrained), bare_webdataset, tars, tokenizer)
+
+    alone = work / "tars-alone"
+    alone.mkdir()
+    for tar in tars:
+        shutil.copy(tar, alone)
+    tars_alone = sorted(str(p) for p in alone.glob("*.tar"))
+    measure("images, tars alone", config("stage=prepare", *common, *pretrained, "data=webdataset",
+                                         f"data.input.url={alone}", "data.resolution=64"), bare_tars, tars_alone, tokenizer)
+    print("tars alone, readers:")
+    compare_tar_readers(tars_alone)
+
+    one_file = work / "one-metadata-file"
+    one_file.mkdir()
+    groups = -(-len(table) // (2 * os.cpu_count()))  # as many row groups as twice the cores, as LAION's files have many
+    pq.write_table(table, one_file / "part-00000.parquet", row_group_size=groups)
+    print(f"metadata, one file of {len(table)} rows in row groups of {groups}:")
+    compare_split(config("stage=prepare", "data=synthetic_metadata", f"data.input.url={one_file}", *common, *pretrained),
+                  groups)
 
 
 if __name__ == "__main__":

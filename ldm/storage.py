@@ -59,6 +59,14 @@ class Storage:
             return fs, _s3_path(url)
         return fsspec.filesystem("file"), _local_path(url)
 
+    def configure_fsspec(self) -> None:
+        """Make this storage's S3 endpoint and region fsspec's defaults in this process, for libraries that
+        open URLs with fsspec themselves (img2dataset's writers)."""
+        settings = {"endpoint_url": self.endpoint_url, "use_listings_cache": False}
+        if self.region:
+            settings["client_kwargs"] = {"region_name": self.region}
+        fsspec.config.conf["s3"] = settings
+
     @contextmanager
     def local_directory(self, url: str) -> Iterator[str]:
         """A local path holding the directory at ``url``: the path itself if it is local, otherwise a temporary

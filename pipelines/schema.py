@@ -45,6 +45,8 @@ ShardFormat = _choice("ShardFormat", ("webdataset", "parquet"))  # img2dataset o
 Device = _choice("Device", ("auto", "cpu", "cuda"))  # auto: a GPU if there is one
 Placement = _choice("Placement", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))  # Ray placement strategies
 Dtype = _choice("Dtype", ("bfloat16", "float16", "float32"))
+ResizeMode = _choice("ResizeMode", ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"))  # img2dataset's
+EncodeFormat = _choice("EncodeFormat", ("jpg", "png", "webp"))
 Compression = _choice("Compression", ("zstd", "snappy", "gzip", "brotli", "lz4", "none"))  # parquet codecs
 
 
@@ -65,6 +67,7 @@ class Input:
     sha256_col: Optional[str]
     key_col: Optional[str]
     image_col: Optional[str]
+    optional: List[str]  # roles whose column may be absent from the data: their rule is then skipped
 
 
 @dataclass
@@ -87,14 +90,16 @@ class ImageData(Data):
 
 
 @dataclass
-class MetadataData(Data):
+class MetadataData(ImageData):
     input: MetadataInput
-    images_url: str
+    images_url: str  # where stage=download writes the images
+    images_prepared_url: str  # where stage=pipeline prepares them (stage=prepare on images_url)
 
 
 @dataclass
 class SyntheticData(ImageData):
     raw_url: str
+    image_host: str
     num_samples: int
     seed: int
     holdout_fraction: float
@@ -105,6 +110,7 @@ class SyntheticData(ImageData):
 class SyntheticMetadataData(SyntheticData):
     input: MetadataInput
     images_url: str
+    images_prepared_url: str
 
 
 # -- where outputs go, where runs are tracked, which Ray ---------------------------------------------------------
@@ -219,8 +225,36 @@ class Prepare:
     tokenizer: TokenizerConfig
     max_rows_per_file: int
     max_bytes_per_file: int
+    rows_per_task: int
     img2dataset: Img2dataset
     resources: PrepareResources
+
+
+# -- stage=download -----------------------------------------------------------------------------------------------
+@dataclass
+class DownloadResources:
+    thread_count: int
+    num_cpus_per_task: float
+    max_shards_at_once: Optional[int]
+
+
+@dataclass
+class Download:
+    name: str
+    output_format: ShardFormat
+    number_sample_per_shard: int
+    timeout: float
+    retries: int
+    resize_mode: ResizeMode
+    image_size: int
+    resize_only_if_bigger: bool
+    encode_format: EncodeFormat
+    encode_quality: int
+    min_image_size: Optional[int]
+    max_aspect_ratio: Optional[float]
+    user_agent_token: Optional[str]
+    disallowed_header_directives: List[str]
+    resources: DownloadResources
 
 
 # -- stage=train_autoencoder --------------------------------------------------------------------------------------
@@ -460,6 +494,7 @@ class Pipeline:
     name: str
     synthesize: Synthesize
     prepare: Prepare
+    download: Download
     train_autoencoder: TrainAutoencoder
     encode_latents: EncodeLatents
     train_ldm: TrainLdm
@@ -482,12 +517,12 @@ class Config:
 # Which class each config option is checked against: ConfigStore entries schema/<group>/<option>.
 OPTIONS: dict[str, dict[str, type]] = {
     "stage": {
-        "synthesize": Synthesize, "prepare": Prepare, "train_autoencoder": TrainAutoencoder, "encode_latents": EncodeLatents,
+        "synthesize": Synthesize, "prepare": Prepare, "download": Download, "train_autoencoder": TrainAutoencoder, "encode_latents": EncodeLatents,
         "train_ldm": TrainLdm, "sample": Sample, "evaluate": Evaluate, "export": Export, "pipeline": Pipeline,
     },
     "data": {
         "synthetic": SyntheticData, "synthetic_metadata": SyntheticMetadataData, "laion400m": ImageData,
-        "laion400m_metadata": MetadataData, "url_list": MetadataData,
+        "laion400m_metadata": MetadataData, "url_list": MetadataData, "webdataset": ImageData, "image_parquet": ImageData,
     },
     "storage": {"local": StorageConfig, "s3": S3StorageConfig},
     "tracking": {"local": Tracking, "server": Tracking},

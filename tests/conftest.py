@@ -178,3 +178,117 @@ def image_steps(client, run_id, key):
     """The steps of an MLflow image series (``log_image(key=, step=)``), as the UI's Images tab lists them."""
     names = [f.path for f in client.list_artifacts(run_id, "images")]
     return sorted({int(name.split("+step+")[1].split("+")[0]) for name in names if name.startswith(f"images/{key}+step+")})
+
+
+class CorpusServer:
+    """A real HTTP server on 127.0.0.1 that serves a synthesized corpus's images at the URLs of its metadata
+    (synthesize with ``data.image_host=<server.url>``, then ``load`` its output), failing the way real LAION
+    URLs fail. Each row's fate follows from its SAMPLE_ID and defect, so a test knows what every URL did:
+
+    - the rows the corpus marks as failed downloads: 404, 500, a body cut short, or an answer slower than any
+      sane timeout, in turn;
+    - the undecodable rows: their bytes (an HTML error page) served as ``text/html``;
+    - the truncated rows: their half JPEG, as an image;
+    - every seventh other row: a 302 redirect to where the image is;
+    - the rest: the image.
+    """
+
+    FAILURES = ("http_404", "http_500", "body_cut_short", "timeout")
+
+    def __init__(self, slow_seconds: float = 4.0):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.slow_seconds = slow_seconds
+        self.rows: dict[int, tuple[str, bytes]] = {}  # SAMPLE_ID -> (what the server does, the bytes)
+        self.pending: Path | None = None
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (the http.server API)
+                moved = self.path.startswith("/moved/")
+                try:
+                    sample = int(self.path.rsplit("/", 1)[-1].split(".")[0])
+                    fate, body = server.row(sample)
+                except (ValueError, KeyError):
+                    return self.send_error(404)
+                if fate == "http_404":
+                    return self.send_error(404)
+                if fate == "http_500":
+                    return self.send_error(500)
+                if fate == "timeout":
+                    time.sleep(server.slow_seconds)
+                if fate == "redirect" and not moved:
+                    self.send_response(302)
+                    self.send_header("Location", f"/moved{self.path}")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html" if fate == "not_an_image" else "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if fate == "body_cut_short" else body)
+
+            def log_message(self, *args):  # quiet: thousands of requests
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 256  # the default 5 makes a burst of connections wait for SYN retries
+
+            def handle_error(self, request, client_address):  # a client that gave up on a slow answer
+                pass
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def load(self, raw: Path) -> None:
+        """Serve the corpus synthesized into ``raw`` (its truth table and webdataset tars)."""
+        import tarfile
+
+        self.rows = {}
+        import pyarrow.parquet as pq
+
+        images = {}
+        for tar_path in sorted((raw / "webdataset").glob("*.tar")):
+            with tarfile.open(tar_path) as tar:
+                for member in tar:
+                    if member.name.endswith(".jpg"):
+                        images[member.name[: -len(".jpg")]] = tar.extractfile(member).read()
+        for row in pq.read_table(raw / "_truth.parquet").to_pylist():
+            sample, defect = row["SAMPLE_ID"], row["defect"]
+            if defect == "failed_download":
+                fate = self.FAILURES[sample % len(self.FAILURES)]
+            elif defect == "undecodable":
+                fate = "not_an_image"
+            elif defect == "truncated":
+                fate = "half_an_image"  # a JPEG cut in half: some decoders give up, some fill in grey
+            else:
+                fate = "redirect" if sample % 7 == 0 else "image"
+            self.rows[sample] = (fate, images.get(row["key"], b"\xff\xd8 never served"))
+
+    def load_when_asked(self, raw: Path) -> None:
+        """``load`` at the first request: for a corpus that is not written yet (a pipeline synthesizes it)."""
+        self.rows, self.pending = {}, raw
+
+    def row(self, sample: int) -> tuple[str, bytes]:
+        with self.lock:
+            if self.pending is not None:
+                self.load(self.pending)
+                self.pending = None
+        return self.rows[sample]
+
+    def fate(self, url: str) -> str:
+        return self.rows[int(url.rsplit("/", 1)[-1].split(".")[0])][0]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus_server():
+    server = CorpusServer()
+    yield server
+    server.close()

@@ -1,8 +1,10 @@
 """stage=pipeline: the stages as one workflow on S3 and an MLflow server, killed mid-stage, resumed, then found
 complete; a failing stage named; the plan for other data and a pretrained first stage."""
 
+import json
 import subprocess
 import sys
+from collections import Counter
 
 import mlflow
 import pytest
@@ -12,7 +14,7 @@ from omegaconf import OmegaConf
 from ldm.storage import Storage
 from pipelines import stages
 from pipelines.config import compose
-from pipelines.stages.pipeline.stage import ORDER, StageFailed, plan, stage_config
+from pipelines.stages.pipeline.stage import FROM_METADATA, ORDER, StageFailed, plan, stage_config
 
 pytestmark = [pytest.mark.timeout(1500), pytest.mark.slow]
 
@@ -33,8 +35,16 @@ def test_the_stages_run_with_their_own_config_and_the_plan_fits_the_data():
     pretrained = dict(plan(compose("stage=pipeline", "stage.encode_latents.first_stage=stabilityai/sd-vae-ft-mse")))
     assert "pretrained first stage stabilityai/sd-vae-ft-mse" in pretrained["train_autoencoder"]
     assert "not a synthesize output" in dict(plan(compose("stage=pipeline", "data=laion400m")))["synthesize"]
-    with pytest.raises(ValueError, match="img2dataset command it prints"):
-        plan(compose("stage=pipeline", "data=laion400m_metadata"))
+    from_metadata = plan(compose("stage=pipeline", "data=laion400m_metadata", "data.input.url=s3://b/meta"))
+    assert [name for name, _ in from_metadata] == list(FROM_METADATA)
+    assert FROM_METADATA[:5] == ("synthesize", "prepare metadata", "download", "prepare", "train_autoencoder")
+    # prepare reads the metadata first, then what download wrote, as img2dataset names its columns.
+    metadata = compose("stage=pipeline", "data=laion400m_metadata", "data.input.url=s3://b/meta", "storage.root=/s")
+    assert stage_config(metadata, "prepare metadata").data.input.url_col == "URL"
+    images = stage_config(metadata, "prepare").data
+    assert (images.input.url, images.input.format, images.prepared_url) == ("/s/laion400m/images", "webdataset", "/s/laion400m/prepared")
+    assert (images.input.url_col, images.input.caption_col, images.input.similarity_col) == ("url", "caption", "similarity")
+    assert stage_config(metadata, "train_ldm").data.prepared_url == "/s/laion400m/prepared"
 
 
 def test_a_failing_stage_is_named_and_the_stages_before_it_stay_complete(ray_cluster, tmp_path):
@@ -92,3 +102,28 @@ def test_killed_mid_stage_it_resumes_there_and_then_finds_every_stage_complete(s
     assert resumed_from and resumed_from[0] in (4, 8)
     assert third.data.tags["stages_run"] == "none"
     assert all("skipped" in run.data.tags for run in children(third).values()) and set(children(third)) == set(ORDER)
+
+
+def test_from_metadata_through_a_real_http_server_to_an_exported_model_in_one_command(ray_cluster, corpus_server, tmp_path):
+    tracking = f"sqlite:///{tmp_path}/mlruns.db"
+    cfg = compose("stage=pipeline", *TINY, "data=synthetic_metadata", f"data.image_host={corpus_server.url}",
+                  f"storage.root={tmp_path}/store", f"tracking.uri={tracking}", "stage.download.timeout=2",
+                  "stage.download.retries=0", "stage.download.number_sample_per_shard=50")
+    corpus_server.load_when_asked(tmp_path / "store" / "raw")  # synthesize, the pipeline's first step, writes it
+    results = stages.load("pipeline").run(cfg)
+    assert list(results) == list(FROM_METADATA)
+    store = tmp_path / "store"
+    download = json.loads((store / "images" / "_manifest.json").read_text())
+    metadata = json.loads((store / "metadata-filtered" / "_manifest.json").read_text())
+    prepared = json.loads((store / "prepared" / "_manifest.json").read_text())
+    assert download["counts"]["rows"] == metadata["counts"]["rows_out"] == prepared["counts"]["rows_in"]
+    assert 0 < download["counts"]["success"] < download["counts"]["rows"]  # the failed downloads failed
+    assert prepared["inputs"]["fingerprint"] == download["fingerprint"]  # the images prepare read are the download's
+    assert (store / "export" / "_manifest.json").exists()
+
+    client = mlflow.MlflowClient(tracking)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    [parent] = client.search_runs([experiment], "tags.stage = 'pipeline'")
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert Counter(r.data.tags["stage"] for r in children) == Counter(
+        {"prepare": 2, **{name: 1 for name in FROM_METADATA if name not in ("prepare", "prepare metadata")}})

@@ -2,10 +2,12 @@
 local and S3 storage, the three input formats, resume after a kill, and the errors a user meets first."""
 
 import hashlib
+import io
 import json
 import re
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import BUCKET, ROOT, kill_midway
+from PIL import Image
 
 from ldm.data.prepare import prepared_schema
 from ldm.data.sources import MissingColumnError
@@ -247,3 +250,103 @@ def test_real_laion_captions_through_the_metadata_path_with_a_trained_tokenizer(
     assert len(set(kept["URL"].to_pylist())) == kept.num_rows
     tokenizer = load_tokenizer(f"{tmp_path}/store/url_list/metadata-filtered/tokenizer")
     assert manifest["facts"]["tokenizer"]["vocab_size"] == len(tokenizer) > 5000
+
+
+def copy_tars(storage: Storage, source: Path, url: str) -> None:
+    """The corpus's tars alone, as the hub ships image-text sets: no img2dataset parquet beside them."""
+    fs, root = storage.fsspec(url)
+    fs.makedirs(root, exist_ok=True)
+    for tar in sorted(source.glob("*.tar")):
+        fs.pipe_file(f"{root}/{tar.name}", tar.read_bytes())
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_tars_alone_prepare_to_the_same_kept_keys_as_with_their_parquets(corpus, where, request, tmp_path):
+    root, truth = corpus
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_server")
+        store = ["storage=s3", f"storage.bucket={BUCKET}", "storage.prefix=tars-alone", f"storage.endpoint_url={endpoint}"]
+        tars = f"s3://{BUCKET}/tars-alone/hub/cc"
+    else:
+        store, tars = [f"storage.root={tmp_path}/store"], f"{tmp_path}/hub/cc"
+    cfg = prepare_cfg(tmp_path, *store, f"data.input.url={tars}")
+    storage = Storage.from_config(cfg.storage)
+    copy_tars(storage, root / "store" / "raw" / "webdataset", tars)
+    manifest = stages.load("prepare").run(cfg)
+
+    # Failed downloads are not in a tar: only img2dataset's parquet knew about them. Everything else is the
+    # same as with the parquets: each bad row dropped for its reason, every good row kept.
+    expected = {t["key"]: IMAGE_REASON[t["defect"]] if t["defect"] else None for t in truth if t["defect"] != "failed_download"}
+    counts = manifest["counts"]
+    assert counts["rows_in"] == len(expected) == counts["rows_out"] + sum(counts["dropped"].values())
+    assert {r: n for r, n in counts["dropped"].items() if n} == dict(Counter(r for r in expected.values() if r))
+    out = cfg.data.prepared_url
+    assert sorted(read_dir(storage, f"{out}/shards")["key"].to_pylist()) == sorted(k for k, r in expected.items() if not r)
+    assert {d["key"]: d["reason"] for d in read_dir(storage, f"{out}/dropped").to_pylist()} == {
+        k: r for k, r in expected.items() if r}
+    assert manifest["facts"]["unused_rules"] == {} and manifest["inputs"]["url"] == tars
+
+
+def write_images_and_captions(folder: Path, form: str, rows: int = 30) -> dict[str, str]:
+    """An image-caption set with nothing else per sample, as a tar (jpg or png, and a .txt) or as the hub's
+    parquet ({bytes, path} images): key -> caption."""
+    from ldm.synthetic.render import encode_jpeg, render
+    from ldm.synthetic.scene import all_scenes, caption
+
+    folder.mkdir(parents=True)
+    scenes = all_scenes()
+    captions, samples = {}, []
+    for i in range(rows):
+        scene = scenes[(i * 37) % len(scenes)]
+        pixels = render(scene, 64, 64, seed=i)
+        if i % 3 == 0:
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            data, ext = buffer.getvalue(), "png"
+        else:
+            data, ext = encode_jpeg(pixels, 90), "jpg"
+        key = f"sample{i:04d}"
+        captions[key] = caption(scene, i % 3)
+        samples.append((key, ext, data, captions[key]))
+    if form == "tar":
+        with tarfile.open(folder / "shard-000.tar", "w") as tar:
+            for key, ext, data, text in samples:
+                for name, payload in ((f"{key}.{ext}", data), (f"{key}.txt", text.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        return captions
+    table = pa.table({
+        "image": [{"bytes": data, "path": f"{key}.{ext}"} for key, ext, data, _ in samples],
+        "caption": [text for *_, text in samples],
+    })
+    pq.write_table(table, folder / "train-00000-of-00001.parquet")
+    return {f"train-00000-of-00001-{i}": text for i, (*_, text) in enumerate(samples)}
+
+
+@pytest.mark.parametrize("data", ["webdataset", "image_parquet"])
+def test_a_set_of_only_images_and_captions_prepares_with_no_column_override(ray_cluster, data, tmp_path, capsys):
+    captions = write_images_and_captions(tmp_path / "set", "tar" if data == "webdataset" else "parquet")
+    cfg = prepare_cfg(tmp_path, f"data={data}", f"data.input.url={tmp_path}/set", "data.resolution=64",
+                      f"storage.root={tmp_path}/store", data=[])
+    manifest = stages.load("prepare").run(cfg)
+    off = {"status", "nsfw", "similarity", "duplicate_url"}
+    assert set(manifest["facts"]["unused_rules"]) == off
+    assert manifest["facts"]["unused_rules"]["similarity"] == "no 'similarity' column in the data"
+    [said] = [line for line in capsys.readouterr().out.splitlines() if "rules off for this input" in line]
+    assert all(f"{rule} (" in said for rule in off)
+    assert manifest["counts"]["rows_out"] == len(captions)
+    shards = read_dir(Storage.from_config(cfg.storage), f"{cfg.data.prepared_url}/shards").to_pylist()
+    assert {r["key"]: r["caption"] for r in shards} == captions
+    assert {(r["width"], r["height"]) for r in shards} == {(64, 64)}
+
+
+def test_a_metadata_file_split_across_tasks_keeps_what_one_task_per_file_keeps(corpus, tmp_path):
+    root, truth = corpus
+    metadata = pq.read_table(root / "store" / "raw" / "metadata")
+    pq.write_table(metadata, tmp_path / "laion-part-0.parquet", row_group_size=50)  # 8 row groups, as LAION's files have many
+    cfg = prepare_cfg(root, "data=synthetic_metadata", f"data.input.url={tmp_path}/laion-part-0.parquet",
+                      f"storage.root={tmp_path}/store", "stage.rows_per_task=100")
+    manifest = stages.load("prepare").run(cfg)
+    assert manifest["inputs"]["files"] == 1 and manifest["inputs"]["units"] == 4
+    check_prepared(Storage.from_config(cfg.storage), f"{tmp_path}/store/metadata-filtered", truth, "metadata")

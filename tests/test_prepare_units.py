@@ -3,6 +3,8 @@ the tokenizer, and one input file through prepare_unit."""
 
 import hashlib
 import io
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +24,22 @@ from ldm.data.filters import (
     url_keys,
 )
 from ldm.data.parts import PartWriter
-from ldm.data.prepare import prepare_unit, scan_unit
-from ldm.data.sources import Columns, MissingColumnError, Unit, UnreadableInputError, check_columns, list_units
+from ldm.data.prepare import prepare_unit, scan_unit, unused_rules
+from ldm.data.sources import (
+    IMAGE,
+    KEY,
+    ROW,
+    Columns,
+    MissingColumnError,
+    Unit,
+    UnreadableInputError,
+    available_columns,
+    check_columns,
+    checked,
+    list_units,
+    read_metadata,
+    read_samples,
+)
 from ldm.synthetic.corpus import img2dataset_shard, plan_rows
 from ldm.storage import Storage
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, tokenize, train_wordpiece
@@ -233,20 +249,87 @@ def webdataset_shard(tmp_path, rows=20):
 WDS = Columns(url="url", caption="caption", status="status", sha256="sha256", key="key", image="jpg")
 
 
+def prepare_cut_in_half(storage: Storage, unit: Unit, tmp_path) -> dict:
+    """The unit's tar cut in half, as an interrupted copy leaves it, through prepare_unit."""
+    whole = Path(unit.path).read_bytes()
+    Path(unit.path).write_bytes(whole[: len(whole) // 2])
+    tokenizer = train_wordpiece(["a red circle"], 50, 16)
+    writers = [PartWriter(storage, str(tmp_path / name), "p", 100, 1 << 30) for name in ("out", "dropped")]
+    return prepare_unit(storage, unit, "webdataset", WDS, Filters(min_width=32, min_height=32), {}, tokenizer,
+                        16, *writers, batch_rows=8)
+
+
 def test_a_single_tar_is_an_input_and_a_tar_cut_short_costs_only_its_missing_images(tmp_path):
     storage = Storage(root=str(tmp_path))
     folder = webdataset_shard(tmp_path)
     [unit], _ = list_units(storage, str(folder / "00000.tar"), "webdataset")
     assert unit.metadata_path == str(folder / "00000.parquet")
 
-    whole = (folder / "00000.tar").read_bytes()
-    (folder / "00000.tar").write_bytes(whole[: len(whole) // 2])  # an interrupted copy
-    tokenizer = train_wordpiece(["a red circle"], 50, 16)
-    writers = [PartWriter(storage, str(tmp_path / name), "p", 100, 1 << 30) for name in ("out", "dropped")]
-    summary = prepare_unit(storage, unit, "webdataset", WDS, Filters(min_width=32, min_height=32), {}, tokenizer,
-                           16, *writers, batch_rows=8)
+    summary = prepare_cut_in_half(storage, unit, tmp_path)
     assert summary["rows_in"] == 20 and 0 < summary["rows_out"] < 20
     assert summary["dropped"] == {"undecodable": 20 - summary["rows_out"]}
+
+
+def test_a_tar_alone_is_read_from_its_members_and_a_cut_costs_only_the_sample_it_cut(tmp_path):
+    storage = Storage(root=str(tmp_path))
+    folder = webdataset_shard(tmp_path)
+    with_parquet = pq.read_table(folder / "00000.parquet").to_pylist()
+    (folder / "00000.parquet").unlink()
+    [unit], _ = list_units(storage, str(folder), "webdataset")
+    assert unit.metadata_path is None
+    wanted = replace(WDS, nsfw="NSFW", similarity="clip_score", optional=("nsfw", "similarity"))
+    columns, absent = wanted.resolved(available_columns(storage, unit, wanted))  # the first sample's .json fields
+    assert absent == {"similarity": "clip_score"} and columns.nsfw == "NSFW" and columns.similarity is None
+    [table] = list(read_samples(storage, unit, "webdataset", columns, batch_rows=100))
+    assert set(table["NSFW"].to_pylist()) == {"UNLIKELY"}
+    assert table["key"].to_pylist() == [r["key"] for r in with_parquet]  # the tar's order
+    assert table["caption"].to_pylist() == [r["caption"] for r in with_parquet]  # from the .txt members
+    assert table["sha256"].to_pylist() == [hashlib.sha256(b).hexdigest() for b in table[IMAGE].to_pylist()]
+    assert table[ROW].to_pylist() == list(range(20))
+
+    summary = prepare_cut_in_half(storage, unit, tmp_path)
+    # The samples before the cut are kept; the one being read when the tar ended is dropped (its .json was not
+    # reached, so its first failing rule is the unknown status), the ones after it were never seen.
+    assert 0 < summary["rows_out"] < 20 and summary["rows_in"] == summary["rows_out"] + 1
+    assert summary["dropped"] == {"status": 1}
+
+    (folder / "00000.tar").write_bytes(b"not a tar at all")
+    with pytest.raises(UnreadableInputError, match=r"00000\.tar: no sample could be read from it as a tar"):
+        checked(storage, unit, WDS, "webdataset")
+
+
+def test_optional_columns_the_data_lacks_are_resolved_away_and_required_ones_stay_errors(tmp_path):
+    storage = Storage(root=str(tmp_path))
+    image = jpeg()
+    rows = [{"caption": "a red circle", "image": {"bytes": image, "path": "0.jpg"}},
+            {"caption": "a blue square", "image": {"bytes": jpeg(70), "path": "1.jpg"}}]
+    unit = write_unit(tmp_path / "train-0.parquet", rows)
+    wanted = Columns(url="url", caption="caption", similarity="similarity", key="key", image="image",
+                     optional=("url", "similarity", "key"))
+    columns, absent = wanted.resolved(available_columns(storage, unit, wanted))
+    assert absent == {"url": "url", "similarity": "similarity", "key": "key"}
+    assert unused_rules("parquet", columns, Filters(min_similarity=0.3), absent) == {
+        "status": "no status column",  # not configured for this data at all
+        "similarity": "no 'similarity' column in the data", "duplicate_url": "no 'url' column in the data"}
+    [table] = list(read_samples(storage, unit, "parquet", columns, batch_rows=10))
+    assert table[IMAGE].to_pylist() == [image, jpeg(70)]  # the hub's {bytes, path} images
+    assert table[KEY].to_pylist() == ["train-0-0", "train-0-1"]  # keys made from the file name and row
+    with pytest.raises(MissingColumnError, match=r"'similarity' \(data.input.similarity_col\)"):
+        check_columns(storage, unit, replace(wanted, optional=()), "parquet")
+
+
+def test_a_metadata_file_splits_into_units_of_whole_row_groups_with_rows_numbered_in_the_file(tmp_path):
+    storage = Storage(root=str(tmp_path))
+    table = pa.table({"URL": [f"u{i}" for i in range(250)], "TEXT": ["a red circle"] * 250})
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=40)  # 7 row groups
+    units, _ = list_units(storage, str(tmp_path), "metadata", rows_per_unit=100)
+    assert [(u.row_groups, u.first_row) for u in units] == [((0, 3), 0), ((3, 6), 120), ((6, 7), 240)]
+    assert [u.index for u in units] == [0, 1, 2] and {u.path for u in units} == {str(tmp_path / "big.parquet")}
+    columns = Columns(url="URL", caption="TEXT")
+    read = [t for u in units for t in read_metadata(storage, u, "metadata", columns, batch_rows=32)]
+    assert pa.concat_tables(read)[ROW].to_pylist() == list(range(250))
+    assert pa.concat_tables(read)["URL"].to_pylist() == table["URL"].to_pylist()
+    assert len(list_units(storage, str(tmp_path), "metadata", rows_per_unit=1000)[0]) == 1
 
 
 def test_image_digests_come_from_the_bytes_when_the_data_has_no_sha256_column(tmp_path):

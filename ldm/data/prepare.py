@@ -26,7 +26,7 @@ from ldm.data.filters import (
     url_keys,
 )
 from ldm.data.parts import PartWriter
-from ldm.data.sources import IMAGE, ROW, Columns, Unit, checked, read_metadata, read_samples
+from ldm.data.sources import IMAGE, KEY, ROW, Columns, Unit, checked, read_metadata, read_samples
 from ldm.storage import Storage
 
 if TYPE_CHECKING:
@@ -73,22 +73,29 @@ def prepared_schema(max_length: int) -> pa.Schema:
     )
 
 
-def unused_rules(fmt: str, columns: Columns, filters: Filters) -> dict[str, str]:
-    """Configured rules this input cannot apply, and why: recorded so that "0 dropped" is never ambiguous."""
+def unused_rules(fmt: str, columns: Columns, filters: Filters, absent: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Configured rules this input cannot apply, and why: recorded so that "0 dropped" is never ambiguous.
+    ``absent``: optional roles (``Columns.resolved``) whose column the data turned out not to have."""
+    absent = absent or {}
+
+    def why(role: str, default: str) -> str:
+        return f"no {absent[role]!r} column in the data" if role in absent else default
+
     missing = {
-        "status": (filters.status is not None, columns.status, "no status column"),
-        "nsfw": (filters.nsfw_allowed is not None, columns.nsfw, "no NSFW column"),
-        "similarity": (filters.min_similarity is not None, columns.similarity, "no similarity column"),
-        "duplicate_url": (filters.dedup_urls, columns.url, "no URL column"),
+        "status": (filters.status is not None, "status", "no status column"),
+        "nsfw": (filters.nsfw_allowed is not None, "nsfw", "no NSFW column"),
+        "similarity": (filters.min_similarity is not None, "similarity", "no similarity column"),
+        "duplicate_url": (filters.dedup_urls, "url", "no URL column"),
     }
-    unused = {rule: why for rule, (on, column, why) in missing.items() if on and column is None}
+    unused = {rule: why(role, text) for rule, (on, role, text) in missing.items() if on and getattr(columns, role) is None}
     if fmt == "metadata":
         unused["duplicate_key"] = "metadata rows have no sample key"
         if filters.dedup_images:
             unused["duplicate_image"] = "metadata has no image bytes"
         unused["undecodable"] = "metadata has no image bytes"
         if columns.width is None or columns.height is None:
-            unused["image_size"] = unused["aspect_ratio"] = "no declared WIDTH/HEIGHT columns"
+            unused["image_size"] = unused["aspect_ratio"] = why("width" if "width" in absent else "height",
+                                                                "no declared WIDTH/HEIGHT columns")
     return unused
 
 
@@ -101,7 +108,7 @@ def scan_unit(
     batches = (
         read_samples(storage, unit, fmt, columns, batch_rows)
         if hash_bytes
-        else read_metadata(storage, unit, columns.metadata_columns(), batch_rows)
+        else read_metadata(storage, unit, fmt, columns, batch_rows)
     )
     for table in batches:
         roles = _roles(table, columns)
@@ -247,5 +254,7 @@ def _roles(table: pa.Table, columns: Columns) -> dict[str, pa.Array]:
         for role, name in columns.present().items()
         if role != "image" and name in table.column_names
     }
+    if "key" not in roles and KEY in table.column_names:  # made from the file name and row
+        roles["key"] = table[KEY].combine_chunks()
     roles["caption"] = normalise_captions(roles["caption"])
     return roles

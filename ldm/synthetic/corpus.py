@@ -106,8 +106,10 @@ def plan_rows(
     bad_rows: Mapping[str, float],
     holdout_fraction: float,
     rows_per_shard: int,
+    image_host: str = "https://images.synthetic.example",
 ) -> list[dict[str, Any]]:
-    """Every row of the corpus: its LAION metadata, what its image shows, its defect (or None), its shard."""
+    """Every row of the corpus: its LAION metadata, what its image shows, its defect (or None), its shard.
+    ``image_host``: where the rows' URLs point (a test serves the images from one)."""
     unknown = sorted(set(bad_rows) - set(DEFECTS))
     if unknown:
         raise ValueError(f"unknown defect(s) {unknown} in bad_rows; known: {list(DEFECTS)}")
@@ -136,7 +138,7 @@ def plan_rows(
         defect = defect_of.get(i)
         row = {
             "SAMPLE_ID": i,
-            "URL": f"https://images.synthetic.example/{seed}/{i:08d}.jpg",
+            "URL": f"{image_host.rstrip('/')}/{seed}/{i:08d}.jpg",
             "TEXT": caption(scene, int(rng.integers(3))),
             "size": (resolution, resolution),  # the pixels served; WIDTH/HEIGHT declare it below
             "LICENSE": LICENSES[int(rng.choice(len(LICENSES), p=[0.9, 0.05, 0.05]))],

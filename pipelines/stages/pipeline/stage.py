@@ -1,5 +1,7 @@
 """stage=pipeline: synthesize → prepare → train_autoencoder → encode_latents → train_ldm → sample → evaluate →
-export, as one workflow in one process, one Ray cluster and one MLflow parent run.
+export, as one workflow in one process, one Ray cluster and one MLflow parent run. From metadata (a list of URLs,
+``data.input.format=metadata``) prepare runs twice: prepare (the metadata) → download → prepare (the images it
+downloaded, as ``data.images_url`` into ``data.images_prepared_url``) → train_autoencoder → ...
 
 Each stage runs as ``python pipelines/run.py stage=<name>`` would, with the node ``stage.<name>`` of this
 config, and is an MLflow run nested under the pipeline's. Each output's manifest holds the fingerprint of the
@@ -22,15 +24,21 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.data.download import downloaded_input
+from ldm.data.sources import Columns
 from ldm.manifest import read_manifest
 from ldm.metrics.adherence import headline
 from ldm.storage import Storage, resolve
 from pipelines import cluster, stages
+from pipelines.config import plain
 from pipelines.stages.sample import stage as sample
 from pipelines.tracking import stage_run
 
 STAGE = "pipeline"
 ORDER = ("synthesize", "prepare", "train_autoencoder", "encode_latents", "train_ldm", "sample", "evaluate", "export")
+# From metadata: the steps before "prepare" see the metadata as data; "prepare" and the rest see the downloads.
+METADATA_STEPS = {"prepare metadata": "prepare", "download": "download"}
+FROM_METADATA = ("synthesize", *METADATA_STEPS, *ORDER[1:])
 
 
 class StageFailed(RuntimeError):
@@ -38,13 +46,7 @@ class StageFailed(RuntimeError):
 
 
 def plan(cfg: DictConfig) -> list[tuple[str, str | None]]:
-    """Every stage in order with the reason it does not apply to this config, or None if it runs."""
-    if cfg.data.input.format == "metadata":
-        raise ValueError(
-            f"data={cfg.data.name} prepares LAION metadata for img2dataset; the pipeline starts from images. Run "
-            f"stage=prepare data={cfg.data.name}, then the img2dataset command it prints, then stage=pipeline on "
-            "the downloads (data=laion400m)."
-        )
+    """Every step in order with the reason it does not apply to this config, or None if it runs."""
     settings = cfg.stage
     # Synthesize when prepare reads what it writes: a synthetic corpus is made, real data only read.
     synthesized = "raw_url" in cfg.data and resolve(cfg.data.input.url) == resolve(cfg.data.raw_url)
@@ -54,16 +56,29 @@ def plan(cfg: DictConfig) -> list[tuple[str, str | None]]:
         "train_autoencoder": None if resolve(settings.encode_latents.first_stage) == trained_first_stage
         else f"encode_latents uses the pretrained first stage {settings.encode_latents.first_stage}",
     }
-    return [(name, reasons.get(name)) for name in ORDER]
+    steps = FROM_METADATA if from_metadata(cfg) else ORDER
+    return [(name, reasons.get(name)) for name in steps]
 
 
-def stage_config(cfg: DictConfig, name: str) -> DictConfig:
-    """The config ``stage=<name>`` with this pipeline's settings: its node (typed as when the stage runs alone),
-    resolved here because it links to other stages' nodes (``${stage.train_ldm.output_url}``), which the
-    stage's own config does not have."""
+def from_metadata(cfg: DictConfig) -> bool:
+    return cfg.data.input.format == "metadata"
+
+
+def stage_config(cfg: DictConfig, step: str) -> DictConfig:
+    """The config ``stage=<name>`` for a step, with this pipeline's settings: its node (typed as when the stage
+    runs alone), resolved here because it links to other stages' nodes (``${stage.train_ldm.output_url}``),
+    which the stage's own config does not have. From metadata, the steps from the second prepare on get the
+    downloads as their data."""
     stage_cfg = copy.deepcopy(cfg)
     OmegaConf.resolve(stage_cfg)
-    stage_cfg.stage = stage_cfg.stage[name]
+    stage_cfg.stage = stage_cfg.stage[METADATA_STEPS.get(step, step)]
+    if from_metadata(cfg) and step not in METADATA_STEPS and step != "synthesize":
+        download = cfg.stage.download
+        columns = Columns.from_config(plain(stage_cfg.data.input))
+        for key, value in downloaded_input(columns, str(download.output_format), str(download.encode_format)).items():
+            stage_cfg.data.input[key] = value
+        stage_cfg.data.input.url = stage_cfg.data.images_url
+        stage_cfg.data.prepared_url = stage_cfg.data.images_prepared_url
     return stage_cfg
 
 
@@ -79,7 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             print(f"\n{STAGE}: [{runs.index(name) + 1}/{len(runs)}] {name}", flush=True)
             started = time.perf_counter()
             try:
-                stages.load(name).run(stage_config(cfg, name))
+                stages.load(METADATA_STEPS.get(name, name)).run(stage_config(cfg, name))
             except Exception as error:
                 mlflow.set_tag("failed_stage", name)
                 complete = ", ".join(results) or "none"
@@ -87,7 +102,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     f"{STAGE}: stage {name} failed: {type(error).__name__}: {error}\n"
                     f"Complete and kept: {complete}. Once the cause is fixed, the same command resumes at {name}."
                 ) from error
-            child = _stage_run(parent, name)
+            child = _stage_run(parent, METADATA_STEPS.get(name, name))
             skipped = "skipped" in child.data.tags
             results[name] = {"skipped": skipped, "minutes": round((time.perf_counter() - started) / 60, 2), "run_id": child.info.run_id}
             mlflow.log_metric(f"minutes.{name}", results[name]["minutes"])

@@ -1,3 +1,3 @@
-"""stage=prepare: filter and tokenize LAION metadata or img2dataset downloads. ``stage`` drives it; ``tasks`` runs on Ray workers.
+"""stage=prepare: filter and tokenize LAION metadata, or images and captions (webdataset tars, parquet). ``stage`` drives it; ``tasks`` runs on Ray workers.
 
 Nothing is imported here: Ray workers import ``prepare``'s worker-side modules without the driver's."""

@@ -14,9 +14,9 @@ import ray
 from omegaconf import DictConfig
 
 from ldm.data.filters import REASONS, Filters
-from ldm.data.img2dataset import download_command
+from ldm.data.download import download_command
 from ldm.data.prepare import PREPARE_VERSION, prepared_schema, unused_rules
-from ldm.data.sources import Columns, Unit, checked, list_units
+from ldm.data.sources import Columns, Unit, available_columns, checked, list_units, readable
 from ldm.manifest import CLAIM_NAME, IncompleteOutputError, clear, list_files, read_manifest, verify
 from ldm.markers import read_markers
 from ldm.storage import Storage, resolve
@@ -46,12 +46,16 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     columns.validate(fmt)
     filters = Filters.from_config(plain(cfg.stage.filters))
     source, upstream = _input_location(storage, resolve(cfg.data.input.url), fmt)
-    units, listing = list_units(storage, source, fmt)
-    checked(storage, units[0], columns, fmt)  # each task checks its own file too
+    units, listing = list_units(storage, source, fmt, cfg.stage.rows_per_task)
+    # The optional columns the first file lacks are taken as absent from the whole input: every task then
+    # checks its own file against the same columns.
+    columns, absent = columns.resolved(readable(lambda: available_columns(storage, units[0], columns), units[0]))
+    checked(storage, units[0], columns, fmt)
     return Inputs(
         fingerprints=[upstream or listing],
-        record={"url": source, "format": fmt, "fingerprint": upstream, "listing": listing, "files": len(units)},
-        found={"units": units, "columns": columns, "filters": filters},
+        record={"url": source, "format": fmt, "fingerprint": upstream, "listing": listing,
+                "files": len({u.path for u in units}), "units": len(units)},
+        found={"units": units, "columns": columns, "filters": filters, "absent": absent},
     )
 
 
@@ -61,7 +65,12 @@ def _prepare(job: Job) -> Output:
     fmt = job.inputs.record["format"]
     started = time.time()
     work = _Steps(storage, out, fmt, columns, filters, settings)
-    print(f"prepare: {len(units)} {fmt} file(s) from {job.inputs.record['url']} -> {out}")
+    files = job.inputs.record["files"]
+    split = f" in {len(units)} tasks" if len(units) != files else ""
+    print(f"prepare: {files} {fmt} file(s){split} from {job.inputs.record['url']} -> {out}")
+    unused = unused_rules(fmt, columns, filters, job.inputs.found["absent"])
+    if unused:
+        print(f"prepare: rules off for this input: {', '.join(f'{rule} ({why})' for rule, why in unused.items())}")
     timings: dict[str, float] = {}
     for step, run_step in (
         ("scan", partial(work.scan, units)),
@@ -83,7 +92,6 @@ def _prepare(job: Job) -> Output:
     for s in summaries:
         dropped.update(s["dropped"])
     dropped = {reason: dropped.get(reason, 0) for reason in REASONS}
-    unused = unused_rules(fmt, columns, filters)
     _report(rows_in, rows_out, dropped, unused, timings, elapsed)
     if rows_out == 0:
         raise EmptyOutputError(
@@ -106,7 +114,8 @@ def _prepare(job: Job) -> Output:
         )
         facts["img2dataset_command"] = command
         mlflow.log_text(command + "\n", "img2dataset_command.txt")
-        message = f"prepare: download the kept rows with\n  {command}"
+        message = (f"prepare: download the kept rows on this Ray cluster with stage=download data={cfg.data.name} (the same "
+                   f"overrides), or stage=pipeline for every step to a model; by hand, with\n  {command}")
     files = {f"{layout}/{name}": size for s in summaries for name, size in s["files"].items()}
     files.update({f"{tasks.DROPPED}/{name}": size for s in summaries for name, size in s["dropped_files"].items()})
     return Output(
@@ -142,7 +151,8 @@ def _input_location(storage: Storage, url: str, fmt: str) -> tuple[str, str | No
                 f"data.input.url={url} is a {manifest.get('stage')} output without {fmt} data "
                 f"(it has {have}); set data.input.format to one of them"
             )
-        return f"{url}/{layout[fmt].strip('/')}", manifest["fingerprint"]
+        folder = layout[fmt].strip("/").removeprefix(".")  # "./": the output's own folder (a download)
+        return f"{url}/{folder}" if folder else url, manifest["fingerprint"]
     if claimed:
         claim = json.loads(fs.cat_file(f"{root}/{CLAIM_NAME}"))
         raise IncompleteOutputError(

@@ -32,7 +32,8 @@ def naming(unit: Unit) -> Iterator[None]:
     except (MissingColumnError, UnreadableInputError):
         raise
     except Exception as error:
-        raise RuntimeError(f"stage=prepare failed on {unit.path}: {type(error).__name__}: {error}") from error
+        part = f" (row groups {unit.row_groups[0]}-{unit.row_groups[1] - 1})" if unit.row_groups else ""
+        raise RuntimeError(f"stage=prepare failed on {unit.path}{part}: {type(error).__name__}: {error}") from error
 
 
 def scan(batch: pa.Table, *, storage, fmt, columns, filters, batch_rows) -> Iterator[pa.Table]:

@@ -49,6 +49,7 @@ def _synthesize(job: Job) -> Output:
         seed=data.seed,
         bad_rows=plain(data.bad_rows),
         holdout_fraction=data.holdout_fraction,
+        image_host=data.image_host,
         rows_per_shard=settings.rows_per_shard,
     )
     shards = [{"shard": shard, "rows": json.dumps(list(group))} for shard, group in groupby(rows, key=lambda r: r["shard"])]
