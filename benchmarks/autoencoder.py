@@ -28,7 +28,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ldm.data.images import is_held_out, to_pixels  # noqa: E402
+from ldm.data.images import to_pixels  # noqa: E402
 from ldm.losses.first_stage import FirstStageLoss, LossWeights  # noqa: E402
 from ldm.models.first_stage import Reconstruct, build_first_stage, kind, last_layer  # noqa: E402
 from ldm.models.presets import first_stage_preset  # noqa: E402
@@ -77,9 +77,8 @@ def main() -> None:
     steps = [f"stage.steps={args.steps}"] if args.steps else []
     cfg = config("stage=train_autoencoder", *common, *steps, *args.overrides)
     shards = sorted((work / "store" / "prepared" / "shards").glob("*.parquet"))
-    table = pq.read_table(shards, columns=["key", "image"])
-    held_out = [is_held_out(k, cfg.stage.held_out_fraction) for k in table["key"].to_pylist()]
-    training = np.stack([to_pixels(b, cfg.data.resolution) for b, h in zip(table["image"].to_pylist(), held_out) if not h])
+    table = pq.read_table(shards, columns=["image"])  # the training rows: prepare keeps the held-out ones apart
+    training = np.stack([to_pixels(b, cfg.data.resolution) for b in table["image"].to_pylist()])
     bare = bare_images_per_s(cfg, training)
 
     started = time.perf_counter()

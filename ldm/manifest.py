@@ -120,9 +120,12 @@ def verify(storage: Storage, url: str, stage: str | None = None) -> dict[str, An
     return manifest
 
 
-def data_files(manifest: Mapping[str, Any], url: str) -> list[str]:
-    """URLs of the data shards a complete output at ``url`` lists, in name order (``facts.layout.data``)."""
-    prefix = manifest["facts"]["layout"]["data"]
+def data_files(manifest: Mapping[str, Any], url: str, part: str = "data") -> list[str]:
+    """URLs of the files of one part (``facts.layout[part]``: the data shards by default) a complete output at
+    ``url`` lists, in name order; none when the output has no such part."""
+    prefix = manifest["facts"]["layout"].get(part)
+    if prefix is None:
+        return []
     return [f"{url}/{name}" for name in sorted(manifest["files"]) if name.startswith(prefix)]
 
 

@@ -219,6 +219,12 @@ class PrepareResources:
 
 
 @dataclass
+class HeldOut:
+    fraction: float
+    salt: str
+
+
+@dataclass
 class Prepare:
     name: str
     filters: Filters
@@ -226,6 +232,7 @@ class Prepare:
     max_rows_per_file: int
     max_bytes_per_file: int
     rows_per_task: int
+    held_out: HeldOut
     img2dataset: Img2dataset
     resources: PrepareResources
 
@@ -304,7 +311,7 @@ class TrainAutoencoder:
     batch_size: int
     seed: int
     random_flip: bool
-    held_out_fraction: float
+    validation_images: int
     scene_fidelity: bool
     log_every: int
     eval_every: int

@@ -3,8 +3,9 @@
 1. storage from the config, and a refusal of node-local storage on a multi-node cluster;
 2. the stage's inputs found and verified (``find_inputs``): their manifests' fingerprints become part of the
    output's, so a changed input means a new output;
-3. the output's fingerprint: the resolved stage and data config (``stage.resources`` left out: how fast an
-   output was made does not change what it is), the code's output version and the inputs' fingerprints;
+3. the output's fingerprint: the resolved stage and data config (less ``NOT_CONTENT``: how fast an output
+   was made, and how it was logged and watched, do not change what it is), the code's output version and the
+   inputs' fingerprints;
 4. an MLflow run named after the stage (nested under a pipeline's run);
 5. the output location claimed, or the stage skipped when it is already complete for this fingerprint;
 6. Ray, for the stages that use it;
@@ -112,13 +113,26 @@ class Stage:
             return manifest
 
 
+# The settings that change how an output is made, logged or watched, never what it holds: left out of every
+# output's fingerprint, so that changing them finds the outputs complete. The one list of them.
+NOT_CONTENT = {
+    # train_ldm's MLflow grids only: stage=sample names its prompts in its own node (stage.prompts), where they
+    # are content.
+    "data": ("validation_prompts",),
+    # CPUs, concurrency and batch sizes for throughput; the cadence of logs, evaluations, samples and
+    # checkpoints; what is logged (train_ldm's validation grids, data audits, the MLflow model).
+    "stage": ("resources", "log_every", "eval_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+              "validation", "data_audit", "prefetch_batches", "log_model"),
+}
+
+
 def stage_fingerprint(cfg: DictConfig, version: int, inputs: Iterable[str] = ()) -> str:
-    """The stage and data config, the code's output version and the inputs' fingerprints; ``stage.resources``
-    (CPUs, concurrency, batch sizes for throughput) left out, so a re-run with more parallelism finds the
-    finished output."""
-    stage = plain(cfg.stage)
-    stage.pop("resources", None)
-    return fingerprint({"stage": stage, "data": plain(cfg.data), "code_version": version}, inputs)
+    """The stage and data config less ``NOT_CONTENT``, the code's output version and the inputs' fingerprints."""
+    stage, data = (
+        {k: v for k, v in plain(node).items() if k not in NOT_CONTENT[name]}
+        for name, node in (("stage", cfg.stage), ("data", cfg.data))
+    )
+    return fingerprint({"stage": stage, "data": data, "code_version": version}, inputs)
 
 
 def require_reachable_storage(cfg: DictConfig, is_local: bool) -> None:

@@ -13,16 +13,13 @@ from ray.train.torch import TorchTrainer
 from ldm.manifest import fingerprint
 from ldm.storage import Storage, resolve
 from pipelines.config import plain
-from pipelines.stage import Job
+from pipelines.stage import NOT_CONTENT, Job
 from pipelines.train_worker import RunTarget
 
-# How long and how often to log, evaluate, checkpoint and sample, where to write, on what hardware and whether
-# to resume: none of it changes the training trajectory, so a re-run with more steps (or other cadences or
+# Besides what is not content at all: how long to train, where to write, on what hardware and whether to
+# resume. None of it changes the training trajectory, so a re-run with more steps (or other cadences or
 # workers' CPUs) continues the same run.
-NOT_TRAINING = (
-    "steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "sample_every", "validation",
-    "resources", "scaling", "output_url", "checkpoints_url", "resume", "log_model", "data_audit", "prefetch_batches",
-)
+NOT_TRAINING = (*NOT_CONTENT["stage"], "steps", "scaling", "output_url", "checkpoints_url", "resume")
 
 
 def training_identity(cfg: DictConfig, inputs: Iterable[str]) -> str:

@@ -18,7 +18,7 @@ import pytest
 from conftest import BUCKET, ROOT, kill_midway
 from PIL import Image
 
-from ldm.data.prepare import prepared_schema
+from ldm.data.prepare import HeldOut, prepared_schema
 from ldm.data.sources import MissingColumnError
 from ldm.manifest import verify
 from ldm.storage import Storage
@@ -83,6 +83,11 @@ def read_dir(storage: Storage, url: str) -> pa.Table:
     return pa.concat_tables([pq.read_table(fs.open(p, "rb")) for p in paths]) if paths else None
 
 
+def kept_rows(storage: Storage, out: str) -> list[dict]:
+    """Every kept row: the training shards and the held-out ones."""
+    return [r for part in ("shards", "held_out") for r in (read_dir(storage, f"{out}/{part}") or pa.table({})).to_pylist()]
+
+
 def check_prepared(storage: Storage, out: str, truth: list[dict], fmt: str) -> dict:
     """Every bad row dropped for its reason, no good row dropped, counts adding up, tokens decoding back."""
     manifest = verify(storage, out, stage="prepare")
@@ -103,12 +108,16 @@ def check_prepared(storage: Storage, out: str, truth: list[dict], fmt: str) -> d
         return manifest
 
     assert {d["key"]: d["reason"] for d in dropped} == {k: r for k, r in expected.items() if r}
-    fs, root = storage.fsspec(f"{out}/shards")
-    parts = sorted(fs.glob(f"{root}/*.parquet"))
+    fs, root = storage.fsspec(out)
+    parts = sorted(fs.glob(f"{root}/shards/*.parquet") + fs.glob(f"{root}/held_out/*.parquet"))
     assert all(pq.read_metadata(fs.open(p, "rb")).num_rows <= MAX_ROWS for p in parts)
-    shards = read_dir(storage, f"{out}/shards")
-    assert shards.schema.equals(prepared_schema(77))
-    rows = shards.to_pylist()
+    shards, held = read_dir(storage, f"{out}/shards"), read_dir(storage, f"{out}/held_out")
+    assert shards.schema.equals(prepared_schema(77)) and held.schema.equals(prepared_schema(77))
+    # The kept rows, split once by key: the held-out ones apart, where no training stage reads them.
+    split = HeldOut(manifest["facts"]["held_out"]["fraction"], manifest["facts"]["held_out"]["salt"])
+    assert all(key in split for key in held["key"].to_pylist()) and not any(key in split for key in shards["key"].to_pylist())
+    assert len(held) == manifest["counts"]["held_out"] == manifest["facts"]["held_out"]["rows"] > 0
+    rows = shards.to_pylist() + held.to_pylist()
     keys = [r["key"] for r in rows]
     assert len(keys) == len(set(keys)) and set(keys) == {k for k, r in expected.items() if not r}
 
@@ -281,7 +290,7 @@ def test_tars_alone_prepare_to_the_same_kept_keys_as_with_their_parquets(corpus,
     assert counts["rows_in"] == len(expected) == counts["rows_out"] + sum(counts["dropped"].values())
     assert {r: n for r, n in counts["dropped"].items() if n} == dict(Counter(r for r in expected.values() if r))
     out = cfg.data.prepared_url
-    assert sorted(read_dir(storage, f"{out}/shards")["key"].to_pylist()) == sorted(k for k, r in expected.items() if not r)
+    assert sorted(r["key"] for r in kept_rows(storage, out)) == sorted(k for k, r in expected.items() if not r)
     assert {d["key"]: d["reason"] for d in read_dir(storage, f"{out}/dropped").to_pylist()} == {
         k: r for k, r in expected.items() if r}
     assert manifest["facts"]["unused_rules"] == {} and manifest["inputs"]["url"] == tars
@@ -336,7 +345,7 @@ def test_a_set_of_only_images_and_captions_prepares_with_no_column_override(ray_
     [said] = [line for line in capsys.readouterr().out.splitlines() if "rules off for this input" in line]
     assert all(f"{rule} (" in said for rule in off)
     assert manifest["counts"]["rows_out"] == len(captions)
-    shards = read_dir(Storage.from_config(cfg.storage), f"{cfg.data.prepared_url}/shards").to_pylist()
+    shards = kept_rows(Storage.from_config(cfg.storage), cfg.data.prepared_url)
     assert {r["key"]: r["caption"] for r in shards} == captions
     assert {(r["width"], r["height"]) for r in shards} == {(64, 64)}
 

@@ -10,6 +10,7 @@ import threading
 import time
 
 import mlflow
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import BUCKET, ROOT, free_port, history, image_steps, kill_session, wait_for
@@ -66,6 +67,9 @@ def test_two_workers_train_in_step_on_disjoint_data_and_log_to_mlflow(latents):
     assert sorted(seen) == ["epoch-0000-rank-0.txt", "epoch-0000-rank-1.txt"]
     rank0, rank1 = seen.values()
     assert rank0 and rank1 and not rank0 & rank1
+    # ... and none of prepare's held-out rows, which evaluate measures the model on.
+    held_out = set(pq.read_table(root / "store" / "prepared" / "held_out", columns=["key"])["key"].to_pylist())
+    assert held_out and not held_out & (rank0 | rank1)
 
     # The output: UNet, τθ and their EMA load back; the manifest carries what sampling needs.
     verify(Storage(root=str(root)), f"{root}/store/ldm", stage="train_ldm")

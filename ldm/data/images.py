@@ -3,7 +3,6 @@ images back to PNG bytes."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 
 import numpy as np
@@ -47,7 +46,3 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
     (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def is_held_out(key: str, fraction: float) -> bool:
-    """A fixed, key-determined ``fraction`` of the rows, the same in every run and on every worker."""
-    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) < fraction * 2**32

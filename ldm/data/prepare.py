@@ -9,7 +9,9 @@ batches, so memory follows the batch size, not the input size.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
@@ -33,7 +35,21 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 # Bump when prepare's output changes for the same config and input.
-PREPARE_VERSION = 1
+# 2: the held-out rows are written apart (held_out/), not mixed into the training shards.
+PREPARE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The rows no training stage sees, chosen once by key: a salted hash of the key below ``fraction``, the
+    same in every run, on every worker and for every stage. ``key in held_out``."""
+
+    fraction: float
+    salt: str
+
+    def __contains__(self, key: str) -> bool:
+        digest = hashlib.sha1(f"{self.salt}\0{key}".encode()).hexdigest()
+        return int(digest[:8], 16) < self.fraction * 2**32
 
 SCAN_SCHEMA = pa.schema(
     [
@@ -143,10 +159,13 @@ def prepare_unit(
     writer: PartWriter,
     dropped_writer: PartWriter,
     batch_rows: int,
+    held_out: HeldOut | None = None,
+    held_out_writer: PartWriter | None = None,
 ) -> dict[str, Any]:
     """Filter ``unit`` (``duplicates``: row -> reason, found across the whole input) and write what it keeps
-    (prepared shards for image formats, the input's own columns for metadata) with ``writer``, and each dropped
-    row with its reason with ``dropped_writer``. Returns the unit's counts."""
+    (prepared shards for image formats, the input's own columns for metadata) with ``writer``, except the kept
+    rows ``held_out`` holds, which go to ``held_out_writer``, and each dropped row with its reason with
+    ``dropped_writer``. Returns the unit's counts."""
     if filters.counts_tokens and tokenizer is None:
         raise ValueError("caption token bounds need a tokenizer")
     checked(storage, unit, columns, fmt)
@@ -175,12 +194,18 @@ def prepare_unit(
         else:
             out = _prepared_rows(table, roles, captions, reasons, filters, tokenizer, max_length)
         dropped.update(r for r in reasons if r is not None)
+        if held_out is not None and len(out):
+            held = pa.array([key in held_out for key in out["key"].to_pylist()], pa.bool_())
+            held_out_writer.write(out.filter(held))
+            out = out.filter(pc.invert(held))
         if len(out):
             writer.write(out)
         if len(out) < len(table):
             dropped_writer.write(_dropped_rows(table, roles, reasons))
     files = writer.close()
-    rows_out = writer.rows
+    held_files = held_out_writer.close() if held_out_writer is not None else {}
+    held_rows = held_out_writer.rows if held_out_writer is not None else 0
+    rows_out = writer.rows + held_rows
     if rows_in != rows_out + sum(dropped.values()):
         raise AssertionError(f"{unit.path}: {rows_in} rows in, {rows_out} out, {sum(dropped.values())} dropped")
     return {
@@ -188,8 +213,10 @@ def prepare_unit(
         "path": unit.path,
         "rows_in": rows_in,
         "rows_out": rows_out,
+        "held_out": held_rows,
         "dropped": dict(dropped),
         "files": files,
+        "held_out_files": held_files,
         "dropped_files": dropped_writer.close(),
     }
 

@@ -46,7 +46,7 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     if inputs.found["prepared"]["facts"]["format"] == "metadata":
         raise ValueError(
             f"data.prepared_url={inputs.record['prepared']} holds filtered LAION metadata, not images: download them "
-            "with the img2dataset command in its manifest, then run stage=prepare on the downloads"
+            "with stage=download, then run stage=prepare on the downloads (stage=pipeline does both)"
         )
     first_stage = _first_stage(storage, model_location(cfg.stage.first_stage), cfg.stage.first_stage_subfolder)
     inputs.fingerprints.append(first_stage["sha256"])

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoImageProcessor, AutoModel
 
-from ldm.data.images import encode_png, is_held_out, normalise, square_crop
+from ldm.data.images import encode_png, normalise, square_crop
 from ldm.diffusion.sampling import generate_images
 from ldm.grids import captioned_grid
 from ldm.manifest import data_files, read_manifest, verify
@@ -47,11 +47,11 @@ def _evaluate(job: Job) -> Output:
         guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True,
     )
     resolution = trained["facts"]["resolution"]
-    # Only reconstruction and FID look at images: the prepared shards are read for them alone, as many as they use.
+    # Only reconstruction and FID look at images: prepare's held-out rows (which neither the first stage nor the
+    # diffusion model trained on) are read for them alone, as many as they use.
     wanted = max(settings.reconstruction.images if settings.reconstruction.enabled else 0,
                  settings.fid.images if settings.fid.feature_extractor else 0)
-    fraction = _held_out_fraction(storage, trained["facts"]["first_stage"])
-    held_out = _held_out_rows(storage, trained, fraction, wanted)
+    held_out, split = _held_out_rows(storage, trained, wanted)
     metrics: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     fs, root = storage.fsspec(out)
@@ -64,7 +64,7 @@ def _evaluate(job: Job) -> Output:
             batches = (torch.from_numpy(normalise(pixels[i : i + 32])).to(pipeline.device) for i in range(0, len(pixels), 32))
             metrics["reconstruction"] = evaluate_reconstruction(pipeline.vqvae, batches, settings.reconstruction.scene_fidelity).as_dict()
         else:
-            skipped["reconstruction"] = f"no prepared row is held out at the first stage's held_out_fraction={fraction}"
+            skipped["reconstruction"] = f"no prepared row is held out ({split}): raise stage.held_out.fraction of prepare"
 
     synthesized = read_manifest(storage, resolve(settings.adherence.synthesized_url)) if settings.adherence.synthesized_url else None
     if settings.adherence.enabled and synthesized is not None and synthesized.get("stage") == "synthesize":
@@ -96,7 +96,7 @@ def _evaluate(job: Job) -> Output:
         skipped["fid"] = "stage.fid.feature_extractor is null: set it to a local (or s3://) vision model directory for FID / KID"
 
     report = {"model": job.inputs.record["model"], "weights": str(settings.weights), "sampler": str(settings.sampler),
-              "steps": settings.steps, "guidance_scale": settings.guidance_scale, "held_out_fraction": fraction,
+              "steps": settings.steps, "guidance_scale": settings.guidance_scale, "held_out": split,
               "metrics": metrics, "skipped": skipped}
     fs.pipe_file(f"{root}/{METRICS}", json.dumps(report, indent=2).encode())
     mlflow.log_dict(report, METRICS)
@@ -112,33 +112,24 @@ def _evaluate(job: Job) -> Output:
     )
 
 
-def _held_out_fraction(storage: Storage, first_stage: dict[str, Any]) -> float:
-    """The fraction of prepared rows (by key) the first stage never trained on, as its train_autoencoder manifest
-    records it; all of them for a first stage trained elsewhere."""
-    if first_stage["trained_by"] is None:
-        return 1.0
-    return verify(storage, first_stage["autoencoder"], stage="train_autoencoder")["facts"]["held_out_fraction"]
-
-
-def _held_out_rows(storage: Storage, trained: dict[str, Any], fraction: float, limit: int) -> dict[str, list]:
-    """Key, caption and image bytes of up to ``limit`` prepared rows ``is_held_out`` picks, found through the
-    model's manifest chain (train_ldm -> encode_latents -> prepare), read a batch at a time."""
+def _held_out_rows(storage: Storage, trained: dict[str, Any], limit: int) -> tuple[dict[str, list], dict[str, Any]]:
+    """Key, caption and image bytes of the first ``limit`` of prepare's held-out rows, found through the model's
+    manifest chain (train_ldm -> encode_latents -> prepare) and read a batch at a time, and how they were
+    chosen (prepare's ``held_out`` fact)."""
     rows: dict[str, list] = {"key": [], "caption": [], "image": []}
-    if limit == 0:
-        return rows
     latents = verify(storage, trained["inputs"]["latents"], stage="encode_latents")
     prepared_url = latents["inputs"]["prepared"]
     prepared = verify(storage, prepared_url, stage="prepare")
-    for shard in data_files(prepared, prepared_url):
+    split = prepared["facts"].get("held_out") or {"fraction": 0.0, "rows": 0}
+    for shard in data_files(prepared, prepared_url, "held_out"):
         fs, path = storage.pyarrow(shard)
         with fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=list(rows)):
-                for key, caption, image in zip(*(batch[c].to_pylist() for c in rows)):
-                    if is_held_out(str(key), fraction):
-                        rows["key"].append(key), rows["caption"].append(caption), rows["image"].append(image)
-                        if len(rows["key"]) == limit:
-                            return rows
-    return rows
+                for name in rows:
+                    rows[name] += batch[name].to_pylist()[: limit - len(rows[name])]
+                if len(rows["key"]) >= limit:
+                    return rows, split
+    return rows, split
 
 
 def _feature_extractor(storage: Storage, location: str):

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from ldm.data.filters import REASONS, Filters
 from ldm.data.download import download_command
-from ldm.data.prepare import PREPARE_VERSION, prepared_schema, unused_rules
+from ldm.data.prepare import PREPARE_VERSION, HeldOut, prepared_schema, unused_rules
 from ldm.data.sources import Columns, Unit, available_columns, checked, list_units, readable
 from ldm.manifest import CLAIM_NAME, IncompleteOutputError, clear, list_files, read_manifest, verify
 from ldm.markers import read_markers
@@ -88,11 +88,15 @@ def _prepare(job: Job) -> Output:
 
     rows_in = sum(s["rows_in"] for s in summaries)
     rows_out = sum(s["rows_out"] for s in summaries)
+    held_out = sum(s.get("held_out", 0) for s in summaries)
     dropped = Counter()
     for s in summaries:
         dropped.update(s["dropped"])
     dropped = {reason: dropped.get(reason, 0) for reason in REASONS}
     _report(rows_in, rows_out, dropped, unused, timings, elapsed)
+    if work.held_out is not None:
+        print(f"{STAGE.name}: {held_out} of the {rows_out} kept rows held out from training "
+              f"(fraction {work.held_out.fraction}, by key) in {tasks.HELD_OUT}/")
     if rows_out == 0:
         raise EmptyOutputError(
             f"prepare: every one of the {rows_in} input rows was filtered out (dropped per rule: "
@@ -107,6 +111,9 @@ def _prepare(job: Job) -> Output:
         "tokenizer": {"path": f"{TOKENIZER}/", "vocab_size": vocab_size, "max_length": settings.tokenizer.max_length},
         "unused_rules": unused,
     }
+    if work.held_out is not None:
+        facts["layout"]["held_out"] = f"{tasks.HELD_OUT}/"
+        facts["held_out"] = {**asdict(work.held_out), "rows": held_out}
     message = ""
     if fmt == "metadata":
         command = download_command(
@@ -118,13 +125,14 @@ def _prepare(job: Job) -> Output:
                    f"overrides), or stage=pipeline for every step to a model; by hand, with\n  {command}")
     files = {f"{layout}/{name}": size for s in summaries for name, size in s["files"].items()}
     files.update({f"{tasks.DROPPED}/{name}": size for s in summaries for name, size in s["dropped_files"].items()})
+    files.update({f"{tasks.HELD_OUT}/{name}": size for s in summaries for name, size in s.get("held_out_files", {}).items()})
     return Output(
-        counts={"rows_in": rows_in, "rows_out": rows_out, "dropped": dropped},
+        counts={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_out, "dropped": dropped},
         facts=facts,
         schema=None if fmt == "metadata" else {f.name: str(f.type) for f in prepared_schema(settings.tokenizer.max_length)},
         timings=timings,
         expected_files={**files, **{f"{TOKENIZER}/{n}": s for n, s in tokenizer_files.items()}},
-        metrics={"rows_in": rows_in, "rows_out": rows_out, "rows_per_s": rows_in / max(elapsed, 1e-9), "vocab_size": vocab_size,
+        metrics={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_out, "rows_per_s": rows_in / max(elapsed, 1e-9), "vocab_size": vocab_size,
                  **{f"dropped.{reason}": n for reason, n in dropped.items()}},
         message=message,
     )
@@ -171,6 +179,8 @@ class _Steps:
         self.work = f"{out}/{WORK}"
         self.fs, self.root = storage.fsspec(out)
         self.layout = "metadata" if fmt == "metadata" else "shards"
+        # Images are split once, here, by key: every later stage reads shards/ to train, held_out/ to measure.
+        self.held_out = None if fmt == "metadata" else HeldOut(**plain(settings.held_out))
 
     # -- 1. scan ----------------------------------------------------------------------------------------------
     def scan(self, units: list[Unit]) -> None:
@@ -295,6 +305,7 @@ class _Steps:
                     "batch_rows": self.resources.batch_rows,
                     "digits": max(5, len(str(len(units)))),
                     "layout": self.layout,
+                    "held_out": self.held_out,
                 },
             )
             (

@@ -21,6 +21,7 @@ from ldm.markers import write_marker
 
 TOKENIZER = "tokenizer"
 DROPPED = "dropped"  # every dropped row with its reason, beside the kept ones
+HELD_OUT = "held_out"  # the kept rows no training stage reads
 RANK = {reason: rank for rank, reason in enumerate(filters.REASONS)}
 
 
@@ -64,11 +65,14 @@ def prepare(row: dict[str, Any], *, job: dict[str, Any]) -> dict[str, Any]:
     unit = Unit(**row)
     fs, root = storage.fsspec(job["out"])
     stem = f"part-{unit.index:0{job['digits']}d}"
-    for layout in (job["layout"], DROPPED):
+    held_out = job["held_out"]  # None for metadata: its rows have no key yet
+    for layout in (job["layout"], DROPPED, HELD_OUT):
         for stale in fs.glob(f"{root}/{layout}/{stem}-*.parquet"):
             fs.rm(stale)
-    writer = PartWriter(storage, f"{job['out']}/{job['layout']}", stem, job["max_rows"], job["max_bytes"])
-    dropped = PartWriter(storage, f"{job['out']}/{DROPPED}", stem, job["max_rows"], job["max_bytes"])
+    writer, dropped, held_writer = (
+        PartWriter(storage, f"{job['out']}/{layout}", stem, job["max_rows"], job["max_bytes"])
+        for layout in (job["layout"], DROPPED, HELD_OUT)
+    )
     with naming(unit):
         summary = prepare_unit(
             storage,
@@ -85,6 +89,8 @@ def prepare(row: dict[str, Any], *, job: dict[str, Any]) -> dict[str, Any]:
             writer,
             dropped,
             job["batch_rows"],
+            held_out,
+            held_writer if held_out is not None else None,
         )
     write_marker(storage, f"{job['work']}/done", f"{unit.index:0{job['digits']}d}", summary)
     return {"unit": unit.index, "rows_out": summary["rows_out"]}

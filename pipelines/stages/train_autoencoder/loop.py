@@ -61,7 +61,7 @@ def train_loop(config: LoopConfig) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             model = load_first_stage(os.path.join(directory, MODEL_DIR))
-            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
     elif config.pretrained:
         model = load_first_stage(config.pretrained, config.storage)
     else:
@@ -164,7 +164,7 @@ def _report(metrics, save: bool, autoencoder, loss, ae_optimizer, d_optimizer, s
 
 
 def _validation_batches(batch_size: int) -> list[torch.Tensor]:
-    """The held-out images (center crops), kept in memory: a fixed, small set."""
+    """The held-out images (center crops), kept in memory: at most stage.validation_images of them."""
     images = []
     for batch in ray.train.get_dataset_shard("validation").iter_batches(batch_size=batch_size, batch_format="numpy"):
         images.append(torch.from_numpy(batch["pixels"]))

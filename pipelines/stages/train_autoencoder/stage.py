@@ -3,8 +3,9 @@
 Ray Data decodes, crops and flips the prepared shards' images on CPU tasks (``tasks.py``) and streams them to
 the Ray Train workers (``loop.py``). Checkpoints go to ``stage.checkpoints_url`` under a run name made from
 the training settings, so the same command after a kill (or a worker failure) resumes from the latest one.
-The final autoencoder is written in diffusers format to ``stage.output_url``; the manifest records which
-prepared rows were held out (``held_out_fraction``), which stage=evaluate measures it on.
+The final autoencoder is written in diffusers format to ``stage.output_url``. It trains on prepare's
+``shards/`` and validates on at most ``stage.validation_images`` of its ``held_out/`` rows, the ones
+stage=evaluate measures it on.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pipelines import training
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.train_autoencoder import loop, tasks
 
-# 2: every discriminator replica starts from the same seed; the manifest records held_out_fraction.
-STAGE = Stage("train_autoencoder", version=2, output_url=lambda cfg: cfg.stage.output_url, detail="{steps} steps")
+# 3: trains on prepare's shards/ and validates on its held_out/ (prepare's held-out set).
+STAGE = Stage("train_autoencoder", version=3, output_url=lambda cfg: cfg.stage.output_url, detail="{steps} steps")
 MODEL = "model"
 
 
@@ -38,12 +39,17 @@ def _train(job: Job) -> Output:
     source, prepared = job.inputs.record["prepared"], job.inputs.found["prepared"]
     run_name = f"{STAGE.name}-{training.training_identity(cfg, job.inputs.fingerprints)[:16]}"
     pafs, _ = storage.pyarrow(source)
-    rows = ray.data.read_parquet([storage.pyarrow(s)[1] for s in data_files(prepared, source)], filesystem=pafs, columns=["key", "image"])
-    pixels = partial(tasks.pixels, resolution=cfg.data.resolution, fraction=settings.held_out_fraction)
+
+    def images(part: str) -> ray.data.Dataset:
+        files = [storage.pyarrow(s)[1] for s in data_files(prepared, source, part)]
+        return ray.data.read_parquet(files, filesystem=pafs, columns=["image"]) if files else ray.data.from_items([])
+
+    pixels = partial(tasks.pixels, resolution=cfg.data.resolution)
     decode_cpus = settings.resources.num_cpus_per_decode_task
     datasets = {
-        "train": rows.map_batches(partial(pixels, train=True, flip=settings.random_flip), num_cpus=decode_cpus),
-        "validation": rows.map_batches(partial(pixels, train=False, flip=False), num_cpus=decode_cpus),
+        "train": images("data").map_batches(partial(pixels, train=True, flip=settings.random_flip), num_cpus=decode_cpus),
+        "validation": images("held_out").limit(settings.validation_images).map_batches(
+            partial(pixels, train=False, flip=False), num_cpus=decode_cpus),
     }
     config = loop.LoopConfig(
         settings=OmegaConf.to_object(settings),
@@ -71,7 +77,7 @@ def _train(job: Job) -> Output:
             "latent_channels": model.config.latent_channels,
             "parameters": sum(p.numel() for p in model.parameters()),
             "resolution": cfg.data.resolution,
-            "held_out_fraction": settings.held_out_fraction,
+            "held_out": prepared["facts"].get("held_out"),
             "final_metrics": metrics,
             "checkpoints": f"{resolve(settings.checkpoints_url)}/{run_name}",
         },

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm.data.images import is_held_out, to_pixels
+from ldm.data.images import to_pixels
 
 
-def pixels(batch: dict[str, np.ndarray], *, resolution: int, fraction: float, train: bool, flip: bool) -> dict[str, np.ndarray]:
-    """The batch's training (or held-out) images as float32 crops in [-1, 1]: random crops (and flips) for
-    training, center crops for the held-out ones."""
+def pixels(batch: dict[str, np.ndarray], *, resolution: int, train: bool, flip: bool) -> dict[str, np.ndarray]:
+    """The batch's images as float32 crops in [-1, 1]: random crops (and flips) for training, center crops for
+    the held-out ones."""
     rng = np.random.default_rng() if train else None
-    keep = [is_held_out(str(k), fraction) != train for k in batch["key"]]
-    images = [to_pixels(data, resolution, rng, flip) for data, kept in zip(batch["image"], keep) if kept]
+    images = [to_pixels(data, resolution, rng, flip) for data in batch["image"]]
     return {"pixels": np.stack(images) if images else np.zeros((0, 3, resolution, resolution), np.float32)}

@@ -97,7 +97,7 @@ def train_loop(config: LoopConfig) -> None:
         with checkpoint.as_directory() as directory:
             unet, text_encoder = load_models(directory)
             ema_weights = [p.detach().clone() for m in load_models(os.path.join(directory, EMA)) for p in m.parameters()]
-            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
     else:
         unet, text_encoder = _build_models(config, len(tokenizer))
     train_text_encoder = config.pretrained_text_encoder is None
