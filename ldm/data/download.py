@@ -73,6 +73,8 @@ def shard_name(index: int, shards: int) -> str:
     return f"{index:0{max(SHARD_DIGITS, len(str(max(shards - 1, 0))))}d}"
 
 
+# The roles whose columns a download carries beside img2dataset's own: the ones prepare filters images on.
+CARRIED_ROLES = ("nsfw", "similarity", "width", "height")
 # The columns img2dataset writes itself: a carried column of the same name would clash with them.
 RESERVED = ("key", "caption", "url", "status", "error_message", "width", "height", "original_width",
             "original_height", "exif", "md5", "sha256", "sha512")
@@ -81,8 +83,7 @@ RESERVED = ("key", "caption", "url", "status", "error_message", "width", "height
 def carried_columns(columns: Columns, extra_columns: Sequence[str] = ()) -> list[str]:
     """The metadata columns a download keeps beside img2dataset's own (``--save_additional_columns``): the
     ones prepare filters images on, and ``extra_columns``."""
-    roles = {"nsfw": columns.nsfw, "similarity": columns.similarity, "width": columns.width, "height": columns.height}
-    named = [(f"data.input.{role}_col", name) for role, name in roles.items() if name]
+    named = [(f"data.input.{role}_col", getattr(columns, role)) for role in CARRIED_ROLES if getattr(columns, role)]
     named += [("data.input.extra_columns", name) for name in extra_columns]
     clashes = [f"{setting}={name!r}" for setting, name in named if name in RESERVED]
     if clashes:
@@ -100,10 +101,7 @@ def downloaded_input(columns: Columns, output_format: str, encode_format: str) -
         "format": output_format,
         "url_col": "url",
         "caption_col": "caption",
-        "similarity_col": columns.similarity,
-        "nsfw_col": columns.nsfw,
-        "width_col": columns.width,
-        "height_col": columns.height,
+        **{f"{role}_col": getattr(columns, role) for role in CARRIED_ROLES},
         "status_col": "status",
         "sha256_col": "sha256",
         "key_col": "key",

@@ -194,9 +194,10 @@ def available_columns(storage: Storage, unit: Unit, columns: Columns) -> list[st
     raise UnreadableInputError(f"{unit.path}: no sample could be read from it as a tar")
 
 
-def check_columns(storage: Storage, unit: Unit, columns: Columns, fmt: str) -> None:
-    """One error naming the file, the missing column(s) and the columns the file does have."""
-    have = available_columns(storage, unit, columns)
+def check_columns(storage: Storage, unit: Unit, columns: Columns, fmt: str, have: list[str] | None = None) -> None:
+    """One error naming the file, the missing column(s) and the columns the file does have (``have``, when
+    the caller has read them already)."""
+    have = available_columns(storage, unit, columns) if have is None else have
     need = columns.metadata_columns() + ([columns.image] if fmt == "parquet" else [])
     if unit.metadata_path is None:
         # A tar alone has no schema: each sample's .json has its own fields (a missing one is null), so only
@@ -213,9 +214,9 @@ def check_columns(storage: Storage, unit: Unit, columns: Columns, fmt: str) -> N
         )
 
 
-def checked(storage: Storage, unit: Unit, columns: Columns, fmt: str) -> None:
+def checked(storage: Storage, unit: Unit, columns: Columns, fmt: str, have: list[str] | None = None) -> None:
     """``check_columns``, with any failure to read the file (empty, not parquet) named by its path."""
-    readable(lambda: check_columns(storage, unit, columns, fmt), unit)
+    readable(lambda: check_columns(storage, unit, columns, fmt, have), unit)
 
 
 def readable(read: Callable[[], T], unit: Unit) -> T:
@@ -294,7 +295,8 @@ class _Sample:
 
 def _tar_samples(storage: Storage, unit: Unit, image_extension: str | None, images: bool) -> Iterator[_Sample]:
     """A tar's samples in member order. A tar cut short ends with the sample whose member was being read,
-    without the members it did not get: a sample that lost its image is then counted undecodable."""
+    without the members it did not get: it is then dropped under the first rule it fails (no image, or no
+    status when its .json was not reached)."""
     fs, path = storage.fsspec(unit.path)
     sample: _Sample | None = None
     prefix = None

@@ -49,8 +49,9 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     units, listing = list_units(storage, source, fmt, cfg.stage.rows_per_task)
     # The optional columns the first file lacks are taken as absent from the whole input: every task then
     # checks its own file against the same columns.
-    columns, absent = columns.resolved(readable(lambda: available_columns(storage, units[0], columns), units[0]))
-    checked(storage, units[0], columns, fmt)
+    have = readable(lambda: available_columns(storage, units[0], columns), units[0])
+    columns, absent = columns.resolved(have)
+    checked(storage, units[0], columns, fmt, have)
     return Inputs(
         fingerprints=[upstream or listing],
         record={"url": source, "format": fmt, "fingerprint": upstream, "listing": listing,
