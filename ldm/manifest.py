@@ -129,6 +129,16 @@ def data_files(manifest: Mapping[str, Any], url: str, part: str = "data") -> lis
     return [f"{url}/{name}" for name in sorted(manifest["files"]) if name.startswith(prefix)]
 
 
+def data_row_groups(manifest: Mapping[str, Any], url: str, part: str = "data") -> tuple[list[str], list[list[int]]]:
+    """``data_files`` and the rows of each one's row groups, as the manifest lists them."""
+    files = data_files(manifest, url, part)
+    listed = manifest.get("row_groups", {})
+    missing = [f for f in files if f[len(url) + 1 :] not in listed]
+    if missing:
+        raise IncompleteOutputError(f"{url}: its {MANIFEST_NAME} lists no row groups for {missing[:3]}; re-run stage={manifest['stage']}")
+    return files, [listed[f[len(url) + 1 :]] for f in files]
+
+
 def clear(storage: Storage, url: str) -> None:
     """Remove a (partial) output so that a stage can write it afresh."""
     fs, root = storage.fsspec(url)

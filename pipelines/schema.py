@@ -311,6 +311,7 @@ class TrainAutoencoder:
     batch_size: int
     seed: int
     random_flip: bool
+    shuffle_buffer: int
     validation_images: int
     scene_fidelity: bool
     log_every: int
@@ -350,6 +351,8 @@ class EncodeLatents:
     resolution: int
     output_url: str
     compression: Compression
+    row_group_rows: int
+    held_out_images: int
     resources: EncodeResources
 
 
@@ -420,6 +423,8 @@ class TrainLdm:
     compile: bool
     data_audit: bool
     log_every: int
+    validation_images: int
+    eval_every: int
     checkpoint_every: int
     keep_checkpoints: int
     sample_every: int

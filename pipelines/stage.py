@@ -72,6 +72,7 @@ class Output:
     schema: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)  # besides ``seconds``
     expected_files: dict[str, int] | None = None  # what workers reported writing: must be visible here
+    row_groups: dict[str, list[int]] | None = None  # data file -> rows of each row group: what training plans epochs from
     metrics: dict[str, float] = field(default_factory=dict)
     message: str = ""
 
@@ -103,7 +104,8 @@ class Stage:
             started = time.time()
             output = work(Job(cfg, storage, out, inputs, identity, active.info.run_id))
             seconds = time.time() - started
-            extra = {k: v for k, v in (("counts", output.counts), ("facts", output.facts), ("schema", output.schema)) if v is not None}
+            extra = {k: v for k, v in (("counts", output.counts), ("facts", output.facts), ("schema", output.schema),
+                                       ("row_groups", output.row_groups)) if v is not None}
             manifest = write_manifest(storage, out, stage=self.name, fingerprint=identity, expected_files=output.expected_files,
                                       inputs=inputs.record, timings={"seconds": round(seconds, 3), **output.timings}, **extra)
             mlflow.log_metrics({**output.metrics, "seconds": seconds})
@@ -122,7 +124,7 @@ NOT_CONTENT = {
     # CPUs, concurrency and batch sizes for throughput; the cadence of logs, evaluations, samples and
     # checkpoints; what is logged (train_ldm's validation grids, data audits, the MLflow model).
     "stage": ("resources", "log_every", "eval_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-              "validation", "data_audit", "prefetch_batches", "log_model"),
+              "validation", "validation_images", "data_audit", "prefetch_batches", "log_model"),
 }
 
 

@@ -1,5 +1,5 @@
-"""What both Ray Train loops share inside the workers: logging to the MLflow run the driver opened for the
-stage, and the check that DDP kept the replicas equal.
+"""What both Ray Train loops share inside the workers: each epoch's rows in a fixed order (``EpochData``),
+logging to the MLflow run the driver opened for the stage, and the check that DDP kept the replicas equal.
 
 MLflow's client is imported when a worker first logs, not when this module loads: the ranks and Ray Data
 tasks that never log do not pay for its import, and no worker imports the driver's tracking module.
@@ -7,13 +7,22 @@ tasks that never log do not pay for its import, and no worker imports the driver
 
 from __future__ import annotations
 
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable
+from functools import cached_property, partial
+from typing import Any, Iterable, Iterator, Sequence
 
+import pyarrow as pa
+import ray.data
+import ray.train
 import torch
 import torch.distributed as dist
 from PIL import Image
+
+from ldm.data.epochs import EpochOrder, Interval, read_piece
+from ldm.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,57 @@ class RunLogger:
 
     def text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, text, path)
+
+
+@dataclass(frozen=True)
+class EpochData:
+    """A training stage's data files and how each epoch orders them (``EpochOrder``), sent to every worker. Each
+    worker reads its own run of an epoch with Ray Data: the pieces in order (``preserve_order``), one read task
+    per window, from the position a checkpoint recorded. Ray Train's split of one dataset cannot do this: which
+    worker gets which block depends on who asks first, and an epoch can only start from its beginning."""
+
+    files: list[str]
+    row_groups: list[list[int]]
+    columns: list[str]
+    seed: int
+    window_rows: int
+    storage: Storage
+
+    @cached_property
+    def order(self) -> EpochOrder:
+        return EpochOrder(self.row_groups, self.seed, self.window_rows)
+
+    def rows(self, epoch: int, rank: int, world: int, taken: Sequence[Interval] = ()) -> ray.data.Dataset:
+        """This rank's rows of ``epoch``, less the positions already ``taken``."""
+        order = self.order
+        pieces = order.pieces(epoch, order.assignment(epoch, world, taken)[rank])
+        items = [{"paths": [self.files[f] for f, _ in p.groups], "groups": [g for _, g in p.groups], "seed": list(p.seed),
+                  "lo": p.lo, "hi": p.hi} for p in pieces]
+        worker_data_context()
+        read = partial(_read_pieces, storage=self.storage, columns=self.columns)
+        return ray.data.from_items(items).map_batches(read, batch_size=1, batch_format="pyarrow")
+
+
+def worker_data_context() -> None:
+    """Ray Data in a Ray Train worker: blocks in order (an epoch's order is the point), and no progress bars (no
+    terminal here: they only flood the driver's log)."""
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+
+
+def _read_pieces(batch: pa.Table, *, storage: Storage, columns: list[str]) -> pa.Table:
+    return pa.concat_tables([read_piece(storage, **piece, columns=columns) for piece in batch.to_pylist()])
+
+
+@contextmanager
+def private_copy(checkpoint: ray.train.Checkpoint) -> Iterator[str]:
+    """The checkpoint downloaded into a folder of this process's own. ``Checkpoint.as_directory`` shares one
+    download between the workers of a node, and a worker mapping a safetensors file there while another writes
+    it dies of SIGBUS (seen when a whole worker group restarted from an S3 checkpoint)."""
+    with tempfile.TemporaryDirectory(prefix="checkpoint-") as directory:
+        checkpoint.to_directory(directory)
+        yield directory
 
 
 def parameter_spread(parameters: Iterable[torch.nn.Parameter], world: int) -> float:

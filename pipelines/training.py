@@ -64,5 +64,5 @@ def trainer(cfg: DictConfig, storage: Storage, loop: Callable[[], None], run_nam
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[name for name in datasets if name == "train"]),
     )

@@ -59,7 +59,16 @@ def test_every_prepared_row_once_with_a_posterior_that_decodes_like_the_direct_p
 
     keys = latents["key"].to_pylist()
     assert len(keys) == len(set(keys)) and set(keys) == set(source["key"].to_pylist())
-    assert manifest["counts"] == {"rows_in": len(source), "rows_out": len(source), "dropped": {"undecodable": 0}}
+    # Prepare's held-out rows are encoded apart (train_ldm's held-out loss), never among the training shards.
+    held_out = pq.read_table(f"{root}/store/prepared/held_out", columns=["key"])["key"].to_pylist()
+    held_latents = read_dir(storage, f"{root}/store/latents/held_out")["key"].to_pylist()
+    assert held_out and sorted(held_latents) == sorted(held_out) and not set(held_out) & set(keys)
+    assert manifest["counts"] == {"rows_in": len(source), "rows_out": len(source), "held_out": len(held_out), "dropped": {"undecodable": 0}}
+    # The manifest lists every part's row groups (train_ldm plans its epochs from them), as the files hold them.
+    for name, groups in manifest["row_groups"].items():
+        meta = pq.ParquetFile(f"{root}/store/latents/{name}").metadata
+        assert groups == [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] and max(groups) <= 128
+    assert sorted(manifest["row_groups"]) == sorted(f for f in manifest["files"] if f.endswith(".parquet"))
     mean, logvar = column_array(latents["latent_mean"]), column_array(latents["latent_logvar"])
     assert mean.shape == logvar.shape == (len(source), 4, 16, 16) and mean.dtype == np.float16
     assert manifest["facts"]["latent_shape"] == [4, 16, 16] and manifest["facts"]["first_stage"]["kind"] == "kl"
@@ -125,7 +134,7 @@ def test_a_killed_run_resumes_to_the_same_keys_without_duplicates(prepared, tmp_
         "stage.resources.encoder_batch_size=5", "stage.resources.block_mb=0.1",  # stream file by file
     ]
     finished = kill_midway(command, tmp_path, out / "_work" / "done", markers=1)
-    files = len(list((root / "store" / "prepared" / "shards").glob("*.parquet")))
+    files = sum(len(list((root / "store" / "prepared" / part).glob("*.parquet"))) for part in ("shards", "held_out"))
     assert 1 <= finished < files, "the run was not caught mid-way"
     assert not (out / "_manifest.json").exists()
 
@@ -150,7 +159,8 @@ def test_an_undecodable_image_is_dropped_and_counted_not_fatal(prepared, tmp_pat
     decoded = encode_tasks.decode(batch, resolution=64)
     assert decoded["reason"].to_pylist() == [None, None, "undecodable", None, None, None]
     encoder = Encoder(f"{root}/first_stage", None, Storage(root=str(root)), "bfloat16", 1, 64)
-    [report] = encode_tasks.write(encoder(decoded), storage=Storage(root=str(tmp_path)), out=str(tmp_path), compression="zstd").to_pylist()
+    [report] = encode_tasks.write(encoder(decoded), storage=Storage(root=str(tmp_path)), out=str(tmp_path), compression="zstd",
+                                         row_group_rows=128).to_pylist()
     assert (report["rows"], report["undecodable"]) == (5, 1)
     written = pq.read_table(tmp_path / report["file"])
     assert written["key"].to_pylist() == [k for i, k in enumerate(batch["key"].to_pylist()) if i != 2]

@@ -111,6 +111,10 @@ def check_prepared(storage: Storage, out: str, truth: list[dict], fmt: str) -> d
     fs, root = storage.fsspec(out)
     parts = sorted(fs.glob(f"{root}/shards/*.parquet") + fs.glob(f"{root}/held_out/*.parquet"))
     assert all(pq.read_metadata(fs.open(p, "rb")).num_rows <= MAX_ROWS for p in parts)
+    # The manifest lists each training and held-out file's row groups as the files hold them (epochs are planned
+    # from them without opening a file).
+    footers = {p[len(root) + 1:]: pq.read_metadata(fs.open(p, "rb")) for p in parts}
+    assert manifest["row_groups"] == {name: [m.row_group(i).num_rows for i in range(m.num_row_groups)] for name, m in footers.items()}
     shards, held = read_dir(storage, f"{out}/shards"), read_dir(storage, f"{out}/held_out")
     assert shards.schema.equals(prepared_schema(77)) and held.schema.equals(prepared_schema(77))
     # The kept rows, split once by key: the held-out ones apart, where no training stage reads them.

@@ -69,6 +69,21 @@ def test_two_workers_learn_log_resume_and_save_a_reloadable_model(prepared):
     assert again["created_at"] == second["created_at"]  # same config: nothing to do
 
 
+def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_one_that_never_stopped(prepared):
+    """Exact resume: the same rows in the same order with the same crops and posterior noise on every rank after
+    the restart (10 steps an epoch here: step 6 is mid-epoch), so the weights come out bit for bit the same."""
+    root, common = prepared
+    train = [*TRAIN, *common, "stage.optimizer.schedule=constant", "stage.checkpoint_every=3", "stage.eval_every=6"]
+    straight = stages.load("train_autoencoder").run(compose(
+        *train, "stage.steps=12", f"stage.output_url={root}/store/ae-straight", f"stage.checkpoints_url={root}/store/ckpt-straight"))
+    resumed_args = [*train, f"stage.output_url={root}/store/ae-resumed", f"stage.checkpoints_url={root}/store/ckpt-resumed"]
+    stages.load("train_autoencoder").run(compose(*resumed_args, "stage.steps=6"))
+    resumed = stages.load("train_autoencoder").run(compose(*resumed_args, "stage.steps=12", "overwrite=true"))
+    assert straight["counts"]["steps"] == resumed["counts"]["steps"] == 12
+    a, b = (load_first_stage(f"{root}/store/{name}/model").state_dict() for name in ("ae-straight", "ae-resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_vq_first_stage_trains_end_to_end_with_the_perceptual_term(prepared):
     root, common = prepared
     lpips = ",".join(f"'{path}'" for path in write_lpips_weights(root / "lpips"))

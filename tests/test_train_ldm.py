@@ -1,9 +1,11 @@
 """stage=train_ldm on a real local Ray cluster: 2 Ray Train workers (DDP over gloo) on the tiny preset over
 latents of synthesized images; MLflow gets params, metrics and sample grids; re-runs continue; a killed worker
-is replaced from the last checkpoint; checkpoints land in S3."""
+is replaced from the last checkpoint; checkpoints land in S3. Each epoch's rows are trained on exactly once
+across a killed worker, a killed run, and a restart with another worker count (read from the data audits)."""
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -13,7 +15,7 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import BUCKET, ROOT, free_port, history, image_steps, kill_session, wait_for
+from conftest import BUCKET, ROOT, free_port, history, image_steps, kill_session, kill_when, wait_for
 
 from ldm.manifest import verify
 from ldm.models.first_stage import build_first_stage
@@ -46,27 +48,69 @@ def latest_run(client):
     return client.search_runs([experiment], "tags.stage = 'train_ldm'", order_by=["start_time DESC"])[0]
 
 
-def test_two_workers_train_in_step_on_disjoint_data_and_log_to_mlflow(latents):
+@pytest.fixture(scope="module")
+def uninterrupted(latents):
+    """40 steps with the data audit on (about 3 epochs): what every interrupted run must reproduce."""
     root, common = latents
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
     manifest = stages.load("train_ldm").run(compose(*TRAIN, *common, "stage.steps=40", "stage.data_audit=true"))
     run = latest_run(client)
+    return manifest, run, audit(client, [run.info.run_id], root / "audit")
+
+
+def audit(client, run_ids, dest, resumed_at=None) -> dict[tuple[int, int], list[str]]:
+    """(epoch, rank) -> the keys trained on, in order, from the data audits of ``run_ids`` (a run and the one that
+    continued it). Segments of the earlier runs that end past ``resumed_at`` were rolled back by the restart."""
+    segments = []
+    for i, run_id in enumerate(run_ids):
+        folder = client.download_artifacts(run_id, "data_audit", str(dest / str(i)))
+        for epoch in sorted(os.listdir(folder)):
+            for name in os.listdir(os.path.join(folder, epoch)):
+                _, rank, _, first, last = (int(x) if x.isdigit() else x for x in name.removesuffix(".txt").split("-"))
+                if i == len(run_ids) - 1 or last <= resumed_at:
+                    keys = open(os.path.join(folder, epoch, name)).read().split()
+                    segments.append((int(epoch.split("-")[1]), rank, first, last, keys))
+    out: dict[tuple[int, int], list[str]] = {}
+    for epoch, rank, _, _, keys in sorted(segments, key=lambda s: s[:4]):
+        out.setdefault((epoch, rank), []).extend(keys)
+    return out
+
+
+def assert_same_rows_in_the_same_order(trained, reference, steps):
+    """Every (epoch, rank) trained the reference's rows in its order, up to where either run stopped; none twice."""
+    for (epoch, rank), keys in trained.items():
+        assert len(set(keys)) == len(keys), (epoch, rank)
+        if (epoch, rank) in reference:
+            common = min(len(keys), len(reference[(epoch, rank)]))
+            assert common and keys[:common] == reference[(epoch, rank)][:common], (epoch, rank)
+    assert sum(len(k) for k in trained.values()) == steps * 16  # global batch 16
+    complete = sorted({e for e, _ in trained} & {e for e, _ in reference})[:-1]
+    assert complete and all(trained[(e, r)] == reference[(e, r)] for e in complete for r in (0, 1))
+
+
+def test_two_workers_train_in_step_on_disjoint_data_and_log_to_mlflow(latents, uninterrupted):
+    root, common = latents
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
+    manifest, run, seen = uninterrupted
 
     losses = [v for _, v in history(client, run.info.run_id, "train/loss")]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]  # it learns
     assert [v for _, v in history(client, run.info.run_id, "ddp/parameter_spread")] == [0.0]  # replicas equal
     params = client.get_run(run.info.run_id).data.params
     assert params["global_batch_size"] == "16" and params["world_size"] == "2" and int(params["parameters.unet"]) > 1e6
-    for key in ("train/samples_per_s", "train/data_wait_fraction", "train/grad_norm", "train/lr"):
+    for key in ("train/samples_per_s", "train/data_wait_fraction", "train/grad_norm", "train/lr", "val/loss"):
         assert [s for s, _ in history(client, run.info.run_id, key)] == [10, 20, 30, 40], key
     assert image_steps(client, run.info.run_id, "samples") == [20, 40]  # a series the UI steps through
+    held_out_loss = [v for _, v in history(client, run.info.run_id, "val/loss")]
+    assert held_out_loss[-1] < held_out_loss[0]  # the same held-out rows and noise each time: the model improved
 
-    # Each worker trained on its own part of the latents: the epoch's keys are disjoint between ranks.
-    audit = client.download_artifacts(run.info.run_id, "data_audit", str(root / "audit"))
-    seen = {name: set(open(os.path.join(audit, name)).read().split()) for name in os.listdir(audit) if name.startswith("epoch-0000")}
-    assert sorted(seen) == ["epoch-0000-rank-0.txt", "epoch-0000-rank-1.txt"]
-    rank0, rank1 = seen.values()
+    # Each worker trained on its own part of the latents: an epoch's keys are disjoint between ranks, and each
+    # epoch is another order of the same rows.
+    rank0, rank1 = set(seen[(0, 0)]), set(seen[(0, 1)])
     assert rank0 and rank1 and not rank0 & rank1
+    latent_keys = set(pq.read_table(root / "store" / "latents" / "shards", columns=["key"])["key"].to_pylist())
+    assert len(latent_keys) - len(rank0 | rank1) < 16 and rank0 | rank1 <= latent_keys
+    assert seen[(1, 0)] != seen[(0, 0)] and set(seen[(1, 0)] + seen[(1, 1)]) <= latent_keys
     # ... and none of prepare's held-out rows, which evaluate measures the model on.
     held_out = set(pq.read_table(root / "store" / "prepared" / "held_out", columns=["key"])["key"].to_pylist())
     assert held_out and not held_out & (rank0 | rank1)
@@ -82,62 +126,96 @@ def test_two_workers_train_in_step_on_disjoint_data_and_log_to_mlflow(latents):
     assert (root / "store" / "ldm" / "tokenizer" / "tokenizer.json").exists()
 
 
-def test_resume_latest_continues_the_step_count_and_the_ema(latents):
+def test_resume_latest_continues_the_step_count_the_ema_and_the_epoch_with_any_worker_count(latents):
     root, common = latents
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
-    run_args = [*TRAIN, *common, "stage.output_url=${storage.root}/ldm-resume", "stage.seed=1"]
+    run_args = [*TRAIN, *common, "stage.output_url=${storage.root}/ldm-resume", "stage.seed=1", "stage.data_audit=true"]
     stages.load("train_ldm").run(compose(*run_args, "stage.steps=20"))
     second = stages.load("train_ldm").run(compose(*run_args, "stage.steps=40", "overwrite=true"))
     run = latest_run(client)
     assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == [30, 40]
     assert [v for _, v in history(client, run.info.run_id, "resumed_from_step")] == [20.0]
     checkpoint = f"{second['facts']['checkpoints']}/{_latest_checkpoint(second)}"
-    state = torch.load(f"{checkpoint}/{ldm_loop.STATE_FILE}", weights_only=False)
+    state = torch.load(f"{checkpoint}/{ldm_loop.STATE_FILE}", weights_only=True)
     assert state["step"] == 40 and state["ema_updates"] == 40
+    epoch = state["epoch"]
+    before = audit(client, [run.info.run_id], root / "audit-resume")
+    assert before[(epoch, 0)] and before[(epoch, 1)]  # stopped mid-epoch
 
-    # resume=<a checkpoint>: a new run that starts from it.
-    third = stages.load("train_ldm").run(compose(*run_args, "stage.steps=50", f"stage.resume={checkpoint}", "overwrite=true"))
+    # resume=<a checkpoint> with 1 worker instead of 2: a new run that finishes the epoch on the rows the two
+    # workers had not reached, each once; only the last few (fewer than a global batch) wait for the next epoch.
+    latent_keys = set(pq.read_table(root / "store" / "latents" / "shards", columns=["key"])["key"].to_pylist())
+    left = len(latent_keys) - len(before[(epoch, 0)]) - len(before[(epoch, 1)])
+    steps = 40 + left // 8
+    third = stages.load("train_ldm").run(compose(*run_args, f"stage.steps={steps}", f"stage.resume={checkpoint}",
+                                                 "stage.scaling.num_workers=1", "overwrite=true"))
     run = latest_run(client)
     assert [v for _, v in history(client, run.info.run_id, "resumed_from_step")] == [40.0]
-    assert third["counts"]["steps"] == 50 and third["facts"]["checkpoints"] != second["facts"]["checkpoints"]
+    assert third["counts"]["steps"] == steps and third["facts"]["checkpoints"] != second["facts"]["checkpoints"]
+    after = audit(client, [run.info.run_id], root / "audit-resume-1")
+    assert sorted(after) == [(epoch, 0)]
+    trained = before[(epoch, 0)] + before[(epoch, 1)] + after[(epoch, 0)]
+    assert len(set(trained)) == len(trained) and set(trained) <= latent_keys and len(latent_keys - set(trained)) < 8
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3(latents, s3_server, tmp_path):
+def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3_and_trains_each_row_once(latents, uninterrupted, s3_server, tmp_path):
     root, common = latents
     s3 = ["storage=s3", f"storage.bucket={BUCKET}", "storage.prefix=train-ldm", f"storage.endpoint_url={s3_server}"]
     cfg = compose(*TRAIN, *s3, f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", f"stage.latents_url={root}/store/latents",
-                  "stage.steps=40", "stage.checkpoint_every=10")
+                  "stage.steps=60", "stage.checkpoint_every=7", "stage.data_audit=true")
     killed = []
 
-    def kill_a_worker_after_the_first_checkpoint():
-        storage = Storage(root=f"s3://{BUCKET}/train-ldm", endpoint_url=s3_server)
-        fs, path = storage.fsspec(storage.url("checkpoints", "train_ldm"))
+    def kill_a_worker_after_two_checkpoints():
         deadline = time.time() + 300
-        # Ray Train writes its snapshot once a reported checkpoint is registered: from then on it is restorable.
-        while time.time() < deadline and not fs.glob(f"{path}/*/checkpoint_manager_snapshot.json"):
-            time.sleep(0.5)
+        while time.time() < deadline and logged_step(tmp_path / "mlruns.db") < 20:
+            time.sleep(0.2)
         for pid in _train_worker_pids():
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
             break
 
-    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint)
+    killer = threading.Thread(target=kill_a_worker_after_two_checkpoints)
     killer.start()
     manifest = stages.load("train_ldm").run(cfg)
     killer.join()
     assert killed, "no Ray Train worker was found to kill"
-    assert manifest["counts"]["steps"] == 40
+    assert manifest["counts"]["steps"] == 60
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
     run = latest_run(client)
     resumed = [v for _, v in history(client, run.info.run_id, "resumed_from_step")]
-    assert resumed and resumed[0] >= 10 and resumed[0] % 10 == 0
+    assert resumed and 7 <= resumed[0] < 60 and resumed[0] % 7 == 0
+    # Resumed mid-epoch (10 steps an epoch), yet every rank trained on its rows of each epoch in the order of the
+    # uninterrupted run, none twice and none skipped.
+    assert_same_rows_in_the_same_order(audit(client, [run.info.run_id], tmp_path / "audit"), uninterrupted[2], steps=60)
     storage = Storage(root=f"s3://{BUCKET}/train-ldm", endpoint_url=s3_server)
     fs, path = storage.fsspec(manifest["facts"]["checkpoints"])
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path) if p.rsplit("/", 1)[-1].startswith("checkpoint_") and not p.endswith(".json"))
-    assert len(names) == 3  # keep_checkpoints
+    # Of the 9 written, keep_checkpoints' 3 latest (Ray Train sometimes keeps the one a restart restored from too).
+    assert 3 <= len(names) <= 4
+    with fs.open(f"{path}/{names[-1]}/{ldm_loop.STATE_FILE}", "rb") as f:
+        assert torch.load(f, weights_only=True)["step"] == 60
     assert fs.exists(f"{path}/{names[-1]}/unet/diffusion_pytorch_model.safetensors")
     fs_out, out = storage.fsspec(storage.url("ldm"))
     assert fs_out.exists(f"{out}/_manifest.json") and fs_out.exists(f"{out}/ema/unet/diffusion_pytorch_model.safetensors")
+
+
+def test_the_same_command_after_the_whole_run_is_killed_trains_each_row_once(latents, uninterrupted, tmp_path):
+    root, _ = latents
+    command = [sys.executable, str(ROOT / "pipelines" / "run.py"), *TRAIN, f"storage.root={tmp_path}/store",
+               f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", f"stage.latents_url={root}/store/latents", "stage.steps=60",
+               "stage.checkpoint_every=7", "stage.data_audit=true"]
+    kill_when(command, tmp_path, lambda: logged_step(tmp_path / "mlruns.db") >= 20)  # checkpoints 7 and 14 are written
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "train_ldm: 60 steps" in result.stdout
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
+    killed, rerun = client.search_runs([client.get_experiment_by_name("ldm").experiment_id], "tags.stage = 'train_ldm'",
+                                       order_by=["start_time ASC"])
+    resumed = [v for _, v in history(client, rerun.info.run_id, "resumed_from_step")]
+    assert resumed and 7 <= resumed[0] < 60 and resumed[0] % 7 == 0  # the re-run continued mid-epoch
+    trained = audit(client, [killed.info.run_id, rerun.info.run_id], tmp_path / "audit", resumed_at=resumed[0])
+    assert_same_rows_in_the_same_order(trained, uninterrupted[2], steps=60)
 
 
 def test_ray_job_submit_trains_across_two_nodes_of_a_ray_start_cluster(latents, tmp_path):
@@ -181,6 +259,16 @@ def test_ray_job_submit_trains_across_two_nodes_of_a_ray_start_cluster(latents, 
     params = client.get_run(latest_run(client).info.run_id).data.params
     assert params["nodes"] == "2" and params["world_size"] == "2"  # one worker per node, DDP across them
     verify(Storage(root=str(tmp_path)), f"{tmp_path}/store/ldm", stage="train_ldm")
+
+
+def logged_step(database) -> int:
+    """The last step a train_ldm run has logged its loss at (read straight from the sqlite file, which the run
+    under test may still be creating): checkpoints before it are written."""
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute("SELECT max(step) FROM metrics WHERE key = 'train/loss'").fetchone()[0] or 0
+    except sqlite3.Error:
+        return 0
 
 
 def _latest_checkpoint(manifest) -> str:

@@ -10,7 +10,8 @@ from ldm.storage import Storage
 
 class PartWriter:
     """Writes tables to ``<url>/<stem>-NNNN.parquet``, starting a new file at ``max_rows`` rows or
-    ``max_bytes`` (uncompressed Arrow) bytes, whichever comes first; remembers what it wrote and how big."""
+    ``max_bytes`` (uncompressed Arrow) bytes, whichever comes first; remembers what it wrote, how big, and the
+    rows of each file's row groups (a training epoch's order is planned from them without opening a file)."""
 
     def __init__(self, storage: Storage, url: str, stem: str, max_rows: int, max_bytes: int):
         if max_rows < 1 or max_bytes < 1:
@@ -18,6 +19,7 @@ class PartWriter:
         self.fs, self.root = storage.fsspec(url)
         self.stem, self.max_rows, self.max_bytes = stem, max_rows, max_bytes
         self.files: dict[str, int] = {}  # name relative to url -> size
+        self.row_groups: dict[str, list[int]] = {}  # name relative to url -> rows of each row group
         self.rows = 0
         self._writer: pq.ParquetWriter | None = None
         self._file = None
@@ -32,7 +34,8 @@ class PartWriter:
             bytes_per_row = max(1, table.nbytes // max(1, len(table)))
             room = min(self.max_rows - self._rows, max(1, (self.max_bytes - self._bytes) // bytes_per_row))
             piece = table.slice(start, room)
-            self._writer.write_table(piece.cast(self._writer.schema))
+            self._writer.write_table(piece.cast(self._writer.schema), row_group_size=len(piece))
+            self.row_groups.setdefault(self._name, []).append(len(piece))
             self._rows += len(piece)
             self._bytes += piece.nbytes
             self.rows += len(piece)

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 # Bump when prepare's output changes for the same config and input.
 # 2: the held-out rows are written apart (held_out/), not mixed into the training shards.
-PREPARE_VERSION = 2
+# 3: the manifest lists each data file's row groups (training plans its epochs from them).
+PREPARE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,8 @@ def prepare_unit(
         "dropped": dict(dropped),
         "files": files,
         "held_out_files": held_files,
+        "row_groups": writer.row_groups,
+        "held_out_row_groups": held_out_writer.row_groups if held_out_writer is not None else {},
         "dropped_files": dropped_writer.close(),
     }
 

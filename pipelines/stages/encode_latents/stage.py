@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ldm.latents import LatentStats, latent_columns
-from ldm.manifest import clear, data_files, read_manifest, verify
+from ldm.manifest import clear, data_files, data_row_groups, read_manifest, verify
 from ldm.markers import read_markers, write_marker
 from ldm.models.first_stage import factor, kind, load_first_stage, weights_digest
 from ldm.storage import Storage, is_hub_id, model_location
@@ -31,7 +31,9 @@ from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.encode_latents import tasks
 from pipelines.stages.encode_latents.encoder import Encoder
 
-STAGE = Stage("encode_latents", version=1, output_url=lambda cfg: cfg.stage.output_url, resume=True, detail="{rows_out} rows")
+# 2: parts are written in row groups of stage.row_group_rows, listed in the manifest; the first
+#    stage.held_out_images of prepare's held-out rows are encoded too, into held_out/.
+STAGE = Stage("encode_latents", version=2, output_url=lambda cfg: cfg.stage.output_url, resume=True, detail="{rows_out} rows")
 WORK = "_work"
 
 
@@ -61,30 +63,34 @@ def _encode(job: Job) -> Output:
     _check_resource_plan(job.cfg)
     started = time.time()
     shards = data_files(prepared, source)
+    held_out = _held_out_files(prepared, source, settings.held_out_images)
+    sources = shards + held_out
     encoding = _Encoding(storage, out)
-    expected = encoding.row_counts(shards)
+    expected = encoding.row_counts(sources)
     finished = encoding.finished()
     encoding.remove_unfinished_parts(finished)
-    for empty in (s for s in shards if expected[tasks.stem(s)] == 0 and tasks.stem(s) not in finished):
-        encoding.mark_done(tasks.stem(empty), {"files": {}, "rows": 0, "undecodable": 0, "stats": LatentStats()})
+    for empty in (s for s in sources if expected[tasks.stem(s)] == 0 and tasks.stem(s) not in finished):
+        encoding.mark_done(tasks.stem(empty), {"files": {}, "file_rows": {}, "rows": 0, "undecodable": 0, "stats": LatentStats()})
     finished = encoding.finished()
-    pending = [s for s in shards if tasks.stem(s) not in finished]
+    pending = [s for s in sources if tasks.stem(s) not in finished]
     if finished:
-        print(f"{STAGE.name}: resuming: {len(finished)} of {len(shards)} prepared file(s) already encoded")
+        print(f"{STAGE.name}: resuming: {len(finished)} of {len(sources)} prepared file(s) already encoded")
     if pending:
         encoding.encode(pending, expected, first_stage, settings)
     elapsed = time.time() - started
     finished = encoding.finished()
-    missing = [s for s in shards if tasks.stem(s) not in finished]
+    missing = [s for s in sources if tasks.stem(s) not in finished]
     if missing:
         raise RuntimeError(f"{STAGE.name}: {len(missing)} prepared file(s) were not fully encoded, e.g. {missing[:3]}")
 
     markers = [finished[tasks.stem(s)] for s in shards]
-    stats = LatentStats()
+    held_markers = [finished[tasks.stem(s)] for s in held_out]
+    stats = LatentStats()  # of the training rows only: scale_factor is theirs
     for marker in markers:
         stats = stats.merge(LatentStats(**marker["stats"]))
-    rows_in = sum(expected.values())
+    rows_in = sum(expected[tasks.stem(s)] for s in shards)
     rows_out = sum(m["rows"] for m in markers)
+    held_rows = sum(m["rows"] for m in held_markers)
     dropped = {"undecodable": sum(m["undecodable"] for m in markers)}
     if rows_out == 0:
         raise RuntimeError(f"{STAGE.name}: none of the {rows_in} prepared images could be encoded ({dropped})")
@@ -94,9 +100,9 @@ def _encode(job: Job) -> Output:
     latent_shape = [first_stage["latent_channels"], side, side]
     rate = rows_in / max(elapsed, 1e-9)
     return Output(
-        counts={"rows_in": rows_in, "rows_out": rows_out, "dropped": dropped},
+        counts={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_rows, "dropped": dropped},
         facts={
-            "layout": {"data": f"{tasks.SHARDS}/"},
+            "layout": {"data": f"{tasks.SHARDS}/", **({"held_out": f"{tasks.HELD_OUT}/"} if held_out else {})},
             "first_stage": first_stage,
             "resolution": settings.resolution,
             "latent_shape": latent_shape,
@@ -106,12 +112,26 @@ def _encode(job: Job) -> Output:
         },
         schema=_schema(first_stage["kind"]),
         timings={"images_per_s": round(rate, 2)},
-        expected_files={name: size for m in markers for name, size in m["files"].items()},
-        metrics={"rows_in": rows_in, "rows_out": rows_out, "images_per_s": rate, "scale_factor": summary["scale_factor"],
+        expected_files={name: size for m in markers + held_markers for name, size in m["files"].items()},
+        row_groups={name: tasks.row_groups(rows, settings.row_group_rows) for m in markers + held_markers for name, rows in m["file_rows"].items()},
+        metrics={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_rows, "images_per_s": rate, "scale_factor": summary["scale_factor"],
                  **{f"dropped.{k}": v for k, v in dropped.items()}},
-        message=f"{STAGE.name}: {rows_out} of {rows_in} images encoded in {elapsed:.1f}s ({rate:.1f} images/s), dropped {dropped}; "
+        message=f"{STAGE.name}: {rows_out} of {rows_in} images encoded in {elapsed:.1f}s ({rate:.1f} images/s), dropped {dropped}, "
+                f"and {held_rows} held-out ones for train_ldm's held-out loss; "
                 f"latents {latent_shape}, scale_factor {summary['scale_factor']:.4f}; at {out}",
     )
+
+
+def _held_out_files(prepared: dict[str, Any], source: str, images: int) -> list[str]:
+    """The first of prepare's held-out files, whole, until they hold ``images`` rows (from the manifest's row
+    counts): train_ldm's held-out loss reads no more, so neither is more encoded."""
+    chosen, rows = [], 0
+    for url, groups in zip(*data_row_groups(prepared, source, "held_out")):
+        if rows >= images:
+            break
+        chosen.append(url)
+        rows += sum(groups)
+    return chosen
 
 
 def _first_stage(storage: Storage, location: str, subfolder: str | None) -> dict[str, Any]:
@@ -194,7 +214,7 @@ class _Encoding:
 
     def remove_unfinished_parts(self, finished: dict[str, Any]) -> None:
         """Parts of a prepared file that was not finished (a killed run): it is encoded again from scratch."""
-        for path in self.fs.glob(f"{self.root}/{tasks.SHARDS}/*.parquet"):
+        for path in self.fs.glob(f"{self.root}/{tasks.SHARDS}/*.parquet") + self.fs.glob(f"{self.root}/{tasks.HELD_OUT}/*.parquet"):
             if path.rsplit("/", 1)[-1].rsplit("-", 1)[0] not in finished:
                 self.fs.rm(path)
 
@@ -244,14 +264,15 @@ class _Encoding:
                 label_selector=_selector(resources.encoder_label_selector),
             )
             .map_batches(
-                partial(tasks.write, storage=self.storage, out=self.out, compression=str(settings.compression)),
+                partial(tasks.write, storage=self.storage, out=self.out, compression=str(settings.compression),
+                        row_group_rows=settings.row_group_rows),
                 batch_format="pyarrow",
                 batch_size=None,
                 num_cpus=resources.num_cpus_per_write_task,
             )
         )
         seen: dict[str, int] = defaultdict(int)
-        parts: dict[str, dict[str, Any]] = defaultdict(lambda: {"files": {}, "rows": 0, "undecodable": 0, "stats": LatentStats()})
+        parts: dict[str, dict[str, Any]] = defaultdict(lambda: {"files": {}, "file_rows": {}, "rows": 0, "undecodable": 0, "stats": LatentStats()})
         total = sum(expected[tasks.stem(s)] for s in pending)
         with tqdm(total=total, desc=f"{STAGE.name}: images", unit="img") as progress:
             for report in reports.iter_rows():
@@ -259,6 +280,7 @@ class _Encoding:
                 part = parts[stem]
                 if report["file"]:
                     part["files"][report["file"]] = report["size"]
+                    part["file_rows"][report["file"]] = report["rows"]
                 part["rows"] += report["rows"]
                 part["undecodable"] += report["undecodable"]
                 stats = LatentStats(report["count"], list(report["sum"]), list(report["sum_sq"]), list(report["sum_var"]))

@@ -24,11 +24,24 @@ from ldm.storage import Storage
 
 CARRIED = ("key", "caption", "input_ids", "attention_mask")  # prepared columns that go on to train_ldm
 SHARDS = "shards"
+HELD_OUT = "held_out"  # prepare's folder of held-out rows, and this stage's for their latents
+
+
+def folder(path: str) -> str:
+    """Where a prepared file's latents go: held-out rows stay apart from the training shards."""
+    return HELD_OUT if os.path.basename(os.path.dirname(path)) == HELD_OUT else SHARDS
 
 
 def stem(path: str) -> str:
-    """A prepared file's name without folder or suffix: its output parts start with it."""
-    return os.path.basename(path).removesuffix(".parquet")
+    """A prepared file's name without suffix (prefixed by its folder when held out: prepare names the files of
+    both folders alike): its output parts start with it."""
+    name = os.path.basename(path).removesuffix(".parquet")
+    return f"{HELD_OUT}-{name}" if folder(path) == HELD_OUT else name
+
+
+def row_groups(rows: int, row_group_rows: int) -> list[int]:
+    """The rows of each row group ``write`` makes of a part of ``rows`` rows."""
+    return [min(row_group_rows, rows - start) for start in range(0, rows, row_group_rows)]
 
 
 def decode(batch: pa.Table, *, resolution: int) -> pa.Table:
@@ -47,10 +60,10 @@ def decode(batch: pa.Table, *, resolution: int) -> pa.Table:
     )
 
 
-def write(batch: pa.Table, *, storage: Storage, out: str, compression: str) -> pa.Table:
-    """One part per source file in the batch; a row per part saying what was written and dropped."""
-    fs, root = storage.fsspec(f"{out}/{SHARDS}")
-    fs.makedirs(root, exist_ok=True)
+def write(batch: pa.Table, *, storage: Storage, out: str, compression: str, row_group_rows: int) -> pa.Table:
+    """One part per source file in the batch, in row groups of ``row_group_rows`` (the last one shorter); a row
+    per part saying what was written and dropped."""
+    fs, root = storage.fsspec(out)
     reports = []
     for source in pc.unique(batch["path"]).to_pylist():
         rows = batch.filter(pc.equal(batch["path"], source))
@@ -61,14 +74,16 @@ def write(batch: pa.Table, *, storage: Storage, out: str, compression: str) -> p
             keys = table["key"]
             tag = hashlib.sha1(f"{keys[0]}|{keys[-1]}|{len(table)}".encode()).hexdigest()[:12]
             name = f"{stem(source)}-{tag}.parquet"
+            name = f"{folder(source)}/{name}"
+            fs.makedirs(f"{root}/{folder(source)}", exist_ok=True)
             with fs.open(f"{root}/{name}", "wb") as f:
-                pq.write_table(table, f, compression=compression)
+                pq.write_table(table, f, compression=compression, row_group_size=row_group_rows)
             size = int(fs.size(f"{root}/{name}"))
             stats = LatentStats.of({c: column_array(table[c]) for c in table.column_names if c.startswith("latent")})
         reports.append(
             {
                 "source": source,
-                "file": f"{SHARDS}/{name}" if name else None,
+                "file": name,
                 "size": size,
                 "rows": len(kept),
                 "undecodable": len(rows) - len(kept),

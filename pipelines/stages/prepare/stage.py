@@ -127,12 +127,15 @@ def _prepare(job: Job) -> Output:
     files = {f"{layout}/{name}": size for s in summaries for name, size in s["files"].items()}
     files.update({f"{tasks.DROPPED}/{name}": size for s in summaries for name, size in s["dropped_files"].items()})
     files.update({f"{tasks.HELD_OUT}/{name}": size for s in summaries for name, size in s.get("held_out_files", {}).items()})
+    row_groups = {f"{folder}/{name}": groups for folder, part in ((layout, "row_groups"), (tasks.HELD_OUT, "held_out_row_groups"))
+                  for s in summaries for name, groups in s[part].items()}
     return Output(
         counts={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_out, "dropped": dropped},
         facts=facts,
         schema=None if fmt == "metadata" else {f.name: str(f.type) for f in prepared_schema(settings.tokenizer.max_length)},
         timings=timings,
         expected_files={**files, **{f"{TOKENIZER}/{n}": s for n, s in tokenizer_files.items()}},
+        row_groups=row_groups,
         metrics={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_out, "rows_per_s": rows_in / max(elapsed, 1e-9), "vocab_size": vocab_size,
                  **{f"dropped.{reason}": n for reason, n in dropped.items()}},
         message=message,

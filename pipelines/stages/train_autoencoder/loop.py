@@ -5,8 +5,9 @@ discriminator, which starts at ``disc_start``. The autoencoder is DDP-wrapped; t
 (discriminator, log-variance) have their gradients averaged across workers by hand, because the
 discriminator runs twice per step (generator and discriminator terms), which DDP does not allow. Every
 replica is built from the same seed, so averaged gradients keep them equal (``ddp/parameter_spread``).
-Rank 0 checkpoints (the model in diffusers format + the training state), evaluates on the held-out images and
-logs to the MLflow run the driver opened.
+Rank 0 checkpoints (the model in diffusers format + the training state: optimizers, step, every rank's RNG,
+the position in the epoch's order every rank has trained up to), evaluates on the held-out images and logs to
+the MLflow run the driver opened. A restart continues the epoch on exactly the rows not yet trained on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import ray.train
@@ -32,7 +34,8 @@ from ldm.models.first_stage import Reconstruct, build_first_stage, kind, last_la
 from ldm.models.presets import first_stage_preset
 from ldm.storage import Storage
 from pipelines.schema import TrainAutoencoder
-from pipelines.train_worker import RunLogger, RunTarget, parameter_spread
+from pipelines.stages.train_autoencoder import tasks
+from pipelines.train_worker import EpochData, RunLogger, RunTarget, parameter_spread, private_copy
 
 MODEL_DIR = "model"  # inside a checkpoint: the autoencoder as diffusers saves it
 STATE_FILE = "training_state.pt"
@@ -43,6 +46,8 @@ class LoopConfig:
     """What every worker gets: the stage's typed config and what the driver resolved for it."""
 
     settings: TrainAutoencoder
+    data: EpochData  # the prepared training images, and each epoch's order of them
+    resolution: int
     pretrained: str | None  # the first stage to fine-tune, as every process spells it (or None: a preset)
     storage: Storage
     run: RunTarget
@@ -59,7 +64,7 @@ def train_loop(config: LoopConfig) -> None:
     checkpoint = ray.train.get_checkpoint()
     state: dict[str, Any] = {}
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+        with private_copy(checkpoint) as directory:
             model = load_first_stage(os.path.join(directory, MODEL_DIR))
             state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
     elif config.pretrained:
@@ -73,26 +78,38 @@ def train_loop(config: LoopConfig) -> None:
     betas = tuple(opt.betas)
     ae_optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=opt.lr, betas=betas)
     d_optimizer = torch.optim.Adam(loss.discriminator.parameters(), lr=opt.disc_lr, betas=betas)
-    step = 0
+    order = config.data.order
+    step, epoch, taken = 0, 0, []  # taken: positions of the epoch's order trained on before this attempt
     if state:
         loss.load_state_dict(state["loss"])
         ae_optimizer.load_state_dict(state["ae_optimizer"])
         d_optimizer.load_state_dict(state["d_optimizer"])
-        step = state["step"]
+        step, epoch = state["step"], state["epoch"]
+        if len(state["torch_rng"]) == world:  # the same worker count: each rank continues its posterior noise
+            torch.set_rng_state(state["torch_rng"][rank])
+            if device.type == "cuda" and state["cuda_rng"][rank] is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"][rank], device)
+        if state["data"]["order"] == order.identity:
+            taken = [tuple(t) for t in state["data"]["taken"]]
+        print(f"train_autoencoder: rank {rank} resumed at step {step}, epoch {epoch} ({sum(b - a for a, b in taken)} of "
+              f"its {order.rows} rows already trained on)")
+    model.train()  # from_pretrained (a checkpoint) returns eval mode, which runs some layers differently
     network = ray.train.torch.prepare_model(Reconstruct(model))
     autoencoder = model.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and settings.bf16 else nullcontext()
 
     tracker = RunLogger(config.run) if rank == 0 else None
     validation = _validation_batches(settings.batch_size) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
     sums: dict[str, float] = {}
     started, seen = time.time(), 0
 
-    # -- the loop ---------------------------------------------------------------------------------------------
+    # -- the loop: each epoch is one pass over this worker's run of the epoch's order -------------------------
     schedule = {"schedule": opt.schedule, "warmup_steps": opt.warmup_steps, "final_ratio": opt.final_ratio, "total_steps": settings.steps}
     while step < settings.steps:
-        for batch in shard.iter_torch_batches(batch_size=settings.batch_size, device=device, drop_last=True):
+        consumed = 0  # rows of this epoch's run trained on in this attempt
+        crops = partial(tasks.pixels, resolution=config.resolution, seed=(settings.seed, epoch), flip=settings.random_flip)
+        images_of_epoch = config.data.rows(epoch, rank, world, taken).map_batches(crops, num_cpus=settings.resources.num_cpus_per_decode_task)
+        for batch in images_of_epoch.iter_torch_batches(batch_size=settings.batch_size, device=device, drop_last=True):
             images = batch["pixels"]
             for optimizer, base in ((ae_optimizer, opt.lr), (d_optimizer, opt.disc_lr)):
                 set_learning_rate(optimizer, learning_rate(step, base, **schedule))
@@ -112,27 +129,36 @@ def train_loop(config: LoopConfig) -> None:
                 _average_gradients(list(loss.discriminator.parameters()), world)
                 d_optimizer.step()
             step += 1
+            consumed += images.shape[0]
             seen += images.shape[0] * world
             for name, value in {"loss": ae_loss.item(), **logs, **d_logs}.items():
                 sums[name] = sums.get(name, 0.0) + value
 
             last = step == settings.steps
-            if step % settings.log_every == 0 or last:
-                metrics = {f"train/{k}": v / settings.log_every for k, v in sums.items()}
+            log, save = step % settings.log_every == 0 or last, step % settings.checkpoint_every == 0 or last
+            metrics: dict[str, float] = {"step": step}
+            if log:
+                metrics.update({f"train/{k}": v / settings.log_every for k, v in sums.items()})
                 metrics["train/images_per_s"] = seen / (time.time() - started)
                 metrics["train/lr"] = ae_optimizer.param_groups[0]["lr"]
-                metrics["step"] = step
                 if last:  # the autoencoder, its log-variance and the discriminator: equal on every rank
                     metrics["ddp/parameter_spread"] = parameter_spread([*autoencoder.parameters(), *loss.parameters()], world)
                 sums, started, seen = {}, time.time(), 0
-                checkpoint_now = step % settings.checkpoint_every == 0 or last
-                if rank == 0:
-                    if step % settings.eval_every == 0 or last:
-                        metrics.update(_evaluate(autoencoder, validation, tracker, step, settings.scene_fidelity))
+            if rank == 0:
+                if step % settings.eval_every == 0 or last:
+                    metrics.update(_evaluate(autoencoder, validation, tracker, step, settings.scene_fidelity))
+                if len(metrics) > 1:
                     tracker.metrics(metrics, step)
-                _report(metrics, checkpoint_now and rank == 0, autoencoder, loss, ae_optimizer, d_optimizer, step)
+            if log or save:  # every rank reports at the same steps: Ray Train gathers the reports
+                position = {"order": order.identity, "epoch": epoch, "taken": taken, "consumed": consumed}
+                _report(metrics, save, autoencoder, loss, ae_optimizer, d_optimizer, step, position, world, rank, order)
             if step >= settings.steps:
                 break
+        else:  # the epoch's run is exhausted
+            if not consumed and not taken:
+                raise ValueError(f"rank {rank}'s share of the prepared images holds fewer than stage.batch_size="
+                                 f"{settings.batch_size} rows: lower the batch size or the number of workers")
+            epoch, taken = epoch + 1, []
 
 
 def _average_gradients(parameters: list[torch.nn.Parameter], world: int) -> None:
@@ -144,18 +170,30 @@ def _average_gradients(parameters: list[torch.nn.Parameter], world: int) -> None
             parameter.grad /= world
 
 
-def _report(metrics, save: bool, autoencoder, loss, ae_optimizer, d_optimizer, step: int) -> None:
-    """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due."""
+def _report(metrics, save: bool, autoencoder, loss, ae_optimizer, d_optimizer, step: int, position: dict[str, Any], world: int,
+            rank: int, order) -> None:
+    """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due, with every
+    rank's RNG and the positions of the epoch's order they have trained on."""
+    cuda = torch.cuda.get_rng_state(next(autoencoder.parameters()).device) if next(autoencoder.parameters()).is_cuda else None
+    mine = (torch.get_rng_state(), cuda, position["consumed"])
+    gathered = [mine] * world
+    if save and world > 1:
+        dist.all_gather_object(gathered, mine)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
-        if save:
+        if save and rank == 0:
             autoencoder.save_pretrained(os.path.join(directory, MODEL_DIR))
+            taken = order.taken_after(position["epoch"], world, position["taken"], [c for _, _, c in gathered])
             torch.save(
                 {
                     "loss": loss.state_dict(),
                     "ae_optimizer": ae_optimizer.state_dict(),
                     "d_optimizer": d_optimizer.state_dict(),
                     "step": step,
+                    "epoch": position["epoch"],
+                    "torch_rng": [r for r, _, _ in gathered],
+                    "cuda_rng": [c for _, c, _ in gathered],
+                    "data": {"order": position["order"], "taken": [list(t) for t in taken]},
                 },
                 os.path.join(directory, STATE_FILE),
             )
@@ -175,9 +213,10 @@ def _evaluate(autoencoder, validation: list[torch.Tensor], tracker: RunLogger, s
     if not validation:
         return {}
     device = next(autoencoder.parameters()).device
-    metrics = evaluate_reconstruction(autoencoder, [b.to(device) for b in validation], scenes)
-    with torch.no_grad():
-        originals = validation[0][:8].to(device)
-        reconstructions, _ = Reconstruct(autoencoder)(originals, sample=False)
+    with torch.random.fork_rng(devices=[]):  # evaluating does not move the training's random stream
+        metrics = evaluate_reconstruction(autoencoder, [b.to(device) for b in validation], scenes)
+        with torch.no_grad():
+            originals = validation[0][:8].to(device)
+            reconstructions, _ = Reconstruct(autoencoder)(originals, sample=False)
     tracker.image(pair_grid(originals, reconstructions), "reconstructions", step)
     return metrics.as_dict("val/")

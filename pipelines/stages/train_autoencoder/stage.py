@@ -1,7 +1,8 @@
 """stage=train_autoencoder: the first stage (KL or VQ autoencoder) on the prepared images, with Ray Train.
 
-Ray Data decodes, crops and flips the prepared shards' images on CPU tasks (``tasks.py``) and streams them to
-the Ray Train workers (``loop.py``). Checkpoints go to ``stage.checkpoints_url`` under a run name made from
+Each Ray Train worker (``loop.py``) reads its run of every epoch's order of the prepared shards with Ray Data
+(``EpochData``, as train_ldm does, so a restart continues the epoch exactly), decoding, cropping and flipping on
+CPU tasks (``tasks.py``) with crops drawn from the seed, the epoch and the row's key. Checkpoints go to ``stage.checkpoints_url`` under a run name made from
 the training settings, so the same command after a kill (or a worker failure) resumes from the latest one.
 The final autoencoder is written in diffusers format to ``stage.output_url``. It trains on prepare's
 ``shards/`` and validates on at most ``stage.validation_images`` of its ``held_out/`` rows, the ones
@@ -18,12 +19,13 @@ from typing import Any
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.manifest import data_files
+from ldm.manifest import data_files, data_row_groups
 from ldm.models.first_stage import factor, kind, load_first_stage
 from ldm.storage import model_location, resolve
 from pipelines import training
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.train_autoencoder import loop, tasks
+from pipelines.train_worker import EpochData
 
 # 3: trains on prepare's shards/ and validates on its held_out/ (prepare's held-out set).
 STAGE = Stage("train_autoencoder", version=3, output_url=lambda cfg: cfg.stage.output_url, detail="{steps} steps")
@@ -40,19 +42,15 @@ def _train(job: Job) -> Output:
     run_name = f"{STAGE.name}-{training.training_identity(cfg, job.inputs.fingerprints)[:16]}"
     pafs, _ = storage.pyarrow(source)
 
-    def images(part: str) -> ray.data.Dataset:
-        files = [storage.pyarrow(s)[1] for s in data_files(prepared, source, part)]
-        return ray.data.read_parquet(files, filesystem=pafs, columns=["image"]) if files else ray.data.from_items([])
-
-    pixels = partial(tasks.pixels, resolution=cfg.data.resolution)
-    decode_cpus = settings.resources.num_cpus_per_decode_task
-    datasets = {
-        "train": images("data").map_batches(partial(pixels, train=True, flip=settings.random_flip), num_cpus=decode_cpus),
-        "validation": images("held_out").limit(settings.validation_images).map_batches(
-            partial(pixels, train=False, flip=False), num_cpus=decode_cpus),
-    }
+    held_out = [storage.pyarrow(s)[1] for s in data_files(prepared, source, "held_out")]
+    validation = ray.data.read_parquet(held_out, filesystem=pafs, columns=["key", "image"]) if held_out else ray.data.from_items([])
+    datasets = {"validation": validation.limit(settings.validation_images).map_batches(
+        partial(tasks.pixels, resolution=cfg.data.resolution, seed=None, flip=False), num_cpus=settings.resources.num_cpus_per_decode_task)}
+    files, row_groups = data_row_groups(prepared, source)
     config = loop.LoopConfig(
         settings=OmegaConf.to_object(settings),
+        data=EpochData(files, row_groups, ["key", "image"], settings.seed, settings.shuffle_buffer, storage),
+        resolution=cfg.data.resolution,
         pretrained=model_location(settings.pretrained) if settings.pretrained else None,
         storage=storage,
         run=training.run_target(job),

@@ -3,8 +3,9 @@
 UNet and τθ sit in one DDP-wrapped module whose forward is the denoising loss, so the gradients of both are
 averaged. Each optimizer step: draw z0 from the stored moments, drop captions for guidance, accumulate
 micro-batches, clip, AdamW at the warm-up + schedule rate, update the EMA. Rank 0 checkpoints (UNet, τθ and
-their EMA as safetensors; optimizer, step, epoch, every rank's RNG and the EMA counter), samples the validation
-prompts and logs to the MLflow run the driver opened.
+their EMA as safetensors; optimizer, step, every rank's RNG, the EMA counter, and the position in the epoch's
+order that every rank has trained up to), samples the validation prompts and logs to the MLflow run the driver
+opened. A restart continues the epoch on exactly the rows not yet trained on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -25,7 +27,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from ldm.data.epochs import END_OF_EPOCH, EpochStream
+from ldm.data.epochs import END_OF_EPOCH, EpochStream, Interval
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
 from ldm.diffusion.sampling import generate_images, sampler, text_to_image_pipeline
 from ldm.grids import captioned_grid
@@ -46,7 +48,7 @@ from ldm.models.text_to_image import (
 from ldm.storage import Storage
 from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.schema import Noise, TrainLdm
-from pipelines.train_worker import RunLogger, RunTarget, parameter_spread
+from pipelines.train_worker import EpochData, RunLogger, RunTarget, parameter_spread, private_copy, worker_data_context
 
 STATE_FILE = "training_state.pt"
 
@@ -69,6 +71,8 @@ class LoopConfig:
     """What every worker gets: the stage's typed config and what the driver resolved for it."""
 
     settings: TrainLdm
+    data: EpochData  # the latents, and each epoch's order of them
+    held_out: list[str]  # latents of prepare's held-out rows (encode_latents' held_out/): never trained on
     tokenizer: str  # the prepared captions' tokenizer
     max_length: int
     latent_shape: list[int]  # c, h, w
@@ -94,7 +98,7 @@ def train_loop(config: LoopConfig) -> None:
     checkpoint = ray.train.get_checkpoint() or config.resume_from
     state: dict[str, Any] = {}
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+        with private_copy(checkpoint) as directory:
             unet, text_encoder = load_models(directory)
             ema_weights = [p.detach().clone() for m in load_models(os.path.join(directory, EMA)) for p in m.parameters()]
             state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
@@ -109,13 +113,18 @@ def train_loop(config: LoopConfig) -> None:
             text_encoder.gradient_checkpointing_enable()
     objective = DiffusionObjective(training_schedule(settings.noise), settings.noise.snr_gamma)
     module = DenoisingLoss(unet, text_encoder, objective, train_text_encoder).to(device)
+    # from_pretrained (a checkpoint) returns eval mode: a resumed τθ would lose its dropout. A frozen one stays in eval.
+    module.train()
+    text_encoder.train(train_text_encoder)
     trained = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
     averaged = [*unet.parameters(), *text_encoder.parameters()]  # the EMA's order; frozen ones are copied
     ema = EMAModel(averaged, decay=settings.ema.decay, update_after_step=settings.ema.start_step, foreach=True)
     generator = torch.Generator(device=device)
     generator.manual_seed(settings.seed * 1000 + rank)
+    order = config.data.order
     step, epoch = 0, 0
+    taken: list[Interval] = []  # positions of the current epoch's order trained on before this attempt started
     if state:
         optimizer.load_state_dict(state["optimizer"])
         ema.shadow_params = [p.to(device) for p in ema_weights]
@@ -126,7 +135,12 @@ def train_loop(config: LoopConfig) -> None:
             torch.set_rng_state(state["torch_rng"][rank])
         else:
             generator.manual_seed(settings.seed * 1000 + step * world + rank)
-        print(f"train_ldm: rank {rank} resumed at step {step}, epoch {epoch}, {ema.optimization_step} EMA updates")
+        if state["data"]["order"] == order.identity:
+            taken = [tuple(t) for t in state["data"]["taken"]]
+        else:  # stage.resume from a run on other latents (or another seed or shuffle): its position means nothing here
+            print(f"train_ldm: rank {rank}: the checkpoint's epoch order is not this data's; epoch {epoch} starts from its beginning")
+        print(f"train_ldm: rank {rank} resumed at step {step}, epoch {epoch} ({sum(b - a for a, b in taken)} of its "
+              f"{order.rows} rows already trained on), {ema.optimization_step} EMA updates")
     network = ray.train.torch.prepare_model(module)
     if settings.compile:
         network = torch.compile(network)
@@ -136,6 +150,7 @@ def train_loop(config: LoopConfig) -> None:
 
     tracker = RunLogger(config.run)
     validation = Validation(config, tokenizer, unet, text_encoder, device) if rank == 0 else None
+    held_out = HeldOutLoss(config, module, device, autocast) if rank == 0 and config.held_out else None
     nodes = _node_count(world)
     if rank == 0:
         counts = {"unet": sum(p.numel() for p in unet.parameters()), "text_encoder": sum(p.numel() for p in text_encoder.parameters())}
@@ -145,30 +160,26 @@ def train_loop(config: LoopConfig) -> None:
         print(f"train_ldm: {world} workers on {nodes} node(s), global batch {global_batch} = {batch_size} x {world} workers x "
               f"{accumulation} accumulation; parameters {counts}")
 
-    shard = ray.train.get_dataset_shard("train")
     loss_sum = norm_sum = data_wait = 0.0
     window_steps, window_start = 0, time.perf_counter()
 
-    # -- the loop: each epoch is one pass over this worker's part of the latents ---------------------------------
-    # Ray Data restarts its stream at every epoch; the next one starts while this one's last batches train.
-    epoch_batches = lambda e: shard.iter_torch_batches(  # noqa: E731
-        batch_size=batch_size,
-        collate_fn=LatentBatch(),
-        drop_last=True,
-        prefetch_batches=settings.prefetch_batches,
-        local_shuffle_buffer_size=settings.shuffle_buffer or None,
-        local_shuffle_seed=settings.seed * 1000 + e * world + rank,
+    # -- the loop: each epoch is one pass over this worker's run of the epoch's order ---------------------------
+    # Each epoch is a new Ray Data read; the next one starts while this one's last batches train.
+    resumed_epoch = epoch
+    epoch_batches = lambda e: config.data.rows(e, rank, world, taken if e == resumed_epoch else ()).iter_torch_batches(  # noqa: E731
+        batch_size=batch_size, collate_fn=LatentBatch(), drop_last=True, prefetch_batches=settings.prefetch_batches,
     )
     batches = EpochStream(epoch_batches, first=epoch, depth=settings.prefetch_batches)
+    audit = Audit(tracker, rank, step) if settings.data_audit else None
     try:
         while step < settings.steps:
-            seen: list[str] = []
+            consumed = 0  # rows of this epoch's run trained on in this attempt
             exhausted = False
             while step < settings.steps:
                 set_learning_rate(optimizer, learning_rate(step, opt.lr, total_steps=settings.steps, schedule=opt.schedule,
                                                             warmup_steps=opt.warmup_steps, final_ratio=opt.final_ratio))
                 optimizer.zero_grad(set_to_none=True)
-                loss_value = 0.0
+                loss_value, keys = 0.0, []
                 for micro in range(accumulation):
                     fetch = time.perf_counter()
                     batch = batches.next()
@@ -176,7 +187,7 @@ def train_loop(config: LoopConfig) -> None:
                     if batch is END_OF_EPOCH:
                         exhausted = True
                         break
-                    seen.extend(batch["key"])
+                    keys.extend(batch["key"])
                     moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
                     input_ids = drop_captions(batch["input_ids"].to(device), unconditional, settings.caption_dropout, generator)
                     last = micro == accumulation - 1
@@ -191,13 +202,19 @@ def train_loop(config: LoopConfig) -> None:
                 optimizer.step()
                 ema.step(averaged)
                 step += 1
+                consumed += len(keys)
+                if audit:
+                    audit.trained(keys)
                 window_steps += 1
                 loss_sum += loss_value
                 norm_sum += float(grad_norm)
 
-                if step % settings.log_every == 0 or step == settings.steps:
+                final = step == settings.steps
+                log, save = step % settings.log_every == 0 or final, step % settings.checkpoint_every == 0 or final
+                metrics: dict[str, float] = {"step": step}
+                if log:
                     elapsed = time.perf_counter() - window_start
-                    metrics = {
+                    metrics.update({
                         "train/loss": loss_sum / window_steps,
                         "train/grad_norm": norm_sum / window_steps,
                         "train/lr": optimizer.param_groups[0]["lr"],
@@ -205,27 +222,49 @@ def train_loop(config: LoopConfig) -> None:
                         "train/steps_per_s": window_steps / elapsed,
                         "train/data_wait_fraction": data_wait / elapsed,
                         "train/epoch": epoch,
-                        "step": step,
-                    }
-                    if step == settings.steps:
+                    })
+                    if final:
                         metrics["ddp/parameter_spread"] = parameter_spread(trained, world)
-                    if rank == 0:
-                        if validation.prompts and (step % settings.sample_every == 0 or step == settings.steps):
-                            tracker.image(validation.grid(), "samples", step)
-                        tracker.metrics(metrics, step)
-                    save = step % settings.checkpoint_every == 0 or step == settings.steps
-                    _report(metrics, save, module, ema, optimizer, step, epoch, generator, world, rank)
                     loss_sum = norm_sum = data_wait = 0.0
                     window_steps, window_start = 0, time.perf_counter()
-            if settings.data_audit:
-                tracker.text("\n".join(seen), f"data_audit/epoch-{epoch:04d}-rank-{rank}.txt")
+                if rank == 0:
+                    if validation.prompts and (step % settings.sample_every == 0 or final):
+                        tracker.image(validation.grid(), "samples", step)
+                    if held_out and (step % settings.eval_every == 0 or final):
+                        metrics["val/loss"] = held_out.loss()
+                    if len(metrics) > 1:
+                        tracker.metrics(metrics, step)
+                if log or save:  # every rank reports at the same steps: Ray Train gathers the reports
+                    if save and audit:  # before the checkpoint: a segment past the one resumed from is retrained
+                        audit.log(epoch, step)
+                    position = {"order": order.identity, "epoch": epoch, "taken": taken, "consumed": consumed}
+                    _report(metrics, save, module, ema, optimizer, step, position, generator, world, rank, order)
             if exhausted:
-                if not seen:
+                if audit:
+                    audit.log(epoch, step)
+                if not consumed and not taken:
                     raise ValueError(f"rank {rank}'s share of the latents holds fewer than stage.batch_size={batch_size} rows: "
                                      "lower the batch size or the number of workers")
-                epoch += 1
+                epoch, taken = epoch + 1, []
     finally:
         batches.close()
+
+
+class Audit:
+    """The keys this rank trained on (``stage.data_audit``), logged as one MLflow text file per epoch and
+    checkpoint: ``data_audit/epoch-EEEE/rank-R-steps-AAAAAA-BBBBBB.txt`` holds those of steps A+1..B. After a
+    restart from step S, a segment of the failed attempt that ends past S was trained on again."""
+
+    def __init__(self, tracker: RunLogger, rank: int, step: int):
+        self.tracker, self.rank, self.since, self.keys = tracker, rank, step, []
+
+    def trained(self, keys: list[str]) -> None:
+        self.keys.extend(keys)
+
+    def log(self, epoch: int, step: int) -> None:
+        if self.keys:
+            self.tracker.text("\n".join(self.keys), f"data_audit/epoch-{epoch:04d}/rank-{self.rank}-steps-{self.since:06d}-{step:06d}.txt")
+        self.since, self.keys = step, []
 
 
 def training_schedule(noise: Noise):
@@ -261,15 +300,14 @@ def _node_count(world: int) -> int:
     return len(set(nodes))
 
 
-def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer, step: int, epoch: int, generator, world: int, rank: int) -> None:
-    """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due."""
-    rng = [None] * world
-    torch_rng = [None] * world
+def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer, step: int, position: dict[str, Any], generator,
+            world: int, rank: int, order) -> None:
+    """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due. The
+    checkpoint's data position: the epoch, and the positions of its order that every rank has trained on."""
+    mine = (generator.get_state(), torch.get_rng_state(), position["consumed"])
+    gathered = [mine] * world
     if save and world > 1:
-        dist.all_gather_object(rng, generator.get_state())
-        dist.all_gather_object(torch_rng, torch.get_rng_state())
-    elif save:
-        rng, torch_rng = [generator.get_state()], [torch.get_rng_state()]
+        dist.all_gather_object(gathered, mine)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if save and rank == 0:
@@ -279,12 +317,47 @@ def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer
             ema.copy_to(averaged)
             save_models(os.path.join(directory, EMA), module.unet, module.text_encoder)
             ema.restore(averaged)
+            taken = order.taken_after(position["epoch"], world, position["taken"], [c for _, _, c in gathered])
             torch.save(
-                {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "ema_updates": ema.optimization_step, "rng": rng, "torch_rng": torch_rng},
+                {"optimizer": optimizer.state_dict(), "step": step, "epoch": position["epoch"], "ema_updates": ema.optimization_step,
+                 "rng": [g for g, _, _ in gathered], "torch_rng": [t for _, t, _ in gathered],
+                 "data": {"order": position["order"], "taken": [list(t) for t in taken]}},
                 os.path.join(directory, STATE_FILE),
             )
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint)
+
+
+class HeldOutLoss:
+    """The denoising loss on at most ``stage.validation_images`` held-out latents (rank 0 only), read once: the
+    same rows, timesteps and noise at every evaluation, so its curve shows the model, not the draw."""
+
+    def __init__(self, config: LoopConfig, module: DenoisingLoss, device: torch.device, autocast):
+        settings = config.settings
+        storage = config.data.storage
+        filesystem, _ = storage.pyarrow(config.held_out[0])
+        worker_data_context()
+        rows = ray.data.read_parquet([storage.pyarrow(f)[1] for f in config.held_out], filesystem=filesystem,
+                                     columns=config.data.columns).limit(settings.validation_images)
+        self.batches = list(rows.iter_torch_batches(batch_size=settings.batch_size, collate_fn=LatentBatch()))
+        self.module, self.device, self.autocast = module, device, autocast
+        self.scale_factor, self.seed = config.scale_factor, settings.validation.seed
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        modes = [(m, m.training) for m in (self.module.unet, self.module.text_encoder)]  # a frozen τθ stays in eval
+        self.module.eval()
+        total, count = 0.0, 0
+        for batch in self.batches:
+            moments = {k: v.to(self.device) for k, v in batch.items() if k.startswith("latent")}
+            with self.autocast:
+                loss = self.module(sample_latents(moments, self.scale_factor, generator), batch["input_ids"].to(self.device), generator)
+            total += float(loss) * len(batch["key"])
+            count += len(batch["key"])
+        for part, mode in modes:
+            part.train(mode)
+        return total / max(1, count)
 
 
 class Validation:

@@ -1,7 +1,8 @@
 """stage=train_ldm: the text-to-image latent diffusion model on the precomputed latents, with Ray Train.
 
-Ray Data streams the latent shards (moments, tokens) to the workers, split between them, block order
-randomised every epoch and shuffled locally (``loop.py``); training never touches pixels. Checkpoints go to
+Each worker reads its run of every epoch's order of the latent shards (moments, tokens) with Ray Data
+(``EpochData``; the order is a function of the seed and the epoch), so a checkpoint holds the exact data
+position; training never touches pixels. Checkpoints go to
 ``stage.checkpoints_url`` under a run name made from the training settings, so the same command after a kill
 continues (``resume=latest``), and a dying worker restarts the group from the latest one
 (``scaling.max_failures``). The final model (UNet, τθ, their EMA, tokenizer, noise schedule; the first stage by
@@ -23,7 +24,7 @@ import ray.train
 from omegaconf import DictConfig, OmegaConf
 from pyarrow.fs import FileType
 
-from ldm.manifest import data_files
+from ldm.manifest import data_files, data_row_groups
 from ldm.models.presets import describe, text_to_image_preset
 from ldm.models.text_to_image import EMA, TEXT_ENCODER, UNET
 from ldm.storage import Storage, model_location, resolve
@@ -31,6 +32,7 @@ from ldm.text.tokenizer import load_tokenizer, save_tokenizer
 from pipelines import training
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.train_ldm import loop
+from pipelines.train_worker import EpochData
 
 STAGE = Stage("train_ldm", version=2, output_url=lambda cfg: cfg.stage.output_url, detail="{steps} steps")  # 2: tiny's τθ is a BertModel
 SCHEDULER_DIR, TOKENIZER_DIR = "scheduler", "tokenizer"
@@ -59,11 +61,12 @@ def _train(job: Job) -> Output:
     # The resolved architecture too: a preset whose definition changed must not resume an older checkpoint.
     identity = training.training_identity(cfg, [*job.inputs.fingerprints, json.dumps(describe(spec), sort_keys=True)])
     run_name = f"{STAGE.name}-{identity[:16]}" + (time.strftime("-%Y%m%d-%H%M%S") if settings.resume == "never" else "")
-    pafs, _ = storage.pyarrow(source)
-    rows = ray.data.read_parquet([storage.pyarrow(s)[1] for s in data_files(latents, source)], filesystem=pafs,
-                                 columns=["key", "input_ids", *facts["latent_columns"]])
+    files, row_groups = data_row_groups(latents, source)
+    data = EpochData(files, row_groups, ["key", "input_ids", *facts["latent_columns"]], settings.seed, settings.shuffle_buffer, storage)
     config = loop.LoopConfig(
         settings=OmegaConf.to_object(settings),
+        data=data,
+        held_out=data_files(latents, source, "held_out"),
         tokenizer=facts["tokenizer"]["path"],
         max_length=facts["tokenizer"]["max_length"],
         latent_shape=facts["latent_shape"],
@@ -76,7 +79,7 @@ def _train(job: Job) -> Output:
     )
     mlflow.log_params({"latents.rows": latents["counts"]["rows_out"], "latents.scale_factor": facts["scale_factor"],
                        "latents.shape": facts["latent_shape"], "run_name": run_name})
-    fit = training.trainer(cfg, storage, partial(loop.train_loop, config), run_name, {"train": rows.randomize_block_order()})
+    fit = training.trainer(cfg, storage, partial(loop.train_loop, config), run_name, {})
     result = fit.fit()
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if result.checkpoint is None:
