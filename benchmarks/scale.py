@@ -11,7 +11,9 @@ its own local Ray cluster, every process of which (driver, GCS, raylet, workers,
 here sums their memory every ``--interval`` seconds and keeps the largest sum: the peak memory of the whole cluster.
 It sums PSS (``/proc/<pid>/smaps_rollup``), not RSS: a page shared by several processes (Ray's object store in
 /dev/shm, the libraries every worker maps) is then counted once, split between them, not once per process. The
-wall time is the subprocess's, start-up included (the same at both sizes). Generating the data (stage=synthesize,
+wall time is the subprocess's, start-up included (the same at both sizes). The input comes in files of the same
+size at both sizes, ``--files`` of them at the small one: only their number grows, and the small size already
+runs as many tasks at once as the cluster allows. Generating the data (stage=synthesize,
 the metadata parquet) is setup and not measured.
 
 Targets, for each stage at 10 x the data: peak memory <= 1.3 x that at 1 x (memory follows batch and file sizes,
@@ -145,13 +147,12 @@ def run_stage(work: Path, label: str, overrides: list[str], interval: float | No
 
 
 # -- the data -------------------------------------------------------------------------------------------------------
-def write_metadata(folder: Path, rows: int, resolution: int) -> None:
-    """``rows`` rows of synthesized LAION metadata in files of synthesize's ``metadata_rows_per_file`` rows, as
-    stage=synthesize writes it but without rendering any image (which is all that stage could do besides).
+def write_metadata(folder: Path, rows: int, resolution: int, per_file: int) -> None:
+    """``rows`` rows of synthesized LAION metadata in files of ``per_file`` rows, as stage=synthesize writes it
+    but without rendering any image (which is all that stage could do besides).
     Each file is planned on its own with its own seed: plan_rows holds every row in memory and its duplicate
     draws grow with the square of the rows; the seed is in each row's URL, so no URL repeats across files."""
     cfg = config("stage=synthesize", "data=synthetic_metadata", f"data.resolution={resolution}")
-    per_file = cfg.stage.metadata_rows_per_file
     folder.mkdir(parents=True)
     for part, start in enumerate(range(0, rows, per_file)):
         planned = plan_rows(
@@ -178,6 +179,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4000, help="M: images at the small size")
     parser.add_argument("--factor", type=int, default=10, help="the large size is this many times the small one")
     parser.add_argument("--resolution", type=int, default=64)
+    # With 2 files at the small size, 2 tasks run at once where the large size runs as many as the CPUs allow:
+    # each task is another Ray worker process (~250 MB), and the ratio would measure concurrency, not data.
+    parser.add_argument("--files", type=int, default=20, help="input files at the small size (the same file size at the large)")
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between memory samples")
     parser.add_argument("--skip-train", action="store_true", help="leave out train_ldm's held-out evaluation")
     parser.add_argument("--root", default=None, help="work folder (default: a new temporary one)")
@@ -197,7 +201,7 @@ def main() -> None:
     for n in meta_sizes:
         root = work / f"metadata-{n}"
         started = time.perf_counter()
-        write_metadata(root / "input", n, args.resolution)
+        write_metadata(root / "input", n, args.resolution, args.metadata_rows // args.files)
         print(f"  metadata {n} rows (setup): {time.perf_counter() - started:.1f}s")
         measured.append(run_stage(work, f"prepare-metadata-{n}", [
             "stage=prepare", "data=synthetic_metadata", "experiment=ci", "cluster=local", *tracking,
@@ -216,9 +220,9 @@ def main() -> None:
     for n in image_sizes:
         common = ["experiment=ci", "cluster=local", *tracking, f"storage.root={work}/images-{n}/store",
                   f"data.num_samples={n}", f"data.resolution={args.resolution}"]
-        # conf/stage/synthesize.yaml's 1000 rows a shard, not ci's 60: fewer, fuller input files, each one of
-        # prepare's tasks, whose rows are then the same at both sizes (only their number grows).
-        run_stage(work, f"synthesize-{n}", ["stage=synthesize", *common, "stage.rows_per_shard=1000",
+        # Shards of the same size at both sizes (only their number grows), and enough of them at the small size
+        # for as many tasks at once as the cluster runs at the large one (see --files).
+        run_stage(work, f"synthesize-{n}", ["stage=synthesize", *common, f"stage.rows_per_shard={args.images // args.files}",
                                             "stage.formats=[webdataset]"])
         prepared.append(run_stage(work, f"prepare-images-{n}", ["stage=prepare", *common], args.interval))
         encoded.append(run_stage(work, f"encode_latents-{n}", ["stage=encode_latents", *common,
