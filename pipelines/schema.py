@@ -339,6 +339,7 @@ class EncodeResources:
     num_gpus_per_encoder: float
     encoder_label_selector: Any
     dtype: Dtype
+    release_memory_every: int
     num_cpus_per_write_task: float
     block_mb: float
 

@@ -77,6 +77,30 @@ class EpochData:
     def order(self) -> EpochOrder:
         return EpochOrder(self.row_groups, self.seed, self.window_rows)
 
+    def resumed(self, state: dict[str, Any], stage: str, rank: int) -> list[Interval]:
+        """The positions of the checkpoint's epoch already trained on, as ``position`` recorded them; none when
+        the checkpoint's order is not this one (stage.resume from a run on other data, or another seed or
+        shuffle: its position means nothing here)."""
+        if state["data"]["order"] != self.order.identity:
+            print(f"{stage}: rank {rank}: the checkpoint's epoch order is not this data's; epoch {state['epoch']} starts from its beginning")
+            return []
+        taken = [(int(a), int(b)) for a, b in state["data"]["taken"]]
+        print(f"{stage}: rank {rank} resumed at step {state['step']}, epoch {state['epoch']} "
+              f"({sum(b - a for a, b in taken)} of its {self.order.rows} rows already trained on)")
+        return taken
+
+    def position(self, epoch: int, world: int, taken: Sequence[Interval], consumed: Sequence[int]) -> dict[str, Any]:
+        """A checkpoint's data position: the order's identity and the positions of ``epoch`` trained on, those
+        ``taken`` before this attempt and the first ``consumed[rank]`` of every rank's run since."""
+        return {"order": self.order.identity, "taken": [list(t) for t in self.order.taken_after(epoch, world, taken, consumed)]}
+
+    @staticmethod
+    def check_share(consumed: int, taken: Sequence[Interval], rank: int, batch_size: int) -> None:
+        """At the end of an epoch's run: a rank that got no batch at all would go round the epochs forever."""
+        if not consumed and not taken:
+            raise ValueError(f"rank {rank}'s share of the data holds fewer than stage.batch_size={batch_size} rows: "
+                             "lower the batch size or the number of workers")
+
     def rows(self, epoch: int, rank: int, world: int, taken: Sequence[Interval] = ()) -> ray.data.Dataset:
         """This rank's rows of ``epoch``, less the positions already ``taken``."""
         order = self.order
@@ -108,6 +132,14 @@ def private_copy(checkpoint: ray.train.Checkpoint) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="checkpoint-") as directory:
         checkpoint.to_directory(directory)
         yield directory
+
+
+def gather_for_checkpoint(mine: tuple, save: bool, world: int) -> list[tuple]:
+    """Every rank's ``mine`` (its RNG states and rows consumed) when a checkpoint is due; only rank 0 writes it."""
+    gathered = [mine] * world
+    if save and world > 1:
+        dist.all_gather_object(gathered, mine)
+    return gathered
 
 
 def parameter_spread(parameters: Iterable[torch.nn.Parameter], world: int) -> float:

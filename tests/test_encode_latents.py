@@ -154,11 +154,16 @@ def test_an_undecodable_image_is_dropped_and_counted_not_fatal(prepared, tmp_pat
     images = batch["image"].to_pylist()
     images[2] = images[2][: len(images[2]) // 3]  # cut short, as a failed download is
     batch = batch.set_column(batch.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
-    batch = batch.append_column("path", pa.array(["/data/prepared/shards/part-00000-0000.parquet"] * 6))
+    path = tmp_path / "prepared" / "shards" / "part-00000-0000.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(batch, path)
 
-    decoded = encode_tasks.decode(batch, resolution=64)
+    # Read 4 rows at a time: the file comes as two blocks, each row carrying its file.
+    first, second = encode_tasks.decode(pa.table({"path": [str(path)]}), storage=Storage(root=str(tmp_path)), resolution=64, batch_rows=4)
+    assert (len(first), len(second)) == (4, 2) and set(first["path"].to_pylist() + second["path"].to_pylist()) == {str(path)}
+    decoded = pa.concat_tables([first, second])
     assert decoded["reason"].to_pylist() == [None, None, "undecodable", None, None, None]
-    encoder = Encoder(f"{root}/first_stage", None, Storage(root=str(root)), "bfloat16", 1, 64)
+    encoder = Encoder(f"{root}/first_stage", None, Storage(root=str(root)), "bfloat16", 1, 64, release_every=1)
     [report] = encode_tasks.write(encoder(decoded), storage=Storage(root=str(tmp_path)), out=str(tmp_path), compression="zstd",
                                          row_group_rows=128).to_pylist()
     assert (report["rows"], report["undecodable"]) == (5, 1)

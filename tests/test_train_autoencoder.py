@@ -28,7 +28,7 @@ def prepared(ray_cluster, tmp_path_factory):
     return root, common
 
 
-def test_two_workers_learn_log_resume_and_save_a_reloadable_model(prepared):
+def test_two_workers_learn_log_and_save_a_reloadable_model(prepared):
     root, common = prepared
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
     experiment = client.get_experiment_by_name("ldm").experiment_id
@@ -51,26 +51,20 @@ def test_two_workers_learn_log_resume_and_save_a_reloadable_model(prepared):
     assert [s for s, _ in scenes] == [16, 32] and all(0 <= v <= 1 for _, v in scenes)
     assert first["counts"]["steps"] == 32 and first["facts"]["kind"] == "kl" and first["facts"]["factor"] == 4
 
-    # The same command with more steps continues the run from its step-32 checkpoint.
-    second = stages.load("train_autoencoder").run(compose(*train, "stage.steps=40", "overwrite=true"))
-    runs = client.search_runs([experiment], "tags.stage = 'train_autoencoder'", order_by=["start_time DESC"])
-    assert [s for s, _ in history(client, runs[0].info.run_id, "train/rec_loss")] == [40]
-    assert second["counts"]["steps"] == 40 and second["facts"]["checkpoints"] == first["facts"]["checkpoints"]
-
     storage = Storage(root=str(root))
     verify(storage, f"{root}/store/autoencoder", stage="train_autoencoder")
     model = load_first_stage(f"{root}/store/autoencoder/model")
     checkpoint_dir = sorted(p for p in (root / "store" / "checkpoints" / "train_autoencoder").glob("*/checkpoint_*") if p.is_dir())[-1]
     from_checkpoint = load_first_stage(str(checkpoint_dir / "model"))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), from_checkpoint.state_dict().values()))
-    assert sum(p.numel() for p in model.parameters()) == second["facts"]["parameters"] == 954_567
+    assert sum(p.numel() for p in model.parameters()) == first["facts"]["parameters"] == 954_567
 
-    again = stages.load("train_autoencoder").run(compose(*train, "stage.steps=40"))
-    assert again["created_at"] == second["created_at"]  # same config: nothing to do
+    again = stages.load("train_autoencoder").run(compose(*train, "stage.steps=32"))
+    assert again["created_at"] == first["created_at"]  # same config: nothing to do
 
 
 def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_one_that_never_stopped(prepared):
-    """Exact resume: the same rows in the same order with the same crops and posterior noise on every rank after
+    """Exact resume (the same command with more steps continues from the last checkpoint): the same rows in the same order with the same crops and posterior noise on every rank after
     the restart (10 steps an epoch here: step 6 is mid-epoch), so the weights come out bit for bit the same."""
     root, common = prepared
     train = [*TRAIN, *common, "stage.optimizer.schedule=constant", "stage.checkpoint_every=3", "stage.eval_every=6"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,10 +14,20 @@ from ldm.models.first_stage import encode_pixels, factor, kind, load_first_stage
 from ldm.storage import Storage
 
 
+try:
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand back this way
+    _malloc_trim = None
+
+
 class Encoder:
     """An actor holding the first stage: its device, and half precision there when it is a GPU."""
 
-    def __init__(self, first_stage: str, subfolder: str | None, storage: Storage, dtype: str, threads: int, resolution: int):
+    def __init__(self, first_stage: str, subfolder: str | None, storage: Storage, dtype: str, threads: int, resolution: int,
+                 release_every: int):
+        # glibc keeps the pages of freed activations, ever more fragmented, so the actor would grow with the data
+        # encoded: every release_every batches (stage.resources.release_memory_every) they go back to the OS.
+        self.release_every, self.calls = release_every, 0
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = getattr(torch, dtype) if self.device.type == "cuda" else torch.float32
@@ -33,4 +45,7 @@ class Encoder:
             if name in latents:
                 full[ok] = latents[name]
             batch = batch.append_column(name, tensor_column(full))
+        self.calls += 1
+        if _malloc_trim is not None and self.release_every and self.calls % self.release_every == 0:
+            _malloc_trim(0)
         return batch

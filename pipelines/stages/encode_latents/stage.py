@@ -1,6 +1,6 @@
 """stage=encode_latents: the prepared images through the first stage's encoder, once, into latent shards.
 
-Ray Data streams the prepared shards through CPU decode tasks (resize, center crop), an actor pool holding the
+Ray Data streams the prepared files through CPU decode tasks (read, resize, center crop), an actor pool holding the
 first stage (``encoder.py``; on GPUs when ``num_gpus_per_encoder`` > 0, in half precision there), and writer
 tasks (``tasks.py``). The driver counts each prepared file's rows as the writers report them and marks the file
 done when all are written or dropped, so a killed run resumes file by file without duplicating a key. The
@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ldm.latents import LatentStats, latent_columns
-from ldm.manifest import clear, data_files, data_row_groups, read_manifest, verify
+from ldm.manifest import clear, data_row_groups, read_manifest, verify
 from ldm.markers import read_markers, write_marker
 from ldm.models.first_stage import factor, kind, load_first_stage, weights_digest
 from ldm.storage import Storage, is_hub_id, model_location
@@ -62,11 +60,12 @@ def _encode(job: Job) -> Output:
     source, prepared, first_stage = job.inputs.record["prepared"], job.inputs.found["prepared"], job.inputs.found["first_stage"]
     _check_resource_plan(job.cfg)
     started = time.time()
-    shards = data_files(prepared, source)
-    held_out = _held_out_files(prepared, source, settings.held_out_images)
+    shard_rows = _rows(prepared, source, "data")
+    held_out_rows = _held_out_rows(prepared, source, settings.held_out_images)
+    shards, held_out = list(shard_rows), list(held_out_rows)
     sources = shards + held_out
+    expected = {tasks.stem(url): rows for url, rows in {**shard_rows, **held_out_rows}.items()}
     encoding = _Encoding(storage, out)
-    expected = encoding.row_counts(sources)
     finished = encoding.finished()
     encoding.remove_unfinished_parts(finished)
     for empty in (s for s in sources if expected[tasks.stem(s)] == 0 and tasks.stem(s) not in finished):
@@ -122,15 +121,19 @@ def _encode(job: Job) -> Output:
     )
 
 
-def _held_out_files(prepared: dict[str, Any], source: str, images: int) -> list[str]:
-    """The first of prepare's held-out files, whole, until they hold ``images`` rows (from the manifest's row
-    counts): train_ldm's held-out loss reads no more, so neither is more encoded."""
-    chosen, rows = [], 0
-    for url, groups in zip(*data_row_groups(prepared, source, "held_out")):
-        if rows >= images:
+def _rows(prepared: dict[str, Any], source: str, part: str) -> dict[str, int]:
+    """Each prepared file's rows, as prepare's manifest lists them: no file is opened to count them."""
+    return {url: sum(groups) for url, groups in zip(*data_row_groups(prepared, source, part))}
+
+
+def _held_out_rows(prepared: dict[str, Any], source: str, images: int) -> dict[str, int]:
+    """The first of prepare's held-out files, whole, until they hold ``images`` rows: train_ldm's held-out loss
+    reads no more, so neither is more encoded."""
+    chosen: dict[str, int] = {}
+    for url, rows in _rows(prepared, source, "held_out").items():
+        if sum(chosen.values()) >= images:
             break
-        chosen.append(url)
-        rows += sum(groups)
+        chosen[url] = rows
     return chosen
 
 
@@ -198,17 +201,6 @@ class _Encoding:
         self.storage, self.out = storage, out
         self.fs, self.root = storage.fsspec(out)
 
-    def row_counts(self, shards: list[str]) -> dict[str, int]:
-        """Rows per prepared file, from the parquet footers."""
-
-        def count(url: str) -> tuple[str, int]:
-            fs, path = self.storage.pyarrow(url)
-            with fs.open_input_file(path) as f:
-                return tasks.stem(url), pq.ParquetFile(f).metadata.num_rows
-
-        with ThreadPoolExecutor(16) as pool:
-            return dict(pool.map(count, shards))
-
     def finished(self) -> dict[str, dict[str, Any]]:
         return {marker["source"]: marker for marker in read_markers(self.storage, f"{self.out}/{WORK}/done")}
 
@@ -230,19 +222,13 @@ class _Encoding:
 
     def _encode(self, pending: list[str], expected: dict[str, int], first_stage: dict[str, Any], settings: DictConfig) -> None:
         resources = settings.resources
-        pafs, _ = self.storage.pyarrow(pending[0])
-        rows = ray.data.read_parquet(
-            [self.storage.pyarrow(s)[1] for s in pending],
-            filesystem=pafs,
-            columns=[*tasks.CARRIED, "image"],
-            include_paths=True,
-            override_num_blocks=len(pending),  # a block per file at least: files finish, and are marked, one by one
-        )
+        # A block, so a decode task, per file: files finish, and are marked, one by one.
+        files = ray.data.from_items([{"path": url} for url in pending], override_num_blocks=len(pending))
         reports = (
-            rows.map_batches(
-                partial(tasks.decode, resolution=settings.resolution),
+            files.map_batches(
+                partial(tasks.decode, storage=self.storage, resolution=settings.resolution, batch_rows=resources.decode_batch_size),
                 batch_format="pyarrow",
-                batch_size=resources.decode_batch_size,
+                batch_size=1,
                 num_cpus=resources.num_cpus_per_decode_task,
                 label_selector=_selector(resources.decode_label_selector),
             )
@@ -255,6 +241,7 @@ class _Encoding:
                     "dtype": str(resources.dtype),
                     "threads": int(max(1, resources.num_cpus_per_encoder)),
                     "resolution": settings.resolution,
+                    "release_every": resources.release_memory_every,
                 },
                 compute=ray.data.ActorPoolStrategy(size=resources.encoder_concurrency),
                 batch_format="pyarrow",

@@ -1,4 +1,4 @@
-"""The CPU tasks stage=encode_latents runs on Ray around the encoder actors (``encoder``): decode, write.
+"""The CPU tasks stage=encode_latents runs on Ray around the encoder actors (``encoder``): read and decode, write.
 
 They import neither torch nor diffusers: Ray starts a worker process per task slot, and diffusers' import
 alone costs ~7 s of CPU in each, which on a small machine is time taken from the encoder.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -44,18 +45,31 @@ def row_groups(rows: int, row_group_rows: int) -> list[int]:
     return [min(row_group_rows, rows - start) for start in range(0, rows, row_group_rows)]
 
 
-def decode(batch: pa.Table, *, resolution: int) -> pa.Table:
+def decode(batch: pa.Table, *, storage: Storage, resolution: int, batch_rows: int) -> Iterator[pa.Table]:
+    """The prepared files named in ``batch["path"]``, read ``batch_rows`` rows at a time (a file is never whole in
+    memory), as ``crops`` with each row's file. Read here, not with ``read_parquet``: prepare's manifest already
+    gives the files and their rows, and Ray Data's footer reading starts a task process per few files, which
+    made the stage's peak memory grow with the number of files."""
+    for path in batch["path"].to_pylist():
+        fs, local = storage.pyarrow(path)
+        with fs.open_input_file(local) as f:
+            for rows in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=[*CARRIED, "image"]):
+                table = crops(pa.Table.from_batches([rows]), resolution=resolution)
+                yield table.append_column("path", pa.array([path] * len(table), pa.string()))
+
+
+def crops(batch: pa.Table, *, resolution: int) -> pa.Table:
     """Center crops as uint8 tensors; a row whose image does not decode keeps zeros and its reason."""
-    crops, reasons = [], []
+    pixels, reasons = [], []
     for data in batch["image"].to_pylist():
         try:
-            crops.append(square_crop(data, resolution))
+            pixels.append(square_crop(data, resolution))
             reasons.append(None)
         except Exception:  # PIL raises many kinds on bad bytes; the row is dropped and counted, never fatal
-            crops.append(np.zeros((resolution, resolution, 3), np.uint8))
+            pixels.append(np.zeros((resolution, resolution, 3), np.uint8))
             reasons.append("undecodable")
-    pixels = np.stack(crops) if crops else np.zeros((0, resolution, resolution, 3), np.uint8)
-    return batch.drop_columns(["image"]).append_column("pixels", tensor_column(pixels)).append_column(
+    array = np.stack(pixels) if pixels else np.zeros((0, resolution, resolution, 3), np.uint8)
+    return batch.drop_columns(["image"]).append_column("pixels", tensor_column(array)).append_column(
         "reason", pa.array(reasons, pa.string())
     )
 

@@ -35,7 +35,7 @@ from ldm.models.presets import first_stage_preset
 from ldm.storage import Storage
 from pipelines.schema import TrainAutoencoder
 from pipelines.stages.train_autoencoder import tasks
-from pipelines.train_worker import EpochData, RunLogger, RunTarget, parameter_spread, private_copy
+from pipelines.train_worker import EpochData, RunLogger, RunTarget, gather_for_checkpoint, parameter_spread, private_copy
 
 MODEL_DIR = "model"  # inside a checkpoint: the autoencoder as diffusers saves it
 STATE_FILE = "training_state.pt"
@@ -78,7 +78,6 @@ def train_loop(config: LoopConfig) -> None:
     betas = tuple(opt.betas)
     ae_optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=opt.lr, betas=betas)
     d_optimizer = torch.optim.Adam(loss.discriminator.parameters(), lr=opt.disc_lr, betas=betas)
-    order = config.data.order
     step, epoch, taken = 0, 0, []  # taken: positions of the epoch's order trained on before this attempt
     if state:
         loss.load_state_dict(state["loss"])
@@ -89,10 +88,7 @@ def train_loop(config: LoopConfig) -> None:
             torch.set_rng_state(state["torch_rng"][rank])
             if device.type == "cuda" and state["cuda_rng"][rank] is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"][rank], device)
-        if state["data"]["order"] == order.identity:
-            taken = [tuple(t) for t in state["data"]["taken"]]
-        print(f"train_autoencoder: rank {rank} resumed at step {step}, epoch {epoch} ({sum(b - a for a, b in taken)} of "
-              f"its {order.rows} rows already trained on)")
+        taken = config.data.resumed(state, "train_autoencoder", rank)
     model.train()  # from_pretrained (a checkpoint) returns eval mode, which runs some layers differently
     network = ray.train.torch.prepare_model(Reconstruct(model))
     autoencoder = model.to(device)
@@ -150,14 +146,12 @@ def train_loop(config: LoopConfig) -> None:
                 if len(metrics) > 1:
                     tracker.metrics(metrics, step)
             if log or save:  # every rank reports at the same steps: Ray Train gathers the reports
-                position = {"order": order.identity, "epoch": epoch, "taken": taken, "consumed": consumed}
-                _report(metrics, save, autoencoder, loss, ae_optimizer, d_optimizer, step, position, world, rank, order)
+                position = {"epoch": epoch, "taken": taken, "consumed": consumed}
+                _report(metrics, save, autoencoder, loss, ae_optimizer, d_optimizer, step, position, world, rank, config.data)
             if step >= settings.steps:
                 break
         else:  # the epoch's run is exhausted
-            if not consumed and not taken:
-                raise ValueError(f"rank {rank}'s share of the prepared images holds fewer than stage.batch_size="
-                                 f"{settings.batch_size} rows: lower the batch size or the number of workers")
+            config.data.check_share(consumed, taken, rank, settings.batch_size)
             epoch, taken = epoch + 1, []
 
 
@@ -171,19 +165,15 @@ def _average_gradients(parameters: list[torch.nn.Parameter], world: int) -> None
 
 
 def _report(metrics, save: bool, autoencoder, loss, ae_optimizer, d_optimizer, step: int, position: dict[str, Any], world: int,
-            rank: int, order) -> None:
+            rank: int, data: EpochData) -> None:
     """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due, with every
     rank's RNG and the positions of the epoch's order they have trained on."""
     cuda = torch.cuda.get_rng_state(next(autoencoder.parameters()).device) if next(autoencoder.parameters()).is_cuda else None
-    mine = (torch.get_rng_state(), cuda, position["consumed"])
-    gathered = [mine] * world
-    if save and world > 1:
-        dist.all_gather_object(gathered, mine)
+    gathered = gather_for_checkpoint((torch.get_rng_state(), cuda, position["consumed"]), save, world)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if save and rank == 0:
             autoencoder.save_pretrained(os.path.join(directory, MODEL_DIR))
-            taken = order.taken_after(position["epoch"], world, position["taken"], [c for _, _, c in gathered])
             torch.save(
                 {
                     "loss": loss.state_dict(),
@@ -193,7 +183,7 @@ def _report(metrics, save: bool, autoencoder, loss, ae_optimizer, d_optimizer, s
                     "epoch": position["epoch"],
                     "torch_rng": [r for r, _, _ in gathered],
                     "cuda_rng": [c for _, c, _ in gathered],
-                    "data": {"order": position["order"], "taken": [list(t) for t in taken]},
+                    "data": data.position(position["epoch"], world, position["taken"], [c for _, _, c in gathered]),
                 },
                 os.path.join(directory, STATE_FILE),
             )

@@ -48,7 +48,8 @@ from ldm.models.text_to_image import (
 from ldm.storage import Storage
 from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.schema import Noise, TrainLdm
-from pipelines.train_worker import EpochData, RunLogger, RunTarget, parameter_spread, private_copy, worker_data_context
+from pipelines.train_worker import (EpochData, RunLogger, RunTarget, gather_for_checkpoint, parameter_spread, private_copy,
+                                    worker_data_context)
 
 STATE_FILE = "training_state.pt"
 
@@ -122,7 +123,6 @@ def train_loop(config: LoopConfig) -> None:
     ema = EMAModel(averaged, decay=settings.ema.decay, update_after_step=settings.ema.start_step, foreach=True)
     generator = torch.Generator(device=device)
     generator.manual_seed(settings.seed * 1000 + rank)
-    order = config.data.order
     step, epoch = 0, 0
     taken: list[Interval] = []  # positions of the current epoch's order trained on before this attempt started
     if state:
@@ -135,12 +135,7 @@ def train_loop(config: LoopConfig) -> None:
             torch.set_rng_state(state["torch_rng"][rank])
         else:
             generator.manual_seed(settings.seed * 1000 + step * world + rank)
-        if state["data"]["order"] == order.identity:
-            taken = [tuple(t) for t in state["data"]["taken"]]
-        else:  # stage.resume from a run on other latents (or another seed or shuffle): its position means nothing here
-            print(f"train_ldm: rank {rank}: the checkpoint's epoch order is not this data's; epoch {epoch} starts from its beginning")
-        print(f"train_ldm: rank {rank} resumed at step {step}, epoch {epoch} ({sum(b - a for a, b in taken)} of its "
-              f"{order.rows} rows already trained on), {ema.optimization_step} EMA updates")
+        taken = config.data.resumed(state, "train_ldm", rank)
     network = ray.train.torch.prepare_model(module)
     if settings.compile:
         network = torch.compile(network)
@@ -237,14 +232,12 @@ def train_loop(config: LoopConfig) -> None:
                 if log or save:  # every rank reports at the same steps: Ray Train gathers the reports
                     if save and audit:  # before the checkpoint: a segment past the one resumed from is retrained
                         audit.log(epoch, step)
-                    position = {"order": order.identity, "epoch": epoch, "taken": taken, "consumed": consumed}
-                    _report(metrics, save, module, ema, optimizer, step, position, generator, world, rank, order)
+                    position = {"epoch": epoch, "taken": taken, "consumed": consumed}
+                    _report(metrics, save, module, ema, optimizer, step, position, generator, world, rank, config.data)
             if exhausted:
                 if audit:
                     audit.log(epoch, step)
-                if not consumed and not taken:
-                    raise ValueError(f"rank {rank}'s share of the latents holds fewer than stage.batch_size={batch_size} rows: "
-                                     "lower the batch size or the number of workers")
+                config.data.check_share(consumed, taken, rank, batch_size)
                 epoch, taken = epoch + 1, []
     finally:
         batches.close()
@@ -301,13 +294,10 @@ def _node_count(world: int) -> int:
 
 
 def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer, step: int, position: dict[str, Any], generator,
-            world: int, rank: int, order) -> None:
+            world: int, rank: int, data: EpochData) -> None:
     """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due. The
     checkpoint's data position: the epoch, and the positions of its order that every rank has trained on."""
-    mine = (generator.get_state(), torch.get_rng_state(), position["consumed"])
-    gathered = [mine] * world
-    if save and world > 1:
-        dist.all_gather_object(gathered, mine)
+    gathered = gather_for_checkpoint((generator.get_state(), torch.get_rng_state(), position["consumed"]), save, world)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if save and rank == 0:
@@ -317,11 +307,10 @@ def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer
             ema.copy_to(averaged)
             save_models(os.path.join(directory, EMA), module.unet, module.text_encoder)
             ema.restore(averaged)
-            taken = order.taken_after(position["epoch"], world, position["taken"], [c for _, _, c in gathered])
             torch.save(
                 {"optimizer": optimizer.state_dict(), "step": step, "epoch": position["epoch"], "ema_updates": ema.optimization_step,
                  "rng": [g for g, _, _ in gathered], "torch_rng": [t for _, t, _ in gathered],
-                 "data": {"order": position["order"], "taken": [list(t) for t in taken]}},
+                 "data": data.position(position["epoch"], world, position["taken"], [c for _, _, c in gathered])},
                 os.path.join(directory, STATE_FILE),
             )
             checkpoint = ray.train.Checkpoint.from_directory(directory)
