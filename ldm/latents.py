@@ -16,6 +16,9 @@ KL_COLUMNS = ("latent_mean", "latent_logvar")
 VQ_COLUMNS = ("latent",)
 
 
+TEXT_EMBEDDING = "text_embedding"  # a frozen text encoder's τθ(y) of the row's tokens, when encode_latents wrote it
+
+
 def latent_columns(kind: str) -> tuple[str, ...]:
     return KL_COLUMNS if kind == "kl" else VQ_COLUMNS
 

@@ -8,10 +8,12 @@ Credentials are never part of the config: both libraries read the standard AWS e
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
@@ -145,3 +147,37 @@ def _local_path(url: str) -> str:
     if parsed.netloc not in ("", "localhost") or not parsed.path:
         raise ValueError(f"bad local URL {url!r}: expected file:///absolute/path or a plain path")
     return parsed.path
+
+
+def weights_digest(name_or_path: str, storage: Storage | None = None, subfolder: str | None = None) -> str:
+    """sha256 over a model directory's config and weight files (diffusers or transformers): a model's identity,
+    whatever its location (local, ``s3://``, or a hub id, resolved through the same cache ``from_pretrained``
+    uses)."""
+    if name_or_path.startswith(("s3://", "s3a://")):
+        if storage is None:
+            raise ValueError(f"reading the model at {name_or_path} needs the storage config")
+        fs, root = storage.fsspec(name_or_path)
+    else:
+        if not os.path.isdir(name_or_path):  # a hub id
+            from huggingface_hub import snapshot_download
+
+            prefix = f"{subfolder}/" if subfolder else ""
+            # What from_pretrained itself fetches: the config and the safetensors (.bin only if there are none).
+            repo = name_or_path
+            name_or_path = snapshot_download(repo, allow_patterns=[f"{prefix}config.json", f"{prefix}*.safetensors"])
+            if not list(Path(name_or_path, prefix).glob("*.safetensors")):
+                name_or_path = snapshot_download(repo, allow_patterns=[f"{prefix}config.json", f"{prefix}*.bin"])
+        fs, root = fsspec.filesystem("file"), os.path.abspath(name_or_path)
+    folder = f"{root}/{subfolder}" if subfolder else root
+    names = sorted(p for p in fs.ls(folder, detail=False) if p.rsplit("/", 1)[-1] == "config.json" or p.endswith((".safetensors", ".bin")))
+    if any(n.endswith(".safetensors") for n in names):  # what from_pretrained loads when both are there
+        names = [n for n in names if not n.endswith(".bin")]
+    if not any(n.endswith("config.json") for n in names):
+        raise FileNotFoundError(f"{name_or_path}{'/' + subfolder if subfolder else ''}: no config.json; not a model directory")
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.rsplit("/", 1)[-1].encode())
+        with fs.open(name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()

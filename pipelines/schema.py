@@ -195,6 +195,7 @@ class Filters:
 class TokenizerConfig:
     train: bool
     name_or_path: str
+    subfolder: Optional[str]
     vocab_size: int
     min_frequency: int
     lowercase: bool
@@ -349,6 +350,8 @@ class EncodeLatents:
     name: str
     first_stage: str
     first_stage_subfolder: Optional[str]
+    text_encoder: Optional[str]
+    text_encoder_subfolder: Optional[str]
     resolution: int
     output_url: str
     compression: Compression
@@ -364,6 +367,7 @@ class LdmModel:
     unet: Dict[str, Any]
     text_encoder: Dict[str, Any]
     pretrained_text_encoder: Optional[str]
+    pretrained_text_encoder_subfolder: Optional[str]
 
 
 @dataclass

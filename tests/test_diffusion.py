@@ -159,19 +159,38 @@ def test_guided_sampling_is_seeded_per_image_and_guidance_changes_the_result():
         sampler("euler", schedule)
 
 
-def test_a_pretrained_text_encoder_loads_from_s3_like_a_directory_and_stays_frozen(s3_server, tmp_path):
-    from transformers import BertConfig, BertModel
+def _tiny_text_models():
+    """Tiny random-init text models as their hubs ship them: (the whole saved model, its subfolder, its text tower)."""
+    from transformers import BertConfig, BertModel, CLIPConfig, CLIPModel, T5Config, T5ForConditionalGeneration
 
+    text = dict(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    clip = CLIPModel(CLIPConfig(text_config={**text, "max_position_embeddings": 16, "bos_token_id": 1, "eos_token_id": 2},
+                                vision_config={**text, "image_size": 16, "patch_size": 8}))
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=60, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
+    bert = BertModel(BertConfig(**text))
+    # A whole CLIP model in a diffusers-style subfolder gives its text tower; T5 its encoder.
+    return {"bert": (bert, None, bert), "clip": (clip, "text_encoder", clip.text_model), "t5": (t5, None, t5.encoder)}
+
+
+@pytest.mark.parametrize("kind", ["bert", "clip", "t5"])
+def test_a_pretrained_text_encoder_loads_from_s3_like_a_directory_and_stays_frozen(kind, s3_server, tmp_path):
     from ldm.models.text_to_image import context_width, load_text_encoder
     from ldm.storage import Storage
+    from ldm.text.tokenizer import load_tokenizer
 
-    BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    whole, subfolder, tower = _tiny_text_models()[kind]
+    folder = tmp_path / kind / (subfolder or "")
+    whole.save_pretrained(folder)
+    tokenizer = train_wordpiece([caption(s) for s in all_scenes()], vocab_size=60, max_length=16)
+    tokenizer.save_pretrained(tmp_path / kind / "tokenizer")
     storage = Storage(root=f"s3://{BUCKET}/text-encoder", endpoint_url=s3_server)
-    fs, path = storage.fsspec(storage.url("bert"))
-    fs.put(str(tmp_path / "bert"), path, recursive=True)
-    encoder = load_text_encoder(storage.url("bert"), storage)
-    local = load_text_encoder(str(tmp_path / "bert"))
+    fs, path = storage.fsspec(storage.url(kind))
+    fs.put(str(tmp_path / kind), path, recursive=True)
+    encoder = load_text_encoder(storage.url(kind), storage, subfolder)
+    local = load_text_encoder(str(tmp_path / kind), subfolder=subfolder)
     assert all(torch.equal(a, b) for a, b in zip(encoder.parameters(), local.parameters()))
+    ids = torch.tensor([load_tokenizer(storage.url(kind), storage, "tokenizer")("a red circle", padding="max_length", max_length=16).input_ids])
+    assert torch.equal(encoder(ids)[0], tower.eval()(ids)[0])  # the same per-token features as the tower it came from
 
     set_trainable(encoder, False)
     spec = text_to_image_preset("tiny", unet={"block_out_channels": [32, 32, 32]})

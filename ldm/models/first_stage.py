@@ -7,14 +7,11 @@ quantized latent (VQ), ``decode`` maps a latent back to pixels in [-1, 1].
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, VQModel
@@ -67,39 +64,6 @@ def load_first_stage(name_or_path: str, storage: Storage | None = None, subfolde
         if cls is None:
             raise ValueError(f"{name_or_path}: a {config.get('_class_name')!r}, not an AutoencoderKL or VQModel")
         return cls.from_pretrained(local, subfolder=subfolder)
-
-
-def weights_digest(name_or_path: str, storage: Storage | None = None, subfolder: str | None = None) -> str:
-    """sha256 over the model directory's config and weight files: the first stage's identity, whatever its
-    location (local, ``s3://``, or a hub id, resolved through the same cache ``from_pretrained`` uses)."""
-    if name_or_path.startswith(("s3://", "s3a://")):
-        if storage is None:
-            raise ValueError(f"reading the first stage at {name_or_path} needs the storage config")
-        fs, root = storage.fsspec(name_or_path)
-    else:
-        if not os.path.isdir(name_or_path):  # a hub id
-            from huggingface_hub import snapshot_download
-
-            prefix = f"{subfolder}/" if subfolder else ""
-            # What from_pretrained itself fetches: the config and the safetensors (.bin only if there are none).
-            repo = name_or_path
-            name_or_path = snapshot_download(repo, allow_patterns=[f"{prefix}config.json", f"{prefix}*.safetensors"])
-            if not list(Path(name_or_path, prefix).glob("*.safetensors")):
-                name_or_path = snapshot_download(repo, allow_patterns=[f"{prefix}config.json", f"{prefix}*.bin"])
-        fs, root = fsspec.filesystem("file"), os.path.abspath(name_or_path)
-    folder = f"{root}/{subfolder}" if subfolder else root
-    names = sorted(p for p in fs.ls(folder, detail=False) if p.rsplit("/", 1)[-1] == "config.json" or p.endswith((".safetensors", ".bin")))
-    if any(n.endswith(".safetensors") for n in names):  # what from_pretrained loads when both are there
-        names = [n for n in names if not n.endswith(".bin")]
-    if not any(n.endswith("config.json") for n in names):
-        raise FileNotFoundError(f"{name_or_path}{'/' + subfolder if subfolder else ''}: no config.json; not a diffusers model directory")
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(name.rsplit("/", 1)[-1].encode())
-        with fs.open(name, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _config(name_or_path: str, subfolder: str | None) -> dict[str, Any]:

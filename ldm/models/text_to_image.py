@@ -2,8 +2,8 @@
 
 Built from the named presets in ``ldm.models.presets`` (the paper's ``txt2img-1p4b``, ``mid`` for a single
 GPU, ``tiny`` for CPU). The latent channels and grid come from the latents' manifest, the vocabulary from the tokenizer.
-τθ is trained jointly by default; ``text_encoder`` may instead name a pretrained transformers encoder
-(local, s3:// or hub id), kept frozen.
+τθ is trained jointly by default, or is a pretrained encoder kept frozen: BERT-like, CLIP's text tower or
+T5's encoder (local, s3:// or hub id, with a subfolder).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
-from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+from transformers import AutoConfig, AutoModel, BertConfig, BertModel, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
 
 from ldm.choices import ATTENTION
 from ldm.models.presets import TextEncoderSpec, UNetSpec
@@ -66,11 +66,20 @@ def build_unet(spec: UNetSpec, latent_channels: int, latent_size: int, context_d
     )
 
 
-def load_text_encoder(name_or_path: str, storage: Storage | None = None) -> torch.nn.Module:
-    """A pretrained transformers text encoder (or a τθ we saved): hub id, local directory or ``s3://``, all
-    through ``AutoModel.from_pretrained``; object-store directories are copied to local disk first."""
+# The text tower of a model type whose AutoModel is more than one (CLIP: text and vision; T5: encoder-decoder).
+TEXT_TOWERS = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel, "mt5": T5EncoderModel,
+               "umt5": UMT5EncoderModel}
+
+
+def load_text_encoder(name_or_path: str, storage: Storage | None = None, subfolder: str | None = None) -> torch.nn.Module:
+    """A pretrained text encoder (or a τθ we saved) from a hub id, a local directory or ``s3://``, optionally in
+    a ``subfolder`` (diffusers repositories keep theirs in ``text_encoder/``), all through ``from_pretrained``;
+    object-store directories are copied to local disk first. CLIP (a text-only directory or a whole CLIP
+    model) gives its text tower, T5 its encoder, anything else (BERT, LDMBert) ``AutoModel``: each returns the
+    per-token features first, which is what τθ(y) is."""
     with pretrained_directory(name_or_path, storage) as local:
-        return AutoModel.from_pretrained(local)
+        config = AutoConfig.from_pretrained(local, subfolder=subfolder or "")
+        return TEXT_TOWERS.get(config.model_type, AutoModel).from_pretrained(local, subfolder=subfolder or "")
 
 
 def set_attention(unet: UNet2DConditionModel, kind: str, device: torch.device) -> None:
@@ -82,15 +91,19 @@ def set_attention(unet: UNet2DConditionModel, kind: str, device: torch.device) -
         unet.set_attn_processor(AttnProcessor())
 
 
-def save_models(directory: str, unet: UNet2DConditionModel, text_encoder: torch.nn.Module) -> None:
+def save_models(directory: str, unet: UNet2DConditionModel, text_encoder: torch.nn.Module | None) -> None:
+    """The UNet and τθ; a checkpoint of training on precomputed τθ(y) has no τθ to save."""
     unet.save_pretrained(os.path.join(directory, UNET), safe_serialization=True)
-    text_encoder.save_pretrained(os.path.join(directory, TEXT_ENCODER), safe_serialization=True)
+    if text_encoder is not None:
+        text_encoder.save_pretrained(os.path.join(directory, TEXT_ENCODER), safe_serialization=True)
 
 
-def load_models(directory: str) -> tuple[UNet2DConditionModel, torch.nn.Module]:
-    """The UNet and τθ saved under ``directory`` (a checkpoint, its EMA folder, or a train_ldm output)."""
+def load_models(directory: str) -> tuple[UNet2DConditionModel, torch.nn.Module | None]:
+    """The UNet and τθ saved under ``directory`` (a checkpoint, its EMA folder, or a train_ldm output); τθ is
+    None in a checkpoint of training on precomputed τθ(y)."""
     unet = UNet2DConditionModel.from_pretrained(os.path.join(directory, UNET))
-    return unet, load_text_encoder(os.path.join(directory, TEXT_ENCODER))
+    text = os.path.join(directory, TEXT_ENCODER)
+    return unet, load_text_encoder(text) if os.path.isdir(text) else None
 
 
 def context_width(text_encoder: torch.nn.Module) -> int:

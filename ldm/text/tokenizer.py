@@ -42,16 +42,19 @@ def train_wordpiece(
     return BertTokenizer(tokenizer_object=tokenizer, model_max_length=max_length, do_lower_case=lowercase, **SPECIAL_TOKENS)
 
 
-def load_tokenizer(name_or_path: str, storage: Storage | None = None) -> PreTrainedTokenizerBase:
-    """A tokenizer from a hub id, a local directory, or an ``s3://`` directory (fetched to a local cache).
+def load_tokenizer(name_or_path: str, storage: Storage | None = None, subfolder: str | None = None) -> PreTrainedTokenizerBase:
+    """A tokenizer from a hub id, a local directory, or an ``s3://`` directory (fetched to a local cache),
+    optionally in a ``subfolder`` (a diffusers repository's ``tokenizer/``).
 
     Hub ids and local directories take the same ``AutoTokenizer.from_pretrained`` path; only object-store
     locations are copied to local disk first, because ``from_pretrained`` reads files.
     """
     with pretrained_directory(name_or_path, storage) as local:
-        if os.path.isdir(local) and not os.path.exists(os.path.join(local, "tokenizer_config.json")):
-            raise FileNotFoundError(f"{name_or_path} holds no tokenizer (no tokenizer_config.json)")
-        return AutoTokenizer.from_pretrained(local)
+        folder = os.path.join(local, subfolder or "")
+        if os.path.isdir(local) and not os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+            where = f"{name_or_path}/{subfolder}" if subfolder else name_or_path
+            raise FileNotFoundError(f"{where} holds no tokenizer (no tokenizer_config.json)")
+        return AutoTokenizer.from_pretrained(local, subfolder=subfolder or "")
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, storage: Storage, url: str) -> list[str]:

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ldm.latents import column_array, latent_columns, tensor_column
+from ldm.latents import TEXT_EMBEDDING, column_array, latent_columns, tensor_column
 from ldm.models.first_stage import encode_pixels, factor, kind, load_first_stage
+from ldm.models.text_to_image import encode_text, load_text_encoder
 from ldm.storage import Storage
 
 
@@ -21,10 +22,11 @@ except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand ba
 
 
 class Encoder:
-    """An actor holding the first stage: its device, and half precision there when it is a GPU."""
+    """An actor holding the first stage (and the frozen text encoder, when one is named): its device, and half
+    precision there when it is a GPU."""
 
     def __init__(self, first_stage: str, subfolder: str | None, storage: Storage, dtype: str, threads: int, resolution: int,
-                 release_every: int):
+                 release_every: int, text_encoder: str | None, text_encoder_subfolder: str | None):
         # glibc keeps the pages of freed activations, ever more fragmented, so the actor would grow with the data
         # encoded: every release_every batches (stage.resources.release_memory_every) they go back to the OS.
         self.release_every, self.calls = release_every, 0
@@ -33,6 +35,9 @@ class Encoder:
         self.dtype = getattr(torch, dtype) if self.device.type == "cuda" else torch.float32
         self.model = load_first_stage(first_stage, storage, subfolder).to(self.device, self.dtype).eval()
         self.columns = latent_columns(kind(self.model))
+        self.text_encoder = None
+        if text_encoder is not None:
+            self.text_encoder = load_text_encoder(text_encoder, storage, text_encoder_subfolder).to(self.device, self.dtype).eval()
         side = resolution // factor(self.model)
         self.shape = (self.model.config.latent_channels, side, side)
 
@@ -45,7 +50,21 @@ class Encoder:
             if name in latents:
                 full[ok] = latents[name]
             batch = batch.append_column(name, tensor_column(full))
+        if self.text_encoder is not None:
+            batch = batch.append_column(TEXT_EMBEDDING, tensor_column(text_embeddings(self.text_encoder, token_ids(batch), self.device)))
         self.calls += 1
         if _malloc_trim is not None and self.release_every and self.calls % self.release_every == 0:
             _malloc_trim(0)
         return batch
+
+
+def token_ids(batch: pa.Table) -> np.ndarray:
+    """The ``input_ids`` column (fixed-size lists) as one rows x tokens array."""
+    column = batch["input_ids"].combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), -1)
+
+
+@torch.no_grad()
+def text_embeddings(text_encoder: torch.nn.Module, ids: np.ndarray, device: torch.device) -> np.ndarray:
+    """τθ(y) of each row's tokens, float16: what train_ldm's cross-attention reads instead of running τθ."""
+    return encode_text(text_encoder, torch.from_numpy(ids).long().to(device)).float().cpu().numpy().astype(np.float16)

@@ -16,23 +16,28 @@ from functools import partial
 from typing import Any
 
 import ray
+import torch
 from omegaconf import DictConfig
+from safetensors.numpy import save
 from tqdm import tqdm
 
-from ldm.latents import LatentStats, latent_columns
+from ldm.latents import TEXT_EMBEDDING, LatentStats, latent_columns
 from ldm.manifest import clear, data_row_groups, read_manifest, verify
 from ldm.markers import read_markers, write_marker
-from ldm.models.first_stage import factor, kind, load_first_stage, weights_digest
-from ldm.storage import Storage, is_hub_id, model_location
+from ldm.models.first_stage import factor, kind, load_first_stage
+from ldm.models.text_to_image import context_width, load_text_encoder
+from ldm.storage import Storage, is_hub_id, model_location, weights_digest
+from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.config import plain
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.encode_latents import tasks
-from pipelines.stages.encode_latents.encoder import Encoder
+from pipelines.stages.encode_latents.encoder import Encoder, text_embeddings
 
 # 2: parts are written in row groups of stage.row_group_rows, listed in the manifest; the first
 #    stage.held_out_images of prepare's held-out rows are encoded too, into held_out/.
 STAGE = Stage("encode_latents", version=2, output_url=lambda cfg: cfg.stage.output_url, resume=True, detail="{rows_out} rows")
 WORK = "_work"
+EMPTY_TEXT_EMBEDDING = "empty_text_embedding.safetensors"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -52,12 +57,21 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     inputs.fingerprints.append(first_stage["sha256"])
     inputs.record["first_stage"] = first_stage["location"]
     inputs.found["first_stage"] = first_stage
+    if cfg.stage.text_encoder:
+        prepared = inputs.found["prepared"]
+        tokenizer = f"{inputs.record['prepared']}/{prepared['facts']['tokenizer']['path'].strip('/')}"
+        text_encoder, empty = _text_encoder(storage, model_location(cfg.stage.text_encoder), cfg.stage.text_encoder_subfolder,
+                                            tokenizer, prepared["facts"]["tokenizer"]["max_length"])
+        inputs.fingerprints.append(text_encoder["sha256"])
+        inputs.record["text_encoder"] = text_encoder["location"]
+        inputs.found["text_encoder"], inputs.found["empty_text_embedding"] = text_encoder, empty
     return inputs
 
 
 def _encode(job: Job) -> Output:
     storage, settings, out = job.storage, job.settings, job.out
     source, prepared, first_stage = job.inputs.record["prepared"], job.inputs.found["prepared"], job.inputs.found["first_stage"]
+    text_encoder = job.inputs.found.get("text_encoder")
     _check_resource_plan(job.cfg)
     started = time.time()
     shard_rows = _rows(prepared, source, "data")
@@ -75,7 +89,7 @@ def _encode(job: Job) -> Output:
     if finished:
         print(f"{STAGE.name}: resuming: {len(finished)} of {len(sources)} prepared file(s) already encoded")
     if pending:
-        encoding.encode(pending, expected, first_stage, settings)
+        encoding.encode(pending, expected, first_stage, text_encoder, settings)
     elapsed = time.time() - started
     finished = encoding.finished()
     missing = [s for s in sources if tasks.stem(s) not in finished]
@@ -97,6 +111,10 @@ def _encode(job: Job) -> Output:
     side = settings.resolution // first_stage["factor"]
     encoding.clear_work()
     latent_shape = [first_stage["latent_channels"], side, side]
+    extra_files = {}
+    if text_encoder:
+        extra_files[EMPTY_TEXT_EMBEDDING] = encoding.write_bytes(EMPTY_TEXT_EMBEDDING, save(
+            {TEXT_EMBEDDING: job.inputs.found["empty_text_embedding"]}))
     rate = rows_in / max(elapsed, 1e-9)
     return Output(
         counts={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_rows, "dropped": dropped},
@@ -106,12 +124,14 @@ def _encode(job: Job) -> Output:
             "resolution": settings.resolution,
             "latent_shape": latent_shape,
             "latent_columns": list(latent_columns(first_stage["kind"])),
+            # The frozen encoder whose τθ(y) the rows carry, and the empty caption's (caption dropout's) file.
+            "text_encoder": {**text_encoder, "empty": EMPTY_TEXT_EMBEDDING} if text_encoder else None,
             **summary,
             "tokenizer": {**prepared["facts"]["tokenizer"], "path": f"{source}/{prepared['facts']['tokenizer']['path'].strip('/')}"},
         },
-        schema=_schema(first_stage["kind"]),
+        schema=_schema(first_stage["kind"], text_encoder),
         timings={"images_per_s": round(rate, 2)},
-        expected_files={name: size for m in markers + held_markers for name, size in m["files"].items()},
+        expected_files={**{name: size for m in markers + held_markers for name, size in m["files"].items()}, **extra_files},
         row_groups={name: tasks.row_groups(rows, settings.row_group_rows) for m in markers + held_markers for name, rows in m["file_rows"].items()},
         metrics={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_rows, "images_per_s": rate, "scale_factor": summary["scale_factor"],
                  **{f"dropped.{k}": v for k, v in dropped.items()}},
@@ -160,6 +180,29 @@ def _first_stage(storage: Storage, location: str, subfolder: str | None) -> dict
     }
 
 
+def _text_encoder(storage: Storage, location: str, subfolder: str | None, tokenizer_url: str, max_length: int) -> tuple[dict[str, Any], Any]:
+    """The frozen text encoder's identity, checked against the prepared tokens' tokenizer, and the empty
+    caption's embedding (caption dropout's), computed here once."""
+    model = load_text_encoder(location, storage, subfolder).eval()  # fail here, not in every actor
+    tokenizer = load_tokenizer(tokenizer_url, storage)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"stage.text_encoder={location} knows {model.config.vocab_size} tokens, the prepared captions' tokenizer "
+            f"({tokenizer_url}) {len(tokenizer)}: prepare with that encoder's tokenizer (stage=prepare "
+            "stage.tokenizer.train=false stage.tokenizer.name_or_path=... stage.tokenizer.subfolder=...)"
+        )
+    empty = text_embeddings(model, tokenize(tokenizer, [""], max_length)[0], torch.device("cpu"))[0]
+    facts = {
+        "location": location,
+        "subfolder": subfolder,
+        "class": type(model).__name__,
+        "sha256": weights_digest(location, storage, subfolder),
+        "width": context_width(model),
+        "max_length": max_length,
+    }
+    return facts, empty
+
+
 def _check_resource_plan(cfg: DictConfig) -> None:
     """Refuse a plan in which the encoder actors would hold every CPU: reads, decodes and writes would then
     wait forever (on a small machine Ray does not say so)."""
@@ -189,9 +232,10 @@ def _check_resource_plan(cfg: DictConfig) -> None:
         )
 
 
-def _schema(kind: str) -> dict[str, str]:
+def _schema(kind: str, text_encoder: dict[str, Any] | None) -> dict[str, str]:
     schema = {"key": "string", "caption": "string", "input_ids": "fixed_size_list<int32>", "attention_mask": "fixed_size_list<int8>"}
-    return {**schema, **{c: "fixed_shape_tensor<halffloat>" for c in latent_columns(kind)}}
+    tensors = [*latent_columns(kind), *([TEXT_EMBEDDING] if text_encoder else [])]
+    return {**schema, **{c: "fixed_shape_tensor<halffloat>" for c in tensors}}
 
 
 class _Encoding:
@@ -210,17 +254,24 @@ class _Encoding:
             if path.rsplit("/", 1)[-1].rsplit("-", 1)[0] not in finished:
                 self.fs.rm(path)
 
-    def encode(self, pending: list[str], expected: dict[str, int], first_stage: dict[str, Any], settings: DictConfig) -> None:
+    def write_bytes(self, name: str, data: bytes) -> int:
+        with self.fs.open(f"{self.root}/{name}", "wb") as f:
+            f.write(data)
+        return len(data)
+
+    def encode(self, pending: list[str], expected: dict[str, int], first_stage: dict[str, Any], text_encoder: dict[str, Any] | None,
+               settings: DictConfig) -> None:
         resources = settings.resources
         context = ray.data.DataContext.get_current()
         block_bytes = context.target_max_block_size
         context.target_max_block_size = int(resources.block_mb * 2**20)
         try:
-            self._encode(pending, expected, first_stage, settings)
+            self._encode(pending, expected, first_stage, text_encoder, settings)
         finally:
             context.target_max_block_size = block_bytes
 
-    def _encode(self, pending: list[str], expected: dict[str, int], first_stage: dict[str, Any], settings: DictConfig) -> None:
+    def _encode(self, pending: list[str], expected: dict[str, int], first_stage: dict[str, Any], text_encoder: dict[str, Any] | None,
+                settings: DictConfig) -> None:
         resources = settings.resources
         # A block, so a decode task, per file: files finish, and are marked, one by one.
         files = ray.data.from_items([{"path": url} for url in pending], override_num_blocks=len(pending))
@@ -242,6 +293,8 @@ class _Encoding:
                     "threads": int(max(1, resources.num_cpus_per_encoder)),
                     "resolution": settings.resolution,
                     "release_every": resources.release_memory_every,
+                    "text_encoder": text_encoder["location"] if text_encoder else None,
+                    "text_encoder_subfolder": text_encoder["subfolder"] if text_encoder else None,
                 },
                 compute=ray.data.ActorPoolStrategy(size=resources.encoder_concurrency),
                 batch_format="pyarrow",

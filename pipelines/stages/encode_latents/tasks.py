@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ldm.data.images import square_crop
-from ldm.latents import LatentStats, column_array, tensor_column
+from ldm.latents import TEXT_EMBEDDING, LatentStats, column_array, tensor_column
 from ldm.storage import Storage
 
 CARRIED = ("key", "caption", "input_ids", "attention_mask")  # prepared columns that go on to train_ldm
@@ -84,7 +84,7 @@ def write(batch: pa.Table, *, storage: Storage, out: str, compression: str, row_
         kept = rows.filter(pc.is_null(rows["reason"]))
         name, size, stats = None, 0, LatentStats()
         if len(kept):
-            table = kept.select([*CARRIED, *(c for c in kept.column_names if c.startswith("latent"))])
+            table = kept.select([*CARRIED, *(c for c in kept.column_names if c.startswith("latent") or c == TEXT_EMBEDDING)])
             keys = table["key"]
             tag = hashlib.sha1(f"{keys[0]}|{keys[-1]}|{len(table)}".encode()).hexdigest()[:12]
             name = f"{stem(source)}-{tag}.parquet"

@@ -266,7 +266,7 @@ class _Steps:
                     min_frequency=config.min_frequency,
                 )
             else:
-                tokenizer = load_tokenizer(config.name_or_path, self.storage)
+                tokenizer = load_tokenizer(config.name_or_path, self.storage, config.subfolder)
             clear(self.storage, url)
             save_tokenizer(tokenizer, self.storage, url)
             self._finish(TOKENIZER)

@@ -30,7 +30,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ldm.data.epochs import END_OF_EPOCH, EpochStream, Interval
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
 from ldm.diffusion.sampling import generate_images, sampler, text_to_image_pipeline
+from ldm.flops import counter, peak_flops, performance
 from ldm.grids import captioned_grid
+from ldm.latents import TEXT_EMBEDDING
 from ldm.lr_schedule import learning_rate, set_learning_rate
 from ldm.models.first_stage import load_first_stage
 from ldm.models.presets import text_to_image_preset
@@ -62,7 +64,8 @@ class LatentBatch(NumpyBatchCollateFn):
         out: dict[str, Any] = {
             k: torch.from_numpy(np.stack(v) if v.dtype == object else np.ascontiguousarray(v)) for k, v in batch.items() if k != "key"
         }
-        out["input_ids"] = out["input_ids"].long()
+        if "input_ids" in out:  # absent when the rows carry τθ(y) instead
+            out["input_ids"] = out["input_ids"].long()
         out["key"] = [str(k) for k in batch["key"]]
         return out
 
@@ -80,6 +83,10 @@ class LoopConfig:
     scale_factor: float
     first_stage: dict[str, Any]  # the latents' first stage (location, subfolder): validation grids decode with it
     pretrained_text_encoder: str | None  # as every process spells it (or None: τθ trained from the preset)
+    pretrained_text_encoder_subfolder: str | None
+    # The latents carry that encoder's τθ(y) (encode_latents' stage.text_encoder): it is then never run here,
+    # and caption dropout swaps in the empty caption's embedding. None: the tokens go through τθ each step.
+    empty_text_embedding: np.ndarray | None
     resume_from: ray.train.Checkpoint | None  # stage.resume's checkpoint, when it names one
     storage: Storage
     run: RunTarget
@@ -94,19 +101,26 @@ def train_loop(config: LoopConfig) -> None:
 
     # -- tokenizer, models, optimizer, EMA, and the state to resume from ----------------------------------------
     tokenizer = load_tokenizer(config.tokenizer, config.storage)
-    unconditional = torch.from_numpy(tokenize(tokenizer, [""], config.max_length)[0][0]).long().to(device)
+    embedded = config.empty_text_embedding is not None
+    caption_column = TEXT_EMBEDDING if embedded else "input_ids"
+    if embedded:
+        unconditional = torch.from_numpy(config.empty_text_embedding).to(device)
+    else:
+        unconditional = torch.from_numpy(tokenize(tokenizer, [""], config.max_length)[0][0]).long().to(device)
     # This run's latest checkpoint (a restart, or the same command again); else the one stage.resume names.
     checkpoint = ray.train.get_checkpoint() or config.resume_from
     state: dict[str, Any] = {}
     if checkpoint is not None:
         with private_copy(checkpoint) as directory:
             unet, text_encoder = load_models(directory)
-            ema_weights = [p.detach().clone() for m in load_models(os.path.join(directory, EMA)) for p in m.parameters()]
+            ema_weights = [p.detach().clone() for m in load_models(os.path.join(directory, EMA)) if m is not None for p in m.parameters()]
             state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
     else:
         unet, text_encoder = _build_models(config, len(tokenizer))
     train_text_encoder = config.pretrained_text_encoder is None
-    set_trainable(text_encoder, train_text_encoder)
+    towers = [m for m in (unet, text_encoder) if m is not None]  # no τθ here when the latents carry its output
+    if text_encoder is not None:
+        set_trainable(text_encoder, train_text_encoder)
     set_attention(unet, settings.attention, device)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -116,10 +130,11 @@ def train_loop(config: LoopConfig) -> None:
     module = DenoisingLoss(unet, text_encoder, objective, train_text_encoder).to(device)
     # from_pretrained (a checkpoint) returns eval mode: a resumed τθ would lose its dropout. A frozen one stays in eval.
     module.train()
-    text_encoder.train(train_text_encoder)
+    if text_encoder is not None:
+        text_encoder.train(train_text_encoder)
     trained = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
-    averaged = [*unet.parameters(), *text_encoder.parameters()]  # the EMA's order; frozen ones are copied
+    averaged = [p for m in towers for p in m.parameters()]  # the EMA's order; frozen ones are copied
     ema = EMAModel(averaged, decay=settings.ema.decay, update_after_step=settings.ema.start_step, foreach=True)
     generator = torch.Generator(device=device)
     generator.manual_seed(settings.seed * 1000 + rank)
@@ -148,13 +163,16 @@ def train_loop(config: LoopConfig) -> None:
     held_out = HeldOutLoss(config, module, device, autocast) if rank == 0 and config.held_out else None
     nodes = _node_count(world)
     if rank == 0:
-        counts = {"unet": sum(p.numel() for p in unet.parameters()), "text_encoder": sum(p.numel() for p in text_encoder.parameters())}
+        counts = {"unet": sum(p.numel() for p in unet.parameters()),
+                  "text_encoder": sum(p.numel() for p in text_encoder.parameters()) if text_encoder is not None else 0}
         if state:
             tracker.metrics({"resumed_from_step": step}, step)  # a restart after a failure shows in the run
         tracker.params({"global_batch_size": global_batch, "world_size": world, "nodes": nodes, **{f"parameters.{k}": v for k, v in counts.items()}})
         print(f"train_ldm: {world} workers on {nodes} node(s), global batch {global_batch} = {batch_size} x {world} workers x "
               f"{accumulation} accumulation; parameters {counts}")
 
+    peak = peak_flops(device, torch.bfloat16 if settings.bf16 else torch.float32)
+    step_flops = None  # one worker's optimizer step, counted once, on this attempt's first whole step
     loss_sum = norm_sum = data_wait = 0.0
     window_steps, window_start = 0, time.perf_counter()
 
@@ -175,24 +193,28 @@ def train_loop(config: LoopConfig) -> None:
                                                             warmup_steps=opt.warmup_steps, final_ratio=opt.final_ratio))
                 optimizer.zero_grad(set_to_none=True)
                 loss_value, keys = 0.0, []
-                for micro in range(accumulation):
-                    fetch = time.perf_counter()
-                    batch = batches.next()
-                    data_wait += time.perf_counter() - fetch
-                    if batch is END_OF_EPOCH:
-                        exhausted = True
-                        break
-                    keys.extend(batch["key"])
-                    moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
-                    input_ids = drop_captions(batch["input_ids"].to(device), unconditional, settings.caption_dropout, generator)
-                    last = micro == accumulation - 1
-                    with nullcontext() if last or world == 1 else network.no_sync():
-                        with autocast:
-                            loss = network(sample_latents(moments, config.scale_factor, generator), input_ids, generator)
-                        (loss / accumulation).backward()
-                    loss_value += loss.item() / accumulation
+                counting = counter() if step_flops is None else nullcontext()
+                with counting:
+                    for micro in range(accumulation):
+                        fetch = time.perf_counter()
+                        batch = batches.next()
+                        data_wait += time.perf_counter() - fetch
+                        if batch is END_OF_EPOCH:
+                            exhausted = True
+                            break
+                        keys.extend(batch["key"])
+                        moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
+                        captions = drop_captions(batch[caption_column].to(device), unconditional, settings.caption_dropout, generator)
+                        last = micro == accumulation - 1
+                        with nullcontext() if last or world == 1 else network.no_sync():
+                            with autocast:
+                                loss = network(sample_latents(moments, config.scale_factor, generator), captions, generator)
+                            (loss / accumulation).backward()
+                        loss_value += loss.item() / accumulation
                 if exhausted:  # a partial accumulation is dropped: every update sees the whole global batch
                     break
+                if step_flops is None:
+                    step_flops = counting.get_total_flops()
                 grad_norm = torch.nn.utils.clip_grad_norm_(trained, opt.grad_clip or float("inf"))
                 optimizer.step()
                 ema.step(averaged)
@@ -216,6 +238,7 @@ def train_loop(config: LoopConfig) -> None:
                         "train/samples_per_s": window_steps * global_batch / elapsed,
                         "train/steps_per_s": window_steps / elapsed,
                         "train/data_wait_fraction": data_wait / elapsed,
+                        **performance(step_flops, window_steps / elapsed, peak),
                         "train/epoch": epoch,
                     })
                     if final:
@@ -269,8 +292,11 @@ def training_schedule(noise: Noise):
 def _build_models(config: LoopConfig, vocab_size: int) -> tuple[UNet2DConditionModel, torch.nn.Module]:
     model = config.settings.model
     spec = text_to_image_preset(model.preset, model.unet, model.text_encoder)
+    channels, size = config.latent_shape[0], config.latent_shape[1]
+    if config.empty_text_embedding is not None:
+        return build_unet(spec.unet, channels, size, config.empty_text_embedding.shape[-1]), None
     if config.pretrained_text_encoder is not None:
-        text_encoder = load_text_encoder(config.pretrained_text_encoder, config.storage)
+        text_encoder = load_text_encoder(config.pretrained_text_encoder, config.storage, config.pretrained_text_encoder_subfolder)
         if vocab_size > text_encoder.config.vocab_size:
             raise ValueError(
                 f"stage.model.pretrained_text_encoder={config.pretrained_text_encoder} knows {text_encoder.config.vocab_size} "
@@ -279,7 +305,6 @@ def _build_models(config: LoopConfig, vocab_size: int) -> tuple[UNet2DConditionM
             )
     else:
         text_encoder = build_text_encoder(spec.text_encoder, vocab_size, config.max_length)
-    channels, size = config.latent_shape[0], config.latent_shape[1]
     return build_unet(spec.unet, channels, size, context_width(text_encoder)), text_encoder
 
 
@@ -302,7 +327,7 @@ def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer
         checkpoint = None
         if save and rank == 0:
             save_models(directory, module.unet, module.text_encoder)
-            averaged = [*module.unet.parameters(), *module.text_encoder.parameters()]
+            averaged = [p for m in (module.unet, module.text_encoder) if m is not None for p in m.parameters()]
             ema.store(averaged)
             ema.copy_to(averaged)
             save_models(os.path.join(directory, EMA), module.unet, module.text_encoder)
@@ -331,17 +356,18 @@ class HeldOutLoss:
         self.batches = list(rows.iter_torch_batches(batch_size=settings.batch_size, collate_fn=LatentBatch()))
         self.module, self.device, self.autocast = module, device, autocast
         self.scale_factor, self.seed = config.scale_factor, settings.validation.seed
+        self.caption_column = TEXT_EMBEDDING if config.empty_text_embedding is not None else "input_ids"
 
     @torch.no_grad()
     def loss(self) -> float:
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        modes = [(m, m.training) for m in (self.module.unet, self.module.text_encoder)]  # a frozen τθ stays in eval
+        modes = [(m, m.training) for m in (self.module.unet, self.module.text_encoder) if m is not None]  # a frozen τθ stays in eval
         self.module.eval()
         total, count = 0.0, 0
         for batch in self.batches:
             moments = {k: v.to(self.device) for k, v in batch.items() if k.startswith("latent")}
             with self.autocast:
-                loss = self.module(sample_latents(moments, self.scale_factor, generator), batch["input_ids"].to(self.device), generator)
+                loss = self.module(sample_latents(moments, self.scale_factor, generator), batch[self.caption_column].to(self.device), generator)
             total += float(loss) * len(batch["key"])
             count += len(batch["key"])
         for part, mode in modes:
@@ -352,19 +378,22 @@ class HeldOutLoss:
 class Validation:
     """A grid of samples for the fixed validation prompts, decoded by the first stage (rank 0 only)."""
 
-    def __init__(self, config: LoopConfig, tokenizer, unet: UNet2DConditionModel, text_encoder: torch.nn.Module, device: torch.device):
+    def __init__(self, config: LoopConfig, tokenizer, unet: UNet2DConditionModel, text_encoder: torch.nn.Module | None, device: torch.device):
         self.settings = config.settings.validation
         self.prompts = list(self.settings.prompts)
+        if text_encoder is None:  # the latents carry τθ(y): the frozen encoder is loaded for the prompts only
+            text_encoder = load_text_encoder(config.pretrained_text_encoder, config.storage, config.pretrained_text_encoder_subfolder)
+            text_encoder = text_encoder.to(device).eval()
         first = config.first_stage
         first_stage = load_first_stage(first["location"], config.storage, first["subfolder"]).to(device).eval()
         scheduler = sampler(self.settings.sampler, training_schedule(config.settings.noise).config)
         self.pipeline = text_to_image_pipeline(unet, text_encoder, tokenizer, first_stage, config.scale_factor, scheduler)
 
     def grid(self):
-        unet, text_encoder = self.pipeline.unet, self.pipeline.bert
-        was_training = unet.training
-        unet.eval(), text_encoder.eval()
+        modes = [(m, m.training) for m in (self.pipeline.unet, self.pipeline.bert)]  # a frozen τθ stays in eval
+        self.pipeline.unet.eval(), self.pipeline.bert.eval()
         seeds = [self.settings.seed + i for i in range(len(self.prompts))]
         images = generate_images(self.pipeline, self.prompts, seeds, steps=self.settings.steps, guidance_scale=self.settings.guidance_scale)
-        unet.train(was_training), text_encoder.train(was_training)
+        for part, mode in modes:
+            part.train(mode)
         return captioned_grid(images, self.prompts)

@@ -23,11 +23,13 @@ import ray
 import ray.train
 from omegaconf import DictConfig, OmegaConf
 from pyarrow.fs import FileType
+from safetensors.numpy import load
 
 from ldm.manifest import data_files, data_row_groups
 from ldm.models.presets import describe, text_to_image_preset
-from ldm.models.text_to_image import EMA, TEXT_ENCODER, UNET
-from ldm.storage import Storage, model_location, resolve
+from ldm.latents import TEXT_EMBEDDING
+from ldm.models.text_to_image import EMA, TEXT_ENCODER, UNET, load_text_encoder
+from ldm.storage import Storage, model_location, resolve, weights_digest
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer
 from pipelines import training
 from pipelines.stage import Inputs, Job, Output, Stage
@@ -50,8 +52,28 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     inputs = Inputs.output_of("encode_latents", cfg.stage.latents_url, storage, "latents")
     resume_from = _resume_from(cfg.stage.resume, storage)
     inputs.fingerprints.extend([resume_from.path] if resume_from else [])
-    inputs.found.update(resume_from=resume_from, spec=spec)
+    inputs.found.update(resume_from=resume_from, spec=spec, embedded=_embedded(inputs, model, storage))
     return inputs
+
+
+def _embedded(inputs: Inputs, model: DictConfig, storage: Storage) -> bool:
+    """Whether to train on the latents' precomputed τθ(y): only when they are the frozen encoder's that
+    stage.model.pretrained_text_encoder names (by its weights' digest); another encoder's are refused."""
+    made_by = inputs.found["latents"]["facts"].get("text_encoder")
+    if made_by is None or model.pretrained_text_encoder is None:  # none there, or τθ trained here: the tokens are read
+        return False
+    location, subfolder = model_location(model.pretrained_text_encoder), model.pretrained_text_encoder_subfolder
+    if weights_digest(location, storage, subfolder) != made_by["sha256"]:
+        raise ValueError(
+            f"stage.latents_url={inputs.record['latents']} holds text embeddings made by {made_by['location']}"
+            f"{_subfolder(made_by['subfolder'])}, but stage.model.pretrained_text_encoder={location}{_subfolder(subfolder)} "
+            "is another encoder: name that one, or encode the latents with this one (stage=encode_latents stage.text_encoder=...)"
+        )
+    return True
+
+
+def _subfolder(subfolder: str | None) -> str:
+    return f" (subfolder {subfolder})" if subfolder else ""
 
 
 def _train(job: Job) -> Output:
@@ -62,7 +84,9 @@ def _train(job: Job) -> Output:
     identity = training.training_identity(cfg, [*job.inputs.fingerprints, json.dumps(describe(spec), sort_keys=True)])
     run_name = f"{STAGE.name}-{identity[:16]}" + (time.strftime("-%Y%m%d-%H%M%S") if settings.resume == "never" else "")
     files, row_groups = data_row_groups(latents, source)
-    data = EpochData(files, row_groups, ["key", "input_ids", *facts["latent_columns"]], settings.seed, settings.shuffle_buffer, storage)
+    embedded = job.inputs.found["embedded"]
+    captions = [TEXT_EMBEDDING] if embedded else ["input_ids"]
+    data = EpochData(files, row_groups, ["key", *captions, *facts["latent_columns"]], settings.seed, settings.shuffle_buffer, storage)
     config = loop.LoopConfig(
         settings=OmegaConf.to_object(settings),
         data=data,
@@ -73,6 +97,8 @@ def _train(job: Job) -> Output:
         scale_factor=facts["scale_factor"],
         first_stage=facts["first_stage"],
         pretrained_text_encoder=model_location(settings.model.pretrained_text_encoder) if settings.model.pretrained_text_encoder else None,
+        pretrained_text_encoder_subfolder=settings.model.pretrained_text_encoder_subfolder,
+        empty_text_embedding=_empty_text_embedding(storage, source, facts["text_encoder"]) if embedded else None,
         resume_from=resume_from,
         storage=storage,
         run=training.run_target(job),
@@ -90,6 +116,10 @@ def _train(job: Job) -> Output:
         result.checkpoint.to_directory(local)
         save_tokenizer(load_tokenizer(config.tokenizer, storage), storage, f"{job.out}/{TOKENIZER_DIR}")
         loop.training_schedule(settings.noise).save_config(os.path.join(local, SCHEDULER_DIR))
+        if embedded:  # trained without τθ: the frozen encoder goes into the model as the exported pipeline's ``bert``
+            text_encoder = load_text_encoder(config.pretrained_text_encoder, storage, config.pretrained_text_encoder_subfolder)
+            for folder in ("", EMA):
+                text_encoder.save_pretrained(os.path.join(local, folder, TEXT_ENCODER), safe_serialization=True)
         for folder in (UNET, TEXT_ENCODER, EMA, SCHEDULER_DIR):
             fs.put(os.path.join(local, folder), f"{root}/{folder}", recursive=True)
             if settings.log_model:
@@ -102,6 +132,7 @@ def _train(job: Job) -> Output:
                        "tokenizer": f"{TOKENIZER_DIR}/", "scheduler": f"{SCHEDULER_DIR}/"},
             "preset": str(settings.model.preset),
             "text_encoder_trained": settings.model.pretrained_text_encoder is None,
+            "text_embeddings_precomputed": embedded,
             "first_stage": facts["first_stage"],
             "scale_factor": facts["scale_factor"],
             "latent_shape": facts["latent_shape"],
@@ -114,6 +145,13 @@ def _train(job: Job) -> Output:
         },
         message=f"{STAGE.name}: {steps} steps, final loss {metrics.get('train/loss', float('nan')):.4f}; model at {job.out}",
     )
+
+
+def _empty_text_embedding(storage: Storage, latents: str, made_by: dict[str, Any]):
+    """The empty caption's τθ(y) that encode_latents stored beside the embeddings: caption dropout's."""
+    fs, root = storage.fsspec(latents)
+    with fs.open(f"{root}/{made_by['empty']}", "rb") as f:
+        return load(f.read())[TEXT_EMBEDDING]
 
 
 def _resume_from(resume: str, storage: Storage) -> ray.train.Checkpoint | None:

@@ -1,0 +1,66 @@
+"""Model FLOPs utilisation (MFU): the FLOPs a training step computes, times steps/s, over the hardware's peak.
+
+A step's FLOPs are counted once by torch's own counter (``FlopCounterMode``: forward and backward matmuls and
+convolutions, as dispatched), not estimated from a formula, so any model and any accumulation is counted alike.
+The peak is the GPU's dense bf16 (or fp16) tensor-core rate from its data sheet; on a CPU, where there is no data
+sheet to trust, a matmul of the training dtype is timed on the spot.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense (no sparsity) bf16 tensor-core FLOP/s, by a fragment of torch.cuda.get_device_name; the first match wins,
+# so the longer names come first. V100 and T4 have no bf16: their fp16 rate.
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+def counter() -> FlopCounterMode:
+    """Counts what runs inside it; ``get_total_flops()`` afterwards. It observes only: results are unchanged."""
+    return FlopCounterMode(display=False)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """The device's peak FLOP/s for ``dtype`` matmuls: the table for a GPU (None when it is not listed), a
+    measurement on a CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)
+    return measured_matmul_flops(dtype)
+
+
+def measured_matmul_flops(dtype: torch.dtype, size: int = 1024, trials: int = 5, seconds: float = 0.1) -> float:
+    """FLOP/s of square ``size`` matmuls on this CPU with this process's torch threads: its practical peak. The
+    best of a few short trials, so that another process busy for a moment does not lower it."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm up the kernels
+    best = 0.0
+    for _ in range(trials):
+        runs, started = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < seconds:
+            a @ b
+            runs += 1
+        best = max(best, 2 * size**3 * runs / elapsed)
+    return best
+
+
+def performance(step_flops: float, steps_per_s: float, peak: float | None) -> dict[str, float]:
+    """One worker's model TFLOP/s and, when the device's peak is known, its MFU (every worker does the same)."""
+    achieved = step_flops * steps_per_s
+    return {"perf/model_tflops": achieved / 1e12, **({"perf/mfu": achieved / peak} if peak else {})}
