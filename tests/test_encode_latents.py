@@ -163,7 +163,8 @@ def test_an_undecodable_image_is_dropped_and_counted_not_fatal(prepared, tmp_pat
     assert (len(first), len(second)) == (4, 2) and set(first["path"].to_pylist() + second["path"].to_pylist()) == {str(path)}
     decoded = pa.concat_tables([first, second])
     assert decoded["reason"].to_pylist() == [None, None, "undecodable", None, None, None]
-    encoder = Encoder(f"{root}/first_stage", None, Storage(root=str(root)), "bfloat16", 1, 64, release_every=1)
+    encoder = Encoder(f"{root}/first_stage", None, Storage(root=str(root)), "bfloat16", 1, 64, release_every=1, text_encoder=None,
+                      text_encoder_subfolder=None)
     [report] = encode_tasks.write(encoder(decoded), storage=Storage(root=str(tmp_path)), out=str(tmp_path), compression="zstd",
                                          row_group_rows=128).to_pylist()
     assert (report["rows"], report["undecodable"]) == (5, 1)
