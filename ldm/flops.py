@@ -48,7 +48,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
 def measured_matmul_flops(dtype: torch.dtype, size: int = 1024, trials: int = 5, seconds: float = 0.1) -> float:
     """FLOP/s of square ``size`` matmuls on this CPU with this process's torch threads: its practical peak. The
     best of a few short trials, so that another process busy for a moment does not lower it."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    # Its own generator: drawing from torch's global one would move a training run's random stream (a resumed
+    # run would then draw other noise than one that never stopped).
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
     a @ b  # warm up the kernels
     best = 0.0
     for _ in range(trials):

@@ -28,7 +28,6 @@ import torch.distributed as dist
 from ldm.losses.first_stage import FirstStageLoss, LossWeights
 from ldm.losses.lpips import load_lpips
 from ldm.lr_schedule import learning_rate, set_learning_rate
-from ldm.flops import counter, peak_flops, performance
 from ldm.grids import pair_grid
 from ldm.metrics.reconstruction import evaluate_reconstruction
 from ldm.models.first_stage import Reconstruct, build_first_stage, kind, last_layer, load_first_stage
@@ -98,9 +97,7 @@ def train_loop(config: LoopConfig) -> None:
     tracker = RunLogger(config.run) if rank == 0 else None
     validation = _validation_batches(settings.batch_size) if rank == 0 else None
     sums: dict[str, float] = {}
-    started, seen, window_steps = time.time(), 0, 0
-    peak = peak_flops(device, torch.bfloat16 if device.type == "cuda" and settings.bf16 else torch.float32)
-    step_flops, disc_counted = None, False  # one worker's step (autoencoder and discriminator)
+    started, seen = time.time(), 0
 
     # -- the loop: each epoch is one pass over this worker's run of the epoch's order -------------------------
     schedule = {"schedule": opt.schedule, "warmup_steps": opt.warmup_steps, "final_ratio": opt.final_ratio, "total_steps": settings.steps}
@@ -110,31 +107,24 @@ def train_loop(config: LoopConfig) -> None:
         images_of_epoch = config.data.rows(epoch, rank, world, taken).map_batches(crops, num_cpus=settings.resources.num_cpus_per_decode_task)
         for batch in images_of_epoch.iter_torch_batches(batch_size=settings.batch_size, device=device, drop_last=True):
             images = batch["pixels"]
-            # Counted on the first step, and again on the first with the discriminator (from loss.disc_start).
-            recount = step_flops is None or (not disc_counted and step >= settings.loss.disc_start)
-            counting = counter() if recount else nullcontext()
-            with counting:
-                for optimizer, base in ((ae_optimizer, opt.lr), (d_optimizer, opt.disc_lr)):
-                    set_learning_rate(optimizer, learning_rate(step, base, **schedule))
-                with autocast:
-                    reconstructions, encoded = network(images)
-                    ae_loss, logs = loss.generator(images, reconstructions, encoded, step, last_layer(autoencoder))
-                ae_optimizer.zero_grad(set_to_none=True)
-                ae_loss.backward()
-                _average_gradients(extra, world)
-                ae_optimizer.step()
+            for optimizer, base in ((ae_optimizer, opt.lr), (d_optimizer, opt.disc_lr)):
+                set_learning_rate(optimizer, learning_rate(step, base, **schedule))
+            with autocast:
+                reconstructions, encoded = network(images)
+                ae_loss, logs = loss.generator(images, reconstructions, encoded, step, last_layer(autoencoder))
+            ae_optimizer.zero_grad(set_to_none=True)
+            ae_loss.backward()
+            _average_gradients(extra, world)
+            ae_optimizer.step()
 
-                with autocast:
-                    d_loss, d_logs = loss.discriminator_loss(images, reconstructions, step)
-                if d_loss is not None:
-                    d_optimizer.zero_grad(set_to_none=True)
-                    d_loss.backward()
-                    _average_gradients(list(loss.discriminator.parameters()), world)
-                    d_optimizer.step()
-            if recount:
-                step_flops, disc_counted = counting.get_total_flops(), step >= settings.loss.disc_start
+            with autocast:
+                d_loss, d_logs = loss.discriminator_loss(images, reconstructions, step)
+            if d_loss is not None:
+                d_optimizer.zero_grad(set_to_none=True)
+                d_loss.backward()
+                _average_gradients(list(loss.discriminator.parameters()), world)
+                d_optimizer.step()
             step += 1
-            window_steps += 1
             consumed += images.shape[0]
             seen += images.shape[0] * world
             for name, value in {"loss": ae_loss.item(), **logs, **d_logs}.items():
@@ -146,11 +136,10 @@ def train_loop(config: LoopConfig) -> None:
             if log:
                 metrics.update({f"train/{k}": v / settings.log_every for k, v in sums.items()})
                 metrics["train/images_per_s"] = seen / (time.time() - started)
-                metrics.update(performance(step_flops, window_steps / (time.time() - started), peak))
                 metrics["train/lr"] = ae_optimizer.param_groups[0]["lr"]
                 if last:  # the autoencoder, its log-variance and the discriminator: equal on every rank
                     metrics["ddp/parameter_spread"] = parameter_spread([*autoencoder.parameters(), *loss.parameters()], world)
-                sums, started, seen, window_steps = {}, time.time(), 0, 0
+                sums, started, seen = {}, time.time(), 0
             if rank == 0:
                 if step % settings.eval_every == 0 or last:
                     metrics.update(_evaluate(autoencoder, validation, tracker, step, settings.scene_fidelity))
