@@ -9,6 +9,7 @@ sheet to trust, a matmul of the training dtype is timed on the spot.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,9 +32,21 @@ GPU_PEAK_FLOPS = {
 }
 
 
-def counter() -> FlopCounterMode:
-    """Counts what runs inside it; ``get_total_flops()`` afterwards. It observes only: results are unchanged."""
-    return FlopCounterMode(display=False)
+def step_flops(run: Callable[[], object], modules: Sequence[torch.nn.Module]) -> int:
+    """The FLOPs of ``run()``: one training step's forwards and backwards, without the optimizer, on the step's
+    own inputs. It is run apart and leaves no trace, so that training stays bit-exact: under the counter (a
+    dispatch mode) kernels may compute in another order, so the counted pass is discarded. Torch's random
+    state, the modules' buffers (BatchNorm's running statistics) and their gradients are as before."""
+    buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+    devices = sorted({b.device.index or 0 for m in modules for b in m.parameters() if b.is_cuda})
+    with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counting:
+        run()
+    with torch.no_grad():
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+    for module in modules:
+        module.zero_grad(set_to_none=True)
+    return counting.get_total_flops()
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:

@@ -2,15 +2,21 @@
 
 import torch
 
-from ldm.flops import GPU_PEAK_FLOPS, counter, peak_flops, performance
+from ldm.flops import GPU_PEAK_FLOPS, peak_flops, performance, step_flops
 
 
-def test_a_step_is_counted_as_its_forward_and_backward_matmuls():
-    layer = torch.nn.Linear(64, 32, bias=False)
-    with counter() as counting:
-        layer(torch.randn(8, 64)).sum().backward()
+def test_a_step_is_counted_as_its_forward_and_backward_matmuls_and_leaves_no_trace():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.BatchNorm1d(32), torch.nn.Dropout(0.5))
+    inputs = torch.randn(8, 64)
+    before = ([b.clone() for b in model.buffers()], torch.get_rng_state())
+    flops = step_flops(lambda: model(inputs).sum().backward(), [model])
     # forward 2*8*64*32, backward the weight's gradient as much again (the input needs none)
-    assert counting.get_total_flops() == 2 * (2 * 8 * 64 * 32)
+    assert flops == 2 * (2 * 8 * 64 * 32)
+    # The counted pass is discarded: BatchNorm's statistics, the dropout's random stream and the gradients are as before.
+    assert all(torch.equal(a, b) for a, b in zip(before[0], model.buffers()))
+    assert torch.equal(before[1], torch.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_mfu_is_achieved_over_peak_and_left_out_when_the_peak_is_unknown():

@@ -41,6 +41,10 @@ def test_two_workers_learn_log_and_save_a_reloadable_model(prepared):
     assert len(losses) == 4 and losses[-1] < losses[0]  # two workers, and it learns
     assert [v for _, v in history(client, run.info.run_id, "ddp/parameter_spread")] == [0.0]
     assert "train/disc_loss" in first["facts"]["final_metrics"]
+    # Model FLOPs utilisation at every log step, against this CPU's measured matmul peak; the step is counted
+    # again once the discriminator trains.
+    tflops = [v for _, v in history(client, run.info.run_id, "perf/model_tflops")]
+    assert len(tflops) == 4 and all(v > 0 for v in tflops) and first["facts"]["final_metrics"]["perf/mfu"] > 0
     # Validated on prepare's held-out rows, which it never trained on: as many as stage.validation_images allows.
     held_out = first["facts"]["held_out"]
     assert held_out["fraction"] == 0.15 and first["facts"]["final_metrics"]["val/images"] == 8 < held_out["rows"]

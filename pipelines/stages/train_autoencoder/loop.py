@@ -28,6 +28,7 @@ import torch.distributed as dist
 from ldm.losses.first_stage import FirstStageLoss, LossWeights
 from ldm.losses.lpips import load_lpips
 from ldm.lr_schedule import learning_rate, set_learning_rate
+from ldm.flops import peak_flops, performance, step_flops
 from ldm.grids import pair_grid
 from ldm.metrics.reconstruction import evaluate_reconstruction
 from ldm.models.first_stage import Reconstruct, build_first_stage, kind, last_layer, load_first_stage
@@ -97,7 +98,9 @@ def train_loop(config: LoopConfig) -> None:
     tracker = RunLogger(config.run) if rank == 0 else None
     validation = _validation_batches(settings.batch_size) if rank == 0 else None
     sums: dict[str, float] = {}
-    started, seen = time.time(), 0
+    started, seen, window_steps = time.time(), 0, 0
+    peak = peak_flops(device, torch.bfloat16 if device.type == "cuda" and settings.bf16 else torch.float32)
+    flops, disc_counted = None, False  # one worker's step (autoencoder and discriminator)
 
     # -- the loop: each epoch is one pass over this worker's run of the epoch's order -------------------------
     schedule = {"schedule": opt.schedule, "warmup_steps": opt.warmup_steps, "final_ratio": opt.final_ratio, "total_steps": settings.steps}
@@ -107,6 +110,11 @@ def train_loop(config: LoopConfig) -> None:
         images_of_epoch = config.data.rows(epoch, rank, world, taken).map_batches(crops, num_cpus=settings.resources.num_cpus_per_decode_task)
         for batch in images_of_epoch.iter_torch_batches(batch_size=settings.batch_size, device=device, drop_last=True):
             images = batch["pixels"]
+            # Counted on the first step, and again on the first with the discriminator (from loss.disc_start).
+            if flops is None or (not disc_counted and step >= settings.loss.disc_start):
+                counting = time.time()
+                flops = step_flops(partial(_losses, autoencoder, loss, images, step, autocast), [autoencoder, loss])
+                disc_counted, started = step >= settings.loss.disc_start, started + time.time() - counting  # not in images/s
             for optimizer, base in ((ae_optimizer, opt.lr), (d_optimizer, opt.disc_lr)):
                 set_learning_rate(optimizer, learning_rate(step, base, **schedule))
             with autocast:
@@ -125,6 +133,7 @@ def train_loop(config: LoopConfig) -> None:
                 _average_gradients(list(loss.discriminator.parameters()), world)
                 d_optimizer.step()
             step += 1
+            window_steps += 1
             consumed += images.shape[0]
             seen += images.shape[0] * world
             for name, value in {"loss": ae_loss.item(), **logs, **d_logs}.items():
@@ -136,10 +145,11 @@ def train_loop(config: LoopConfig) -> None:
             if log:
                 metrics.update({f"train/{k}": v / settings.log_every for k, v in sums.items()})
                 metrics["train/images_per_s"] = seen / (time.time() - started)
+                metrics.update(performance(flops, window_steps / (time.time() - started), peak))
                 metrics["train/lr"] = ae_optimizer.param_groups[0]["lr"]
                 if last:  # the autoencoder, its log-variance and the discriminator: equal on every rank
                     metrics["ddp/parameter_spread"] = parameter_spread([*autoencoder.parameters(), *loss.parameters()], world)
-                sums, started, seen = {}, time.time(), 0
+                sums, started, seen, window_steps = {}, time.time(), 0, 0
             if rank == 0:
                 if step % settings.eval_every == 0 or last:
                     metrics.update(_evaluate(autoencoder, validation, tracker, step, settings.scene_fidelity))
@@ -153,6 +163,18 @@ def train_loop(config: LoopConfig) -> None:
         else:  # the epoch's run is exhausted
             config.data.check_share(consumed, taken, rank, settings.batch_size)
             epoch, taken = epoch + 1, []
+
+
+def _losses(autoencoder, loss: FirstStageLoss, images: torch.Tensor, step: int, autocast) -> None:
+    """A step's forwards and backwards, on the bare autoencoder, without the optimizers: what MFU counts."""
+    with autocast:
+        reconstructions, encoded = Reconstruct(autoencoder)(images)
+        ae_loss, _ = loss.generator(images, reconstructions, encoded, step, last_layer(autoencoder))
+    ae_loss.backward()
+    with autocast:
+        d_loss, _ = loss.discriminator_loss(images, reconstructions, step)
+    if d_loss is not None:
+        d_loss.backward()
 
 
 def _average_gradients(parameters: list[torch.nn.Parameter], world: int) -> None:

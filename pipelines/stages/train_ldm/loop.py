@@ -30,7 +30,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ldm.data.epochs import END_OF_EPOCH, EpochStream, Interval
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
 from ldm.diffusion.sampling import generate_images, sampler, text_to_image_pipeline
-from ldm.flops import counter, peak_flops, performance
+from ldm.flops import peak_flops, performance, step_flops as count_step_flops
 from ldm.grids import captioned_grid
 from ldm.latents import TEXT_EMBEDDING
 from ldm.lr_schedule import learning_rate, set_learning_rate
@@ -176,6 +176,13 @@ def train_loop(config: LoopConfig) -> None:
     loss_sum = norm_sum = data_wait = 0.0
     window_steps, window_start = 0, time.perf_counter()
 
+    def step_loss(net: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """One micro-batch's loss: captions dropped for guidance, z0 drawn from the stored moments, then noised."""
+        moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
+        captions = drop_captions(batch[caption_column].to(device), unconditional, settings.caption_dropout, generator)
+        with autocast:
+            return net(sample_latents(moments, config.scale_factor, generator), captions, generator)
+
     # -- the loop: each epoch is one pass over this worker's run of the epoch's order ---------------------------
     # Each epoch is a new Ray Data read; the next one starts while this one's last batches train.
     resumed_epoch = epoch
@@ -191,30 +198,26 @@ def train_loop(config: LoopConfig) -> None:
             while step < settings.steps:
                 set_learning_rate(optimizer, learning_rate(step, opt.lr, total_steps=settings.steps, schedule=opt.schedule,
                                                             warmup_steps=opt.warmup_steps, final_ratio=opt.final_ratio))
-                optimizer.zero_grad(set_to_none=True)
-                loss_value, keys = 0.0, []
-                counting = counter() if step_flops is None else nullcontext()
-                with counting:
-                    for micro in range(accumulation):
-                        fetch = time.perf_counter()
-                        batch = batches.next()
-                        data_wait += time.perf_counter() - fetch
-                        if batch is END_OF_EPOCH:
-                            exhausted = True
-                            break
-                        keys.extend(batch["key"])
-                        moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
-                        captions = drop_captions(batch[caption_column].to(device), unconditional, settings.caption_dropout, generator)
-                        last = micro == accumulation - 1
-                        with nullcontext() if last or world == 1 else network.no_sync():
-                            with autocast:
-                                loss = network(sample_latents(moments, config.scale_factor, generator), captions, generator)
-                            (loss / accumulation).backward()
-                        loss_value += loss.item() / accumulation
+                fetch, micro_batches = time.perf_counter(), []
+                while len(micro_batches) < accumulation and not exhausted:
+                    batch = batches.next()
+                    exhausted = batch is END_OF_EPOCH
+                    micro_batches += [] if exhausted else [batch]
+                data_wait += time.perf_counter() - fetch
                 if exhausted:  # a partial accumulation is dropped: every update sees the whole global batch
                     break
-                if step_flops is None:
-                    step_flops = counting.get_total_flops()
+                if step_flops is None:  # on the bare module, with a copy of the generator: training does not see it
+                    counting, counted = time.perf_counter(), torch.Generator(device=device).set_state(generator.get_state())
+                    step_flops = count_step_flops(lambda: [step_loss(module, batch, counted).backward() for batch in micro_batches], [module])
+                    window_start += time.perf_counter() - counting  # not in steps/s
+                optimizer.zero_grad(set_to_none=True)
+                loss_value, keys = 0.0, []
+                for micro, batch in enumerate(micro_batches):
+                    keys.extend(batch["key"])
+                    with nullcontext() if micro == accumulation - 1 or world == 1 else network.no_sync():
+                        loss = step_loss(network, batch, generator)
+                        (loss / accumulation).backward()
+                    loss_value += loss.item() / accumulation
                 grad_norm = torch.nn.utils.clip_grad_norm_(trained, opt.grad_clip or float("inf"))
                 optimizer.step()
                 ema.step(averaged)
