@@ -402,6 +402,7 @@ class Ema:
 @dataclass
 class Validation:
     prompts: List[str]
+    images: int
     sampler: Sampler
     steps: int
     guidance_scale: float
@@ -467,6 +468,7 @@ class Sample(Generation):
     prompts: List[str]
     prompts_file: Optional[str]
     images_per_prompt: int
+    num_images: int  # a model without prompts (task=unconditional) draws this many
     grid_columns: int
 
 
@@ -493,9 +495,16 @@ class Fid:
 
 
 @dataclass
+class Scenes:
+    enabled: bool
+    images: int
+
+
+@dataclass
 class Evaluate(Generation):
     reconstruction: Reconstruction
     adherence: Adherence
+    scenes: Scenes
     fid: Fid
 
 
@@ -520,11 +529,19 @@ class Pipeline:
     export: Export
 
 
+# -- task: what the latent diffusion model is conditioned on (ldm.tasks) ---------------------------------------------
+@dataclass
+class TaskConfig:
+    name: str
+    suffix: str  # appended to the default output folders of the stages the task changes
+
+
 # -- the root -----------------------------------------------------------------------------------------------------
 @dataclass
 class Config:
     stage: Any  # the chosen stage's class
     data: Any  # the chosen data option's class
+    task: TaskConfig
     storage: Any
     tracking: Tracking
     cluster: Cluster
@@ -544,4 +561,5 @@ OPTIONS: dict[str, dict[str, type]] = {
     "storage": {"local": StorageConfig, "s3": S3StorageConfig},
     "tracking": {"local": Tracking, "server": Tracking},
     "cluster": {"local": Cluster, "remote": Cluster},
+    "task": {"text_to_image": TaskConfig, "unconditional": TaskConfig},
 }

@@ -83,6 +83,7 @@ class Stage:
     version: int  # the code's output version: bump it when the same config would now write something else
     output_url: Callable[[DictConfig], str]  # where the output goes, from the config
     uses_ray: bool = True
+    uses_task: bool = False  # what it writes depends on the task (the others read it from their input's manifest)
     resume: bool = False  # a partial output of the same config is continued, not cleared
     detail: str = ""  # the "nothing to do" line's description of a complete output, from its counts
 
@@ -91,7 +92,7 @@ class Stage:
         out = resolve(self.output_url(cfg))
         require_reachable_storage(cfg, storage.is_local(out))
         inputs = find_inputs(cfg, storage)
-        identity = stage_fingerprint(cfg, self.version, inputs.fingerprints)
+        identity = stage_fingerprint(cfg, self.version, inputs.fingerprints, self.uses_task)
         with stage_run(cfg, self.name) as active:
             done = claim_output(storage, out, stage=self.name, fingerprint=identity, overwrite=cfg.overwrite, resume=self.resume)
             if done is not None:
@@ -128,13 +129,15 @@ NOT_CONTENT = {
 }
 
 
-def stage_fingerprint(cfg: DictConfig, version: int, inputs: Iterable[str] = ()) -> str:
-    """The stage and data config less ``NOT_CONTENT``, the code's output version and the inputs' fingerprints."""
+def stage_fingerprint(cfg: DictConfig, version: int, inputs: Iterable[str] = (), uses_task: bool = False) -> str:
+    """The stage and data config less ``NOT_CONTENT``, the code's output version and the inputs' fingerprints;
+    the task's name for a stage whose output depends on it."""
     stage, data = (
         {k: v for k, v in plain(node).items() if k not in NOT_CONTENT[name]}
         for name, node in (("stage", cfg.stage), ("data", cfg.data))
     )
-    return fingerprint({"stage": stage, "data": data, "code_version": version}, inputs)
+    task = {"task": str(cfg.task.name)} if uses_task else {}
+    return fingerprint({"stage": stage, "data": data, "code_version": version, **task}, inputs)
 
 
 def require_reachable_storage(cfg: DictConfig, is_local: bool) -> None:

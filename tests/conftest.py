@@ -65,6 +65,24 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def ci_latents(ray_cluster, tmp_path_factory) -> Path:
+    """Latents of the ci corpus (240 synthesized images, prepared, under a random tiny-kl-f4 first stage) at
+    ``<root>/store/latents``, made once for the modules that only read them (they write under their own root)."""
+    from ldm.models.first_stage import build_first_stage
+    from ldm.models.presets import first_stage_preset
+    from pipelines import stages
+    from pipelines.config import compose
+
+    root = tmp_path_factory.mktemp("ci_latents")
+    common = ["experiment=ci", f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db"]
+    stages.load("synthesize").run(compose("stage=synthesize", *common))
+    stages.load("prepare").run(compose("stage=prepare", *common))
+    build_first_stage(first_stage_preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(root / "first_stage")
+    stages.load("encode_latents").run(compose("stage=encode_latents", *common, f"stage.first_stage={root}/first_stage"))
+    return root
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-protocol HTTP server on 127.0.0.1 with the bucket ``BUCKET``; yields its endpoint URL."""
     import boto3

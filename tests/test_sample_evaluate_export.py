@@ -12,8 +12,6 @@ import pytest
 from PIL import Image
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-from ldm.models.first_stage import build_first_stage
-from ldm.models.presets import first_stage_preset
 from pipelines import stages
 from pipelines.config import compose
 
@@ -24,16 +22,13 @@ SAMPLE = ["stage=sample", f"stage.prompts={json.dumps(PROMPTS)}"]
 
 
 @pytest.fixture(scope="module")
-def trained(ray_cluster, tmp_path_factory):
-    """A train_ldm output at the ci sizes: 240 synthesized images, a random tiny-kl-f4 first stage, 10 steps of a
-    small UNet."""
+def trained(ci_latents, tmp_path_factory):
+    """A train_ldm output at the ci sizes, 10 steps of a small UNet on the shared ci latents (240 synthesized
+    images, a random tiny-kl-f4 first stage); this module's outputs and MLflow runs under its own root."""
     root = tmp_path_factory.mktemp("generate")
-    common = ["experiment=ci", f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db"]
-    stages.load("synthesize").run(compose("stage=synthesize", *common))
-    stages.load("prepare").run(compose("stage=prepare", *common))
-    build_first_stage(first_stage_preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(root / "first_stage")
-    stages.load("encode_latents").run(compose("stage=encode_latents", *common, f"stage.first_stage={root}/first_stage"))
-    stages.load("train_ldm").run(compose("stage=train_ldm", *common, "stage.steps=10", "stage.log_every=5", "stage.sample_every=10"))
+    common = ["experiment=ci", f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db", f"data.raw_url={ci_latents}/store/raw"]
+    stages.load("train_ldm").run(compose("stage=train_ldm", *common, f"stage.latents_url={ci_latents}/store/latents", "stage.steps=10",
+                                         "stage.log_every=5", "stage.sample_every=10"))
     return root, common
 
 

@@ -19,8 +19,6 @@ import torch
 from conftest import BUCKET, ROOT, free_port, history, image_steps, kill_session, kill_when, wait_for
 
 from ldm.manifest import verify
-from ldm.models.first_stage import build_first_stage
-from ldm.models.presets import first_stage_preset
 from ldm.models.text_to_image import load_models
 from ldm.storage import Storage
 from pipelines import stages
@@ -33,15 +31,10 @@ TRAIN = ["stage=train_ldm", "experiment=ci"]
 
 
 @pytest.fixture(scope="module")
-def latents(ray_cluster, tmp_path_factory):
-    """Latents of 240 synthesized images under a random tiny first stage: the shape of the real thing."""
-    root = tmp_path_factory.mktemp("train_ldm")
-    common = [f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db"]
-    stages.load("synthesize").run(compose("stage=synthesize", "experiment=ci", *common))
-    stages.load("prepare").run(compose("stage=prepare", "experiment=ci", *common))
-    build_first_stage(first_stage_preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(root / "first_stage")
-    stages.load("encode_latents").run(compose("stage=encode_latents", "experiment=ci", *common, f"stage.first_stage={root}/first_stage"))
-    return root, common
+def latents(ci_latents):
+    """Latents of 240 synthesized images under a random tiny first stage (the shared ci latents, whose root this
+    module's outputs and MLflow runs share): the shape of the real thing."""
+    return ci_latents, [f"storage.root={ci_latents}/store", f"tracking.uri=sqlite:///{ci_latents}/mlruns.db"]
 
 
 def latest_run(client):

@@ -71,8 +71,9 @@ class DiffusionObjective:
     scheduler: DDPMScheduler
     snr_gamma: float | None = None  # min-SNR-γ loss weighting; None: the plain (paper's) MSE
 
-    def loss(self, unet: torch.nn.Module, z0: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The mean denoising loss of ``unet`` on the batch ``z0`` under ``context`` = τθ(y)."""
+    def loss(self, unet: torch.nn.Module, z0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The mean denoising loss of ``unet`` on the batch ``z0`` under ``context`` = τθ(y) (None: an
+        unconditional UNet, which takes z_t and t alone)."""
         steps = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (z0.shape[0],), generator=generator, device=z0.device)
         noise = torch.randn(z0.shape, generator=generator, device=z0.device)
@@ -81,7 +82,7 @@ class DiffusionObjective:
             target = self.scheduler.get_velocity(z0, noise, t)
         else:
             target = noise
-        prediction = unet(noisy, t, encoder_hidden_states=context).sample
+        prediction = (unet(noisy, t) if context is None else unet(noisy, t, encoder_hidden_states=context)).sample
         error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.snr_gamma is not None:
             snr = compute_snr(self.scheduler, t)
@@ -94,16 +95,19 @@ class DiffusionObjective:
 
 class DenoisingLoss(torch.nn.Module):
     """UNet + τθ as one module, so DDP averages the gradients of both; forward is the objective. ``text_encoder``
-    is None when the captions come as a frozen encoder's precomputed τθ(y)."""
+    is None when the captions come as a frozen encoder's precomputed τθ(y), or when nothing conditions the UNet."""
 
     def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, objective: DiffusionObjective, train_text_encoder: bool):
         super().__init__()
         self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
         self.train_text_encoder = train_text_encoder
 
-    def forward(self, z0: torch.Tensor, captions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``captions``: token ids, or τθ(y) already computed (floating point; stored as float16)."""
-        if captions.is_floating_point():
+    def forward(self, z0: torch.Tensor, captions: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        """``captions``: token ids, τθ(y) already computed (floating point; stored as float16), or None (the
+        unconditional task)."""
+        if captions is None:
+            context = None
+        elif captions.is_floating_point():
             context = captions.float()
         else:
             with nullcontext() if self.train_text_encoder else torch.no_grad():

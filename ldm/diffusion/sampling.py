@@ -1,9 +1,10 @@
-"""Text-to-image generation with classifier-free guidance, through diffusers' ``LDMTextToImagePipeline``.
+"""Generation through diffusers' own pipelines: ``LDMTextToImagePipeline`` (text-to-image, with
+classifier-free guidance) and ``LDMPipeline`` (unconditional).
 
-The pipeline is the one generation path: training's validation grids, stage=sample, stage=evaluate and the
-exported model all run it, so an exported directory reproduces what the stages showed. Its unconditional
-branch is τθ of the empty prompt, as training's caption dropout made it; it divides latents by the first
-stage's ``scaling_factor``, which is set to the manifest's ``scale_factor`` here.
+A task's pipeline is its one generation path: training's validation grids, stage=sample, stage=evaluate and the
+exported model all run it, so an exported directory reproduces what the stages showed. The text-to-image
+pipeline's unconditional branch is τθ of the empty prompt, as training's caption dropout made it. Both divide
+latents by the first stage's ``scaling_factor``, which is set to the manifest's ``scale_factor`` here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, LDMTextToImagePipeline
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, LDMPipeline, LDMTextToImagePipeline
 from diffusers.configuration_utils import FrozenDict
 from tqdm.auto import tqdm
 
@@ -45,10 +46,18 @@ def text_to_image_pipeline(
     return pipeline
 
 
-def load_pipeline(storage: Storage, url: str, *, weights: str = "ema", sampler_name: str = "ddim", device: str = "cpu") -> LDMTextToImagePipeline:
-    """The pipeline of a train_ldm output (its manifest is checked): its EMA or raw weights, its tokenizer,
-    the first stage it trained on, and the sampler on its training noise schedule. ``device`` auto: a GPU if
-    there is one."""
+def unconditional_pipeline(unet: torch.nn.Module, first_stage: FirstStage, scale_factor: float, scheduler) -> LDMPipeline:
+    """The unconditional task's models as diffusers' ``LDMPipeline``; ``first_stage`` gets ``scale_factor``."""
+    first_stage.register_to_config(scaling_factor=float(scale_factor))
+    pipeline = LDMPipeline(vqvae=first_stage, unet=unet, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_pipeline(storage: Storage, url: str, *, weights: str = "ema", sampler_name: str = "ddim", device: str = "cpu") -> DiffusionPipeline:
+    """The pipeline of a train_ldm output (its manifest is checked), as its task samples: its EMA or raw
+    weights, its tokenizer (text-to-image), the first stage it trained on, and the sampler on its training noise
+    schedule. ``device`` auto: a GPU if there is one."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose 'ema' (the averaged weights) or 'raw' (the last step's)")
     facts = verify(storage, url, stage="train_ldm")["facts"]
@@ -56,27 +65,31 @@ def load_pipeline(storage: Storage, url: str, *, weights: str = "ema", sampler_n
     with ExitStack() as fetched:
         local = lambda folder: fetched.enter_context(storage.local_directory(f"{url}/{folder.strip('/')}"))  # noqa: E731
         unet, text_encoder = load_models(local(layout["ema"]) if weights == "ema" else local(""))
-        tokenizer = load_tokenizer(local(layout["tokenizer"]))
+        tokenizer = load_tokenizer(local(layout["tokenizer"])) if "tokenizer" in layout else None
         schedule = DDPMScheduler.load_config(local(layout["scheduler"]))
     first = facts["first_stage"]
     first_stage = load_first_stage(first["location"], storage, first.get("subfolder"))
-    pipeline = text_to_image_pipeline(unet, text_encoder, tokenizer, first_stage, facts["scale_factor"], sampler(sampler_name, schedule))
+    scheduler = sampler(sampler_name, schedule)
+    if text_encoder is None:
+        pipeline = unconditional_pipeline(unet, first_stage, facts["scale_factor"], scheduler)
+    else:
+        pipeline = text_to_image_pipeline(unet, text_encoder, tokenizer, first_stage, facts["scale_factor"], scheduler)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return pipeline.to(device)
 
 
 def pipeline_size(pipeline: LDMTextToImagePipeline) -> int:
-    """The ``height`` / ``width`` to call the pipeline with. It assumes a first stage of factor 8 when it
-    sizes the latents (``height // 8``), so this is 8 x the UNet's latent size, whatever the first stage's
-    factor; the images come out at the first stage's own resolution."""
+    """The ``height`` / ``width`` to call a text-to-image pipeline with. It assumes a first stage of factor 8
+    when it sizes the latents (``height // 8``), so this is 8 x the UNet's latent size, whatever the first
+    stage's factor; the images come out at the first stage's own resolution."""
     return 8 * pipeline.unet.config.sample_size
 
 
 @torch.no_grad()
 def generate_images(
-    pipeline: LDMTextToImagePipeline,
-    prompts: Sequence[str],
+    pipeline: DiffusionPipeline,
+    prompts: Sequence[str] | None,
     seeds: Sequence[int],
     *,
     steps: int,
@@ -84,19 +97,22 @@ def generate_images(
     batch_size: int = 16,
     progress: bool = False,
 ) -> np.ndarray:
-    """N x H x W x 3 uint8 images, prompt i from noise seeded ``seeds[i]`` alone, so that any one image is
-    reproduced by ``pipeline(prompt, generator=torch.Generator().manual_seed(seed))`` whatever its batch."""
-    if len(prompts) != len(seeds):
+    """N x H x W x 3 uint8 images, image i from noise seeded ``seeds[i]`` alone, so that any one image is
+    reproduced by ``pipeline(prompt, generator=torch.Generator().manual_seed(seed))`` (an unconditional one:
+    ``pipeline(generator=...)``) whatever its batch. ``prompts``: one per seed, or None for an unconditional
+    pipeline (which has no guidance either)."""
+    if prompts is not None and len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    size = pipeline_size(pipeline)
     images = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(seeds), batch_size), desc="sampling", unit="batch", disable=not progress):
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[chunk]]
-        output = pipeline(
-            list(prompts[chunk]), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
-            generator=generators, output_type="np",
-        )
+        if isinstance(pipeline, LDMTextToImagePipeline):
+            size = pipeline_size(pipeline)
+            output = pipeline(list(prompts[chunk]), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
+                              generator=generators, output_type="np")
+        else:
+            output = pipeline(batch_size=len(generators), generator=generators, num_inference_steps=steps, output_type="np")
         images.append(to_uint8(output.images))
     return np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 
 import torch
+from diffusers import AutoModel as AutoDiffusersModel
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor
+from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
 
@@ -82,26 +83,29 @@ def load_text_encoder(name_or_path: str, storage: Storage | None = None, subfold
         return TEXT_TOWERS.get(config.model_type, AutoModel).from_pretrained(local, subfolder=subfolder or "")
 
 
-def set_attention(unet: UNet2DConditionModel, kind: str, device: torch.device) -> None:
+def set_attention(unet: torch.nn.Module, kind: str, device: torch.device) -> None:
     """``sdpa`` (torch's fused kernels), ``math`` (diffusers' plain matmul + softmax), or ``auto``: math on CPU,
     where the fused kernel's backward took 42 % of a tiny-preset step (math: 1.25x the steps/s, bf16)."""
     if kind not in ATTENTION:
         raise ValueError(f"attention={kind!r}: choose one of {ATTENTION}")
     if kind == "math" or (kind == "auto" and device.type == "cpu"):
-        unet.set_attn_processor(AttnProcessor())
+        for module in unet.modules():  # UNet2DModel has no set_attn_processor: each attention layer, then
+            if isinstance(module, Attention):
+                module.set_processor(AttnProcessor())
 
 
-def save_models(directory: str, unet: UNet2DConditionModel, text_encoder: torch.nn.Module | None) -> None:
+def save_models(directory: str, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
     """The UNet and τθ; a checkpoint of training on precomputed τθ(y) has no τθ to save."""
     unet.save_pretrained(os.path.join(directory, UNET), safe_serialization=True)
     if text_encoder is not None:
         text_encoder.save_pretrained(os.path.join(directory, TEXT_ENCODER), safe_serialization=True)
 
 
-def load_models(directory: str) -> tuple[UNet2DConditionModel, torch.nn.Module | None]:
-    """The UNet and τθ saved under ``directory`` (a checkpoint, its EMA folder, or a train_ldm output); τθ is
-    None in a checkpoint of training on precomputed τθ(y)."""
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(directory, UNET))
+def load_models(directory: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The UNet (whichever class its config names: a task without τθ has a UNet2DModel) and τθ saved under
+    ``directory`` (a checkpoint, its EMA folder, or a train_ldm output); τθ is None when there is none (a
+    checkpoint of training on precomputed τθ(y), or a task without a condition)."""
+    unet = AutoDiffusersModel.from_pretrained(os.path.join(directory, UNET))
     text = os.path.join(directory, TEXT_ENCODER)
     return unet, load_text_encoder(text) if os.path.isdir(text) else None
 

@@ -150,10 +150,11 @@ def _held_out_rows(prepared: dict[str, Any], source: str, images: int) -> dict[s
     """The first of prepare's held-out files, whole, until they hold ``images`` rows: train_ldm's held-out loss
     reads no more, so neither is more encoded."""
     chosen: dict[str, int] = {}
+    total = 0
     for url, rows in _rows(prepared, source, "held_out").items():
-        if sum(chosen.values()) >= images:
+        if total >= images:
             break
-        chosen[url] = rows
+        chosen[url], total = rows, total + rows
     return chosen
 
 

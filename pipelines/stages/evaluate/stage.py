@@ -1,9 +1,11 @@
 """stage=evaluate: numbers to trust about a train_ldm output.
 
 (a) The first stage's reconstruction PSNR / SSIM on prepared images it never trained on (the keys its
-train_autoencoder manifest says were held out); (b) on synthetic data, prompt adherence: images generated for
-(colour, shape, background) combinations that were never rendered, read back by the synthesizer's classifier,
-accuracy per attribute against chance; (c) FID / KID against held-out images when a feature extractor is
+train_autoencoder manifest says were held out); (b) on synthetic data, prompt adherence (text-to-image): images
+generated for (colour, shape, background) combinations that were never rendered, read back by the synthesizer's
+classifier, accuracy per attribute against chance; or the scene distribution (unconditional): how far the
+generated scenes' attributes are from the data's (total variation) and the fraction holding one clean object;
+(c) FID / KID against held-out images when a feature extractor is
 configured (nothing is downloaded). ``metrics.json`` and a grid of the adherence samples go to
 ``stage.output_url``; the metrics to the MLflow run.
 """
@@ -27,7 +29,10 @@ from ldm.manifest import data_files, read_manifest, verify
 from ldm.metrics.adherence import adherence, describe, held_out_prompts, held_out_scenes
 from ldm.metrics.distribution import frechet_distance, image_features, kernel_distance
 from ldm.metrics.reconstruction import evaluate_reconstruction
+from ldm.metrics.scenes import scene_distribution
 from ldm.storage import Storage, pretrained_directory, resolve
+from ldm.synthetic.scene import parse_caption
+from ldm.tasks import task as named_task
 from pipelines.model_stage import load_model, model_inputs
 from pipelines.stage import Job, Output, Stage
 
@@ -42,15 +47,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _evaluate(job: Job) -> Output:
     storage, settings, out, trained = job.storage, job.settings, job.out, job.inputs.found["model"]
     pipeline = load_model(job, str(settings.device))
-    generate = lambda prompts, seeds: generate_images(  # noqa: E731
-        pipeline, prompts, seeds, steps=settings.steps,
+    prompted = named_task(trained["facts"].get("task", "text_to_image")).prompted
+    generate = lambda prompts, seeds: generate_images(  # noqa: E731  (an unconditional model takes no prompts)
+        pipeline, prompts if prompted else None, seeds, steps=settings.steps,
         guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True,
     )
     resolution = trained["facts"]["resolution"]
     # Only reconstruction and FID look at images: prepare's held-out rows (which neither the first stage nor the
     # diffusion model trained on) are read for them alone, as many as they use.
     wanted = max(settings.reconstruction.images if settings.reconstruction.enabled else 0,
-                 settings.fid.images if settings.fid.feature_extractor else 0)
+                 settings.fid.images if settings.fid.feature_extractor else 0,
+                 settings.scenes.images if settings.scenes.enabled and not prompted else 0)
     held_out, split = _held_out_rows(storage, trained, wanted)
     metrics: dict[str, Any] = {}
     skipped: dict[str, str] = {}
@@ -67,7 +74,19 @@ def _evaluate(job: Job) -> Output:
             skipped["reconstruction"] = f"no prepared row is held out ({split}): raise stage.held_out.fraction of prepare"
 
     synthesized = read_manifest(storage, resolve(settings.adherence.synthesized_url)) if settings.adherence.synthesized_url else None
-    if settings.adherence.enabled and synthesized is not None and synthesized.get("stage") == "synthesize":
+    synthetic = synthesized is not None and synthesized.get("stage") == "synthesize"
+    if not prompted and settings.scenes.enabled:
+        real = [scene for scene in map(parse_caption, held_out["caption"]) if scene is not None]
+        if not synthetic or not real:
+            skipped["scenes"] = ("scene distribution is measured on synthetic data only (stage.adherence.synthesized_url names "
+                                 "its synthesize output), against captions of held-out rows")
+        else:
+            generated = generate(None, [settings.seed + i for i in range(settings.scenes.images)])
+            metrics["scenes"] = scene_distribution(real, generated)
+            grid = captioned_grid(generated[:32], [f"seed {settings.seed + i}" for i in range(min(32, len(generated)))], columns=8)
+            fs.pipe_file(f"{root}/{GRID}", encode_png(grid))
+            mlflow.log_image(grid, GRID)
+    if prompted and settings.adherence.enabled and synthetic:
         scenes = held_out_scenes(synthesized["facts"]["held_out"], settings.adherence.prompts, settings.seed)
         prompts = held_out_prompts(scenes, settings.adherence.seeds, settings.seed)
         texts = [p.text for p in prompts]
@@ -77,7 +96,7 @@ def _evaluate(job: Job) -> Output:
         grid = captioned_grid(generated[:32], texts[:32], columns=8)
         fs.pipe_file(f"{root}/{GRID}", encode_png(grid))
         mlflow.log_image(grid, GRID)
-    elif settings.adherence.enabled:
+    elif prompted and settings.adherence.enabled:
         skipped["adherence"] = (f"stage.adherence.synthesized_url={settings.adherence.synthesized_url} is not a synthesize "
                                 "output: prompt adherence is measured on synthetic data only")
 
@@ -106,7 +125,7 @@ def _evaluate(job: Job) -> Output:
     for group, why in skipped.items():
         print(f"{STAGE.name}: {group} skipped: {why}")
     return Output(
-        facts={"layout": {"metrics": METRICS, "grid": GRID if "adherence" in metrics else None}, **report},
+        facts={"layout": {"metrics": METRICS, "grid": GRID if {"adherence", "scenes"} & set(metrics) else None}, **report},
         metrics={f"{group}/{name}": value for group, values in metrics.items() for name, value in values.items()},
         message=f"{STAGE.name}: {out}/{METRICS}",
     )

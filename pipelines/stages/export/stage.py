@@ -1,9 +1,10 @@
-"""stage=export: a train_ldm output as a diffusers ``LDMTextToImagePipeline`` directory.
+"""stage=export: a train_ldm output as the diffusers pipeline directory of its task.
 
-Tokenizer, τθ (``bert``), UNet, first stage (``vqvae``, its ``scaling_factor`` the latents' ``scale_factor``)
-and scheduler, loadable with ``DiffusionPipeline.from_pretrained(dir)`` without this project. The same
-directory is logged to the MLflow run as a pyfunc model (``pyfunc_model.py``) and registered in the model
-registry.
+Text-to-image: ``LDMTextToImagePipeline`` (tokenizer, τθ as ``bert``, UNet, first stage, scheduler);
+unconditional: ``LDMPipeline`` (UNet, first stage, scheduler). The first stage is the ``vqvae``, its
+``scaling_factor`` the latents' ``scale_factor``. Either loads with ``DiffusionPipeline.from_pretrained(dir)``
+without this project. A text-to-image directory is also logged to the MLflow run as a pyfunc model
+(``pyfunc_model.py``: prompts in, PNGs out) and registered in the model registry.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from diffusers import LDMTextToImagePipeline
 from omegaconf import DictConfig
 
 from ldm.diffusion.sampling import pipeline_size
@@ -36,7 +38,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     inputs = model_inputs(cfg, storage)
     max_length = inputs.found["model"]["facts"]["max_length"]
-    if max_length != PIPELINE_MAX_LENGTH:
+    if max_length is not None and max_length != PIPELINE_MAX_LENGTH:
         raise ValueError(
             f"{inputs.record['model']} was trained on captions of {max_length} tokens; LDMTextToImagePipeline pads prompts to "
             f"{PIPELINE_MAX_LENGTH}. Prepare with stage.tokenizer.max_length={PIPELINE_MAX_LENGTH} to export."
@@ -47,7 +49,8 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
 def _export(job: Job) -> Output:
     settings, out = job.settings, job.out
     pipeline = load_model(job, "cpu")  # saved, not run: no accelerator needed
-    size = pipeline_size(pipeline)
+    prompted = isinstance(pipeline, LDMTextToImagePipeline)
+    resolution = pipeline.unet.config.sample_size * 2 ** (len(pipeline.vqvae.config.block_out_channels) - 1)
     registered = None
     with tempfile.TemporaryDirectory(prefix="export-") as local:
         pipeline.save_pretrained(local, safe_serialization=True)
@@ -55,7 +58,7 @@ def _export(job: Job) -> Output:
         fs.makedirs(root, exist_ok=True)
         for name in sorted(os.listdir(local), key=lambda n: n == "model_index.json"):  # the index last
             fs.put(os.path.join(local, name), f"{root}/{name}", recursive=True)
-        if settings.log_model:
+        if settings.log_model and prompted:
             logged = mlflow.pyfunc.log_model(
                 name="pipeline",
                 python_model=str(PYFUNC_MODEL),
@@ -66,9 +69,10 @@ def _export(job: Job) -> Output:
             if settings.registered_model:
                 registered = {"name": settings.registered_model, "version": int(logged.registered_model_version)}
     where = f"; registered as {registered['name']} version {registered['version']}" if registered else ""
+    size = pipeline_size(pipeline) if prompted else None  # the height / width its call takes
+    call = f"(prompt, height={size}, width={size}, guidance_scale=4.0)" if prompted else "(batch_size=4)"
     return Output(
         facts={"pipeline": type(pipeline).__name__, "weights": str(settings.weights), "scheduler": type(pipeline.scheduler).__name__,
-               "height": size, "width": size, "resolution": size // 8 * pipeline.vae_scale_factor, "registered_model": registered},
-        message=f"{STAGE.name}: {type(pipeline).__name__} at {out}{where}\n"
-                f"        DiffusionPipeline.from_pretrained({out!r})(prompt, height={size}, width={size}, guidance_scale=4.0)",
+               **({"height": size, "width": size} if prompted else {}), "resolution": resolution, "registered_model": registered},
+        message=f"{STAGE.name}: {type(pipeline).__name__} at {out}{where}\n        DiffusionPipeline.from_pretrained({out!r}){call}",
     )

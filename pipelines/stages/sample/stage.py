@@ -1,4 +1,5 @@
-"""stage=sample: images for prompts from a train_ldm output, with guided DDIM or DPM-Solver++.
+"""stage=sample: images from a train_ldm output, with DDIM or DPM-Solver++: for prompts (guided), or, for a
+model without them (task=unconditional), ``stage.num_images`` of them.
 
 Each image is drawn from noise seeded ``stage.seed + i`` (i its place in prompt order), so one image can be
 made again on its own, here or with the exported pipeline. The PNGs, a ``samples.jsonl`` index (file, prompt,
@@ -20,6 +21,7 @@ from ldm.data.images import encode_png
 from ldm.diffusion.sampling import generate_images
 from ldm.grids import captioned_grid
 from ldm.storage import Storage, resolve
+from ldm.tasks import task as named_task
 from pipelines.config import plain
 from pipelines.model_stage import load_model, model_inputs
 from pipelines.stage import Inputs, Job, Output, Stage
@@ -34,35 +36,38 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     inputs = model_inputs(cfg, storage)
-    inputs.found["prompts"] = read_prompts(storage, plain(cfg.stage.prompts), cfg.stage.prompts_file)
+    prompted = named_task(inputs.found["model"]["facts"].get("task", "text_to_image")).prompted
+    inputs.found["prompts"] = read_prompts(storage, plain(cfg.stage.prompts), cfg.stage.prompts_file) if prompted else None
     return inputs
 
 
 def _sample(job: Job) -> Output:
     settings, out, prompts = job.settings, job.out, job.inputs.found["prompts"]
     started = time.time()
-    rows = [prompt for prompt in prompts for _ in range(settings.images_per_prompt)]
-    seeds = [settings.seed + i for i in range(len(rows))]
+    rows = [prompt for prompt in prompts for _ in range(settings.images_per_prompt)] if prompts is not None else None
+    seeds = [settings.seed + i for i in range(len(rows) if rows is not None else settings.num_images)]
     images = generate_images(load_model(job, str(settings.device)), rows, seeds, steps=settings.steps,
                              guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True)
     elapsed = time.time() - started
-    index = [{"file": f"{IMAGES}/{i:05d}.png", "prompt": prompt, "seed": seed} for i, (prompt, seed) in enumerate(zip(rows, seeds))]
-    grid = captioned_grid(images, rows, columns=settings.grid_columns)
+    labels = rows if rows is not None else [f"seed {seed}" for seed in seeds]
+    index = [{"file": f"{IMAGES}/{i:05d}.png", "prompt": rows[i] if rows is not None else None, "seed": seed} for i, seed in enumerate(seeds)]
+    grid = captioned_grid(images, labels, columns=settings.grid_columns)
     files = sample_files(images, index)
     write_files(job.storage, out, {**files, GRID: encode_png(grid)})
     mlflow.log_image(grid, GRID)
     with tempfile.TemporaryDirectory(prefix="samples-") as local:
         write_files(Storage(root=local), local, files)
         mlflow.log_artifacts(local, "samples")
-    rate = len(rows) / max(elapsed, 1e-9)
+    rate = len(seeds) / max(elapsed, 1e-9)
     return Output(
-        counts={"images": len(rows), "prompts": len(prompts)},
+        counts={"images": len(seeds), "prompts": len(prompts) if prompts is not None else 0},
         timings={"images_per_s": round(rate, 3)},
         facts={"layout": {"images": f"{IMAGES}/", "index": INDEX, "grid": GRID}, "weights": str(settings.weights),
                "sampler": str(settings.sampler), "steps": settings.steps, "guidance_scale": settings.guidance_scale,
                "resolution": int(images.shape[1])},
-        metrics={"images": len(rows), "images_per_s": rate},
-        message=f"{STAGE.name}: {len(rows)} images for {len(prompts)} prompt(s) in {elapsed:.1f}s; at {out} (grid: {out}/{GRID})",
+        metrics={"images": len(seeds), "images_per_s": rate},
+        message=f"{STAGE.name}: {len(seeds)} images" + (f" for {len(prompts)} prompt(s)" if prompts is not None else "")
+                + f" in {elapsed:.1f}s; at {out} (grid: {out}/{GRID})",
     )
 
 

@@ -1,8 +1,9 @@
 """The training loop of stage=train_ldm, run by every Ray Train worker: read it top to bottom.
 
-UNet and τθ sit in one DDP-wrapped module whose forward is the denoising loss, so the gradients of both are
-averaged. Each optimizer step: draw z0 from the stored moments, drop captions for guidance, accumulate
-micro-batches, clip, AdamW at the warm-up + schedule rate, update the EMA. Rank 0 checkpoints (UNet, τθ and
+The task (``ldm.tasks``) says what conditions the UNet: text-to-image's captions through τθ, or nothing
+(unconditional: no tokenizer, τθ or caption dropout). UNet and τθ sit in one DDP-wrapped module whose forward
+is the denoising loss, so the gradients of both are averaged. Each optimizer step: draw z0 from the stored
+moments, drop captions for guidance, accumulate micro-batches, clip, AdamW at the warm-up + schedule rate, update the EMA. Rank 0 checkpoints (UNet, τθ and
 their EMA as safetensors; optimizer, step, every rank's RNG, the EMA counter, and the position in the epoch's
 order that every rank has trained up to), samples the validation prompts and logs to the MLflow run the driver
 opened. A restart continues the epoch on exactly the rows not yet trained on.
@@ -23,18 +24,18 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ldm.data.epochs import END_OF_EPOCH, EpochStream, Interval
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
-from ldm.diffusion.sampling import generate_images, sampler, text_to_image_pipeline
+from ldm.diffusion.sampling import generate_images, sampler, text_to_image_pipeline, unconditional_pipeline
 from ldm.flops import peak_flops, performance, step_flops as count_step_flops
 from ldm.grids import captioned_grid
 from ldm.latents import TEXT_EMBEDDING
 from ldm.lr_schedule import learning_rate, set_learning_rate
 from ldm.models.first_stage import load_first_stage
+from ldm.models import unconditional
 from ldm.models.presets import text_to_image_preset
 from ldm.models.text_to_image import (
     EMA,
@@ -48,6 +49,7 @@ from ldm.models.text_to_image import (
     set_trainable,
 )
 from ldm.storage import Storage
+from ldm.tasks import Task
 from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.schema import Noise, TrainLdm
 from pipelines.train_worker import (EpochData, RunLogger, RunTarget, gather_for_checkpoint, parameter_spread, private_copy,
@@ -75,10 +77,11 @@ class LoopConfig:
     """What every worker gets: the stage's typed config and what the driver resolved for it."""
 
     settings: TrainLdm
+    task: Task
     data: EpochData  # the latents, and each epoch's order of them
     held_out: list[str]  # latents of prepare's held-out rows (encode_latents' held_out/): never trained on
-    tokenizer: str  # the prepared captions' tokenizer
-    max_length: int
+    tokenizer: str | None  # the prepared captions' tokenizer (None: the task has no captions)
+    max_length: int | None
     latent_shape: list[int]  # c, h, w
     scale_factor: float
     first_stage: dict[str, Any]  # the latents' first stage (location, subfolder): validation grids decode with it
@@ -100,13 +103,14 @@ def train_loop(config: LoopConfig) -> None:
     torch.manual_seed(settings.seed)  # the same initial weights on every rank
 
     # -- tokenizer, models, optimizer, EMA, and the state to resume from ----------------------------------------
-    tokenizer = load_tokenizer(config.tokenizer, config.storage)
+    captioned = config.task.condition == "caption"
+    tokenizer = load_tokenizer(config.tokenizer, config.storage) if captioned else None
     embedded = config.empty_text_embedding is not None
-    caption_column = TEXT_EMBEDDING if embedded else "input_ids"
+    caption_column = (TEXT_EMBEDDING if embedded else "input_ids") if captioned else None
     if embedded:
-        unconditional = torch.from_numpy(config.empty_text_embedding).to(device)
-    else:
-        unconditional = torch.from_numpy(tokenize(tokenizer, [""], config.max_length)[0][0]).long().to(device)
+        empty = torch.from_numpy(config.empty_text_embedding).to(device)
+    elif captioned:
+        empty = torch.from_numpy(tokenize(tokenizer, [""], config.max_length)[0][0]).long().to(device)
     # This run's latest checkpoint (a restart, or the same command again); else the one stage.resume names.
     checkpoint = ray.train.get_checkpoint() or config.resume_from
     state: dict[str, Any] = {}
@@ -116,7 +120,7 @@ def train_loop(config: LoopConfig) -> None:
             ema_weights = [p.detach().clone() for m in load_models(os.path.join(directory, EMA)) if m is not None for p in m.parameters()]
             state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
     else:
-        unet, text_encoder = _build_models(config, len(tokenizer))
+        unet, text_encoder = _build_models(config, len(tokenizer) if tokenizer else 0)
     train_text_encoder = config.pretrained_text_encoder is None
     towers = [m for m in (unet, text_encoder) if m is not None]  # no τθ here when the latents carry its output
     if text_encoder is not None:
@@ -124,7 +128,7 @@ def train_loop(config: LoopConfig) -> None:
     set_attention(unet, settings.attention, device)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if train_text_encoder and text_encoder.supports_gradient_checkpointing:
+        if text_encoder is not None and train_text_encoder and text_encoder.supports_gradient_checkpointing:
             text_encoder.gradient_checkpointing_enable()
     objective = DiffusionObjective(training_schedule(settings.noise), settings.noise.snr_gamma)
     module = DenoisingLoss(unet, text_encoder, objective, train_text_encoder).to(device)
@@ -179,7 +183,7 @@ def train_loop(config: LoopConfig) -> None:
     def step_loss(net: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """One micro-batch's loss: captions dropped for guidance, z0 drawn from the stored moments, then noised."""
         moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
-        captions = drop_captions(batch[caption_column].to(device), unconditional, settings.caption_dropout, generator)
+        captions = drop_captions(batch[caption_column].to(device), empty, settings.caption_dropout, generator) if captioned else None
         with autocast:
             return net(sample_latents(moments, config.scale_factor, generator), captions, generator)
 
@@ -249,7 +253,7 @@ def train_loop(config: LoopConfig) -> None:
                     loss_sum = norm_sum = data_wait = 0.0
                     window_steps, window_start = 0, time.perf_counter()
                 if rank == 0:
-                    if validation.prompts and (step % settings.sample_every == 0 or final):
+                    if validation.seeds and (step % settings.sample_every == 0 or final):
                         tracker.image(validation.grid(), "samples", step)
                     if held_out and (step % settings.eval_every == 0 or final):
                         metrics["val/loss"] = held_out.loss()
@@ -292,10 +296,12 @@ def training_schedule(noise: Noise):
                            noise.zero_terminal_snr)
 
 
-def _build_models(config: LoopConfig, vocab_size: int) -> tuple[UNet2DConditionModel, torch.nn.Module]:
+def _build_models(config: LoopConfig, vocab_size: int) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     model = config.settings.model
     spec = text_to_image_preset(model.preset, model.unet, model.text_encoder)
     channels, size = config.latent_shape[0], config.latent_shape[1]
+    if not config.task.cross_attention:
+        return unconditional.build_unet(spec.unet, channels, size), None
     if config.empty_text_embedding is not None:
         return build_unet(spec.unet, channels, size, config.empty_text_embedding.shape[-1]), None
     if config.pretrained_text_encoder is not None:
@@ -359,7 +365,7 @@ class HeldOutLoss:
         self.batches = list(rows.iter_torch_batches(batch_size=settings.batch_size, collate_fn=LatentBatch()))
         self.module, self.device, self.autocast = module, device, autocast
         self.scale_factor, self.seed = config.scale_factor, settings.validation.seed
-        self.caption_column = TEXT_EMBEDDING if config.empty_text_embedding is not None else "input_ids"
+        self.caption_column = (TEXT_EMBEDDING if config.empty_text_embedding is not None else "input_ids") if config.task.condition else None
 
     @torch.no_grad()
     def loss(self) -> float:
@@ -370,7 +376,8 @@ class HeldOutLoss:
         for batch in self.batches:
             moments = {k: v.to(self.device) for k, v in batch.items() if k.startswith("latent")}
             with self.autocast:
-                loss = self.module(sample_latents(moments, self.scale_factor, generator), batch[self.caption_column].to(self.device), generator)
+                captions = batch[self.caption_column].to(self.device) if self.caption_column else None
+                loss = self.module(sample_latents(moments, self.scale_factor, generator), captions, generator)
             total += float(loss) * len(batch["key"])
             count += len(batch["key"])
         for part, mode in modes:
@@ -379,24 +386,33 @@ class HeldOutLoss:
 
 
 class Validation:
-    """A grid of samples for the fixed validation prompts, decoded by the first stage (rank 0 only)."""
+    """A grid of samples, decoded by the first stage (rank 0 only): for the fixed validation prompts, or (a task
+    without them) as many images from the same seeds each time."""
 
-    def __init__(self, config: LoopConfig, tokenizer, unet: UNet2DConditionModel, text_encoder: torch.nn.Module | None, device: torch.device):
+    def __init__(self, config: LoopConfig, tokenizer, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, device: torch.device):
         self.settings = config.settings.validation
-        self.prompts = list(self.settings.prompts)
-        if text_encoder is None:  # the latents carry τθ(y): the frozen encoder is loaded for the prompts only
-            text_encoder = load_text_encoder(config.pretrained_text_encoder, config.storage, config.pretrained_text_encoder_subfolder)
-            text_encoder = text_encoder.to(device).eval()
         first = config.first_stage
         first_stage = load_first_stage(first["location"], config.storage, first["subfolder"]).to(device).eval()
         scheduler = sampler(self.settings.sampler, training_schedule(config.settings.noise).config)
+        if not config.task.prompted:
+            self.prompts = None
+            self.seeds = [self.settings.seed + i for i in range(self.settings.images)]
+            self.pipeline = unconditional_pipeline(unet, first_stage, config.scale_factor, scheduler)
+            self.parts = [unet]
+            return
+        self.prompts = list(self.settings.prompts)
+        self.seeds = [self.settings.seed + i for i in range(len(self.prompts))]
+        if text_encoder is None:  # the latents carry τθ(y): the frozen encoder is loaded for the prompts only
+            text_encoder = load_text_encoder(config.pretrained_text_encoder, config.storage, config.pretrained_text_encoder_subfolder)
+            text_encoder = text_encoder.to(device).eval()
         self.pipeline = text_to_image_pipeline(unet, text_encoder, tokenizer, first_stage, config.scale_factor, scheduler)
+        self.parts = [unet, text_encoder]
 
     def grid(self):
-        modes = [(m, m.training) for m in (self.pipeline.unet, self.pipeline.bert)]  # a frozen τθ stays in eval
-        self.pipeline.unet.eval(), self.pipeline.bert.eval()
-        seeds = [self.settings.seed + i for i in range(len(self.prompts))]
-        images = generate_images(self.pipeline, self.prompts, seeds, steps=self.settings.steps, guidance_scale=self.settings.guidance_scale)
+        modes = [(m, m.training) for m in self.parts]  # a frozen τθ stays in eval
+        for part in self.parts:
+            part.eval()
+        images = generate_images(self.pipeline, self.prompts, self.seeds, steps=self.settings.steps, guidance_scale=self.settings.guidance_scale)
         for part, mode in modes:
             part.train(mode)
-        return captioned_grid(images, self.prompts)
+        return captioned_grid(images, self.prompts or [f"seed {seed}" for seed in self.seeds])

@@ -1,4 +1,5 @@
-"""stage=train_ldm: the text-to-image latent diffusion model on the precomputed latents, with Ray Train.
+"""stage=train_ldm: the latent diffusion model of the chosen task (text-to-image, or unconditional) on the
+precomputed latents, with Ray Train.
 
 Each worker reads its run of every epoch's order of the latent shards (moments, tokens) with Ray Data
 (``EpochData``; the order is a function of the seed and the epoch), so a checkpoint holds the exact data
@@ -30,13 +31,14 @@ from ldm.models.presets import describe, text_to_image_preset
 from ldm.latents import TEXT_EMBEDDING
 from ldm.models.text_to_image import EMA, TEXT_ENCODER, UNET, load_text_encoder
 from ldm.storage import Storage, model_location, resolve, weights_digest
+from ldm.tasks import task as named_task
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer
 from pipelines import training
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.train_ldm import loop
 from pipelines.train_worker import EpochData
 
-STAGE = Stage("train_ldm", version=2, output_url=lambda cfg: cfg.stage.output_url, detail="{steps} steps")  # 2: tiny's τθ is a BertModel
+STAGE = Stage("train_ldm", version=2, output_url=lambda cfg: cfg.stage.output_url, uses_task=True, detail="{steps} steps")  # 2: tiny's τθ is a BertModel
 SCHEDULER_DIR, TOKENIZER_DIR = "scheduler", "tokenizer"
 
 
@@ -52,7 +54,8 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     inputs = Inputs.output_of("encode_latents", cfg.stage.latents_url, storage, "latents")
     resume_from = _resume_from(cfg.stage.resume, storage)
     inputs.fingerprints.extend([resume_from.path] if resume_from else [])
-    inputs.found.update(resume_from=resume_from, spec=spec, embedded=_embedded(inputs, model, storage))
+    task = named_task(cfg.task.name)
+    inputs.found.update(resume_from=resume_from, spec=spec, task=task, embedded=task.condition == "caption" and _embedded(inputs, model, storage))
     return inputs
 
 
@@ -79,24 +82,26 @@ def _subfolder(subfolder: str | None) -> str:
 def _train(job: Job) -> Output:
     cfg, storage, settings = job.cfg, job.storage, job.settings
     source, latents, resume_from = job.inputs.record["latents"], job.inputs.found["latents"], job.inputs.found["resume_from"]
-    facts, spec = latents["facts"], job.inputs.found["spec"]
+    facts, spec, task = latents["facts"], job.inputs.found["spec"], job.inputs.found["task"]
     # The resolved architecture too: a preset whose definition changed must not resume an older checkpoint.
-    identity = training.training_identity(cfg, [*job.inputs.fingerprints, json.dumps(describe(spec), sort_keys=True)])
+    identity = training.training_identity(cfg, [*job.inputs.fingerprints, json.dumps(describe(spec), sort_keys=True), f"task={task.name}"])
     run_name = f"{STAGE.name}-{identity[:16]}" + (time.strftime("-%Y%m%d-%H%M%S") if settings.resume == "never" else "")
     files, row_groups = data_row_groups(latents, source)
     embedded = job.inputs.found["embedded"]
-    captions = [TEXT_EMBEDDING] if embedded else ["input_ids"]
+    captioned = task.condition == "caption"
+    captions = ([TEXT_EMBEDDING] if embedded else ["input_ids"]) if captioned else []
     data = EpochData(files, row_groups, ["key", *captions, *facts["latent_columns"]], settings.seed, settings.shuffle_buffer, storage)
     config = loop.LoopConfig(
         settings=OmegaConf.to_object(settings),
+        task=task,
         data=data,
         held_out=data_files(latents, source, "held_out"),
-        tokenizer=facts["tokenizer"]["path"],
-        max_length=facts["tokenizer"]["max_length"],
+        tokenizer=facts["tokenizer"]["path"] if captioned else None,
+        max_length=facts["tokenizer"]["max_length"] if captioned else None,
         latent_shape=facts["latent_shape"],
         scale_factor=facts["scale_factor"],
         first_stage=facts["first_stage"],
-        pretrained_text_encoder=model_location(settings.model.pretrained_text_encoder) if settings.model.pretrained_text_encoder else None,
+        pretrained_text_encoder=model_location(settings.model.pretrained_text_encoder) if captioned and settings.model.pretrained_text_encoder else None,
         pretrained_text_encoder_subfolder=settings.model.pretrained_text_encoder_subfolder,
         empty_text_embedding=_empty_text_embedding(storage, source, facts["text_encoder"]) if embedded else None,
         resume_from=resume_from,
@@ -114,13 +119,14 @@ def _train(job: Job) -> Output:
     fs, root = storage.fsspec(job.out)
     with tempfile.TemporaryDirectory(prefix="ldm-") as local:
         result.checkpoint.to_directory(local)
-        save_tokenizer(load_tokenizer(config.tokenizer, storage), storage, f"{job.out}/{TOKENIZER_DIR}")
+        if captioned:
+            save_tokenizer(load_tokenizer(config.tokenizer, storage), storage, f"{job.out}/{TOKENIZER_DIR}")
         loop.training_schedule(settings.noise).save_config(os.path.join(local, SCHEDULER_DIR))
         if embedded:  # trained without τθ: the frozen encoder goes into the model as the exported pipeline's ``bert``
             text_encoder = load_text_encoder(config.pretrained_text_encoder, storage, config.pretrained_text_encoder_subfolder)
             for folder in ("", EMA):
                 text_encoder.save_pretrained(os.path.join(local, folder, TEXT_ENCODER), safe_serialization=True)
-        for folder in (UNET, TEXT_ENCODER, EMA, SCHEDULER_DIR):
+        for folder in (UNET, *([TEXT_ENCODER] if captioned else []), EMA, SCHEDULER_DIR):
             fs.put(os.path.join(local, folder), f"{root}/{folder}", recursive=True)
             if settings.log_model:
                 mlflow.log_artifacts(os.path.join(local, folder), f"model/{folder}")
@@ -128,16 +134,18 @@ def _train(job: Job) -> Output:
     return Output(
         counts={"steps": steps},
         facts={
-            "layout": {"unet": f"{UNET}/", "text_encoder": f"{TEXT_ENCODER}/", "ema": f"{EMA}/",
-                       "tokenizer": f"{TOKENIZER_DIR}/", "scheduler": f"{SCHEDULER_DIR}/"},
+            "layout": {"unet": f"{UNET}/", "ema": f"{EMA}/", "scheduler": f"{SCHEDULER_DIR}/",
+                       **({"text_encoder": f"{TEXT_ENCODER}/", "tokenizer": f"{TOKENIZER_DIR}/"} if captioned else {})},
+            "task": task.name,
+            "pipeline": task.pipeline,
             "preset": str(settings.model.preset),
-            "text_encoder_trained": settings.model.pretrained_text_encoder is None,
+            "text_encoder_trained": captioned and settings.model.pretrained_text_encoder is None,
             "text_embeddings_precomputed": embedded,
             "first_stage": facts["first_stage"],
             "scale_factor": facts["scale_factor"],
             "latent_shape": facts["latent_shape"],
             "resolution": facts["resolution"],
-            "max_length": facts["tokenizer"]["max_length"],
+            "max_length": config.max_length,
             "prediction_type": str(settings.noise.prediction_type),
             "global_batch_size": settings.batch_size * settings.scaling.num_workers * settings.optimizer.accumulation,
             "final_metrics": metrics,
