@@ -67,6 +67,8 @@ class Input:
     sha256_col: Optional[str]
     key_col: Optional[str]
     image_col: Optional[str]
+    label_col: Optional[str]  # the image's class, for class-conditional models
+    boxes_col: Optional[str]  # its layout (JSON boxes), for layout-to-image models
     optional: List[str]  # roles whose column may be absent from the data: their rule is then skipped
 
 

@@ -73,10 +73,12 @@ def test_every_prepared_row_once_with_a_posterior_that_decodes_like_the_direct_p
     assert mean.shape == logvar.shape == (len(source), 4, 16, 16) and mean.dtype == np.float16
     assert manifest["facts"]["latent_shape"] == [4, 16, 16] and manifest["facts"]["first_stage"]["kind"] == "kl"
 
-    by_key = {row["key"]: row for row in source.select(["key", "caption", "input_ids", "image"]).to_pylist()}
+    by_key = {row["key"]: row for row in source.select(["key", "caption", "input_ids", "image", "label", "boxes"]).to_pylist()}
     order = [by_key[k] for k in keys]
-    assert latents["caption"].to_pylist() == [r["caption"] for r in order]
-    assert latents["input_ids"].to_pylist() == [r["input_ids"] for r in order]
+    # What the tasks condition on goes with each latent: caption and tokens, class and layout.
+    for column in ("caption", "input_ids", "label", "boxes"):
+        assert latents[column].to_pylist() == [r[column] for r in order]
+    assert all(r["label"] and r["boxes"] for r in order)
 
     # The stored mean decodes to what encode -> decode gives directly, up to float16 rounding.
     model = load_first_stage(f"{root}/first_stage").eval()

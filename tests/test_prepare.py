@@ -134,6 +134,11 @@ def check_prepared(storage: Storage, out: str, truth: list[dict], fmt: str) -> d
         assert row["attention_mask"] == [int(i != tokenizer.pad_token_id) for i in row["input_ids"]]
         assert hashlib.sha256(row["image"]).hexdigest() == row["sha256"]
         assert (row["width"], row["height"]) == (64, 64) and row["similarity"] >= 0.3
+        # The class and layout (the synthetic corpus's label and boxes columns): this row's object and its box.
+        [box] = json.loads(row["boxes"])
+        assert row["label"] == box["label"] == f"{scene[row['key']]['colour']} {scene[row['key']]['shape']}"
+        x0, y0, x1, y1 = box["box"]
+        assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 and (x0 < 0.5) == ("left" in scene[row["key"]]["position"])
     return manifest
 
 

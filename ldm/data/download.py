@@ -73,8 +73,9 @@ def shard_name(index: int, shards: int) -> str:
     return f"{index:0{max(SHARD_DIGITS, len(str(max(shards - 1, 0))))}d}"
 
 
-# The roles whose columns a download carries beside img2dataset's own: the ones prepare filters images on.
-CARRIED_ROLES = ("nsfw", "similarity", "width", "height")
+# The roles whose columns a download carries beside img2dataset's own: the ones prepare filters images on, and
+# the class and layout that class-conditional and layout-to-image models train on.
+CARRIED_ROLES = ("nsfw", "similarity", "width", "height", "label", "boxes")
 # The columns img2dataset writes itself: a carried column of the same name would clash with them.
 RESERVED = ("key", "caption", "url", "status", "error_message", "width", "height", "original_width",
             "original_height", "exif", "md5", "sha256", "sha512")
@@ -82,7 +83,7 @@ RESERVED = ("key", "caption", "url", "status", "error_message", "width", "height
 
 def carried_columns(columns: Columns, extra_columns: Sequence[str] = ()) -> list[str]:
     """The metadata columns a download keeps beside img2dataset's own (``--save_additional_columns``): the
-    ones prepare filters images on, and ``extra_columns``."""
+    ones prepare filters images on, class and layout, and ``extra_columns``."""
     named = [(f"data.input.{role}_col", getattr(columns, role)) for role in CARRIED_ROLES if getattr(columns, role)]
     named += [("data.input.extra_columns", name) for name in extra_columns]
     clashes = [f"{setting}={name!r}" for setting, name in named if name in RESERVED]

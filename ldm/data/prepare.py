@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 # Bump when prepare's output changes for the same config and input.
 # 2: the held-out rows are written apart (held_out/), not mixed into the training shards.
 # 3: the manifest lists each data file's row groups (training plans its epochs from them).
-PREPARE_VERSION = 3
+# 4: label and boxes columns (an image's class and layout, null when the data has none).
+PREPARE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ DROPPED_SCHEMA = pa.schema(
 
 def prepared_schema(max_length: int) -> pa.Schema:
     """The prepared-shard contract every later stage reads (key, caption, tokens, the original image bytes,
-    size, similarity, sha256), plus the source URL for attribution."""
+    size, similarity, sha256; the class label and layout boxes where the data has them), plus the source URL
+    for attribution."""
     return pa.schema(
         [
             ("key", pa.string()),
@@ -86,6 +88,8 @@ def prepared_schema(max_length: int) -> pa.Schema:
             ("similarity", pa.float64()),
             ("sha256", pa.string()),
             ("url", pa.string()),
+            ("label", pa.string()),
+            ("boxes", pa.string()),
         ]
     )
 
@@ -271,7 +275,8 @@ def _prepared_rows(table, roles, captions, reasons, filters, tokenizer, max_leng
             pa.array(height[keep_mask].astype(np.int32)),
             pc.cast(roles["similarity"].take(take), pa.float64()) if "similarity" in roles else pa.nulls(n, pa.float64()),
             sha256_hex(kept_images),
-            pc.cast(roles["url"].take(take), pa.string()) if "url" in roles else pa.nulls(n, pa.string()),
+            *(pc.cast(roles[role].take(take), pa.string()) if role in roles else pa.nulls(n, pa.string())
+              for role in ("url", "label", "boxes")),
         ],
         schema=prepared_schema(max_length),
     )

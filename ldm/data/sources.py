@@ -39,7 +39,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # a tar member with one of th
 # The types of the role columns read from a tar's .json members (JSON has no schema to take them from).
 ROLE_TYPES = {
     "url": pa.string(), "caption": pa.string(), "similarity": pa.float64(), "nsfw": pa.string(), "width": pa.int64(),
-    "height": pa.int64(), "status": pa.string(), "sha256": pa.string(), "key": pa.string(),
+    "height": pa.int64(), "status": pa.string(), "sha256": pa.string(), "key": pa.string(), "label": pa.string(),
+    "boxes": pa.string(),
 }
 
 
@@ -65,6 +66,8 @@ class Columns:
     sha256: str | None = None
     key: str | None = None  # None for a parquet input: keys are made from the file name and row
     image: str | None = None  # parquet column holding the encoded image; for tars an extension (None: any image)
+    label: str | None = None  # the image's class (class-conditional models)
+    boxes: str | None = None  # its layout: JSON [{"label": class, "box": [x0, y0, x1, y1]}], relative coordinates
     optional: tuple[str, ...] = ()  # roles whose column may be absent from the data: then their rule is skipped
 
     @classmethod

@@ -21,11 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ldm.synthetic.render import encode_jpeg, render
-from ldm.synthetic.scene import Scene, all_scenes, caption, held_out_combinations
+from ldm.synthetic.render import encode_jpeg, object_box, render
+from ldm.synthetic.scene import Scene, all_scenes, caption, class_name, held_out_combinations
 
 # Bump when the generator's output changes for the same config, so old corpora are not mistaken for new ones.
-GENERATOR_VERSION = 3
+# 4: img2dataset's metadata carries each image's class and layout (label, boxes).
+GENERATOR_VERSION = 4
 
 # The defects real LAION / img2dataset data has; each bad row gets exactly one.
 DEFECTS = (
@@ -58,13 +59,17 @@ LAION_SCHEMA = pa.schema(
     ]
 )
 
-# img2dataset's per-sample metadata with --save_additional_columns '["NSFW","similarity","LICENSE"]'
-# --compute_hash sha256, in its column order (additional columns, caption, url, then the downloader's).
+# img2dataset's per-sample metadata with --save_additional_columns '["NSFW","similarity","LICENSE","label","boxes"]'
+# --compute_hash sha256, in its column order (additional columns, caption, url, then the downloader's). label
+# and boxes are what a class-conditional or layout-to-image dataset adds: the object's class ("red circle"),
+# and its layout as JSON, [{"label": class, "box": [x0, y0, x1, y1]}] with coordinates in [0, 1] of the image.
 IMG2DATASET_META_SCHEMA = pa.schema(
     [
         ("NSFW", pa.string()),
         ("similarity", pa.float64()),
         ("LICENSE", pa.string()),
+        ("label", pa.string()),
+        ("boxes", pa.string()),
         ("caption", pa.string()),
         ("url", pa.string()),
         ("key", pa.string()),
@@ -233,6 +238,8 @@ def img2dataset_shard(
                 "NSFW": row["NSFW"],
                 "similarity": row["similarity"],
                 "LICENSE": row["LICENSE"],
+                "label": class_name(scene_of(row)),
+                "boxes": layout(row),
                 "caption": row["TEXT"],
                 "url": row["URL"],
                 "key": row["key"],
@@ -298,6 +305,14 @@ def _parquet(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
+
+
+def layout(row: Mapping[str, Any]) -> str:
+    """The row's object box as JSON: [{"label": its class, "box": [x0, y0, x1, y1]}], relative to the image."""
+    width, height = row["size"]
+    x0, y0, x1, y1 = object_box(scene_of(row), width, height, row["render_seed"])
+    box = [round(x0 / width, 4), round(y0 / height, 4), round(x1 / width, 4), round(y1 / height, 4)]
+    return json.dumps([{"label": class_name(scene_of(row)), "box": box}])
 
 
 def scene_of(row: Mapping[str, Any]) -> Scene:

@@ -61,6 +61,11 @@ def held_out_combinations(fraction: float, seed: int) -> set[tuple[str, str, str
     return {triples[i] for i in picked}
 
 
+def class_name(scene: Scene) -> str:
+    """The object's class, as class-conditional and layout-to-image models learn it: its colour and shape."""
+    return f"{scene.colour} {scene.shape}"
+
+
 def caption(scene: Scene, template: int = 0) -> str:
     return TEMPLATES[template % len(TEMPLATES)].format(
         **scene.as_dict(), a_colour=_article(scene.colour), a_background=_article(scene.background)

@@ -35,7 +35,8 @@ from pipelines.stages.encode_latents.encoder import Encoder, text_embeddings
 
 # 2: parts are written in row groups of stage.row_group_rows, listed in the manifest; the first
 #    stage.held_out_images of prepare's held-out rows are encoded too, into held_out/.
-STAGE = Stage("encode_latents", version=2, output_url=lambda cfg: cfg.stage.output_url, resume=True, detail="{rows_out} rows")
+# 3: the class and layout columns (label, boxes) are carried.
+STAGE = Stage("encode_latents", version=3, output_url=lambda cfg: cfg.stage.output_url, resume=True, detail="{rows_out} rows")
 WORK = "_work"
 EMPTY_TEXT_EMBEDDING = "empty_text_embedding.safetensors"
 

@@ -23,7 +23,8 @@ from ldm.data.images import square_crop
 from ldm.latents import TEXT_EMBEDDING, LatentStats, column_array, tensor_column
 from ldm.storage import Storage
 
-CARRIED = ("key", "caption", "input_ids", "attention_mask")  # prepared columns that go on to train_ldm
+# Prepared columns that go on to train_ldm: the caption's, and the class and layout (null when the data has none).
+CARRIED = ("key", "caption", "input_ids", "attention_mask", "label", "boxes")
 SHARDS = "shards"
 HELD_OUT = "held_out"  # prepare's folder of held-out rows, and this stage's for their latents
 
