@@ -1,9 +1,9 @@
 """The paper's tasks, one latent-diffusion machinery: what conditions the UNet and how, by name.
 
-Each task names what its UNet takes (cross-attention to τθ of a condition, channels concatenated to z_t, or
-nothing), the latent-shard columns a row must carry for it, and the diffusers pipeline that samples it (and
-that its export is). The models themselves are built in ``ldm.models``: ``text_to_image`` (UNet with
-cross-attention, τθ) and ``unconditional`` (a UNet without conditioning input).
+Each task names what its UNet takes (cross-attention to τθ of a condition, or nothing), what a latent row
+must carry for it, and the diffusers pipeline that samples it (and
+that its export is). The models themselves are built by ``ldm.models.text_to_image``: the UNet (with
+cross-attention, or without conditioning input) and τθ.
 """
 
 from __future__ import annotations

@@ -64,6 +64,15 @@ def ray_cluster():
     ray.shutdown()
 
 
+def in_fresh_process(script: str, *args, cwd: Path) -> str:
+    """Runs ``script`` in a new interpreter with nothing of this project's on its path, offline (what a user of an
+    exported directory has); its stdout. Fails with its stderr."""
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 @pytest.fixture(scope="session")
 def ci_latents(ray_cluster, tmp_path_factory) -> Path:
     """Latents of the ci corpus (240 synthesized images, prepared, under a random tiny-kl-f4 first stage) at

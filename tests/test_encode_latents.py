@@ -79,6 +79,8 @@ def test_every_prepared_row_once_with_a_posterior_that_decodes_like_the_direct_p
     for column in ("caption", "input_ids", "label", "boxes"):
         assert latents[column].to_pylist() == [r[column] for r in order]
     assert all(r["label"] and r["boxes"] for r in order)
+    # The class vocabulary: every class the training rows name, sorted (a class's index is its place in it).
+    assert manifest["facts"]["classes"] == sorted({r["label"] for r in order})
 
     # The stored mean decodes to what encode -> decode gives directly, up to float16 rounding.
     model = load_first_stage(f"{root}/first_stage").eval()

@@ -4,12 +4,11 @@ diffusers loads and that draws what stage=sample drew. Tiny random-init models s
 ship them (a whole CLIP model in text_encoder/, T5 with its decoder); nothing is downloaded."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import in_fresh_process
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -128,11 +127,8 @@ def test_trained_on_precomputed_embeddings_it_exports_a_pipeline_that_draws_the_
         " generator=torch.Generator().manual_seed(0)).images[0]\n"
         "image.save(sys.argv[3]); print(type(pipe.bert).__name__)\n"
     )
-    loaded = subprocess.run([sys.executable, "-c", script, str(tmp_path / "export"), PROMPT, str(tmp_path / "diffusers.png")],
-                            cwd=tmp_path, capture_output=True, text=True,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert loaded.stdout.split()[-1] == made_by["class"]
+    loaded = in_fresh_process(script, tmp_path / "export", PROMPT, tmp_path / "diffusers.png", cwd=tmp_path)
+    assert loaded.split()[-1] == made_by["class"]
     drawn = np.asarray(Image.open(tmp_path / "diffusers.png").convert("RGB")).astype(int)
     assert np.abs(drawn - np.asarray(Image.open(sampled / "images" / "00000.png").convert("RGB")).astype(int)).max() <= 2
 

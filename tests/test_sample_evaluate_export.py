@@ -2,13 +2,12 @@
 diffusers pipeline directory that loads without this project and draws the same images."""
 
 import json
-import subprocess
-import sys
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import in_fresh_process
 from PIL import Image
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
@@ -88,11 +87,8 @@ def test_the_export_loads_in_plain_diffusers_and_draws_the_sampled_image(trained
         " generator=torch.Generator().manual_seed(1)).images[0]\n"
         "image.save(sys.argv[3]); print(type(pipe).__name__)\n"
     )
-    loaded = subprocess.run([sys.executable, "-c", script, str(tmp_path / "export"), PROMPTS[1], str(tmp_path / "diffusers.png")],
-                            cwd=tmp_path, capture_output=True, text=True,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert loaded.stdout.split()[-1] == "LDMTextToImagePipeline"
+    loaded = in_fresh_process(script, tmp_path / "export", PROMPTS[1], tmp_path / "diffusers.png", cwd=tmp_path)
+    assert loaded.split()[-1] == "LDMTextToImagePipeline"
     # Equal up to float rounding: the stage and this process may split CPU reductions over different threads.
     drawn, sampled_image = pixels(tmp_path / "diffusers.png").astype(int), pixels(sampled / "images" / "00001.png").astype(int)
     assert np.abs(drawn - sampled_image).max() <= 2

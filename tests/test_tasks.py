@@ -3,13 +3,11 @@ workers from the shared ci latents, samples from it, and exports the diffusers p
 loads in a fresh process without this project and draws the images the sample stage drew."""
 
 import json
-import subprocess
-import sys
 
 import mlflow
 import numpy as np
 import pytest
-from conftest import history, image_steps
+from conftest import history, image_steps, in_fresh_process
 from PIL import Image
 
 from pipelines import stages
@@ -20,14 +18,6 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
-
-
-def in_fresh_process(script: str, *args, cwd) -> str:
-    """Runs ``script`` in a new interpreter that imports only diffusers; its stdout."""
-    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
 
 
 def test_unconditional_trains_samples_and_exports_diffusers_ldm_pipeline(ci_latents, tmp_path):

@@ -1,4 +1,5 @@
-"""The latent diffusion model: a UNet with cross-attention to a transformer text encoder τθ(y).
+"""The latent diffusion model: a UNet with cross-attention to a transformer text encoder τθ(y), or (the
+unconditional task) a UNet on z_t alone.
 
 Built from the named presets in ``ldm.models.presets`` (the paper's ``txt2img-1p4b``, ``mid`` for a single
 GPU, ``tiny`` for CPU). The latent channels and grid come from the latents' manifest, the vocabulary from the tokenizer.
@@ -12,7 +13,7 @@ import os
 
 import torch
 from diffusers import AutoModel as AutoDiffusersModel
-from diffusers import UNet2DConditionModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
@@ -51,20 +52,25 @@ def build_text_encoder(spec: TextEncoderSpec, vocab_size: int, max_length: int) 
     return LDMBertModel(config)
 
 
-def build_unet(spec: UNetSpec, latent_channels: int, latent_size: int, context_dim: int) -> UNet2DConditionModel:
-    """A randomly initialised UNet2DConditionModel with cross-attention to ``context_dim`` features."""
+def build_unet(spec: UNetSpec, latent_channels: int, latent_size: int, context_dim: int | None) -> UNet2DConditionModel | UNet2DModel:
+    """A randomly initialised UNet2DConditionModel with cross-attention to ``context_dim`` features, or, with
+    ``context_dim`` None, a UNet2DModel on z_t alone (the unconditional task, as diffusers' ``LDMPipeline``
+    runs it) whose attention levels get self-attention instead."""
     levels = range(len(spec.block_out_channels))
-    return UNet2DConditionModel(
+    attention = "CrossAttn" if context_dim is not None else "Attn"
+    common = dict(
         sample_size=latent_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
         block_out_channels=spec.block_out_channels,
         layers_per_block=spec.layers_per_block,
-        down_block_types=tuple("CrossAttnDownBlock2D" if i in spec.attention_levels else "DownBlock2D" for i in levels),
-        up_block_types=tuple("CrossAttnUpBlock2D" if i in spec.attention_levels else "UpBlock2D" for i in reversed(levels)),
-        attention_head_dim=spec.heads,
-        cross_attention_dim=context_dim,
+        down_block_types=tuple(f"{attention}DownBlock2D" if i in spec.attention_levels else "DownBlock2D" for i in levels),
+        up_block_types=tuple(f"{attention}UpBlock2D" if i in spec.attention_levels else "UpBlock2D" for i in reversed(levels)),
     )
+    if context_dim is not None:  # UNet2DConditionModel's ``attention_head_dim`` is the head count
+        return UNet2DConditionModel(**common, attention_head_dim=spec.heads, cross_attention_dim=context_dim)
+    # UNet2DModel's is the width of a head: spec.heads heads at the first level, more at the wider ones.
+    return UNet2DModel(**common, attention_head_dim=spec.block_out_channels[0] // spec.heads)
 
 
 # The text tower of a model type whose AutoModel is more than one (CLIP: text and vision; T5: encoder-decoder).

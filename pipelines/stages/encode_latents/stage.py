@@ -35,7 +35,7 @@ from pipelines.stages.encode_latents.encoder import Encoder, text_embeddings
 
 # 2: parts are written in row groups of stage.row_group_rows, listed in the manifest; the first
 #    stage.held_out_images of prepare's held-out rows are encoded too, into held_out/.
-# 3: the class and layout columns (label, boxes) are carried.
+# 3: the class and layout columns (label, boxes) are carried, and the classes they name listed in the manifest.
 STAGE = Stage("encode_latents", version=3, output_url=lambda cfg: cfg.stage.output_url, resume=True, detail="{rows_out} rows")
 WORK = "_work"
 EMPTY_TEXT_EMBEDDING = "empty_text_embedding.safetensors"
@@ -84,7 +84,7 @@ def _encode(job: Job) -> Output:
     finished = encoding.finished()
     encoding.remove_unfinished_parts(finished)
     for empty in (s for s in sources if expected[tasks.stem(s)] == 0 and tasks.stem(s) not in finished):
-        encoding.mark_done(tasks.stem(empty), {"files": {}, "file_rows": {}, "rows": 0, "undecodable": 0, "stats": LatentStats()})
+        encoding.mark_done(tasks.stem(empty), {"files": {}, "file_rows": {}, "rows": 0, "undecodable": 0, "stats": LatentStats(), "classes": []})
     finished = encoding.finished()
     pending = [s for s in sources if tasks.stem(s) not in finished]
     if finished:
@@ -128,6 +128,8 @@ def _encode(job: Job) -> Output:
             # The frozen encoder whose τθ(y) the rows carry, and the empty caption's (caption dropout's) file.
             "text_encoder": {**text_encoder, "empty": EMPTY_TEXT_EMBEDDING} if text_encoder else None,
             **summary,
+            # The classes the training rows name (labels, or in their boxes), sorted: a class's index is its place here.
+            "classes": sorted({name for marker in markers for name in marker["classes"]}),
             "tokenizer": {**prepared["facts"]["tokenizer"], "path": f"{source}/{prepared['facts']['tokenizer']['path'].strip('/')}"},
         },
         schema=_schema(first_stage["kind"], text_encoder),
@@ -235,7 +237,8 @@ def _check_resource_plan(cfg: DictConfig) -> None:
 
 
 def _schema(kind: str, text_encoder: dict[str, Any] | None) -> dict[str, str]:
-    schema = {"key": "string", "caption": "string", "input_ids": "fixed_size_list<int32>", "attention_mask": "fixed_size_list<int8>"}
+    schema = {"key": "string", "caption": "string", "input_ids": "fixed_size_list<int32>", "attention_mask": "fixed_size_list<int8>",
+              "label": "string", "boxes": "string"}
     tensors = [*latent_columns(kind), *([TEXT_EMBEDDING] if text_encoder else [])]
     return {**schema, **{c: "fixed_shape_tensor<halffloat>" for c in tensors}}
 
@@ -314,7 +317,8 @@ class _Encoding:
             )
         )
         seen: dict[str, int] = defaultdict(int)
-        parts: dict[str, dict[str, Any]] = defaultdict(lambda: {"files": {}, "file_rows": {}, "rows": 0, "undecodable": 0, "stats": LatentStats()})
+        parts: dict[str, dict[str, Any]] = defaultdict(
+            lambda: {"files": {}, "file_rows": {}, "rows": 0, "undecodable": 0, "stats": LatentStats(), "classes": []})
         total = sum(expected[tasks.stem(s)] for s in pending)
         with tqdm(total=total, desc=f"{STAGE.name}: images", unit="img") as progress:
             for report in reports.iter_rows():
@@ -327,6 +331,7 @@ class _Encoding:
                 part["undecodable"] += report["undecodable"]
                 stats = LatentStats(report["count"], list(report["sum"]), list(report["sum_sq"]), list(report["sum_var"]))
                 part["stats"] = part["stats"].merge(stats)
+                part["classes"] = sorted({*part["classes"], *report["classes"]})
                 seen[stem] += report["rows"] + report["undecodable"]
                 progress.update(report["rows"] + report["undecodable"])
                 if seen[stem] == expected[stem]:

@@ -11,6 +11,7 @@ and reports what it wrote; the driver marks a source file done once every one of
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Iterator
 
@@ -83,7 +84,7 @@ def write(batch: pa.Table, *, storage: Storage, out: str, compression: str, row_
     for source in pc.unique(batch["path"]).to_pylist():
         rows = batch.filter(pc.equal(batch["path"], source))
         kept = rows.filter(pc.is_null(rows["reason"]))
-        name, size, stats = None, 0, LatentStats()
+        name, size, stats, classes = None, 0, LatentStats(), []
         if len(kept):
             table = kept.select([*CARRIED, *(c for c in kept.column_names if c.startswith("latent") or c == TEXT_EMBEDDING)])
             keys = table["key"]
@@ -95,6 +96,7 @@ def write(batch: pa.Table, *, storage: Storage, out: str, compression: str, row_
                 pq.write_table(table, f, compression=compression, row_group_size=row_group_rows)
             size = int(fs.size(f"{root}/{name}"))
             stats = LatentStats.of({c: column_array(table[c]) for c in table.column_names if c.startswith("latent")})
+            classes = classes_of(table)
         reports.append(
             {
                 "source": source,
@@ -106,9 +108,20 @@ def write(batch: pa.Table, *, storage: Storage, out: str, compression: str, row_
                 "sum": stats.sum,
                 "sum_sq": stats.sum_sq,
                 "sum_var": stats.sum_var,
+                "classes": classes,
             }
         )
     return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
+
+
+def classes_of(table: pa.Table) -> list[str]:
+    """The distinct classes a part's rows name, as labels or in their boxes: a class vocabulary is their union
+    over the data, so no class seen in training lacks an index (bounded by the number of classes, not rows)."""
+    names = {label for label in pc.unique(table["label"]).to_pylist() if label is not None}
+    for boxes in pc.unique(table["boxes"]).to_pylist():
+        if boxes is not None:
+            names.update(str(box["label"]) for box in json.loads(boxes))
+    return sorted(names)
 
 
 REPORT_SCHEMA = pa.schema(
@@ -122,5 +135,6 @@ REPORT_SCHEMA = pa.schema(
         ("sum", pa.list_(pa.float64())),
         ("sum_sq", pa.list_(pa.float64())),
         ("sum_var", pa.list_(pa.float64())),
+        ("classes", pa.list_(pa.string())),
     ]
 )

@@ -35,7 +35,6 @@ from ldm.grids import captioned_grid
 from ldm.latents import TEXT_EMBEDDING
 from ldm.lr_schedule import learning_rate, set_learning_rate
 from ldm.models.first_stage import load_first_stage
-from ldm.models import unconditional
 from ldm.models.presets import text_to_image_preset
 from ldm.models.text_to_image import (
     EMA,
@@ -301,7 +300,7 @@ def _build_models(config: LoopConfig, vocab_size: int) -> tuple[torch.nn.Module,
     spec = text_to_image_preset(model.preset, model.unet, model.text_encoder)
     channels, size = config.latent_shape[0], config.latent_shape[1]
     if not config.task.cross_attention:
-        return unconditional.build_unet(spec.unet, channels, size), None
+        return build_unet(spec.unet, channels, size, None), None
     if config.empty_text_embedding is not None:
         return build_unet(spec.unet, channels, size, config.empty_text_embedding.shape[-1]), None
     if config.pretrained_text_encoder is not None:
