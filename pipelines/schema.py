@@ -471,6 +471,7 @@ class Sample(Generation):
     prompts_file: Optional[str]
     images_per_prompt: int
     num_images: int  # a model without prompts (task=unconditional) draws this many
+    classes: List[str]  # what a class-conditional model draws (empty: every class it knows)
     grid_columns: int
 
 
@@ -503,10 +504,17 @@ class Scenes:
 
 
 @dataclass
+class Classes:
+    enabled: bool
+    images_per_class: int
+
+
+@dataclass
 class Evaluate(Generation):
     reconstruction: Reconstruction
     adherence: Adherence
     scenes: Scenes
+    classes: Classes
     fid: Fid
 
 
@@ -563,5 +571,5 @@ OPTIONS: dict[str, dict[str, type]] = {
     "storage": {"local": StorageConfig, "s3": S3StorageConfig},
     "tracking": {"local": Tracking, "server": Tracking},
     "cluster": {"local": Cluster, "remote": Cluster},
-    "task": {"text_to_image": TaskConfig, "unconditional": TaskConfig},
+    "task": {"text_to_image": TaskConfig, "unconditional": TaskConfig, "class_conditional": TaskConfig},
 }

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from conftest import BUCKET
 
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
-from ldm.diffusion.sampling import generate_images, sampler, text_to_image_pipeline
+from ldm.diffusion.sampling import generate_images, sampler, task_pipeline
 from ldm.models.first_stage import build_first_stage
 from ldm.models.presets import TEXT_TO_IMAGE_PRESETS, describe, first_stage_preset, text_to_image_preset
 from ldm.models.text_to_image import build_text_encoder, build_unet, set_attention, set_trainable
@@ -140,7 +140,7 @@ def tiny_pipeline():
     text_encoder, unet = build_text_encoder(spec.text_encoder, len(tokenizer), 77), build_unet(spec.unet, 4, 8, 32)
     first_stage = build_first_stage(first_stage_preset("tiny-kl-f4"))
     schedule = noise_scheduler("linear", "epsilon").config
-    return text_to_image_pipeline(unet.eval(), text_encoder.eval(), tokenizer, first_stage.eval(), 0.5, sampler("ddim", schedule)), schedule
+    return task_pipeline(unet.eval(), text_encoder.eval(), tokenizer, first_stage.eval(), 0.5, sampler("ddim", schedule)), schedule
 
 
 def test_guided_sampling_is_seeded_per_image_and_guidance_changes_the_result():

@@ -193,20 +193,20 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3_and_trains_each
 def test_the_same_command_after_the_whole_run_is_killed_trains_each_row_once(latents, uninterrupted, tmp_path):
     root, _ = latents
     command = [sys.executable, str(ROOT / "pipelines" / "run.py"), *TRAIN, f"storage.root={tmp_path}/store",
-               f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", f"stage.latents_url={root}/store/latents", "stage.steps=60",
-               "stage.checkpoint_every=7", "stage.data_audit=true"]
-    kill_when(command, tmp_path, lambda: logged_step(tmp_path / "mlruns.db") >= 20)  # checkpoints 7 and 14 are written
+               f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", f"stage.latents_url={root}/store/latents", "stage.steps=40",
+               "stage.checkpoint_every=7", "stage.log_every=5", "stage.data_audit=true"]
+    kill_when(command, tmp_path, lambda: logged_step(tmp_path / "mlruns.db") >= 15)  # checkpoints 7 and 14 are written
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "train_ldm: 60 steps" in result.stdout
+    assert "train_ldm: 40 steps" in result.stdout
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
     killed, rerun = client.search_runs([client.get_experiment_by_name("ldm").experiment_id], "tags.stage = 'train_ldm'",
                                        order_by=["start_time ASC"])
     resumed = [v for _, v in history(client, rerun.info.run_id, "resumed_from_step")]
-    assert resumed and 7 <= resumed[0] < 60 and resumed[0] % 7 == 0  # the re-run continued mid-epoch
+    assert resumed and 7 <= resumed[0] < 40 and resumed[0] % 7 == 0  # the re-run continued mid-epoch
     trained = audit(client, [killed.info.run_id, rerun.info.run_id], tmp_path / "audit", resumed_at=resumed[0])
-    assert_same_rows_in_the_same_order(trained, uninterrupted[2], steps=60)
+    assert_same_rows_in_the_same_order(trained, uninterrupted[2], steps=40)
 
 
 def test_ray_job_submit_trains_across_two_nodes_of_a_ray_start_cluster(latents, tmp_path):
@@ -232,7 +232,7 @@ def test_ray_job_submit_trains_across_two_nodes_of_a_ray_start_cluster(latents, 
             ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
             "python", "pipelines/run.py", "stage=train_ldm", "experiment=ci", "cluster=remote", f"storage.root={tmp_path}/store",
             "storage.shared=true", f"stage.latents_url={root}/store/latents", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
-            "stage.scaling.placement_strategy=SPREAD", "stage.steps=20",
+            "stage.scaling.placement_strategy=SPREAD", "stage.steps=4",
         ]
         deadline = time.time() + 120
         while True:  # the job agent needs a few seconds after the dashboard answers, and both nodes must be up
@@ -241,7 +241,7 @@ def test_ray_job_submit_trains_across_two_nodes_of_a_ray_start_cluster(latents, 
                 break
             time.sleep(3)
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-        assert "train_ldm: 20 steps" in result.stdout
+        assert "train_ldm: 4 steps" in result.stdout
     finally:
         for process in (worker, head):
             if process is not None:

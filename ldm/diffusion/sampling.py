@@ -1,5 +1,6 @@
-"""Generation through diffusers' own pipelines: ``LDMTextToImagePipeline`` (text-to-image, with
-classifier-free guidance) and ``LDMPipeline`` (unconditional).
+"""Generation through each task's pipeline: diffusers' own ``LDMTextToImagePipeline`` (text-to-image, with
+classifier-free guidance) and ``LDMPipeline`` (unconditional), and ``ClassConditionalPipeline`` (class labels,
+guided against the null class) where diffusers has none.
 
 A task's pipeline is its one generation path: training's validation grids, stage=sample, stage=evaluate and the
 exported model all run it, so an exported directory reproduces what the stages showed. The text-to-image
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ldm.choices import SAMPLERS, WEIGHTS
 from ldm.manifest import verify
+from ldm.models.class_conditional import ClassConditionalPipeline, ClassEmbedder
 from ldm.models.first_stage import FirstStage, load_first_stage
 from ldm.models.text_to_image import load_models
 from ldm.storage import Storage
@@ -36,20 +38,18 @@ def sampler(name: str, training_config: FrozenDict | dict):
     raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
 
 
-def text_to_image_pipeline(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer, first_stage: FirstStage, scale_factor: float, scheduler
-) -> LDMTextToImagePipeline:
-    """The models as one diffusers pipeline; ``first_stage`` gets ``scale_factor`` as its ``scaling_factor``."""
+def task_pipeline(unet: torch.nn.Module, conditioner: torch.nn.Module | None, tokenizer, first_stage: FirstStage, scale_factor: float,
+                  scheduler) -> DiffusionPipeline:
+    """The models as their task's pipeline, by τθ: none (unconditional: ``LDMPipeline``), a class embedder
+    (``ClassConditionalPipeline``) or a text encoder (``LDMTextToImagePipeline``, with ``tokenizer``);
+    ``first_stage`` gets ``scale_factor`` as its ``scaling_factor``."""
     first_stage.register_to_config(scaling_factor=float(scale_factor))
-    pipeline = LDMTextToImagePipeline(vqvae=first_stage, bert=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def unconditional_pipeline(unet: torch.nn.Module, first_stage: FirstStage, scale_factor: float, scheduler) -> LDMPipeline:
-    """The unconditional task's models as diffusers' ``LDMPipeline``; ``first_stage`` gets ``scale_factor``."""
-    first_stage.register_to_config(scaling_factor=float(scale_factor))
-    pipeline = LDMPipeline(vqvae=first_stage, unet=unet, scheduler=scheduler)
+    if conditioner is None:
+        pipeline = LDMPipeline(vqvae=first_stage, unet=unet, scheduler=scheduler)
+    elif isinstance(conditioner, ClassEmbedder):
+        pipeline = ClassConditionalPipeline(vqvae=first_stage, unet=unet, class_embedder=conditioner, scheduler=scheduler)
+    else:
+        pipeline = LDMTextToImagePipeline(vqvae=first_stage, bert=conditioner, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -69,11 +69,7 @@ def load_pipeline(storage: Storage, url: str, *, weights: str = "ema", sampler_n
         schedule = DDPMScheduler.load_config(local(layout["scheduler"]))
     first = facts["first_stage"]
     first_stage = load_first_stage(first["location"], storage, first.get("subfolder"))
-    scheduler = sampler(sampler_name, schedule)
-    if text_encoder is None:
-        pipeline = unconditional_pipeline(unet, first_stage, facts["scale_factor"], scheduler)
-    else:
-        pipeline = text_to_image_pipeline(unet, text_encoder, tokenizer, first_stage, facts["scale_factor"], scheduler)
+    pipeline = task_pipeline(unet, text_encoder, tokenizer, first_stage, facts["scale_factor"], sampler(sampler_name, schedule))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return pipeline.to(device)
@@ -99,8 +95,8 @@ def generate_images(
 ) -> np.ndarray:
     """N x H x W x 3 uint8 images, image i from noise seeded ``seeds[i]`` alone, so that any one image is
     reproduced by ``pipeline(prompt, generator=torch.Generator().manual_seed(seed))`` (an unconditional one:
-    ``pipeline(generator=...)``) whatever its batch. ``prompts``: one per seed, or None for an unconditional
-    pipeline (which has no guidance either)."""
+    ``pipeline(generator=...)``) whatever its batch. ``prompts``: one per seed (captions, or class names for a
+    class-conditional pipeline), or None for an unconditional one (which has no guidance either)."""
     if prompts is not None and len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     images = []
@@ -111,6 +107,8 @@ def generate_images(
             size = pipeline_size(pipeline)
             output = pipeline(list(prompts[chunk]), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
                               generator=generators, output_type="np")
+        elif isinstance(pipeline, ClassConditionalPipeline):
+            output = pipeline(list(prompts[chunk]), guidance_scale=guidance_scale, num_inference_steps=steps, generator=generators, output_type="np")
         else:
             output = pipeline(batch_size=len(generators), generator=generators, num_inference_steps=steps, output_type="np")
         images.append(to_uint8(output.images))

@@ -19,10 +19,12 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBe
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
 
 from ldm.choices import ATTENTION
+from ldm.models.class_conditional import ClassEmbedder
 from ldm.models.presets import TextEncoderSpec, UNetSpec
 from ldm.storage import Storage, pretrained_directory
 
-UNET, TEXT_ENCODER, EMA = "unet", "text_encoder", "ema"  # folders of a checkpoint and of a train_ldm output
+# Folders of a checkpoint and of a train_ldm output; τθ is a text encoder's or a class embedder's.
+UNET, TEXT_ENCODER, CLASS_EMBEDDER, EMA = "unet", "text_encoder", "class_embedder", "ema"
 
 # τθ saved by us loads like any transformers encoder (AutoModel), whichever it is.
 AutoConfig.register(LDMBertConfig.model_type, LDMBertConfig, exist_ok=True)
@@ -101,10 +103,15 @@ def set_attention(unet: torch.nn.Module, kind: str, device: torch.device) -> Non
 
 
 def save_models(directory: str, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
-    """The UNet and τθ; a checkpoint of training on precomputed τθ(y) has no τθ to save."""
+    """The UNet and τθ (a text encoder, or a class embedder); a checkpoint of training on precomputed τθ(y)
+    has no τθ to save, nor has the unconditional task."""
     unet.save_pretrained(os.path.join(directory, UNET), safe_serialization=True)
     if text_encoder is not None:
-        text_encoder.save_pretrained(os.path.join(directory, TEXT_ENCODER), safe_serialization=True)
+        text_encoder.save_pretrained(os.path.join(directory, conditioner_folder(text_encoder)), safe_serialization=True)
+
+
+def conditioner_folder(conditioner: torch.nn.Module) -> str:
+    return CLASS_EMBEDDER if isinstance(conditioner, ClassEmbedder) else TEXT_ENCODER
 
 
 def load_models(directory: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
@@ -112,7 +119,9 @@ def load_models(directory: str) -> tuple[torch.nn.Module, torch.nn.Module | None
     ``directory`` (a checkpoint, its EMA folder, or a train_ldm output); τθ is None when there is none (a
     checkpoint of training on precomputed τθ(y), or a task without a condition)."""
     unet = AutoDiffusersModel.from_pretrained(os.path.join(directory, UNET))
-    text = os.path.join(directory, TEXT_ENCODER)
+    text, classes = os.path.join(directory, TEXT_ENCODER), os.path.join(directory, CLASS_EMBEDDER)
+    if os.path.isdir(classes):
+        return unet, ClassEmbedder.from_pretrained(classes)
     return unet, load_text_encoder(text) if os.path.isdir(text) else None
 
 

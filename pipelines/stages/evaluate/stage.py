@@ -3,8 +3,9 @@
 (a) The first stage's reconstruction PSNR / SSIM on prepared images it never trained on (the keys its
 train_autoencoder manifest says were held out); (b) on synthetic data, prompt adherence (text-to-image): images
 generated for (colour, shape, background) combinations that were never rendered, read back by the synthesizer's
-classifier, accuracy per attribute against chance; or the scene distribution (unconditional): how far the
+classifier, accuracy per attribute against chance; the scene distribution (unconditional): how far the
 generated scenes' attributes are from the data's (total variation) and the fraction holding one clean object;
+or class accuracy (class-conditional): how often an image shows the class it was drawn for, against chance;
 (c) FID / KID against held-out images when a feature extractor is
 configured (nothing is downloaded). ``metrics.json`` and a grid of the adherence samples go to
 ``stage.output_url``; the metrics to the MLflow run.
@@ -29,7 +30,7 @@ from ldm.manifest import data_files, read_manifest, verify
 from ldm.metrics.adherence import adherence, describe, held_out_prompts, held_out_scenes
 from ldm.metrics.distribution import frechet_distance, image_features, kernel_distance
 from ldm.metrics.reconstruction import evaluate_reconstruction
-from ldm.metrics.scenes import scene_distribution
+from ldm.metrics.scenes import class_accuracy, scene_distribution
 from ldm.storage import Storage, pretrained_directory, resolve
 from ldm.synthetic.scene import parse_caption
 from ldm.tasks import task as named_task
@@ -47,9 +48,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _evaluate(job: Job) -> Output:
     storage, settings, out, trained = job.storage, job.settings, job.out, job.inputs.found["model"]
     pipeline = load_model(job, str(settings.device))
-    prompted = named_task(trained["facts"].get("task", "text_to_image")).prompted
-    generate = lambda prompts, seeds: generate_images(  # noqa: E731  (an unconditional model takes no prompts)
-        pipeline, prompts if prompted else None, seeds, steps=settings.steps,
+    condition = named_task(trained["facts"].get("task", "text_to_image")).condition
+    prompted = condition == "caption"
+    # What a held-out row's image was conditioned on, for FID: its caption, its class, or (unconditional) nothing.
+    condition_of = {"caption": "caption", "label": "label"}.get(condition)
+    generate = lambda conditions, seeds: generate_images(  # noqa: E731
+        pipeline, conditions, seeds, steps=settings.steps,
         guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True,
     )
     resolution = trained["facts"]["resolution"]
@@ -57,7 +61,7 @@ def _evaluate(job: Job) -> Output:
     # diffusion model trained on) are read for them alone, as many as they use.
     wanted = max(settings.reconstruction.images if settings.reconstruction.enabled else 0,
                  settings.fid.images if settings.fid.feature_extractor else 0,
-                 settings.scenes.images if settings.scenes.enabled and not prompted else 0)
+                 settings.scenes.images if settings.scenes.enabled and condition is None else 0)
     held_out, split = _held_out_rows(storage, trained, wanted)
     metrics: dict[str, Any] = {}
     skipped: dict[str, str] = {}
@@ -75,7 +79,7 @@ def _evaluate(job: Job) -> Output:
 
     synthesized = read_manifest(storage, resolve(settings.adherence.synthesized_url)) if settings.adherence.synthesized_url else None
     synthetic = synthesized is not None and synthesized.get("stage") == "synthesize"
-    if not prompted and settings.scenes.enabled:
+    if condition is None and settings.scenes.enabled:
         real = [scene for scene in map(parse_caption, held_out["caption"]) if scene is not None]
         if not synthetic or not real:
             skipped["scenes"] = ("scene distribution is measured on synthetic data only (stage.adherence.synthesized_url names "
@@ -100,13 +104,26 @@ def _evaluate(job: Job) -> Output:
         skipped["adherence"] = (f"stage.adherence.synthesized_url={settings.adherence.synthesized_url} is not a synthesize "
                                 "output: prompt adherence is measured on synthetic data only")
 
+    if condition == "label" and settings.classes.enabled:
+        if synthetic:
+            known = trained["facts"]["classes"]
+            classes = [name for name in known for _ in range(settings.classes.images_per_class)]
+            generated = generate(classes, [settings.seed + i for i in range(len(classes))])
+            metrics["classes"] = class_accuracy(classes, generated, len(known))
+            shown = slice(0, len(classes), settings.classes.images_per_class)  # one image of each class
+            grid = captioned_grid(generated[shown][:32], classes[shown][:32], columns=8)
+            fs.pipe_file(f"{root}/{GRID}", encode_png(grid))
+            mlflow.log_image(grid, GRID)
+        else:
+            skipped["classes"] = "class accuracy is read by the synthetic scenes' classifier: synthetic data only"
+
     if settings.fid.feature_extractor:
         count = min(settings.fid.images, len(held_out["image"]))
         if count < 2:
             skipped["fid"] = f"{count} held-out image(s): FID needs at least 2"
         else:
             real = np.stack([square_crop(data, resolution) for data in held_out["image"][:count]])
-            fake = generate(held_out["caption"][:count], [settings.seed + i for i in range(count)])
+            fake = generate(held_out[condition_of][:count] if condition_of else None, [settings.seed + i for i in range(count)])
             model, processor = _feature_extractor(storage, settings.fid.feature_extractor)
             real_f, fake_f = image_features(model.to(pipeline.device), processor, real), image_features(model, processor, fake)
             kid, kid_std = kernel_distance(real_f, fake_f, subset_size=settings.fid.kid_subset_size)
@@ -125,7 +142,7 @@ def _evaluate(job: Job) -> Output:
     for group, why in skipped.items():
         print(f"{STAGE.name}: {group} skipped: {why}")
     return Output(
-        facts={"layout": {"metrics": METRICS, "grid": GRID if {"adherence", "scenes"} & set(metrics) else None}, **report},
+        facts={"layout": {"metrics": METRICS, "grid": GRID if {"adherence", "scenes", "classes"} & set(metrics) else None}, **report},
         metrics={f"{group}/{name}": value for group, values in metrics.items() for name, value in values.items()},
         message=f"{STAGE.name}: {out}/{METRICS}",
     )
@@ -135,7 +152,7 @@ def _held_out_rows(storage: Storage, trained: dict[str, Any], limit: int) -> tup
     """Key, caption and image bytes of the first ``limit`` of prepare's held-out rows, found through the model's
     manifest chain (train_ldm -> encode_latents -> prepare) and read a batch at a time, and how they were
     chosen (prepare's ``held_out`` fact)."""
-    rows: dict[str, list] = {"key": [], "caption": [], "image": []}
+    rows: dict[str, list] = {"key": [], "caption": [], "label": [], "image": []}
     latents = verify(storage, trained["inputs"]["latents"], stage="encode_latents")
     prepared_url = latents["inputs"]["prepared"]
     prepared = verify(storage, prepared_url, stage="prepare")

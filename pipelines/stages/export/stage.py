@@ -3,7 +3,9 @@
 Text-to-image: ``LDMTextToImagePipeline`` (tokenizer, τθ as ``bert``, UNet, first stage, scheduler);
 unconditional: ``LDMPipeline`` (UNet, first stage, scheduler). The first stage is the ``vqvae``, its
 ``scaling_factor`` the latents' ``scale_factor``. Either loads with ``DiffusionPipeline.from_pretrained(dir)``
-without this project. A text-to-image directory is also logged to the MLflow run as a pyfunc model
+without this project. Class-conditional, for which diffusers has no pipeline: this project's
+``ClassConditionalPipeline`` directory (UNet, class embedder, first stage, scheduler), loaded with
+``ldm.models.class_conditional.ClassConditionalPipeline.from_pretrained(dir)``. A text-to-image directory is also logged to the MLflow run as a pyfunc model
 (``pyfunc_model.py``: prompts in, PNGs out) and registered in the model registry.
 """
 
@@ -20,6 +22,7 @@ from diffusers import LDMTextToImagePipeline
 from omegaconf import DictConfig
 
 from ldm.diffusion.sampling import pipeline_size
+from ldm.models.class_conditional import ClassConditionalPipeline
 from ldm.storage import Storage
 from pipelines.model_stage import load_model, model_inputs
 from pipelines.stage import Inputs, Job, Output, Stage
@@ -70,9 +73,12 @@ def _export(job: Job) -> Output:
                 registered = {"name": settings.registered_model, "version": int(logged.registered_model_version)}
     where = f"; registered as {registered['name']} version {registered['version']}" if registered else ""
     size = pipeline_size(pipeline) if prompted else None  # the height / width its call takes
-    call = f"(prompt, height={size}, width={size}, guidance_scale=4.0)" if prompted else "(batch_size=4)"
+    call = (f"(prompt, height={size}, width={size}, guidance_scale=4.0)" if prompted else
+            f"([{job.inputs.found['model']['facts']['classes'][0]!r}], guidance_scale=4.0)" if isinstance(pipeline, ClassConditionalPipeline)
+            else "(batch_size=4)")
+    loader = "ClassConditionalPipeline" if isinstance(pipeline, ClassConditionalPipeline) else "DiffusionPipeline"
     return Output(
         facts={"pipeline": type(pipeline).__name__, "weights": str(settings.weights), "scheduler": type(pipeline.scheduler).__name__,
                **({"height": size, "width": size} if prompted else {}), "resolution": resolution, "registered_model": registered},
-        message=f"{STAGE.name}: {type(pipeline).__name__} at {out}{where}\n        DiffusionPipeline.from_pretrained({out!r}){call}",
+        message=f"{STAGE.name}: {type(pipeline).__name__} at {out}{where}\n        {loader}.from_pretrained({out!r}){call}",
     )

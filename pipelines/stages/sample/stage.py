@@ -1,5 +1,5 @@
-"""stage=sample: images from a train_ldm output, with DDIM or DPM-Solver++: for prompts (guided), or, for a
-model without them (task=unconditional), ``stage.num_images`` of them.
+"""stage=sample: images from a train_ldm output, with DDIM or DPM-Solver++, as its task draws them: for
+prompts (text-to-image) or class names (class-conditional), guided; or (unconditional) ``stage.num_images``.
 
 Each image is drawn from noise seeded ``stage.seed + i`` (i its place in prompt order), so one image can be
 made again on its own, here or with the exported pipeline. The PNGs, a ``samples.jsonl`` index (file, prompt,
@@ -36,8 +36,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     inputs = model_inputs(cfg, storage)
-    prompted = named_task(inputs.found["model"]["facts"].get("task", "text_to_image")).prompted
-    inputs.found["prompts"] = read_prompts(storage, plain(cfg.stage.prompts), cfg.stage.prompts_file) if prompted else None
+    facts = inputs.found["model"]["facts"]
+    condition = named_task(facts.get("task", "text_to_image")).condition
+    if condition == "caption":
+        inputs.found["prompts"] = read_prompts(storage, plain(cfg.stage.prompts), cfg.stage.prompts_file)
+    elif condition == "label":
+        inputs.found["prompts"] = read_classes(plain(cfg.stage.classes), facts["classes"])
+    else:
+        inputs.found["prompts"] = None
     return inputs
 
 
@@ -69,6 +75,14 @@ def _sample(job: Job) -> Output:
         message=f"{STAGE.name}: {len(seeds)} images" + (f" for {len(prompts)} prompt(s)" if prompts is not None else "")
                 + f" in {elapsed:.1f}s; at {out} (grid: {out}/{GRID})",
     )
+
+
+def read_classes(classes: list[str], known: list[str]) -> list[str]:
+    """``classes`` (empty: every class the model knows), each one the model knows."""
+    unknown = sorted(set(classes) - set(known))
+    if unknown:
+        raise ValueError(f"stage.classes: the model knows no class {unknown}; it knows {known}")
+    return [str(c) for c in classes] or list(known)
 
 
 def read_prompts(storage: Storage, prompts: list[str], prompts_file: str | None) -> list[str]:

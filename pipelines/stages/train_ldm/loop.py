@@ -29,11 +29,12 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ldm.data.epochs import END_OF_EPOCH, EpochStream, Interval
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
-from ldm.diffusion.sampling import generate_images, sampler, text_to_image_pipeline, unconditional_pipeline
+from ldm.diffusion.sampling import generate_images, sampler, task_pipeline
 from ldm.flops import peak_flops, performance, step_flops as count_step_flops
 from ldm.grids import captioned_grid
 from ldm.latents import TEXT_EMBEDDING
 from ldm.lr_schedule import learning_rate, set_learning_rate
+from ldm.models.class_conditional import ClassEmbedder
 from ldm.models.first_stage import load_first_stage
 from ldm.models.presets import text_to_image_preset
 from ldm.models.text_to_image import (
@@ -57,17 +58,20 @@ from pipelines.train_worker import (EpochData, RunLogger, RunTarget, gather_for_
 STATE_FILE = "training_state.pt"
 
 
+STRINGS = ("key", "label")  # columns that stay lists of strings: keys (for the data audit), class names
+
+
 class LatentBatch(NumpyBatchCollateFn):
-    """Latent shard rows to tensors; keys stay strings (for the data audit). Ray Data hands the fixed-size
-    token lists over as an object array of rows."""
+    """Latent shard rows to tensors; keys and class names stay strings. Ray Data hands the fixed-size token
+    lists over as an object array of rows."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {
-            k: torch.from_numpy(np.stack(v) if v.dtype == object else np.ascontiguousarray(v)) for k, v in batch.items() if k != "key"
+            k: torch.from_numpy(np.stack(v) if v.dtype == object else np.ascontiguousarray(v)) for k, v in batch.items() if k not in STRINGS
         }
         if "input_ids" in out:  # absent when the rows carry τθ(y) instead
             out["input_ids"] = out["input_ids"].long()
-        out["key"] = [str(k) for k in batch["key"]]
+        out.update({k: [str(v) for v in batch[k]] for k in STRINGS if k in batch})
         return out
 
 
@@ -81,6 +85,7 @@ class LoopConfig:
     held_out: list[str]  # latents of prepare's held-out rows (encode_latents' held_out/): never trained on
     tokenizer: str | None  # the prepared captions' tokenizer (None: the task has no captions)
     max_length: int | None
+    classes: list[str] | None  # the class vocabulary (encode_latents' manifest) of a class-conditional task
     latent_shape: list[int]  # c, h, w
     scale_factor: float
     first_stage: dict[str, Any]  # the latents' first stage (location, subfolder): validation grids decode with it
@@ -106,10 +111,21 @@ def train_loop(config: LoopConfig) -> None:
     tokenizer = load_tokenizer(config.tokenizer, config.storage) if captioned else None
     embedded = config.empty_text_embedding is not None
     caption_column = (TEXT_EMBEDDING if embedded else "input_ids") if captioned else None
+    class_index = {name: i for i, name in enumerate(config.classes or ())}
+    # The null condition that guidance dropout swaps in: the empty caption (its tokens or τθ), the null class.
     if embedded:
         empty = torch.from_numpy(config.empty_text_embedding).to(device)
     elif captioned:
         empty = torch.from_numpy(tokenize(tokenizer, [""], config.max_length)[0][0]).long().to(device)
+    else:
+        empty = torch.tensor(len(class_index), device=device)
+
+    def conditions(batch: dict[str, Any]) -> torch.Tensor | None:
+        """What the batch's rows are conditioned on, as τθ takes it: tokens or τθ(y), class indices, or nothing."""
+        if config.task.condition == "label":
+            return torch.tensor([class_index[name] for name in batch["label"]], device=device)
+        return batch[caption_column].to(device) if captioned else None
+
     # This run's latest checkpoint (a restart, or the same command again); else the one stage.resume names.
     checkpoint = ray.train.get_checkpoint() or config.resume_from
     state: dict[str, Any] = {}
@@ -127,7 +143,7 @@ def train_loop(config: LoopConfig) -> None:
     set_attention(unet, settings.attention, device)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if text_encoder is not None and train_text_encoder and text_encoder.supports_gradient_checkpointing:
+        if text_encoder is not None and train_text_encoder and getattr(text_encoder, "supports_gradient_checkpointing", False):
             text_encoder.gradient_checkpointing_enable()
     objective = DiffusionObjective(training_schedule(settings.noise), settings.noise.snr_gamma)
     module = DenoisingLoss(unet, text_encoder, objective, train_text_encoder).to(device)
@@ -163,7 +179,7 @@ def train_loop(config: LoopConfig) -> None:
 
     tracker = RunLogger(config.run)
     validation = Validation(config, tokenizer, unet, text_encoder, device) if rank == 0 else None
-    held_out = HeldOutLoss(config, module, device, autocast) if rank == 0 and config.held_out else None
+    held_out = HeldOutLoss(config, module, device, autocast, conditions) if rank == 0 and config.held_out else None
     nodes = _node_count(world)
     if rank == 0:
         counts = {"unet": sum(p.numel() for p in unet.parameters()),
@@ -182,7 +198,8 @@ def train_loop(config: LoopConfig) -> None:
     def step_loss(net: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """One micro-batch's loss: captions dropped for guidance, z0 drawn from the stored moments, then noised."""
         moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
-        captions = drop_captions(batch[caption_column].to(device), empty, settings.caption_dropout, generator) if captioned else None
+        condition = conditions(batch)
+        captions = drop_captions(condition, empty, settings.caption_dropout, generator) if condition is not None else None
         with autocast:
             return net(sample_latents(moments, config.scale_factor, generator), captions, generator)
 
@@ -301,6 +318,9 @@ def _build_models(config: LoopConfig, vocab_size: int) -> tuple[torch.nn.Module,
     channels, size = config.latent_shape[0], config.latent_shape[1]
     if not config.task.cross_attention:
         return build_unet(spec.unet, channels, size, None), None
+    if config.task.condition == "label":
+        embedder = ClassEmbedder(num_classes=len(config.classes), width=spec.text_encoder.width, classes=list(config.classes))
+        return build_unet(spec.unet, channels, size, spec.text_encoder.width), embedder
     if config.empty_text_embedding is not None:
         return build_unet(spec.unet, channels, size, config.empty_text_embedding.shape[-1]), None
     if config.pretrained_text_encoder is not None:
@@ -354,7 +374,7 @@ class HeldOutLoss:
     """The denoising loss on at most ``stage.validation_images`` held-out latents (rank 0 only), read once: the
     same rows, timesteps and noise at every evaluation, so its curve shows the model, not the draw."""
 
-    def __init__(self, config: LoopConfig, module: DenoisingLoss, device: torch.device, autocast):
+    def __init__(self, config: LoopConfig, module: DenoisingLoss, device: torch.device, autocast, conditions):
         settings = config.settings
         storage = config.data.storage
         filesystem, _ = storage.pyarrow(config.held_out[0])
@@ -364,7 +384,7 @@ class HeldOutLoss:
         self.batches = list(rows.iter_torch_batches(batch_size=settings.batch_size, collate_fn=LatentBatch()))
         self.module, self.device, self.autocast = module, device, autocast
         self.scale_factor, self.seed = config.scale_factor, settings.validation.seed
-        self.caption_column = (TEXT_EMBEDDING if config.empty_text_embedding is not None else "input_ids") if config.task.condition else None
+        self.conditions = conditions
 
     @torch.no_grad()
     def loss(self) -> float:
@@ -375,8 +395,7 @@ class HeldOutLoss:
         for batch in self.batches:
             moments = {k: v.to(self.device) for k, v in batch.items() if k.startswith("latent")}
             with self.autocast:
-                captions = batch[self.caption_column].to(self.device) if self.caption_column else None
-                loss = self.module(sample_latents(moments, self.scale_factor, generator), captions, generator)
+                loss = self.module(sample_latents(moments, self.scale_factor, generator), self.conditions(batch), generator)
             total += float(loss) * len(batch["key"])
             count += len(batch["key"])
         for part, mode in modes:
@@ -385,27 +404,22 @@ class HeldOutLoss:
 
 
 class Validation:
-    """A grid of samples, decoded by the first stage (rank 0 only): for the fixed validation prompts, or (a task
-    without them) as many images from the same seeds each time."""
+    """A grid of samples, decoded by the first stage (rank 0 only): for the fixed validation prompts, the first
+    ``validation.images`` classes, or (unconditional) that many images, from the same seeds each time."""
 
     def __init__(self, config: LoopConfig, tokenizer, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, device: torch.device):
         self.settings = config.settings.validation
         first = config.first_stage
         first_stage = load_first_stage(first["location"], config.storage, first["subfolder"]).to(device).eval()
         scheduler = sampler(self.settings.sampler, training_schedule(config.settings.noise).config)
-        if not config.task.prompted:
-            self.prompts = None
-            self.seeds = [self.settings.seed + i for i in range(self.settings.images)]
-            self.pipeline = unconditional_pipeline(unet, first_stage, config.scale_factor, scheduler)
-            self.parts = [unet]
-            return
-        self.prompts = list(self.settings.prompts)
-        self.seeds = [self.settings.seed + i for i in range(len(self.prompts))]
-        if text_encoder is None:  # the latents carry τθ(y): the frozen encoder is loaded for the prompts only
+        condition = config.task.condition
+        self.prompts = {"caption": list(self.settings.prompts), "label": list(config.classes or ())[: self.settings.images]}.get(condition)
+        self.seeds = [self.settings.seed + i for i in range(self.settings.images if self.prompts is None else len(self.prompts))]
+        if condition == "caption" and text_encoder is None:  # the latents carry τθ(y): the frozen encoder is loaded for the prompts only
             text_encoder = load_text_encoder(config.pretrained_text_encoder, config.storage, config.pretrained_text_encoder_subfolder)
             text_encoder = text_encoder.to(device).eval()
-        self.pipeline = text_to_image_pipeline(unet, text_encoder, tokenizer, first_stage, config.scale_factor, scheduler)
-        self.parts = [unet, text_encoder]
+        self.pipeline = task_pipeline(unet, text_encoder, tokenizer, first_stage, config.scale_factor, scheduler)
+        self.parts = [m for m in (unet, text_encoder) if m is not None]
 
     def grid(self):
         modes = [(m, m.training) for m in self.parts]  # a frozen τθ stays in eval

@@ -29,7 +29,7 @@ from safetensors.numpy import load
 from ldm.manifest import data_files, data_row_groups
 from ldm.models.presets import describe, text_to_image_preset
 from ldm.latents import TEXT_EMBEDDING
-from ldm.models.text_to_image import EMA, TEXT_ENCODER, UNET, load_text_encoder
+from ldm.models.text_to_image import CLASS_EMBEDDER, EMA, TEXT_ENCODER, UNET, load_text_encoder
 from ldm.storage import Storage, model_location, resolve, weights_digest
 from ldm.tasks import task as named_task
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer
@@ -55,6 +55,11 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     resume_from = _resume_from(cfg.stage.resume, storage)
     inputs.fingerprints.extend([resume_from.path] if resume_from else [])
     task = named_task(cfg.task.name)
+    if task.condition == "label" and not inputs.found["latents"]["facts"].get("classes"):
+        raise ValueError(
+            f"task={task.name}: stage.latents_url={inputs.record['latents']} has no class labels. Name the data's class column "
+            "(data.input.label_col) and run prepare and encode_latents again"
+        )
     inputs.found.update(resume_from=resume_from, spec=spec, task=task, embedded=task.condition == "caption" and _embedded(inputs, model, storage))
     return inputs
 
@@ -89,8 +94,9 @@ def _train(job: Job) -> Output:
     files, row_groups = data_row_groups(latents, source)
     embedded = job.inputs.found["embedded"]
     captioned = task.condition == "caption"
-    captions = ([TEXT_EMBEDDING] if embedded else ["input_ids"]) if captioned else []
-    data = EpochData(files, row_groups, ["key", *captions, *facts["latent_columns"]], settings.seed, settings.shuffle_buffer, storage)
+    classes = facts["classes"] if task.condition == "label" else None
+    conditions = {"caption": [TEXT_EMBEDDING] if embedded else ["input_ids"], "label": ["label"]}.get(task.condition, [])
+    data = EpochData(files, row_groups, ["key", *conditions, *facts["latent_columns"]], settings.seed, settings.shuffle_buffer, storage)
     config = loop.LoopConfig(
         settings=OmegaConf.to_object(settings),
         task=task,
@@ -98,6 +104,7 @@ def _train(job: Job) -> Output:
         held_out=data_files(latents, source, "held_out"),
         tokenizer=facts["tokenizer"]["path"] if captioned else None,
         max_length=facts["tokenizer"]["max_length"] if captioned else None,
+        classes=classes,
         latent_shape=facts["latent_shape"],
         scale_factor=facts["scale_factor"],
         first_stage=facts["first_stage"],
@@ -126,7 +133,8 @@ def _train(job: Job) -> Output:
             text_encoder = load_text_encoder(config.pretrained_text_encoder, storage, config.pretrained_text_encoder_subfolder)
             for folder in ("", EMA):
                 text_encoder.save_pretrained(os.path.join(local, folder, TEXT_ENCODER), safe_serialization=True)
-        for folder in (UNET, *([TEXT_ENCODER] if captioned else []), EMA, SCHEDULER_DIR):
+        conditioner = {"caption": [TEXT_ENCODER], "label": [CLASS_EMBEDDER]}.get(task.condition, [])
+        for folder in (UNET, *conditioner, EMA, SCHEDULER_DIR):
             fs.put(os.path.join(local, folder), f"{root}/{folder}", recursive=True)
             if settings.log_model:
                 mlflow.log_artifacts(os.path.join(local, folder), f"model/{folder}")
@@ -135,7 +143,9 @@ def _train(job: Job) -> Output:
         counts={"steps": steps},
         facts={
             "layout": {"unet": f"{UNET}/", "ema": f"{EMA}/", "scheduler": f"{SCHEDULER_DIR}/",
-                       **({"text_encoder": f"{TEXT_ENCODER}/", "tokenizer": f"{TOKENIZER_DIR}/"} if captioned else {})},
+                       **({"text_encoder": f"{TEXT_ENCODER}/", "tokenizer": f"{TOKENIZER_DIR}/"} if captioned else {}),
+                       **({"class_embedder": f"{CLASS_EMBEDDER}/"} if classes else {})},
+            "classes": classes,
             "task": task.name,
             "pipeline": task.pipeline,
             "preset": str(settings.model.preset),
