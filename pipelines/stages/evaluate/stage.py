@@ -50,8 +50,6 @@ def _evaluate(job: Job) -> Output:
     pipeline = load_model(job, str(settings.device))
     condition = named_task(trained["facts"].get("task", "text_to_image")).condition
     prompted = condition == "caption"
-    # What a held-out row's image was conditioned on, for FID: its caption, its class, or (unconditional) nothing.
-    condition_of = {"caption": "caption", "label": "label"}.get(condition)
     generate = lambda conditions, seeds: generate_images(  # noqa: E731
         pipeline, conditions, seeds, steps=settings.steps,
         guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True,
@@ -67,6 +65,12 @@ def _evaluate(job: Job) -> Output:
     skipped: dict[str, str] = {}
     fs, root = storage.fsspec(out)
     fs.makedirs(root, exist_ok=True)
+
+    def log_grid(images: np.ndarray, captions: list[str]) -> None:
+        """The first 32 of the images the metric drew, captioned, to the output and the MLflow run."""
+        grid = captioned_grid(images[:32], captions[:32], columns=8)
+        fs.pipe_file(f"{root}/{GRID}", encode_png(grid))
+        mlflow.log_image(grid, GRID)
 
     if settings.reconstruction.enabled:
         images = held_out["image"][: settings.reconstruction.images]
@@ -87,9 +91,7 @@ def _evaluate(job: Job) -> Output:
         else:
             generated = generate(None, [settings.seed + i for i in range(settings.scenes.images)])
             metrics["scenes"] = scene_distribution(real, generated)
-            grid = captioned_grid(generated[:32], [f"seed {settings.seed + i}" for i in range(min(32, len(generated)))], columns=8)
-            fs.pipe_file(f"{root}/{GRID}", encode_png(grid))
-            mlflow.log_image(grid, GRID)
+            log_grid(generated, [f"seed {settings.seed + i}" for i in range(len(generated))])
     if prompted and settings.adherence.enabled and synthetic:
         scenes = held_out_scenes(synthesized["facts"]["held_out"], settings.adherence.prompts, settings.seed)
         prompts = held_out_prompts(scenes, settings.adherence.seeds, settings.seed)
@@ -97,9 +99,7 @@ def _evaluate(job: Job) -> Output:
         generated = generate(texts, [p.seed for p in prompts])
         metrics["adherence"], per_image = adherence(prompts, generated)
         mlflow.log_table(per_image, PER_IMAGE)
-        grid = captioned_grid(generated[:32], texts[:32], columns=8)
-        fs.pipe_file(f"{root}/{GRID}", encode_png(grid))
-        mlflow.log_image(grid, GRID)
+        log_grid(generated, texts)
     elif prompted and settings.adherence.enabled:
         skipped["adherence"] = (f"stage.adherence.synthesized_url={settings.adherence.synthesized_url} is not a synthesize "
                                 "output: prompt adherence is measured on synthetic data only")
@@ -111,9 +111,7 @@ def _evaluate(job: Job) -> Output:
             generated = generate(classes, [settings.seed + i for i in range(len(classes))])
             metrics["classes"] = class_accuracy(classes, generated, len(known))
             shown = slice(0, len(classes), settings.classes.images_per_class)  # one image of each class
-            grid = captioned_grid(generated[shown][:32], classes[shown][:32], columns=8)
-            fs.pipe_file(f"{root}/{GRID}", encode_png(grid))
-            mlflow.log_image(grid, GRID)
+            log_grid(generated[shown], classes[shown])
         else:
             skipped["classes"] = "class accuracy is read by the synthetic scenes' classifier: synthetic data only"
 
@@ -123,7 +121,8 @@ def _evaluate(job: Job) -> Output:
             skipped["fid"] = f"{count} held-out image(s): FID needs at least 2"
         else:
             real = np.stack([square_crop(data, resolution) for data in held_out["image"][:count]])
-            fake = generate(held_out[condition_of][:count] if condition_of else None, [settings.seed + i for i in range(count)])
+            # Each drawn for what its held-out image was: its caption or its class (the rows' columns of those names).
+            fake = generate(held_out[condition][:count] if condition else None, [settings.seed + i for i in range(count)])
             model, processor = _feature_extractor(storage, settings.fid.feature_extractor)
             real_f, fake_f = image_features(model.to(pipeline.device), processor, real), image_features(model, processor, fake)
             kid, kid_std = kernel_distance(real_f, fake_f, subset_size=settings.fid.kid_subset_size)

@@ -1,9 +1,10 @@
 """The training loop of stage=train_ldm, run by every Ray Train worker: read it top to bottom.
 
-The task (``ldm.tasks``) says what conditions the UNet: text-to-image's captions through τθ, or nothing
-(unconditional: no tokenizer, τθ or caption dropout). UNet and τθ sit in one DDP-wrapped module whose forward
-is the denoising loss, so the gradients of both are averaged. Each optimizer step: draw z0 from the stored
-moments, drop captions for guidance, accumulate micro-batches, clip, AdamW at the warm-up + schedule rate, update the EMA. Rank 0 checkpoints (UNet, τθ and
+The task (``ldm.tasks``) says what conditions the UNet: captions through a text τθ, classes through a class
+embedding, or nothing (unconditional: no tokenizer, τθ or dropout). UNet and τθ sit in one DDP-wrapped module
+whose forward is the denoising loss, so the gradients of both are averaged. Each optimizer step: draw z0 from
+the stored moments, drop conditions to the null one for guidance, accumulate micro-batches, clip, AdamW at the
+warm-up + schedule rate, update the EMA. Rank 0 checkpoints (UNet, τθ and
 their EMA as safetensors; optimizer, step, every rank's RNG, the EMA counter, and the position in the epoch's
 order that every rank has trained up to), samples the validation prompts and logs to the MLflow run the driver
 opened. A restart continues the epoch on exactly the rows not yet trained on.
