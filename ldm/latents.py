@@ -17,6 +17,12 @@ VQ_COLUMNS = ("latent",)
 
 
 TEXT_EMBEDDING = "text_embedding"  # a frozen text encoder's τθ(y) of the row's tokens, when encode_latents wrote it
+# What a task concatenates to z_t, when encode_latents wrote it (``ldm.tasks``): super-resolution's low-resolution
+# image (uint8, h x w x 3 at the latent's size); inpainting's mask (uint8, 1 in the hole, h x w) and the masked
+# image's latent (float16, c x h x w, unscaled).
+LOW_RES, MASK, MASKED_LATENT = "low_res", "mask", "masked_latent"
+CONCAT_COLUMNS = (LOW_RES, MASK, MASKED_LATENT)
+CONCAT = {"low_res": (LOW_RES,), "masked": (MASK, MASKED_LATENT)}  # by the task's ``concat``
 
 
 def latent_columns(kind: str) -> tuple[str, ...]:

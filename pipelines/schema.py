@@ -272,6 +272,7 @@ class Download:
 class AutoencoderModel:
     preset: FirstStagePresetName
     overrides: Dict[str, Any]
+    latent_channels: Optional[int]  # null: the preset's
     logvar_bias: Optional[float]
 
 
@@ -470,8 +471,10 @@ class Sample(Generation):
     prompts: List[str]
     prompts_file: Optional[str]
     images_per_prompt: int
-    num_images: int  # a model without prompts (task=unconditional) draws this many
+    num_images: int  # a model without prompts draws this many (unconditional; its own layouts; held-out images)
     classes: List[str]  # what a class-conditional model draws (empty: every class it knows)
+    layouts: List[Any]  # what a layout-to-image model draws: lists of boxes, or their JSON text (empty: num_images of its own)
+    images: List[str]  # image files to upsample or fill (super_resolution, inpainting; empty: held-out images)
     grid_columns: int
 
 
@@ -515,6 +518,8 @@ class Evaluate(Generation):
     adherence: Adherence
     scenes: Scenes
     classes: Classes
+    layouts: Scenes  # the same two settings: enabled, images
+    restoration: Scenes
     fid: Fid
 
 
@@ -544,6 +549,15 @@ class Pipeline:
 class TaskConfig:
     name: str
     suffix: str  # appended to the default output folders of the stages the task changes
+    latents_suffix: str  # appended to encode_latents' default output: only the tasks that concatenate an image to z_t have their own
+    latent_channels: Optional[int]  # the first stage's latent channels the task needs (null: the preset's)
+    autoencoder_suffix: str  # appended to train_autoencoder's default output: a task that needs another first stage has its own
+
+
+@dataclass
+class LayoutTaskConfig(TaskConfig):
+    max_objects: int  # boxes per layout that τθ reads (3 tokens each); a layout with more keeps its largest
+    grid: int  # box corners are discretised to grid x grid cells
 
 
 # -- the root -----------------------------------------------------------------------------------------------------
@@ -571,5 +585,6 @@ OPTIONS: dict[str, dict[str, type]] = {
     "storage": {"local": StorageConfig, "s3": S3StorageConfig},
     "tracking": {"local": Tracking, "server": Tracking},
     "cluster": {"local": Cluster, "remote": Cluster},
-    "task": {"text_to_image": TaskConfig, "unconditional": TaskConfig, "class_conditional": TaskConfig},
+    "task": {"text_to_image": TaskConfig, "unconditional": TaskConfig, "class_conditional": TaskConfig,
+             "layout_to_image": LayoutTaskConfig, "super_resolution": TaskConfig, "inpainting": TaskConfig},
 }

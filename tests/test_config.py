@@ -123,3 +123,25 @@ def test_ray_train_workers_get_the_typed_stage():
     settings = OmegaConf.to_object(compose("stage=train_ldm", "stage.noise.prediction_type=v_prediction").stage)
     assert type(settings).__name__ == "TrainLdm" and settings.noise.prediction_type == "v_prediction"
     assert f"{settings.validation.sampler}" == "ddim" and isinstance(settings.scaling.num_workers, int)
+
+
+def test_one_task_choice_sets_what_every_stage_of_the_workflow_needs():
+    plain = compose("stage=pipeline").stage
+    assert plain.train_ldm.latents_url == plain.encode_latents.output_url and plain.encode_latents.output_url.endswith("/latents")
+    assert plain.train_autoencoder.model.latent_channels is None and plain.train_autoencoder.output_url.endswith("/autoencoder")
+    # Super-resolution: its own 3-channel first stage and latents (with the low-resolution images), its own outputs.
+    sr = compose("stage=pipeline", "task=super_resolution").stage
+    assert sr.train_autoencoder.model.latent_channels == 3 and sr.train_autoencoder.output_url.endswith("/autoencoder_c3")
+    assert sr.encode_latents.first_stage == sr.train_autoencoder.output_url
+    assert sr.encode_latents.output_url.endswith("/latents_super_resolution") and sr.train_ldm.latents_url == sr.encode_latents.output_url
+    assert [sr[s].output_url.rsplit("/", 1)[-1] for s in ("train_ldm", "sample", "evaluate", "export")] == [
+        f"{name}_super_resolution" for name in ("ldm", "samples", "evaluation", "export")]
+    # Inpainting: latents of its own (masks, masked latents), the first stage everyone else's.
+    inpainting = compose("stage=pipeline", "task=inpainting").stage
+    assert inpainting.encode_latents.output_url.endswith("/latents_inpainting") and inpainting.train_autoencoder.output_url.endswith("/autoencoder")
+    # The tasks that only change what conditions the UNet share the text-to-image latents.
+    for task in ("unconditional", "class_conditional", "layout_to_image"):
+        assert compose("stage=pipeline", f"task={task}").stage.encode_latents.output_url == plain.encode_latents.output_url
+    assert compose("stage=sample", "task=layout_to_image", "task.grid=32").task.grid == 32
+    with pytest.raises(ConfigCompositionException, match="task"):
+        compose("stage=train_ldm", "task=depth_to_image")

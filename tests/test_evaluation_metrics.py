@@ -1,4 +1,7 @@
-"""The evaluation metrics without Ray: prompt adherence read by the synthesizer's classifier, FID and KID."""
+"""The evaluation metrics without Ray: prompt adherence and layout accuracy read by the synthesizer's
+classifier, FID and KID; and the layout τθ's tokens."""
+
+import json
 
 import numpy as np
 import pytest
@@ -7,8 +10,10 @@ from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
 from ldm.metrics.adherence import CHANCE, adherence, clustered_interval, held_out_prompts, held_out_scenes, wilson_interval
 from ldm.metrics.distribution import frechet_distance, image_features, kernel_distance
-from ldm.synthetic.render import render
-from ldm.synthetic.scene import TEMPLATES, held_out_combinations, parse_caption
+from ldm.metrics.scenes import layout_accuracy
+from ldm.models.conditioners import LayoutEncoder, grid_layouts
+from ldm.synthetic.render import object_box, render
+from ldm.synthetic.scene import TEMPLATES, all_scenes, class_name, held_out_combinations, parse_caption
 
 
 def test_adherence_scores_each_attribute_of_held_out_scenes_against_chance():
@@ -30,6 +35,39 @@ def test_adherence_scores_each_attribute_of_held_out_scenes_against_chance():
     assert shuffled["colour_accuracy"] < 0.5 and shuffled["colour_high"] < perfect["colour_low"]
     with pytest.raises(ValueError, match="synthesize with data.holdout_fraction > 0"):
         held_out_scenes([], count=4, seed=0)
+
+
+def test_layout_accuracy_reads_the_drawn_box_against_the_layouts_own_chance():
+    scenes = all_scenes()[::23][:24]
+    layouts = [json.dumps([{"label": class_name(s), "box": [v / 64 for v in object_box(s, 64, 64, seed=i)]}]) for i, s in enumerate(scenes)]
+    rendered = np.stack([render(s, 64, 64, seed=i) for i, s in enumerate(scenes)])
+    perfect = layout_accuracy(layouts, rendered)  # the images rendered in these boxes
+    assert perfect["iou"] > 0.8 and perfect["position_accuracy"] == perfect["class_accuracy"] == perfect["clean_fraction"] == 1.0
+    assert 0 < perfect["chance_iou"] < 0.3 and 0.1 < perfect["chance_position"] < 0.5 and perfect["images"] == 24
+    shuffled = layout_accuracy(layouts, rendered[::-1])  # drawn for other layouts
+    assert shuffled["iou"] < 0.5 and shuffled["position_accuracy"] < 0.6 and shuffled["class_accuracy"] < 0.2
+    with pytest.raises(ValueError, match="at least 2"):
+        layout_accuracy(layouts[:1], rendered[:1])
+
+
+def test_layout_tokens_are_class_and_corner_cells_of_the_largest_boxes_padded_to_max_objects():
+    encoder = LayoutEncoder(num_classes=3, width=16, layers=1, heads=2, max_objects=2, grid=4, classes=["a", "b", "c"])
+    pad = 3 + 16
+    small, large, middle = ({"label": "a", "box": [0.0, 0.0, 0.25, 0.25]}, {"label": "c", "box": [0.5, 0.25, 1.0, 0.75]},
+                            {"label": "b", "box": [0.0, 0.5, 0.5, 1.0]})
+    tokens = encoder.tokens([[small], [small, large, middle], None, "[]"]).tolist()
+    # class, then top-left and bottom-right cells (row * 4 + column) after the classes; a box ending on a cell edge stays in the cell before it
+    assert tokens[0] == [0, 3 + 0, 3 + 0, pad, pad, pad]
+    assert tokens[1] == [2, 3 + 1 * 4 + 2, 3 + 2 * 4 + 3, 1, 3 + 2 * 4 + 0, 3 + 3 * 4 + 1]  # the two largest of three
+    assert tokens[2] == tokens[3] == encoder.null_tokens(1)[0].tolist() == [pad] * 6  # no boxes: the null layout
+    assert encoder(torch.tensor(tokens))[0].shape == (4, 6, 16)
+    with pytest.raises(ValueError, match=r"unknown class\(es\) \['z'\]"):
+        encoder.tokens([[{"label": "z", "box": [0, 0, 1, 1]}]])
+    with pytest.raises(ValueError, match="0 <= x0 < x1 <= 1"):
+        encoder.tokens(['[{"label": "a", "box": [0.5, 0, 0.5, 1]}]'])
+    # The layouts a layout model draws when given none: each class in each quadrant in turn.
+    drawn = [json.loads(layout)[0] for layout in grid_layouts(["a", "b"], 8)]
+    assert [d["label"] for d in drawn] == ["a", "b"] * 4 and len({tuple(d["box"]) for d in drawn}) == 4
 
 
 def test_interval_covers_the_truth_95_percent_of_the_time_and_counts_agreeing_seeds_once():

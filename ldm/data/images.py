@@ -30,6 +30,13 @@ def square_crop(data: bytes, resolution: int, rng: np.random.Generator | None = 
     return np.ascontiguousarray(pixels)
 
 
+def downsample(pixels: np.ndarray, side: int) -> np.ndarray:
+    """N x H x W x 3 uint8 images to N x side x side x 3, bicubic (antialiased, as PIL resizes): the
+    super-resolution task's low-resolution input, the paper's bicubic degradation."""
+    return np.stack([np.asarray(Image.fromarray(p).resize((side, side), Image.Resampling.BICUBIC)) for p in pixels]) if len(pixels) else \
+        np.zeros((0, side, side, 3), np.uint8)
+
+
 def normalise(pixels: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W, 3) to float32 (..., 3, H, W) in [-1, 1], the first stage's input range."""
     return np.moveaxis(pixels, -1, -3).astype(np.float32) / 127.5 - 1.0

@@ -71,9 +71,11 @@ class DiffusionObjective:
     scheduler: DDPMScheduler
     snr_gamma: float | None = None  # min-SNR-γ loss weighting; None: the plain (paper's) MSE
 
-    def loss(self, unet: torch.nn.Module, z0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The mean denoising loss of ``unet`` on the batch ``z0`` under ``context`` = τθ(y) (None: an
-        unconditional UNet, which takes z_t and t alone)."""
+    def loss(self, unet: torch.nn.Module, z0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None = None,
+             concat: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean denoising loss of ``unet`` on the batch ``z0`` under ``context`` = τθ(y) (None: a UNet
+        without cross-attention, which takes z_t and t alone), with ``concat`` (super-resolution's low-resolution
+        image, inpainting's mask and masked latent) concatenated to z_t on the channels."""
         steps = self.scheduler.config.num_train_timesteps
         t = torch.randint(0, steps, (z0.shape[0],), generator=generator, device=z0.device)
         noise = torch.randn(z0.shape, generator=generator, device=z0.device)
@@ -82,6 +84,8 @@ class DiffusionObjective:
             target = self.scheduler.get_velocity(z0, noise, t)
         else:
             target = noise
+        if concat is not None:
+            noisy = torch.cat([noisy, concat.to(noisy.dtype)], dim=1)
         prediction = (unet(noisy, t) if context is None else unet(noisy, t, encoder_hidden_states=context)).sample
         error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.snr_gamma is not None:
@@ -102,9 +106,9 @@ class DenoisingLoss(torch.nn.Module):
         self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
         self.train_text_encoder = train_text_encoder
 
-    def forward(self, z0: torch.Tensor, captions: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-        """``captions``: token ids, τθ(y) already computed (floating point; stored as float16), or None (the
-        unconditional task)."""
+    def forward(self, z0: torch.Tensor, captions: torch.Tensor | None, generator: torch.Generator, concat: torch.Tensor | None = None) -> torch.Tensor:
+        """``captions``: token ids, τθ(y) already computed (floating point; stored as float16), or None (no
+        cross-attention); ``concat``: what the task concatenates to z_t, or None."""
         if captions is None:
             context = None
         elif captions.is_floating_point():
@@ -112,4 +116,4 @@ class DenoisingLoss(torch.nn.Module):
         else:
             with nullcontext() if self.train_text_encoder else torch.no_grad():
                 context = encode_text(self.text_encoder, captions)
-        return self.objective.loss(self.unet, z0, context, generator)
+        return self.objective.loss(self.unet, z0, context, generator, concat)

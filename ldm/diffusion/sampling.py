@@ -1,30 +1,35 @@
 """Generation through each task's pipeline: diffusers' own ``LDMTextToImagePipeline`` (text-to-image, with
-classifier-free guidance) and ``LDMPipeline`` (unconditional), and ``ClassConditionalPipeline`` (class labels,
-guided against the null class) where diffusers has none.
+classifier-free guidance), ``LDMPipeline`` (unconditional) and ``LDMSuperResolutionPipeline``, and where
+diffusers has none ``ConditionedPipeline`` (class labels or layouts, guided against the null condition) and
+``InpaintingPipeline``.
 
 A task's pipeline is its one generation path: training's validation grids, stage=sample, stage=evaluate and the
 exported model all run it, so an exported directory reproduces what the stages showed. The text-to-image
-pipeline's unconditional branch is τθ of the empty prompt, as training's caption dropout made it. Both divide
-latents by the first stage's ``scaling_factor``, which is set to the manifest's ``scale_factor`` here.
+pipeline's unconditional branch is τθ of the empty prompt, as training's caption dropout made it. The
+pipelines divide latents by the first stage's ``scaling_factor``, which is set to the manifest's
+``scale_factor`` here; ``LDMSuperResolutionPipeline`` does not, so its first stage has 1 / scale_factor folded in.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, LDMPipeline, LDMTextToImagePipeline
+from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, LDMPipeline, LDMSuperResolutionPipeline,
+                       LDMTextToImagePipeline)
 from diffusers.configuration_utils import FrozenDict
 from tqdm.auto import tqdm
 
 from ldm.choices import SAMPLERS, WEIGHTS
 from ldm.manifest import verify
-from ldm.models.class_conditional import ClassConditionalPipeline, ClassEmbedder
+from ldm.models.conditioners import ConditionedPipeline, LayoutEncoder, LearnedConditioner, describe_layout
 from ldm.models.first_stage import FirstStage, load_first_stage
+from ldm.models.image_conditioned import InpaintingPipeline, image_tensor, unscaled_first_stage
 from ldm.models.text_to_image import load_models
 from ldm.storage import Storage
+from ldm.tasks import task as named_task
 from ldm.text.tokenizer import load_tokenizer
 
 
@@ -39,15 +44,21 @@ def sampler(name: str, training_config: FrozenDict | dict):
 
 
 def task_pipeline(unet: torch.nn.Module, conditioner: torch.nn.Module | None, tokenizer, first_stage: FirstStage, scale_factor: float,
-                  scheduler) -> DiffusionPipeline:
-    """The models as their task's pipeline, by τθ: none (unconditional: ``LDMPipeline``), a class embedder
-    (``ClassConditionalPipeline``) or a text encoder (``LDMTextToImagePipeline``, with ``tokenizer``);
+                  scheduler, concat: str | None = None) -> DiffusionPipeline:
+    """The models as their task's pipeline: by what is concatenated to z_t (``concat``: the low-resolution
+    image, ``LDMSuperResolutionPipeline``, whose first stage decodes scaled latents; the mask and masked
+    latent, ``InpaintingPipeline``), else by τθ: none (unconditional: ``LDMPipeline``), a class or layout
+    conditioner (``ConditionedPipeline``) or a text encoder (``LDMTextToImagePipeline``, with ``tokenizer``).
     ``first_stage`` gets ``scale_factor`` as its ``scaling_factor``."""
     first_stage.register_to_config(scaling_factor=float(scale_factor))
-    if conditioner is None:
+    if concat == "low_res":
+        pipeline = LDMSuperResolutionPipeline(vqvae=unscaled_first_stage(first_stage, scale_factor), unet=unet, scheduler=scheduler)
+    elif concat == "masked":
+        pipeline = InpaintingPipeline(vqvae=first_stage, unet=unet, scheduler=scheduler)
+    elif conditioner is None:
         pipeline = LDMPipeline(vqvae=first_stage, unet=unet, scheduler=scheduler)
-    elif isinstance(conditioner, ClassEmbedder):
-        pipeline = ClassConditionalPipeline(vqvae=first_stage, unet=unet, class_embedder=conditioner, scheduler=scheduler)
+    elif isinstance(conditioner, LearnedConditioner):
+        pipeline = ConditionedPipeline(vqvae=first_stage, unet=unet, conditioner=conditioner, scheduler=scheduler)
     else:
         pipeline = LDMTextToImagePipeline(vqvae=first_stage, bert=conditioner, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
@@ -69,7 +80,8 @@ def load_pipeline(storage: Storage, url: str, *, weights: str = "ema", sampler_n
         schedule = DDPMScheduler.load_config(local(layout["scheduler"]))
     first = facts["first_stage"]
     first_stage = load_first_stage(first["location"], storage, first.get("subfolder"))
-    pipeline = task_pipeline(unet, text_encoder, tokenizer, first_stage, facts["scale_factor"], sampler(sampler_name, schedule))
+    pipeline = task_pipeline(unet, text_encoder, tokenizer, first_stage, facts["scale_factor"], sampler(sampler_name, schedule),
+                             named_task(facts.get("task", "text_to_image")).concat)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return pipeline.to(device)
@@ -85,7 +97,7 @@ def pipeline_size(pipeline: LDMTextToImagePipeline) -> int:
 @torch.no_grad()
 def generate_images(
     pipeline: DiffusionPipeline,
-    prompts: Sequence[str] | None,
+    conditions: Sequence[Any] | None,
     seeds: Sequence[int],
     *,
     steps: int,
@@ -95,24 +107,40 @@ def generate_images(
 ) -> np.ndarray:
     """N x H x W x 3 uint8 images, image i from noise seeded ``seeds[i]`` alone, so that any one image is
     reproduced by ``pipeline(prompt, generator=torch.Generator().manual_seed(seed))`` (an unconditional one:
-    ``pipeline(generator=...)``) whatever its batch. ``prompts``: one per seed (captions, or class names for a
-    class-conditional pipeline), or None for an unconditional one (which has no guidance either)."""
-    if prompts is not None and len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    ``pipeline(generator=...)``) whatever its batch. ``conditions``: one per seed (captions; class names or
+    layouts for a ``ConditionedPipeline``; low-resolution images, N x h x w x 3 uint8, for super-resolution;
+    (image, mask) pairs for inpainting), or None for an unconditional one. Guidance applies to the
+    text, class and layout pipelines only."""
+    if conditions is not None and len(conditions) != len(seeds):
+        raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds")
     images = []
     for start in tqdm(range(0, len(seeds), batch_size), desc="sampling", unit="batch", disable=not progress):
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[chunk]]
         if isinstance(pipeline, LDMTextToImagePipeline):
             size = pipeline_size(pipeline)
-            output = pipeline(list(prompts[chunk]), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
+            output = pipeline(list(conditions[chunk]), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
                               generator=generators, output_type="np")
-        elif isinstance(pipeline, ClassConditionalPipeline):
-            output = pipeline(list(prompts[chunk]), guidance_scale=guidance_scale, num_inference_steps=steps, generator=generators, output_type="np")
+        elif isinstance(pipeline, ConditionedPipeline):
+            output = pipeline(list(conditions[chunk]), guidance_scale=guidance_scale, num_inference_steps=steps, generator=generators, output_type="np")
+        elif isinstance(pipeline, LDMSuperResolutionPipeline):
+            output = pipeline(image_tensor(np.stack(conditions[chunk])), num_inference_steps=steps, generator=generators, output_type="np")
+        elif isinstance(pipeline, InpaintingPipeline):
+            originals, masks = zip(*conditions[chunk])
+            output = pipeline(np.stack(originals), np.stack(masks), num_inference_steps=steps, generator=generators, output_type="np")
         else:
             output = pipeline(batch_size=len(generators), generator=generators, num_inference_steps=steps, output_type="np")
         images.append(to_uint8(output.images))
     return np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def condition_captions(pipeline: DiffusionPipeline, conditions: Sequence[str] | None, seeds: Sequence[int]) -> list[str]:
+    """What to write under each image of a grid: its prompt or class, its layout described, or (no condition,
+    or an image one) its seed."""
+    if conditions is None or not all(isinstance(c, str) for c in conditions):
+        return [f"seed {seed}" for seed in seeds]
+    layouts = isinstance(getattr(pipeline, "conditioner", None), LayoutEncoder)
+    return [describe_layout(c) if layouts else c for c in conditions]
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ T5's encoder (local, s3:// or hub id, with a subfolder).
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -19,12 +20,13 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBe
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
 
 from ldm.choices import ATTENTION
-from ldm.models.class_conditional import ClassEmbedder
+from ldm.models.conditioners import ClassEmbedder, LayoutEncoder, LearnedConditioner
 from ldm.models.presets import TextEncoderSpec, UNetSpec
 from ldm.storage import Storage, pretrained_directory
 
-# Folders of a checkpoint and of a train_ldm output; τθ is a text encoder's or a class embedder's.
-UNET, TEXT_ENCODER, CLASS_EMBEDDER, EMA = "unet", "text_encoder", "class_embedder", "ema"
+# Folders of a checkpoint and of a train_ldm output; τθ is a text encoder's, or a class or layout one's.
+UNET, TEXT_ENCODER, CONDITIONER, EMA = "unet", "text_encoder", "conditioner", "ema"
+CONDITIONERS = {cls.__name__: cls for cls in (ClassEmbedder, LayoutEncoder)}  # by the _class_name of their config.json
 
 # τθ saved by us loads like any transformers encoder (AutoModel), whichever it is.
 AutoConfig.register(LDMBertConfig.model_type, LDMBertConfig, exist_ok=True)
@@ -54,15 +56,17 @@ def build_text_encoder(spec: TextEncoderSpec, vocab_size: int, max_length: int) 
     return LDMBertModel(config)
 
 
-def build_unet(spec: UNetSpec, latent_channels: int, latent_size: int, context_dim: int | None) -> UNet2DConditionModel | UNet2DModel:
+def build_unet(spec: UNetSpec, latent_channels: int, latent_size: int, context_dim: int | None,
+               extra_channels: int = 0) -> UNet2DConditionModel | UNet2DModel:
     """A randomly initialised UNet2DConditionModel with cross-attention to ``context_dim`` features, or, with
-    ``context_dim`` None, a UNet2DModel on z_t alone (the unconditional task, as diffusers' ``LDMPipeline``
-    runs it) whose attention levels get self-attention instead."""
+    ``context_dim`` None, a UNet2DModel (as diffusers' ``LDMPipeline`` and ``LDMSuperResolutionPipeline`` run
+    it) whose attention levels get self-attention instead. It takes ``extra_channels`` more input channels
+    than z_t has: what the task concatenates to z_t."""
     levels = range(len(spec.block_out_channels))
     attention = "CrossAttn" if context_dim is not None else "Attn"
     common = dict(
         sample_size=latent_size,
-        in_channels=latent_channels,
+        in_channels=latent_channels + extra_channels,
         out_channels=latent_channels,
         block_out_channels=spec.block_out_channels,
         layers_per_block=spec.layers_per_block,
@@ -103,7 +107,7 @@ def set_attention(unet: torch.nn.Module, kind: str, device: torch.device) -> Non
 
 
 def save_models(directory: str, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
-    """The UNet and τθ (a text encoder, or a class embedder); a checkpoint of training on precomputed τθ(y)
+    """The UNet and τθ (a text encoder, or a class or layout conditioner); a checkpoint of training on precomputed τθ(y)
     has no τθ to save, nor has the unconditional task."""
     unet.save_pretrained(os.path.join(directory, UNET), safe_serialization=True)
     if text_encoder is not None:
@@ -111,7 +115,7 @@ def save_models(directory: str, unet: torch.nn.Module, text_encoder: torch.nn.Mo
 
 
 def conditioner_folder(conditioner: torch.nn.Module) -> str:
-    return CLASS_EMBEDDER if isinstance(conditioner, ClassEmbedder) else TEXT_ENCODER
+    return CONDITIONER if isinstance(conditioner, LearnedConditioner) else TEXT_ENCODER
 
 
 def load_models(directory: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
@@ -119,9 +123,10 @@ def load_models(directory: str) -> tuple[torch.nn.Module, torch.nn.Module | None
     ``directory`` (a checkpoint, its EMA folder, or a train_ldm output); τθ is None when there is none (a
     checkpoint of training on precomputed τθ(y), or a task without a condition)."""
     unet = AutoDiffusersModel.from_pretrained(os.path.join(directory, UNET))
-    text, classes = os.path.join(directory, TEXT_ENCODER), os.path.join(directory, CLASS_EMBEDDER)
-    if os.path.isdir(classes):
-        return unet, ClassEmbedder.from_pretrained(classes)
+    text, learned = os.path.join(directory, TEXT_ENCODER), os.path.join(directory, CONDITIONER)
+    if os.path.isdir(learned):
+        with open(os.path.join(learned, "config.json")) as f:
+            return unet, CONDITIONERS[json.load(f)["_class_name"]].from_pretrained(learned)
     return unet, load_text_encoder(text) if os.path.isdir(text) else None
 
 

@@ -32,10 +32,12 @@ CORNER = 0.2
 
 @dataclass(frozen=True)
 class Reading:
-    """What the classifier sees: the scene of the largest object, and how many objects the image holds."""
+    """What the classifier sees: the scene of the largest object, its box (x0, y0, x1, y1 in [0, 1] of the
+    image; None when there is no object), and how many objects the image holds."""
 
     scene: Scene
     objects: int
+    box: tuple[float, float, float, float] | None = None
 
 
 def read(pixels: np.ndarray) -> Reading:
@@ -65,7 +67,9 @@ def read(pixels: np.ndarray) -> Reading:
     ys, xs = np.nonzero(outline)
     height, width = mask.shape
     position = f"{'top' if ys.mean() < height / 2 else 'bottom'} {'left' if xs.mean() < width / 2 else 'right'}"
-    return Reading(Scene(_nearest(colour), _shape(outline[ys.min():ys.max() + 1, xs.min():xs.max() + 1]), position, background_name), objects)
+    box = (xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height)
+    return Reading(Scene(_nearest(colour), _shape(outline[ys.min():ys.max() + 1, xs.min():xs.max() + 1]), position, background_name), objects,
+                   tuple(float(v) for v in box))
 
 
 def classify(pixels: np.ndarray) -> Scene:

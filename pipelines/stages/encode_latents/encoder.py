@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ldm.latents import TEXT_EMBEDDING, column_array, latent_columns, tensor_column
+from ldm.latents import MASK, MASKED_LATENT, TEXT_EMBEDDING, column_array, latent_columns, tensor_column
 from ldm.models.first_stage import encode_pixels, factor, kind, load_first_stage
+from ldm.models.image_conditioned import image_tensor, latent_mask, masked_latent
 from ldm.models.text_to_image import encode_text, load_text_encoder
 from ldm.storage import Storage
 
@@ -26,7 +27,7 @@ class Encoder:
     precision there when it is a GPU."""
 
     def __init__(self, first_stage: str, subfolder: str | None, storage: Storage, dtype: str, threads: int, resolution: int,
-                 release_every: int, text_encoder: str | None, text_encoder_subfolder: str | None):
+                 release_every: int, text_encoder: str | None, text_encoder_subfolder: str | None, concat: str | None = None):
         # glibc keeps the pages of freed activations, ever more fragmented, so the actor would grow with the data
         # encoded: every release_every batches (stage.resources.release_memory_every) they go back to the OS.
         self.release_every, self.calls = release_every, 0
@@ -40,22 +41,39 @@ class Encoder:
             self.text_encoder = load_text_encoder(text_encoder, storage, text_encoder_subfolder).to(self.device, self.dtype).eval()
         side = resolution // factor(self.model)
         self.shape = (self.model.config.latent_channels, side, side)
+        self.masked = concat == "masked"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = pc.is_null(batch["reason"]).to_numpy(zero_copy_only=False)
-        latents = encode_pixels(self.model, column_array(batch["pixels"])[ok], self.device, self.dtype) if ok.any() else {}
+        pixels = column_array(batch["pixels"])
+        latents = encode_pixels(self.model, pixels[ok], self.device, self.dtype) if ok.any() else {}
         batch = batch.drop_columns(["pixels"])
         for name in self.columns:
             full = np.zeros((len(ok), *self.shape), np.float16)  # a dropped row's zeros are never written
             if name in latents:
                 full[ok] = latents[name]
             batch = batch.append_column(name, tensor_column(full))
+        if self.masked:  # the inpainting task's mask at the latent's size, and the masked image's latent
+            batch = masked_columns(self.model, batch, pixels, ok, self.shape, self.device, self.dtype)
         if self.text_encoder is not None:
             batch = batch.append_column(TEXT_EMBEDDING, tensor_column(text_embeddings(self.text_encoder, token_ids(batch), self.device)))
         self.calls += 1
         if _malloc_trim is not None and self.release_every and self.calls % self.release_every == 0:
             _malloc_trim(0)
         return batch
+
+
+@torch.no_grad()
+def masked_columns(model, batch: pa.Table, pixels: np.ndarray, ok: np.ndarray, shape: tuple[int, int, int], device: torch.device,
+                   dtype: torch.dtype) -> pa.Table:
+    """The pixel ``mask`` column replaced by the latent-size one, and ``masked_latent`` beside it."""
+    masks = torch.from_numpy(column_array(batch[MASK]))
+    small = latent_mask(masks, shape[1])[:, 0].to(torch.uint8).numpy()
+    latent = np.zeros((len(ok), *shape), np.float16)
+    if ok.any():
+        images = image_tensor(pixels[ok]).to(device, dtype)
+        latent[ok] = masked_latent(model, images, masks[ok].to(device, dtype)).float().cpu().numpy().astype(np.float16)
+    return batch.drop_columns([MASK]).append_column(MASK, tensor_column(small)).append_column(MASKED_LATENT, tensor_column(latent))
 
 
 def token_ids(batch: pa.Table) -> np.ndarray:

@@ -5,7 +5,8 @@ first stage (``encoder.py``; on GPUs when ``num_gpus_per_encoder`` > 0, in half 
 tasks (``tasks.py``). The driver counts each prepared file's rows as the writers report them and marks the file
 done when all are written or dropped, so a killed run resumes file by file without duplicating a key. The
 manifest records the latents' statistics and ``scale_factor`` over exactly the rows written, the first stage's
-identity and the tokenizer's location.
+identity and the tokenizer's location. For a task that concatenates an image to z_t (``task=super_resolution``,
+``inpainting``), the rows carry it too: the low-resolution image, or a random mask and the masked image's latent.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from omegaconf import DictConfig
 from safetensors.numpy import save
 from tqdm import tqdm
 
-from ldm.latents import TEXT_EMBEDDING, LatentStats, latent_columns
+from ldm.latents import LOW_RES, MASK, MASKED_LATENT, TEXT_EMBEDDING, LatentStats, latent_columns
 from ldm.manifest import clear, data_row_groups, read_manifest, verify
 from ldm.markers import read_markers, write_marker
 from ldm.models.first_stage import factor, kind, load_first_stage
 from ldm.models.text_to_image import context_width, load_text_encoder
 from ldm.storage import Storage, is_hub_id, model_location, weights_digest
+from ldm.tasks import task as named_task
 from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.config import plain
 from pipelines.stage import Inputs, Job, Output, Stage
@@ -36,7 +38,9 @@ from pipelines.stages.encode_latents.encoder import Encoder, text_embeddings
 # 2: parts are written in row groups of stage.row_group_rows, listed in the manifest; the first
 #    stage.held_out_images of prepare's held-out rows are encoded too, into held_out/.
 # 3: the class and layout columns (label, boxes) are carried, and the classes they name listed in the manifest.
-STAGE = Stage("encode_latents", version=3, output_url=lambda cfg: cfg.stage.output_url, resume=True, detail="{rows_out} rows")
+# 4: the manifest counts the training rows with a layout (rows_with_boxes); super-resolution and inpainting
+#    (task=) add their UNet input's columns (low_res; mask, masked_latent).
+STAGE = Stage("encode_latents", version=4, output_url=lambda cfg: cfg.stage.output_url, resume=True, detail="{rows_out} rows")
 WORK = "_work"
 EMPTY_TEXT_EMBEDDING = "empty_text_embedding.safetensors"
 
@@ -58,6 +62,11 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     inputs.fingerprints.append(first_stage["sha256"])
     inputs.record["first_stage"] = first_stage["location"]
     inputs.found["first_stage"] = first_stage
+    # The task's extra UNet input (super-resolution, inpainting) is encoded too, and makes other latents.
+    concat = named_task(cfg.task.name).concat
+    if concat:
+        inputs.fingerprints.append(f"concat={concat}")
+    inputs.found["concat"] = concat
     if cfg.stage.text_encoder:
         prepared = inputs.found["prepared"]
         tokenizer = f"{inputs.record['prepared']}/{prepared['facts']['tokenizer']['path'].strip('/')}"
@@ -72,7 +81,7 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
 def _encode(job: Job) -> Output:
     storage, settings, out = job.storage, job.settings, job.out
     source, prepared, first_stage = job.inputs.record["prepared"], job.inputs.found["prepared"], job.inputs.found["first_stage"]
-    text_encoder = job.inputs.found.get("text_encoder")
+    text_encoder, concat = job.inputs.found.get("text_encoder"), job.inputs.found["concat"]
     _check_resource_plan(job.cfg)
     started = time.time()
     shard_rows = _rows(prepared, source, "data")
@@ -84,13 +93,13 @@ def _encode(job: Job) -> Output:
     finished = encoding.finished()
     encoding.remove_unfinished_parts(finished)
     for empty in (s for s in sources if expected[tasks.stem(s)] == 0 and tasks.stem(s) not in finished):
-        encoding.mark_done(tasks.stem(empty), {"files": {}, "file_rows": {}, "rows": 0, "undecodable": 0, "stats": LatentStats(), "classes": []})
+        encoding.mark_done(tasks.stem(empty), _empty_part())
     finished = encoding.finished()
     pending = [s for s in sources if tasks.stem(s) not in finished]
     if finished:
         print(f"{STAGE.name}: resuming: {len(finished)} of {len(sources)} prepared file(s) already encoded")
     if pending:
-        encoding.encode(pending, expected, first_stage, text_encoder, settings)
+        encoding.encode(pending, expected, first_stage, text_encoder, concat, settings)
     elapsed = time.time() - started
     finished = encoding.finished()
     missing = [s for s in sources if tasks.stem(s) not in finished]
@@ -127,12 +136,14 @@ def _encode(job: Job) -> Output:
             "latent_columns": list(latent_columns(first_stage["kind"])),
             # The frozen encoder whose τθ(y) the rows carry, and the empty caption's (caption dropout's) file.
             "text_encoder": {**text_encoder, "empty": EMPTY_TEXT_EMBEDDING} if text_encoder else None,
+            "concat": concat,  # what the rows carry for a task that concatenates an image to z_t (ldm.tasks), or None
             **summary,
             # The classes the training rows name (labels, or in their boxes), sorted: a class's index is its place here.
             "classes": sorted({name for marker in markers for name in marker["classes"]}),
+            "rows_with_boxes": sum(marker["laid_out"] for marker in markers),  # what a layout-to-image model needs
             "tokenizer": {**prepared["facts"]["tokenizer"], "path": f"{source}/{prepared['facts']['tokenizer']['path'].strip('/')}"},
         },
-        schema=_schema(first_stage["kind"], text_encoder),
+        schema=_schema(first_stage["kind"], text_encoder, concat),
         timings={"images_per_s": round(rate, 2)},
         expected_files={**{name: size for m in markers + held_markers for name, size in m["files"].items()}, **extra_files},
         row_groups={name: tasks.row_groups(rows, settings.row_group_rows) for m in markers + held_markers for name, rows in m["file_rows"].items()},
@@ -236,11 +247,12 @@ def _check_resource_plan(cfg: DictConfig) -> None:
         )
 
 
-def _schema(kind: str, text_encoder: dict[str, Any] | None) -> dict[str, str]:
+def _schema(kind: str, text_encoder: dict[str, Any] | None, concat: str | None) -> dict[str, str]:
     schema = {"key": "string", "caption": "string", "input_ids": "fixed_size_list<int32>", "attention_mask": "fixed_size_list<int8>",
               "label": "string", "boxes": "string"}
-    tensors = [*latent_columns(kind), *([TEXT_EMBEDDING] if text_encoder else [])]
-    return {**schema, **{c: "fixed_shape_tensor<halffloat>" for c in tensors}}
+    tensors = [*latent_columns(kind), *([TEXT_EMBEDDING] if text_encoder else []), *([MASKED_LATENT] if concat == "masked" else [])]
+    images = {"low_res": [LOW_RES], "masked": [MASK]}.get(concat, [])
+    return {**schema, **{c: "fixed_shape_tensor<halffloat>" for c in tensors}, **{c: "fixed_shape_tensor<uint8>" for c in images}}
 
 
 class _Encoding:
@@ -265,24 +277,25 @@ class _Encoding:
         return len(data)
 
     def encode(self, pending: list[str], expected: dict[str, int], first_stage: dict[str, Any], text_encoder: dict[str, Any] | None,
-               settings: DictConfig) -> None:
+               concat: str | None, settings: DictConfig) -> None:
         resources = settings.resources
         context = ray.data.DataContext.get_current()
         block_bytes = context.target_max_block_size
         context.target_max_block_size = int(resources.block_mb * 2**20)
         try:
-            self._encode(pending, expected, first_stage, text_encoder, settings)
+            self._encode(pending, expected, first_stage, text_encoder, concat, settings)
         finally:
             context.target_max_block_size = block_bytes
 
     def _encode(self, pending: list[str], expected: dict[str, int], first_stage: dict[str, Any], text_encoder: dict[str, Any] | None,
-                settings: DictConfig) -> None:
+                concat: str | None, settings: DictConfig) -> None:
         resources = settings.resources
         # A block, so a decode task, per file: files finish, and are marked, one by one.
         files = ray.data.from_items([{"path": url} for url in pending], override_num_blocks=len(pending))
         reports = (
             files.map_batches(
-                partial(tasks.decode, storage=self.storage, resolution=settings.resolution, batch_rows=resources.decode_batch_size),
+                partial(tasks.decode, storage=self.storage, resolution=settings.resolution, batch_rows=resources.decode_batch_size,
+                        concat=concat, latent_side=settings.resolution // first_stage["factor"]),
                 batch_format="pyarrow",
                 batch_size=1,
                 num_cpus=resources.num_cpus_per_decode_task,
@@ -300,6 +313,7 @@ class _Encoding:
                     "release_every": resources.release_memory_every,
                     "text_encoder": text_encoder["location"] if text_encoder else None,
                     "text_encoder_subfolder": text_encoder["subfolder"] if text_encoder else None,
+                    "concat": concat,
                 },
                 compute=ray.data.ActorPoolStrategy(size=resources.encoder_concurrency),
                 batch_format="pyarrow",
@@ -317,8 +331,7 @@ class _Encoding:
             )
         )
         seen: dict[str, int] = defaultdict(int)
-        parts: dict[str, dict[str, Any]] = defaultdict(
-            lambda: {"files": {}, "file_rows": {}, "rows": 0, "undecodable": 0, "stats": LatentStats(), "classes": []})
+        parts: dict[str, dict[str, Any]] = defaultdict(_empty_part)
         total = sum(expected[tasks.stem(s)] for s in pending)
         with tqdm(total=total, desc=f"{STAGE.name}: images", unit="img") as progress:
             for report in reports.iter_rows():
@@ -332,6 +345,7 @@ class _Encoding:
                 stats = LatentStats(report["count"], list(report["sum"]), list(report["sum_sq"]), list(report["sum_var"]))
                 part["stats"] = part["stats"].merge(stats)
                 part["classes"] = sorted({*part["classes"], *report["classes"]})
+                part["laid_out"] += report["laid_out"]
                 seen[stem] += report["rows"] + report["undecodable"]
                 progress.update(report["rows"] + report["undecodable"])
                 if seen[stem] == expected[stem]:
@@ -344,6 +358,11 @@ class _Encoding:
 
     def clear_work(self) -> None:
         clear(self.storage, f"{self.out}/{WORK}")
+
+
+def _empty_part() -> dict[str, Any]:
+    """A source's part before any of its rows are reported: what it wrote and dropped, and what its rows hold."""
+    return {"files": {}, "file_rows": {}, "rows": 0, "undecodable": 0, "stats": LatentStats(), "classes": [], "laid_out": 0}
 
 
 def _selector(labels: DictConfig | None) -> dict[str, str] | None:

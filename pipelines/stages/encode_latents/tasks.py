@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ldm.data.images import square_crop
-from ldm.latents import TEXT_EMBEDDING, LatentStats, column_array, tensor_column
+from ldm.data.images import downsample, square_crop
+from ldm.data.masks import random_mask
+from ldm.latents import CONCAT_COLUMNS, LOW_RES, MASK, TEXT_EMBEDDING, LatentStats, column_array, tensor_column
 from ldm.storage import Storage
 
 # Prepared columns that go on to train_ldm: the caption's, and the class and layout (null when the data has none).
@@ -47,7 +48,8 @@ def row_groups(rows: int, row_group_rows: int) -> list[int]:
     return [min(row_group_rows, rows - start) for start in range(0, rows, row_group_rows)]
 
 
-def decode(batch: pa.Table, *, storage: Storage, resolution: int, batch_rows: int) -> Iterator[pa.Table]:
+def decode(batch: pa.Table, *, storage: Storage, resolution: int, batch_rows: int, concat: str | None = None,
+           latent_side: int = 0) -> Iterator[pa.Table]:
     """The prepared files named in ``batch["path"]``, read ``batch_rows`` rows at a time (a file is never whole in
     memory), as ``crops`` with each row's file. Read here, not with ``read_parquet``: prepare's manifest already
     gives the files and their rows, and Ray Data's footer reading starts a task process per few files, which
@@ -56,12 +58,15 @@ def decode(batch: pa.Table, *, storage: Storage, resolution: int, batch_rows: in
         fs, local = storage.pyarrow(path)
         with fs.open_input_file(local) as f:
             for rows in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=[*CARRIED, "image"]):
-                table = crops(pa.Table.from_batches([rows]), resolution=resolution)
+                table = crops(pa.Table.from_batches([rows]), resolution=resolution, concat=concat, latent_side=latent_side)
                 yield table.append_column("path", pa.array([path] * len(table), pa.string()))
 
 
-def crops(batch: pa.Table, *, resolution: int) -> pa.Table:
-    """Center crops as uint8 tensors; a row whose image does not decode keeps zeros and its reason."""
+def crops(batch: pa.Table, *, resolution: int, concat: str | None = None, latent_side: int = 0) -> pa.Table:
+    """Center crops as uint8 tensors; a row whose image does not decode keeps zeros and its reason. With the
+    task's ``concat``, what its UNet input needs from the pixels beside them: the crop downsampled to the
+    latent's ``latent_side`` (``low_res``), or a random mask fixed by the row's key (``mask``, 1 in the hole;
+    the encoder turns it into the masked image's latent)."""
     pixels, reasons = [], []
     for data in batch["image"].to_pylist():
         try:
@@ -71,9 +76,13 @@ def crops(batch: pa.Table, *, resolution: int) -> pa.Table:
             pixels.append(np.zeros((resolution, resolution, 3), np.uint8))
             reasons.append("undecodable")
     array = np.stack(pixels) if pixels else np.zeros((0, resolution, resolution, 3), np.uint8)
-    return batch.drop_columns(["image"]).append_column("pixels", tensor_column(array)).append_column(
-        "reason", pa.array(reasons, pa.string())
-    )
+    batch = batch.drop_columns(["image"]).append_column("pixels", tensor_column(array)).append_column("reason", pa.array(reasons, pa.string()))
+    if concat == "low_res":
+        batch = batch.append_column(LOW_RES, tensor_column(downsample(array, latent_side)))
+    elif concat == "masked":
+        masks = [random_mask(resolution, key) for key in batch["key"].to_pylist()]
+        batch = batch.append_column(MASK, tensor_column(np.stack(masks) if masks else np.zeros((0, resolution, resolution), np.uint8)))
+    return batch
 
 
 def write(batch: pa.Table, *, storage: Storage, out: str, compression: str, row_group_rows: int) -> pa.Table:
@@ -84,9 +93,9 @@ def write(batch: pa.Table, *, storage: Storage, out: str, compression: str, row_
     for source in pc.unique(batch["path"]).to_pylist():
         rows = batch.filter(pc.equal(batch["path"], source))
         kept = rows.filter(pc.is_null(rows["reason"]))
-        name, size, stats, classes = None, 0, LatentStats(), []
+        name, size, stats, classes, laid_out = None, 0, LatentStats(), [], 0
         if len(kept):
-            table = kept.select([*CARRIED, *(c for c in kept.column_names if c.startswith("latent") or c == TEXT_EMBEDDING)])
+            table = kept.select([*CARRIED, *(c for c in kept.column_names if c.startswith("latent") or c in (TEXT_EMBEDDING, *CONCAT_COLUMNS))])
             keys = table["key"]
             tag = hashlib.sha1(f"{keys[0]}|{keys[-1]}|{len(table)}".encode()).hexdigest()[:12]
             name = f"{stem(source)}-{tag}.parquet"
@@ -96,7 +105,7 @@ def write(batch: pa.Table, *, storage: Storage, out: str, compression: str, row_
                 pq.write_table(table, f, compression=compression, row_group_size=row_group_rows)
             size = int(fs.size(f"{root}/{name}"))
             stats = LatentStats.of({c: column_array(table[c]) for c in table.column_names if c.startswith("latent")})
-            classes = classes_of(table)
+            classes, laid_out = classes_of(table), len(table) - table["boxes"].null_count
         reports.append(
             {
                 "source": source,
@@ -109,6 +118,7 @@ def write(batch: pa.Table, *, storage: Storage, out: str, compression: str, row_
                 "sum_sq": stats.sum_sq,
                 "sum_var": stats.sum_var,
                 "classes": classes,
+                "laid_out": laid_out,
             }
         )
     return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
@@ -136,5 +146,6 @@ REPORT_SCHEMA = pa.schema(
         ("sum_sq", pa.list_(pa.float64())),
         ("sum_var", pa.list_(pa.float64())),
         ("classes", pa.list_(pa.string())),
+        ("laid_out", pa.int64()),  # rows with a layout (boxes)
     ]
 )

@@ -5,10 +5,13 @@ train_autoencoder manifest says were held out); (b) on synthetic data, prompt ad
 generated for (colour, shape, background) combinations that were never rendered, read back by the synthesizer's
 classifier, accuracy per attribute against chance; the scene distribution (unconditional): how far the
 generated scenes' attributes are from the data's (total variation) and the fraction holding one clean object;
-or class accuracy (class-conditional): how often an image shows the class it was drawn for, against chance;
-(c) FID / KID against held-out images when a feature extractor is
-configured (nothing is downloaded). ``metrics.json`` and a grid of the adherence samples go to
-``stage.output_url``; the metrics to the MLflow run.
+class accuracy (class-conditional): how often an image shows the class it was drawn for, against chance; or
+layout accuracy (layout-to-image): box IoU, position and class of the object drawn for a held-out row's layout,
+against the same measures between layouts; (c) on any data, restoration of held-out images: super-resolution's
+PSNR / SSIM beside bicubic upsampling, inpainting's PSNR in the hole beside the surrounding mean fill and
+outside it; (d) FID / KID against held-out images when a feature extractor is configured (nothing is
+downloaded). ``metrics.json`` and a grid of the task metric's samples go to ``stage.output_url``; the
+metrics to the MLflow run.
 """
 
 from __future__ import annotations
@@ -18,19 +21,22 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig
 from transformers import AutoImageProcessor, AutoModel
 
+from ldm.data.held_out import held_out_rows
 from ldm.data.images import encode_png, normalise, square_crop
-from ldm.diffusion.sampling import generate_images
+from ldm.diffusion.sampling import condition_captions, generate_images
 from ldm.grids import captioned_grid
-from ldm.manifest import data_files, read_manifest, verify
+from ldm.manifest import read_manifest
 from ldm.metrics.adherence import adherence, describe, held_out_prompts, held_out_scenes
 from ldm.metrics.distribution import frechet_distance, image_features, kernel_distance
 from ldm.metrics.reconstruction import evaluate_reconstruction
-from ldm.metrics.scenes import class_accuracy, scene_distribution
+from ldm.metrics.restoration import inpainting_scores, super_resolution_scores
+from ldm.metrics.scenes import class_accuracy, layout_accuracy, scene_distribution
+from ldm.models.conditioners import parse_layout
+from ldm.models.image_conditioned import image_conditions
 from ldm.storage import Storage, pretrained_directory, resolve
 from ldm.synthetic.scene import parse_caption
 from ldm.tasks import task as named_task
@@ -48,23 +54,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _evaluate(job: Job) -> Output:
     storage, settings, out, trained = job.storage, job.settings, job.out, job.inputs.found["model"]
     pipeline = load_model(job, str(settings.device))
-    condition = named_task(trained["facts"].get("task", "text_to_image")).condition
-    prompted = condition == "caption"
+    task = named_task(trained["facts"].get("task", "text_to_image"))
+    condition, prompted = task.condition, task.condition == "caption"
     generate = lambda conditions, seeds: generate_images(  # noqa: E731
         pipeline, conditions, seeds, steps=settings.steps,
         guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True,
     )
     resolution = trained["facts"]["resolution"]
-    # Only reconstruction and FID look at images: prepare's held-out rows (which neither the first stage nor the
-    # diffusion model trained on) are read for them alone, as many as they use.
+    # Prepare's held-out rows (which neither the first stage nor the diffusion model trained on), as many as the
+    # metrics use: their images, captions, classes and layouts.
     wanted = max(settings.reconstruction.images if settings.reconstruction.enabled else 0,
                  settings.fid.images if settings.fid.feature_extractor else 0,
-                 settings.scenes.images if settings.scenes.enabled and condition is None else 0)
-    held_out, split = _held_out_rows(storage, trained, wanted)
+                 settings.scenes.images if settings.scenes.enabled and condition is None else 0,
+                 settings.layouts.images if settings.layouts.enabled and condition == "boxes" else 0,
+                 settings.restoration.images if settings.restoration.enabled and task.concat else 0)
+    held_out, split = held_out_rows(storage, trained["inputs"]["latents"], wanted)
     metrics: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     fs, root = storage.fsspec(out)
     fs.makedirs(root, exist_ok=True)
+
+    def originals(count: int) -> np.ndarray:
+        return np.stack([square_crop(data, resolution) for data in held_out["image"][:count]])
+
+    def drawn_for(count: int) -> list[Any] | None:
+        """What the first ``count`` held-out rows' images are drawn for: their caption, class or layout, their
+        low-resolution or masked image, or nothing."""
+        if task.concat:
+            return image_conditions(task.concat, originals(count), held_out["key"][:count], trained["facts"]["latent_shape"][1])
+        return held_out[condition][:count] if condition else None
 
     def log_grid(images: np.ndarray, captions: list[str]) -> None:
         """The first 32 of the images the metric drew, captioned, to the output and the MLflow run."""
@@ -115,14 +133,36 @@ def _evaluate(job: Job) -> Output:
         else:
             skipped["classes"] = "class accuracy is read by the synthetic scenes' classifier: synthetic data only"
 
+    if condition == "boxes" and settings.layouts.enabled:
+        layouts = [boxes for boxes in held_out["boxes"] if parse_layout(boxes)][: settings.layouts.images]
+        if not synthetic or len(layouts) < 2:
+            skipped["layouts"] = ("layout accuracy is read by the synthetic scenes' classifier: synthetic data only, for the layouts "
+                                  f"of held-out rows ({len(layouts)} found)")
+        else:
+            generated = generate(layouts, [settings.seed + i for i in range(len(layouts))])
+            metrics["layouts"] = layout_accuracy(layouts, generated)
+            log_grid(generated, condition_captions(pipeline, layouts, []))
+
+    if task.concat and settings.restoration.enabled:
+        count = min(settings.restoration.images, len(held_out["image"]))
+        if count == 0:
+            skipped["restoration"] = f"no prepared row is held out ({split}): raise stage.held_out.fraction of prepare"
+        else:
+            inputs, real = drawn_for(count), originals(count)
+            generated = generate(inputs, [settings.seed + i for i in range(count)])
+            if task.concat == "low_res":
+                metrics["super_resolution"] = super_resolution_scores(real, generated, np.stack(inputs))
+            else:
+                metrics["inpainting"] = inpainting_scores(real, generated, np.stack([mask for _, mask in inputs]))
+            log_grid(generated, held_out["key"][:count])
+
     if settings.fid.feature_extractor:
         count = min(settings.fid.images, len(held_out["image"]))
         if count < 2:
             skipped["fid"] = f"{count} held-out image(s): FID needs at least 2"
         else:
-            real = np.stack([square_crop(data, resolution) for data in held_out["image"][:count]])
-            # Each drawn for what its held-out image was: its caption or its class (the rows' columns of those names).
-            fake = generate(held_out[condition][:count] if condition else None, [settings.seed + i for i in range(count)])
+            real = originals(count)
+            fake = generate(drawn_for(count), [settings.seed + i for i in range(count)])  # each for what its held-out image was
             model, processor = _feature_extractor(storage, settings.fid.feature_extractor)
             real_f, fake_f = image_features(model.to(pipeline.device), processor, real), image_features(model, processor, fake)
             kid, kid_std = kernel_distance(real_f, fake_f, subset_size=settings.fid.kid_subset_size)
@@ -141,30 +181,10 @@ def _evaluate(job: Job) -> Output:
     for group, why in skipped.items():
         print(f"{STAGE.name}: {group} skipped: {why}")
     return Output(
-        facts={"layout": {"metrics": METRICS, "grid": GRID if {"adherence", "scenes", "classes"} & set(metrics) else None}, **report},
+        facts={"layout": {"metrics": METRICS, "grid": GRID if set(metrics) - {"reconstruction", "fid"} else None}, **report},
         metrics={f"{group}/{name}": value for group, values in metrics.items() for name, value in values.items()},
         message=f"{STAGE.name}: {out}/{METRICS}",
     )
-
-
-def _held_out_rows(storage: Storage, trained: dict[str, Any], limit: int) -> tuple[dict[str, list], dict[str, Any]]:
-    """Key, caption and image bytes of the first ``limit`` of prepare's held-out rows, found through the model's
-    manifest chain (train_ldm -> encode_latents -> prepare) and read a batch at a time, and how they were
-    chosen (prepare's ``held_out`` fact)."""
-    rows: dict[str, list] = {"key": [], "caption": [], "label": [], "image": []}
-    latents = verify(storage, trained["inputs"]["latents"], stage="encode_latents")
-    prepared_url = latents["inputs"]["prepared"]
-    prepared = verify(storage, prepared_url, stage="prepare")
-    split = prepared["facts"].get("held_out") or {"fraction": 0.0, "rows": 0}
-    for shard in data_files(prepared, prepared_url, "held_out"):
-        fs, path = storage.pyarrow(shard)
-        with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=list(rows)):
-                for name in rows:
-                    rows[name] += batch[name].to_pylist()[: limit - len(rows[name])]
-                if len(rows["key"]) >= limit:
-                    return rows, split
-    return rows, split
 
 
 def _feature_extractor(storage: Storage, location: str):

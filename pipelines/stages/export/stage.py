@@ -1,16 +1,20 @@
 """stage=export: a train_ldm output as the diffusers pipeline directory of its task.
 
 Text-to-image: ``LDMTextToImagePipeline`` (tokenizer, τθ as ``bert``, UNet, first stage, scheduler);
-unconditional: ``LDMPipeline`` (UNet, first stage, scheduler). The first stage is the ``vqvae``, its
-``scaling_factor`` the latents' ``scale_factor``. Either loads with ``DiffusionPipeline.from_pretrained(dir)``
-without this project. Class-conditional, for which diffusers has no pipeline: this project's
-``ClassConditionalPipeline`` directory (UNet, class embedder, first stage, scheduler), loaded with
-``ldm.models.class_conditional.ClassConditionalPipeline.from_pretrained(dir)``. A text-to-image directory is also logged to the MLflow run as a pyfunc model
+unconditional: ``LDMPipeline``, super-resolution: ``LDMSuperResolutionPipeline`` (UNet, first stage,
+scheduler). The first stage is the ``vqvae``, its ``scaling_factor`` the latents' ``scale_factor`` (folded into
+its decoder for super-resolution, whose pipeline does not divide by it). These load with
+``DiffusionPipeline.from_pretrained(dir)`` without this project. Class-conditional, layout-to-image and
+inpainting, for which diffusers has no pipeline: this project's ``ConditionedPipeline`` (UNet, class or layout
+τθ as ``conditioner``, first stage, scheduler) or ``InpaintingPipeline`` directory, loaded with
+``ConditionedPipeline.from_pretrained(dir)`` (``ldm.models.conditioners``) or
+``InpaintingPipeline.from_pretrained(dir)`` (``ldm.models.image_conditioned``). A text-to-image directory is also logged to the MLflow run as a pyfunc model
 (``pyfunc_model.py``: prompts in, PNGs out) and registered in the model registry.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from importlib.metadata import version
@@ -18,16 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from diffusers import LDMTextToImagePipeline
+from diffusers import LDMSuperResolutionPipeline, LDMTextToImagePipeline
 from omegaconf import DictConfig
 
 from ldm.diffusion.sampling import pipeline_size
-from ldm.models.class_conditional import ClassConditionalPipeline
+from ldm.models.conditioners import ConditionedPipeline, LayoutEncoder, grid_layouts
+from ldm.models.image_conditioned import InpaintingPipeline
 from ldm.storage import Storage
 from pipelines.model_stage import load_model, model_inputs
 from pipelines.stage import Inputs, Job, Output, Stage
 
-STAGE = Stage("export", version=1, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False)
+STAGE = Stage("export", version=2, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False)  # 2: the manifest names the class to load with
 # LDMTextToImagePipeline pads prompts to 77 tokens; τθ must have been trained on that length.
 PIPELINE_MAX_LENGTH = 77
 PYFUNC_MODEL = Path(__file__).resolve().with_name("pyfunc_model.py")
@@ -73,12 +78,21 @@ def _export(job: Job) -> Output:
                 registered = {"name": settings.registered_model, "version": int(logged.registered_model_version)}
     where = f"; registered as {registered['name']} version {registered['version']}" if registered else ""
     size = pipeline_size(pipeline) if prompted else None  # the height / width its call takes
+    if isinstance(pipeline, ConditionedPipeline):  # a class, or a layout of one box, as its call takes them
+        classes = job.inputs.found["model"]["facts"]["classes"]
+        example = json.loads(grid_layouts(classes, 1)[0]) if isinstance(pipeline.conditioner, LayoutEncoder) else classes[0]
+    side = pipeline.unet.config.sample_size
     call = (f"(prompt, height={size}, width={size}, guidance_scale=4.0)" if prompted else
-            f"([{job.inputs.found['model']['facts']['classes'][0]!r}], guidance_scale=4.0)" if isinstance(pipeline, ClassConditionalPipeline)
-            else "(batch_size=4)")
-    loader = "ClassConditionalPipeline" if isinstance(pipeline, ClassConditionalPipeline) else "DiffusionPipeline"
+            f"([{example!r}], guidance_scale=4.0)" if isinstance(pipeline, ConditionedPipeline) else
+            f"(image=<N x 3 x {side} x {side} tensor in [-1, 1]>)" if isinstance(pipeline, LDMSuperResolutionPipeline) else
+            f"(<N x {resolution} x {resolution} x 3 uint8 images>, <N x {resolution} x {resolution} masks, 1 in the hole>)"
+            if isinstance(pipeline, InpaintingPipeline) else "(batch_size=4)")
+    # Diffusers' own pipelines load without this project; ours with their class, from this package.
+    ours = type(pipeline).__module__.startswith("ldm.")
+    loader = type(pipeline).__name__ if ours else "DiffusionPipeline"
     return Output(
-        facts={"pipeline": type(pipeline).__name__, "weights": str(settings.weights), "scheduler": type(pipeline.scheduler).__name__,
+        facts={"pipeline": type(pipeline).__name__, "load_with": f"{type(pipeline).__module__ if ours else 'diffusers'}.{loader}",
+               "weights": str(settings.weights), "scheduler": type(pipeline.scheduler).__name__,
                **({"height": size, "width": size} if prompted else {}), "resolution": resolution, "registered_model": registered},
         message=f"{STAGE.name}: {type(pipeline).__name__} at {out}{where}\n        {loader}.from_pretrained({out!r}){call}",
     )

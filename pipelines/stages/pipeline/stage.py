@@ -129,12 +129,17 @@ def _print_summary(cfg: DictConfig, results: dict[str, dict[str, Any]]) -> None:
     for name, result in results.items():
         done = "complete already, skipped" if result["skipped"] else f"{result['minutes']:.1f} min"
         print(f"  {name:<18} {done}")
+    storage = Storage.from_config(cfg.storage)
     if "evaluate" in results:
         # Complete, whether it ran now or before: its manifest holds the metrics.
-        evaluated = read_manifest(Storage.from_config(cfg.storage), resolve(cfg.stage.evaluate.output_url))
-        scores = evaluated["facts"]["metrics"].get("adherence")
-        if scores:
-            print(f"prompt adherence on {headline(scores)}")
+        metrics = read_manifest(storage, resolve(cfg.stage.evaluate.output_url))["facts"]["metrics"]
+        for group, scores in metrics.items():
+            if group == "adherence":
+                print(f"prompt adherence on {headline(scores)}")
+            elif group not in ("reconstruction", "fid"):  # the task's own metric
+                print(f"{group}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items()))
     samples = resolve(cfg.stage.sample.output_url)
     print(f"samples: {samples}/{sample.IMAGES}/ (grid: {samples}/{sample.GRID})")
-    print(f"model:   {resolve(cfg.stage.export.output_url)} (diffusers: DiffusionPipeline.from_pretrained)")
+    if "export" in results:
+        exported = read_manifest(storage, resolve(cfg.stage.export.output_url))["facts"]
+        print(f"model:   {resolve(cfg.stage.export.output_url)} (a {exported['pipeline']}: {exported['load_with']}.from_pretrained)")

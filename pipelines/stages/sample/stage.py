@@ -1,9 +1,11 @@
 """stage=sample: images from a train_ldm output, with DDIM or DPM-Solver++, as its task draws them: for
-prompts (text-to-image) or class names (class-conditional), guided; or (unconditional) ``stage.num_images``.
+prompts (text-to-image), class names (class-conditional) or layouts (layout-to-image), guided; for images
+(super-resolution: their low-resolution versions; inpainting: with random holes), ``stage.images`` or else
+held-out ones; or (unconditional) ``stage.num_images``.
 
 Each image is drawn from noise seeded ``stage.seed + i`` (i its place in prompt order), so one image can be
-made again on its own, here or with the exported pipeline. The PNGs, a ``samples.jsonl`` index (file, prompt,
-seed) and a captioned grid go to ``stage.output_url`` and to the MLflow run.
+made again on its own, here or with the exported pipeline. The PNGs, a ``samples.jsonl`` index (file, prompt
+or input image, seed) and a captioned grid go to ``stage.output_url`` and to the MLflow run.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import mlflow
 import numpy as np
 from omegaconf import DictConfig
 
-from ldm.data.images import encode_png
-from ldm.diffusion.sampling import generate_images
+from ldm.data.held_out import held_out_rows
+from ldm.data.images import encode_png, square_crop
+from ldm.diffusion.sampling import condition_captions, generate_images
+from ldm.models.conditioners import grid_layouts, parse_layout
+from ldm.models.image_conditioned import image_conditions
 from ldm.grids import captioned_grid
 from ldm.storage import Storage, resolve
 from ldm.tasks import task as named_task
@@ -36,27 +41,42 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     inputs = model_inputs(cfg, storage)
-    facts = inputs.found["model"]["facts"]
-    condition = named_task(facts.get("task", "text_to_image")).condition
-    if condition == "caption":
-        inputs.found["prompts"] = read_prompts(storage, plain(cfg.stage.prompts), cfg.stage.prompts_file)
-    elif condition == "label":
-        inputs.found["prompts"] = read_classes(plain(cfg.stage.classes), facts["classes"])
+    model = inputs.found["model"]
+    facts = model["facts"]
+    task = named_task(facts.get("task", "text_to_image"))
+    labels = None
+    if task.condition == "caption":
+        prompts = read_prompts(storage, plain(cfg.stage.prompts), cfg.stage.prompts_file)
+    elif task.condition == "label":
+        prompts = read_classes(plain(cfg.stage.classes), facts["classes"])
+    elif task.condition == "boxes":
+        prompts = read_layouts(plain(cfg.stage.layouts), facts["classes"], cfg.stage.num_images)
+    elif task.concat:
+        labels, pixels = read_images(storage, plain(cfg.stage.images), model["inputs"]["latents"], cfg.stage.num_images,
+                                     facts["latent_shape"][1] if task.concat == "low_res" else facts["resolution"])
+        # User images are the low-resolution input as they are; held-out ones are downsampled as training's were.
+        prompts = (list(pixels) if cfg.stage.images and task.concat == "low_res" else
+                   image_conditions(task.concat, pixels, labels, facts["latent_shape"][1]))
     else:
-        inputs.found["prompts"] = None
+        prompts = None
+    inputs.found.update(prompts=prompts, labels=labels)
     return inputs
 
 
 def _sample(job: Job) -> Output:
     settings, out, prompts = job.settings, job.out, job.inputs.found["prompts"]
     started = time.time()
-    rows = [prompt for prompt in prompts for _ in range(settings.images_per_prompt)] if prompts is not None else None
+    repeat = lambda items: [item for item in items for _ in range(settings.images_per_prompt)] if items is not None else None  # noqa: E731
+    rows, named = repeat(prompts), repeat(job.inputs.found["labels"])
     seeds = [settings.seed + i for i in range(len(rows) if rows is not None else settings.num_images)]
-    images = generate_images(load_model(job, str(settings.device)), rows, seeds, steps=settings.steps,
+    pipeline = load_model(job, str(settings.device))
+    images = generate_images(pipeline, rows, seeds, steps=settings.steps,
                              guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True)
     elapsed = time.time() - started
-    labels = rows if rows is not None else [f"seed {seed}" for seed in seeds]
-    index = [{"file": f"{IMAGES}/{i:05d}.png", "prompt": rows[i] if rows is not None else None, "seed": seed} for i, seed in enumerate(seeds)]
+    labels = named or condition_captions(pipeline, rows, seeds)
+    # What each image was drawn for: its prompt (a caption, class or layout), or the image it upsamples or fills.
+    drawn_for = [{"input": name} for name in named] if named else [{"prompt": rows[i] if rows is not None else None} for i in range(len(seeds))]
+    index = [{"file": f"{IMAGES}/{i:05d}.png", **drawn_for[i], "seed": seed} for i, seed in enumerate(seeds)]
     grid = captioned_grid(images, labels, columns=settings.grid_columns)
     files = sample_files(images, index)
     write_files(job.storage, out, {**files, GRID: encode_png(grid)})
@@ -77,12 +97,48 @@ def _sample(job: Job) -> Output:
     )
 
 
+def read_images(storage: Storage, images: list[str], latents_url: str, count: int, side: int) -> tuple[list[str], np.ndarray]:
+    """Names and ``side`` x ``side`` crops of ``images`` (files, local or s3://), or else of the first ``count``
+    held-out rows of the model's data (by key)."""
+    if images:
+        data = []
+        for url in images:
+            fs, path = storage.fsspec(resolve(url))
+            if not fs.exists(path):
+                raise FileNotFoundError(f"stage.images: no such file {url}")
+            data.append(fs.cat_file(path))
+        names = [str(url) for url in images]
+    else:
+        rows, _ = held_out_rows(storage, latents_url, count)
+        if not rows["key"]:
+            raise ValueError(f"the model's data ({latents_url}) has no held-out rows to sample from: give stage.images=[<image files>]")
+        names, data = rows["key"], rows["image"]
+    try:
+        return names, np.stack([square_crop(d, side) for d in data])
+    except Exception as e:  # PIL raises many kinds on bad bytes
+        raise ValueError(f"stage.images: an image does not decode ({e})") from None
+
+
 def read_classes(classes: list[str], known: list[str]) -> list[str]:
     """``classes`` (empty: every class the model knows), each one the model knows."""
     unknown = sorted(set(classes) - set(known))
     if unknown:
         raise ValueError(f"stage.classes: the model knows no class {unknown}; it knows {known}")
     return [str(c) for c in classes] or list(known)
+
+
+def read_layouts(layouts: list[Any], known: list[str], count: int) -> list[str]:
+    """``layouts`` as JSON text, each checked (a list of boxes of classes the model knows); empty: ``count``
+    one-box layouts that put each class in each quadrant in turn."""
+    texts = [layout if isinstance(layout, str) else json.dumps(layout) for layout in layouts]
+    for i, text in enumerate(texts):
+        try:
+            unknown = sorted({box["label"] for box in parse_layout(text)} - set(known))
+        except ValueError as e:
+            raise ValueError(f"stage.layouts[{i}]: {e}") from None
+        if unknown:
+            raise ValueError(f"stage.layouts[{i}]: the model knows no class {unknown}; it knows {known}")
+    return texts or grid_layouts(known, count)
 
 
 def read_prompts(storage: Storage, prompts: list[str], prompts_file: str | None) -> list[str]:

@@ -1,8 +1,10 @@
 """The training loop of stage=train_ldm, run by every Ray Train worker: read it top to bottom.
 
 The task (``ldm.tasks``) says what conditions the UNet: captions through a text τθ, classes through a class
-embedding, or nothing (unconditional: no tokenizer, τθ or dropout). UNet and τθ sit in one DDP-wrapped module
-whose forward is the denoising loss, so the gradients of both are averaged. Each optimizer step: draw z0 from
+embedding, layouts through a box transformer, or nothing (no tokenizer, τθ or dropout); and what is
+concatenated to z_t (super-resolution's low-resolution image, inpainting's mask and masked latent, both read
+from the latent rows). UNet and τθ sit in one DDP-wrapped module whose forward is the denoising loss, so the
+gradients of both are averaged. Each optimizer step: draw z0 from
 the stored moments, drop conditions to the null one for guidance, accumulate micro-batches, clip, AdamW at the
 warm-up + schedule rate, update the EMA. Rank 0 checkpoints (UNet, τθ and
 their EMA as safetensors; optimizer, step, every rank's RNG, the EMA counter, and the position in the epoch's
@@ -30,13 +32,14 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ldm.data.epochs import END_OF_EPOCH, EpochStream, Interval
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
-from ldm.diffusion.sampling import generate_images, sampler, task_pipeline
+from ldm.diffusion.sampling import condition_captions, generate_images, sampler, task_pipeline
 from ldm.flops import peak_flops, performance, step_flops as count_step_flops
 from ldm.grids import captioned_grid
-from ldm.latents import TEXT_EMBEDDING
+from ldm.latents import LOW_RES, MASK, MASKED_LATENT, TEXT_EMBEDDING
 from ldm.lr_schedule import learning_rate, set_learning_rate
-from ldm.models.class_conditional import ClassEmbedder
+from ldm.models.conditioners import ClassEmbedder, LayoutEncoder, grid_layouts
 from ldm.models.first_stage import load_first_stage
+from ldm.models.image_conditioned import image_conditions, image_tensor, inpainting_input
 from ldm.models.presets import text_to_image_preset
 from ldm.models.text_to_image import (
     EMA,
@@ -59,11 +62,11 @@ from pipelines.train_worker import (EpochData, RunLogger, RunTarget, gather_for_
 STATE_FILE = "training_state.pt"
 
 
-STRINGS = ("key", "label")  # columns that stay lists of strings: keys (for the data audit), class names
+STRINGS = ("key", "label", "boxes")  # columns that stay lists of strings: keys (for the data audit), classes, layouts (JSON)
 
 
 class LatentBatch(NumpyBatchCollateFn):
-    """Latent shard rows to tensors; keys and class names stay strings. Ray Data hands the fixed-size token
+    """Latent shard rows to tensors; keys, class names and layouts stay strings. Ray Data hands the fixed-size token
     lists over as an object array of rows."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -72,7 +75,7 @@ class LatentBatch(NumpyBatchCollateFn):
         }
         if "input_ids" in out:  # absent when the rows carry τθ(y) instead
             out["input_ids"] = out["input_ids"].long()
-        out.update({k: [str(v) for v in batch[k]] for k in STRINGS if k in batch})
+        out.update({k: [None if v is None else str(v) for v in batch[k]] for k in STRINGS if k in batch})
         return out
 
 
@@ -86,7 +89,11 @@ class LoopConfig:
     held_out: list[str]  # latents of prepare's held-out rows (encode_latents' held_out/): never trained on
     tokenizer: str | None  # the prepared captions' tokenizer (None: the task has no captions)
     max_length: int | None
-    classes: list[str] | None  # the class vocabulary (encode_latents' manifest) of a class-conditional task
+    classes: list[str] | None  # the class vocabulary (encode_latents' manifest) of a class or layout task
+    layout: dict[str, int] | None  # a layout task's τθ bounds (task.max_objects, task.grid)
+    # Keys and crops (N x H x W x 3 uint8) of the first validation.images held-out rows: the validation grid's
+    # inputs for a task that concatenates an image to z_t (None for the others).
+    validation_images: tuple[list[str], np.ndarray] | None
     latent_shape: list[int]  # c, h, w
     scale_factor: float
     first_stage: dict[str, Any]  # the latents' first stage (location, subfolder): validation grids decode with it
@@ -112,20 +119,6 @@ def train_loop(config: LoopConfig) -> None:
     tokenizer = load_tokenizer(config.tokenizer, config.storage) if captioned else None
     embedded = config.empty_text_embedding is not None
     caption_column = (TEXT_EMBEDDING if embedded else "input_ids") if captioned else None
-    class_index = {name: i for i, name in enumerate(config.classes or ())}
-    # The null condition that guidance dropout swaps in: the empty caption (its tokens or τθ), the null class.
-    if embedded:
-        empty = torch.from_numpy(config.empty_text_embedding).to(device)
-    elif captioned:
-        empty = torch.from_numpy(tokenize(tokenizer, [""], config.max_length)[0][0]).long().to(device)
-    else:
-        empty = torch.tensor(len(class_index), device=device)
-
-    def conditions(batch: dict[str, Any]) -> torch.Tensor | None:
-        """What the batch's rows are conditioned on, as τθ takes it: tokens or τθ(y), class indices, or nothing."""
-        if config.task.condition == "label":
-            return torch.tensor([class_index[name] for name in batch["label"]], device=device)
-        return batch[caption_column].to(device) if captioned else None
 
     # This run's latest checkpoint (a restart, or the same command again); else the one stage.resume names.
     checkpoint = ray.train.get_checkpoint() or config.resume_from
@@ -137,6 +130,29 @@ def train_loop(config: LoopConfig) -> None:
             state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
     else:
         unet, text_encoder = _build_models(config, len(tokenizer) if tokenizer else 0)
+    # The null condition that guidance dropout swaps in: the empty caption (its tokens or τθ), the null class or layout.
+    if embedded:
+        empty = torch.from_numpy(config.empty_text_embedding).to(device)
+    elif captioned:
+        empty = torch.from_numpy(tokenize(tokenizer, [""], config.max_length)[0][0]).long().to(device)
+    elif text_encoder is not None:
+        empty = text_encoder.null_tokens(1)[0].to(device)
+
+    def conditions(batch: dict[str, Any]) -> torch.Tensor | None:
+        """What the batch's rows are conditioned on, as τθ takes it: tokens or τθ(y), class or layout tokens, or nothing."""
+        if captioned:
+            return batch[caption_column].to(device)
+        return text_encoder.tokens(batch[config.task.condition]).to(device) if text_encoder is not None else None
+
+    def concat_input(batch: dict[str, Any]) -> torch.Tensor | None:
+        """What the task concatenates to z_t: the low-resolution image in [-1, 1], or the mask and the masked
+        image's latent scaled as z is; None for the others."""
+        if config.task.concat == "low_res":
+            return image_tensor(batch[LOW_RES]).to(device)
+        if config.task.concat == "masked":
+            return inpainting_input(batch[MASK][:, None].to(device), batch[MASKED_LATENT].to(device).float(), config.scale_factor)
+        return None
+
     train_text_encoder = config.pretrained_text_encoder is None
     towers = [m for m in (unet, text_encoder) if m is not None]  # no τθ here when the latents carry its output
     if text_encoder is not None:
@@ -180,7 +196,7 @@ def train_loop(config: LoopConfig) -> None:
 
     tracker = RunLogger(config.run)
     validation = Validation(config, tokenizer, unet, text_encoder, device) if rank == 0 else None
-    held_out = HeldOutLoss(config, module, device, autocast, conditions) if rank == 0 and config.held_out else None
+    held_out = HeldOutLoss(config, module, device, autocast, conditions, concat_input) if rank == 0 and config.held_out else None
     nodes = _node_count(world)
     if rank == 0:
         counts = {"unet": sum(p.numel() for p in unet.parameters()),
@@ -202,7 +218,7 @@ def train_loop(config: LoopConfig) -> None:
         condition = conditions(batch)
         captions = drop_captions(condition, empty, settings.caption_dropout, generator) if condition is not None else None
         with autocast:
-            return net(sample_latents(moments, config.scale_factor, generator), captions, generator)
+            return net(sample_latents(moments, config.scale_factor, generator), captions, generator, concat_input(batch))
 
     # -- the loop: each epoch is one pass over this worker's run of the epoch's order ---------------------------
     # Each epoch is a new Ray Data read; the next one starts while this one's last batches train.
@@ -318,10 +334,12 @@ def _build_models(config: LoopConfig, vocab_size: int) -> tuple[torch.nn.Module,
     spec = text_to_image_preset(model.preset, model.unet, model.text_encoder)
     channels, size = config.latent_shape[0], config.latent_shape[1]
     if not config.task.cross_attention:
-        return build_unet(spec.unet, channels, size, None), None
-    if config.task.condition == "label":
-        embedder = ClassEmbedder(num_classes=len(config.classes), width=spec.text_encoder.width, classes=list(config.classes))
-        return build_unet(spec.unet, channels, size, spec.text_encoder.width), embedder
+        return build_unet(spec.unet, channels, size, None, config.task.extra_channels(channels)), None
+    if config.task.condition in ("label", "boxes"):  # τθ as wide (and for layouts as deep) as the preset's text encoder
+        text, classes = spec.text_encoder, list(config.classes)
+        embedder = (ClassEmbedder(num_classes=len(classes), width=text.width, classes=classes) if config.task.condition == "label" else
+                    LayoutEncoder(num_classes=len(classes), width=text.width, layers=text.layers, heads=text.heads, classes=classes, **config.layout))
+        return build_unet(spec.unet, channels, size, text.width), embedder
     if config.empty_text_embedding is not None:
         return build_unet(spec.unet, channels, size, config.empty_text_embedding.shape[-1]), None
     if config.pretrained_text_encoder is not None:
@@ -375,7 +393,7 @@ class HeldOutLoss:
     """The denoising loss on at most ``stage.validation_images`` held-out latents (rank 0 only), read once: the
     same rows, timesteps and noise at every evaluation, so its curve shows the model, not the draw."""
 
-    def __init__(self, config: LoopConfig, module: DenoisingLoss, device: torch.device, autocast, conditions):
+    def __init__(self, config: LoopConfig, module: DenoisingLoss, device: torch.device, autocast, conditions, concat_input):
         settings = config.settings
         storage = config.data.storage
         filesystem, _ = storage.pyarrow(config.held_out[0])
@@ -385,7 +403,7 @@ class HeldOutLoss:
         self.batches = list(rows.iter_torch_batches(batch_size=settings.batch_size, collate_fn=LatentBatch()))
         self.module, self.device, self.autocast = module, device, autocast
         self.scale_factor, self.seed = config.scale_factor, settings.validation.seed
-        self.conditions = conditions
+        self.conditions, self.concat_input = conditions, concat_input
 
     @torch.no_grad()
     def loss(self) -> float:
@@ -396,7 +414,7 @@ class HeldOutLoss:
         for batch in self.batches:
             moments = {k: v.to(self.device) for k, v in batch.items() if k.startswith("latent")}
             with self.autocast:
-                loss = self.module(sample_latents(moments, self.scale_factor, generator), self.conditions(batch), generator)
+                loss = self.module(sample_latents(moments, self.scale_factor, generator), self.conditions(batch), generator, self.concat_input(batch))
             total += float(loss) * len(batch["key"])
             count += len(batch["key"])
         for part, mode in modes:
@@ -406,7 +424,9 @@ class HeldOutLoss:
 
 class Validation:
     """A grid of samples, decoded by the first stage (rank 0 only): for the fixed validation prompts, the first
-    ``validation.images`` classes, or (unconditional) that many images, from the same seeds each time."""
+    ``validation.images`` classes, that many layouts (each class in each quadrant in turn), the first that many
+    held-out images' low-resolution or masked versions, or (unconditional) that many images, from the same
+    seeds each time."""
 
     def __init__(self, config: LoopConfig, tokenizer, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, device: torch.device):
         self.settings = config.settings.validation
@@ -414,12 +434,17 @@ class Validation:
         first_stage = load_first_stage(first["location"], config.storage, first["subfolder"]).to(device).eval()
         scheduler = sampler(self.settings.sampler, training_schedule(config.settings.noise).config)
         condition = config.task.condition
-        self.prompts = {"caption": list(self.settings.prompts), "label": list(config.classes or ())[: self.settings.images]}.get(condition)
+        self.prompts = {"caption": lambda: list(self.settings.prompts), "label": lambda: list(config.classes)[: self.settings.images],
+                        "boxes": lambda: grid_layouts(config.classes, self.settings.images)}.get(condition, lambda: None)()
+        self.labels = None
+        if config.task.concat:  # the driver's held-out images, made into the task's input as encode_latents made the rows'
+            self.labels, pixels = config.validation_images
+            self.prompts = image_conditions(config.task.concat, pixels, self.labels, config.latent_shape[1])
         self.seeds = [self.settings.seed + i for i in range(self.settings.images if self.prompts is None else len(self.prompts))]
         if condition == "caption" and text_encoder is None:  # the latents carry τθ(y): the frozen encoder is loaded for the prompts only
             text_encoder = load_text_encoder(config.pretrained_text_encoder, config.storage, config.pretrained_text_encoder_subfolder)
             text_encoder = text_encoder.to(device).eval()
-        self.pipeline = task_pipeline(unet, text_encoder, tokenizer, first_stage, config.scale_factor, scheduler)
+        self.pipeline = task_pipeline(unet, text_encoder, tokenizer, first_stage, config.scale_factor, scheduler, config.task.concat)
         self.parts = [m for m in (unet, text_encoder) if m is not None]
 
     def grid(self):
@@ -429,4 +454,4 @@ class Validation:
         images = generate_images(self.pipeline, self.prompts, self.seeds, steps=self.settings.steps, guidance_scale=self.settings.guidance_scale)
         for part, mode in modes:
             part.train(mode)
-        return captioned_grid(images, self.prompts or [f"seed {seed}" for seed in self.seeds])
+        return captioned_grid(images, self.labels or condition_captions(self.pipeline, self.prompts, self.seeds))

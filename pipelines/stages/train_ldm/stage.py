@@ -1,5 +1,5 @@
-"""stage=train_ldm: the latent diffusion model of the chosen task (text-to-image, or unconditional) on the
-precomputed latents, with Ray Train.
+"""stage=train_ldm: the latent diffusion model of the chosen task (``task=``: text-to-image, unconditional,
+class-conditional, layout-to-image) on the precomputed latents, with Ray Train.
 
 Each worker reads its run of every epoch's order of the latent shards (moments, tokens) with Ray Data
 (``EpochData``; the order is a function of the seed and the epoch), so a checkpoint holds the exact data
@@ -20,16 +20,19 @@ from functools import partial
 from typing import Any
 
 import mlflow
+import numpy as np
 import ray
 import ray.train
 from omegaconf import DictConfig, OmegaConf
 from pyarrow.fs import FileType
 from safetensors.numpy import load
 
+from ldm.data.held_out import held_out_rows
+from ldm.data.images import square_crop
 from ldm.manifest import data_files, data_row_groups
 from ldm.models.presets import describe, text_to_image_preset
-from ldm.latents import TEXT_EMBEDDING
-from ldm.models.text_to_image import CLASS_EMBEDDER, EMA, TEXT_ENCODER, UNET, load_text_encoder
+from ldm.latents import CONCAT, TEXT_EMBEDDING
+from ldm.models.text_to_image import CONDITIONER, EMA, TEXT_ENCODER, UNET, load_text_encoder
 from ldm.storage import Storage, model_location, resolve, weights_digest
 from ldm.tasks import task as named_task
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer
@@ -55,13 +58,39 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     resume_from = _resume_from(cfg.stage.resume, storage)
     inputs.fingerprints.extend([resume_from.path] if resume_from else [])
     task = named_task(cfg.task.name)
-    if task.condition == "label" and not inputs.found["latents"]["facts"].get("classes"):
+    latent_facts = inputs.found["latents"]["facts"]
+    if task.condition == "label" and not latent_facts.get("classes"):
         raise ValueError(
             f"task={task.name}: stage.latents_url={inputs.record['latents']} has no class labels. Name the data's class column "
             "(data.input.label_col) and run prepare and encode_latents again"
         )
+    if latent_facts.get("concat") != task.concat:
+        raise ValueError(
+            f"task={task.name}: stage.latents_url={inputs.record['latents']} was encoded with concat={latent_facts.get('concat')}, "
+            f"the task concatenates {task.concat} to z_t: run stage=encode_latents task={task.name} (its output_url is "
+            f"latents{cfg.task.latents_suffix} by default)"
+        )
+    if task.concat == "low_res" and latent_facts["latent_shape"][0] != 3:
+        raise ValueError(
+            f"task={task.name}: the first stage of stage.latents_url={inputs.record['latents']} has {latent_facts['latent_shape'][0]} latent "
+            "channels; LDMSuperResolutionPipeline draws as many as the low-resolution image has, 3 (as the paper's f=4 first stages). "
+            "Train one with stage=train_autoencoder task=super_resolution (task.latent_channels=3)"
+        )
+    if task.condition == "boxes" and not latent_facts.get("rows_with_boxes"):
+        raise ValueError(
+            f"task={task.name}: stage.latents_url={inputs.record['latents']} has no layouts. Name the data's boxes column "
+            "(data.input.boxes_col: JSON [{\"label\": class, \"box\": [x0, y0, x1, y1]}]) and run prepare and encode_latents again"
+        )
     inputs.found.update(resume_from=resume_from, spec=spec, task=task, embedded=task.condition == "caption" and _embedded(inputs, model, storage))
     return inputs
+
+
+def _validation_images(storage: Storage, latents_url: str, count: int, resolution: int) -> tuple[list[str], np.ndarray]:
+    """Keys and crops of the first ``count`` held-out rows: what the validation grid of a task that concatenates
+    an image to z_t makes its inputs from (read here once, a few images, not by the workers)."""
+    rows, _ = held_out_rows(storage, latents_url, count)
+    pixels = [square_crop(data, resolution) for data in rows["image"]]
+    return rows["key"], np.stack(pixels) if pixels else np.zeros((0, resolution, resolution, 3), np.uint8)
 
 
 def _embedded(inputs: Inputs, model: DictConfig, storage: Storage) -> bool:
@@ -94,9 +123,10 @@ def _train(job: Job) -> Output:
     files, row_groups = data_row_groups(latents, source)
     embedded = job.inputs.found["embedded"]
     captioned = task.condition == "caption"
-    classes = facts["classes"] if task.condition == "label" else None
-    conditions = {"caption": [TEXT_EMBEDDING] if embedded else ["input_ids"], "label": ["label"]}.get(task.condition, [])
-    data = EpochData(files, row_groups, ["key", *conditions, *facts["latent_columns"]], settings.seed, settings.shuffle_buffer, storage)
+    classes = facts["classes"] if task.condition in ("label", "boxes") else None
+    conditions = {"caption": [TEXT_EMBEDDING] if embedded else ["input_ids"], "label": ["label"], "boxes": ["boxes"]}.get(task.condition, [])
+    extra = list(CONCAT.get(task.concat, ()))  # what the task concatenates to z_t
+    data = EpochData(files, row_groups, ["key", *conditions, *extra, *facts["latent_columns"]], settings.seed, settings.shuffle_buffer, storage)
     config = loop.LoopConfig(
         settings=OmegaConf.to_object(settings),
         task=task,
@@ -105,6 +135,8 @@ def _train(job: Job) -> Output:
         tokenizer=facts["tokenizer"]["path"] if captioned else None,
         max_length=facts["tokenizer"]["max_length"] if captioned else None,
         classes=classes,
+        layout={"max_objects": cfg.task.max_objects, "grid": cfg.task.grid} if task.condition == "boxes" else None,
+        validation_images=_validation_images(storage, source, settings.validation.images, facts["resolution"]) if task.concat else None,
         latent_shape=facts["latent_shape"],
         scale_factor=facts["scale_factor"],
         first_stage=facts["first_stage"],
@@ -133,7 +165,7 @@ def _train(job: Job) -> Output:
             text_encoder = load_text_encoder(config.pretrained_text_encoder, storage, config.pretrained_text_encoder_subfolder)
             for folder in ("", EMA):
                 text_encoder.save_pretrained(os.path.join(local, folder, TEXT_ENCODER), safe_serialization=True)
-        conditioner = {"caption": [TEXT_ENCODER], "label": [CLASS_EMBEDDER]}.get(task.condition, [])
+        conditioner = [TEXT_ENCODER] if captioned else [CONDITIONER] if classes else []
         for folder in (UNET, *conditioner, EMA, SCHEDULER_DIR):
             fs.put(os.path.join(local, folder), f"{root}/{folder}", recursive=True)
             if settings.log_model:
@@ -144,7 +176,7 @@ def _train(job: Job) -> Output:
         facts={
             "layout": {"unet": f"{UNET}/", "ema": f"{EMA}/", "scheduler": f"{SCHEDULER_DIR}/",
                        **({"text_encoder": f"{TEXT_ENCODER}/", "tokenizer": f"{TOKENIZER_DIR}/"} if captioned else {}),
-                       **({"class_embedder": f"{CLASS_EMBEDDER}/"} if classes else {})},
+                       **({"conditioner": f"{CONDITIONER}/"} if classes else {})},
             "classes": classes,
             "task": task.name,
             "pipeline": task.pipeline,

@@ -1,0 +1,91 @@
+"""Each of the paper's other tasks from nothing on this machine, measured against its baseline, in one run.
+
+For each task, ``stage=pipeline task=<name>`` on the embedded default (the synthetic corpus, the demo's step
+counts) as a user runs it. The tasks share one storage root, so synthesize, prepare and the first stage are
+made once (super-resolution trains its own 3-channel first stage); a task's minutes from nothing are its own
+stages' plus those of the shared stages it used, as each took when it ran. Then its metric against its
+baseline, as a ratio that says whether it is beaten (> 1 is better than the baseline, for tv: <= 1 meets it):
+
+- unconditional: total variation of the generated scenes' attributes from the data's (target <= 0.15) and
+  the fraction of images holding one clean object (target >= 0.8);
+- class_conditional: class accuracy against chance (1 / classes);
+- layout_to_image: box IoU and position accuracy against the same measures between layouts;
+- super_resolution: PSNR and SSIM against bicubic upsampling of the same low-resolution images;
+- inpainting: PSNR in the hole against filling it with the surrounding mean.
+
+The limit: 20 minutes from nothing per task on 2 cores.
+
+    .venv/bin/python benchmarks/tasks.py [--root DIR] [--tasks unconditional,class_conditional,...] [more overrides]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipelines import stages  # noqa: E402
+from pipelines.config import compose  # noqa: E402
+
+TASKS = ("unconditional", "class_conditional", "layout_to_image", "super_resolution", "inpainting")
+LIMIT_MINUTES = 20
+SHARED = ("synthesize", "prepare", "train_autoencoder", "encode_latents")
+# (metric group, value, baseline or target, whether higher is better): the ratio is value / baseline when higher
+# is better, target / value when lower is.
+CHECKS = {
+    "unconditional": [("scenes", "tv", 0.15, False), ("scenes", "clean_fraction", 0.8, True)],
+    "class_conditional": [("classes", "accuracy", "chance", True)],
+    "layout_to_image": [("layouts", "iou", "chance_iou", True), ("layouts", "position_accuracy", "chance_position", True)],
+    "super_resolution": [("super_resolution", "psnr", "bicubic_psnr", True), ("super_resolution", "ssim", "bicubic_ssim", True)],
+    "inpainting": [("inpainting", "psnr_hole", "mean_fill_psnr_hole", True)],
+}
+MEASURE = ["stage.evaluate.batch_size=64", "stage.evaluate.fid.feature_extractor=null"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=None, help="where the runs' storage and MLflow go (default: a new temp dir)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
+    parser.add_argument("overrides", nargs="*", help="more stage=pipeline overrides, e.g. stage.train_ldm.steps=600")
+    args = parser.parse_args()
+    root = Path(args.root or tempfile.mkdtemp(prefix="bench-tasks-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    os.chdir(root)  # MLflow puts an sqlite store's artifacts under the working directory: keep them with the run
+    common = [f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db", "tracking.experiment=tasks", *MEASURE]
+    spent: dict[tuple[str, str], float] = {}  # (stage, its output) -> minutes, when it ran
+    rows = []
+    for name in args.tasks.split(","):
+        cfg = compose("stage=pipeline", f"task={name}", *common, *args.overrides)
+        started = time.perf_counter()
+        results = stages.load("pipeline").run(cfg)
+        wall = (time.perf_counter() - started) / 60
+        minutes = 0.0
+        for stage, result in results.items():
+            output = str(cfg.stage[stage].get("output_url", stage)) if stage in cfg.stage else stage
+            if not result["skipped"]:
+                spent[(stage, output)] = result["minutes"]
+            minutes += spent.get((stage, output), 0.0) if result["skipped"] else result["minutes"]
+        metrics = json.loads((root / "store" / f"evaluation_{name}" / "metrics.json").read_text())["metrics"]
+        for group, value, baseline, higher in CHECKS[name]:
+            scores = metrics[group]
+            reference = scores[baseline] if isinstance(baseline, str) else baseline
+            ratio = scores[value] / reference if higher else reference / max(scores[value], 1e-9)
+            rows.append((name, f"{group}/{value}", scores[value], f"{baseline} {reference:.3f}" if isinstance(baseline, str) else f"target {reference}",
+                         ratio, minutes))
+        print(f"\n{name}: {wall:.1f} min this run, {minutes:.1f} min from nothing; {json.dumps(metrics.get(CHECKS[name][0][0]))}", flush=True)
+
+    print(f"\ncores: {os.cpu_count()} | the embedded default per task {' '.join(args.overrides)}")
+    print(f"| task | metric | value | baseline | ratio (> 1: beats it; tv: >= 1 meets it) | minutes from nothing (limit {LIMIT_MINUTES}) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, metric, value, baseline, ratio, minutes in rows:
+        print(f"| {name} | {metric} | {value:.3f} | {baseline} | {ratio:.2f} | {minutes:.1f} |")
+    print(f"MLflow: sqlite:///{root}/mlruns.db | grids: {root}/store/evaluation_<task>/adherence.png")
+
+
+if __name__ == "__main__":
+    main()

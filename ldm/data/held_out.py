@@ -1,0 +1,36 @@
+"""Prepare's held-out rows (never trained on, by the first stage or the diffusion model), found from a latents
+output through its manifest chain: what evaluation measures on, and what the image-conditioned tasks sample
+from (the low-resolution or masked versions of these images)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from ldm.manifest import data_files, verify
+from ldm.storage import Storage
+
+COLUMNS = ("key", "caption", "label", "boxes", "image")
+
+
+def held_out_rows(storage: Storage, latents_url: str, limit: int) -> tuple[dict[str, list], dict[str, Any]]:
+    """Key, caption, label, boxes and image bytes of the first ``limit`` of prepare's held-out rows (found
+    through encode_latents -> prepare; read a batch at a time, never a whole file), and how they were chosen
+    (prepare's ``held_out`` fact)."""
+    rows: dict[str, list] = {name: [] for name in COLUMNS}
+    latents = verify(storage, latents_url, stage="encode_latents")
+    prepared_url = latents["inputs"]["prepared"]
+    prepared = verify(storage, prepared_url, stage="prepare")
+    split = prepared["facts"].get("held_out") or {"fraction": 0.0, "rows": 0}
+    if limit <= 0:
+        return rows, split
+    for shard in data_files(prepared, prepared_url, "held_out"):
+        fs, path = storage.pyarrow(shard)
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=list(rows)):
+                for name in rows:
+                    rows[name] += batch[name].to_pylist()[: limit - len(rows[name])]
+                if len(rows["key"]) >= limit:
+                    return rows, split
+    return rows, split

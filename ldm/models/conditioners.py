@@ -1,0 +1,175 @@
+"""τθ for the conditions that are not text, as the paper builds them, and the pipeline that samples with them.
+
+- ``ClassEmbedder`` (the paper's ImageNet LDM): a learned embedding of the class, one token that the UNet's
+  cross-attention reads, with one more entry for the null class.
+- ``LayoutEncoder`` (the paper's layout-to-image LDM): each box becomes three tokens, its class, its
+  discretised top-left and its discretised bottom-right corner, and a transformer encodes the sequence; the
+  null layout is all padding.
+
+Both turn their conditions into token ids (``tokens``) and give the null condition's (``null_tokens``), which
+classifier-free guidance takes as its unconditional branch and training drops conditions to. diffusers has
+no UNet pipeline for class labels or layouts, so ``ConditionedPipeline`` is theirs: a ``DiffusionPipeline``
+(vqvae, unet, conditioner, scheduler) that guides as ``LDMTextToImagePipeline`` does and saves and loads as
+any diffusers pipeline directory. Loading one needs this package (its ``model_index.json`` names
+``ldm.models.conditioners``): ``ConditionedPipeline.from_pretrained(dir)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from typing import Any, Sequence
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+
+class LearnedConditioner(ModelMixin, ConfigMixin):
+    """What both τθ share: a class vocabulary (``config.classes``, in the latents manifest's order) and a
+    forward that returns a tuple, per-token features first, as a transformers encoder's, so that training
+    calls every τθ alike."""
+
+    def index(self, names: Sequence[str]) -> list[int]:
+        known = {name: i for i, name in enumerate(self.config.classes)}
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ValueError(f"unknown class(es) {unknown}; the model knows {list(self.config.classes)}")
+        return [known[name] for name in names]
+
+    def tokens(self, conditions: Sequence[Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def null_tokens(self, count: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ClassEmbedder(LearnedConditioner):
+    """(batch,) class indices -> (batch, 1, width) context. Index ``num_classes`` is the null class."""
+
+    @register_to_config
+    def __init__(self, num_classes: int, width: int, classes: Sequence[str] = ()):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(num_classes + 1, width)
+
+    def tokens(self, conditions: Sequence[str | int | None]) -> torch.Tensor:
+        """Class names or indices; None (a row without a label) is the null class."""
+        names = [c for c in conditions if isinstance(c, str)]
+        known = dict(zip(names, self.index(names)))
+        return torch.tensor([self.config.num_classes if c is None else known[c] if isinstance(c, str) else int(c) for c in conditions],
+                            dtype=torch.long)
+
+    def null_tokens(self, count: int) -> torch.Tensor:
+        return torch.full((count,), self.config.num_classes, dtype=torch.long)
+
+    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.embedding(labels)[:, None, :],)
+
+
+class LayoutEncoder(LearnedConditioner):
+    """Layouts -> (batch, 3 x max_objects, width) context. A layout is a list of boxes
+    ``{"label": class, "box": [x0, y0, x1, y1]}`` in [0, 1] of the image (or its JSON text, as a ``boxes``
+    column holds it). Corners are discretised to a ``grid`` x ``grid`` lattice. The vocabulary: the classes,
+    then the grid's cells, then padding; a layout with more than ``max_objects`` boxes keeps its largest."""
+
+    @register_to_config
+    def __init__(self, num_classes: int, width: int, layers: int, heads: int, max_objects: int, grid: int, classes: Sequence[str] = ()):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(num_classes + grid * grid + 1, width)
+        self.position = torch.nn.Parameter(torch.randn(1, 3 * max_objects, width) * 0.02)
+        layer = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.transformer = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(width)
+
+    @property
+    def pad(self) -> int:
+        return self.config.num_classes + self.config.grid ** 2
+
+    def tokens(self, conditions: Sequence[str | list[dict[str, Any]]]) -> torch.Tensor:
+        return torch.tensor([self._layout_tokens(layout) for layout in conditions], dtype=torch.long)
+
+    def null_tokens(self, count: int) -> torch.Tensor:
+        return torch.full((count, 3 * self.config.max_objects), self.pad, dtype=torch.long)
+
+    def _layout_tokens(self, layout: str | list[dict[str, Any]]) -> list[int]:
+        boxes = largest_first(parse_layout(layout))[: self.config.max_objects]
+        grid, classes = self.config.grid, self.config.num_classes
+        cell = lambda v: min(grid - 1, max(0, v))  # noqa: E731
+        ids = []
+        for label, (x0, y0, x1, y1) in zip(self.index([b["label"] for b in boxes]), (b["box"] for b in boxes)):
+            top_left = cell(math.floor(y0 * grid)) * grid + cell(math.floor(x0 * grid))
+            bottom_right = cell(math.ceil(y1 * grid) - 1) * grid + cell(math.ceil(x1 * grid) - 1)
+            ids += [label, classes + top_left, classes + bottom_right]
+        return ids + [self.pad] * (3 * self.config.max_objects - len(ids))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.norm(self.transformer(self.embedding(tokens) + self.position)),)
+
+
+def parse_layout(layout: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A layout's boxes, checked: each a class ``label`` and a ``box`` [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1.
+    A row without boxes (None) has the empty layout, which is the null condition."""
+    boxes = json.loads(layout) if isinstance(layout, str) else [] if layout is None else layout
+    for b in boxes if isinstance(boxes, list) else [None]:
+        box = b.get("box") if isinstance(b, dict) else None
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and "label" in b and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+            raise ValueError(f"layout {layout!r}: expected a list of {{\"label\": class, \"box\": [x0, y0, x1, y1]}} "
+                             "with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (fractions of the image)")
+    return boxes
+
+
+def largest_first(boxes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A layout's boxes by decreasing area."""
+    return sorted(boxes, key=lambda b: -(b["box"][2] - b["box"][0]) * (b["box"][3] - b["box"][1]))
+
+
+def describe_layout(layout: str | list[dict[str, Any]] | None) -> str:
+    """A layout for people: each box's class and corners, to two places."""
+    return "; ".join(f"{b['label']} [{' '.join(f'{v:.2f}' for v in b['box'])}]" for b in parse_layout(layout)) or "(empty layout)"
+
+
+def grid_layouts(classes: Sequence[str], count: int, side: float = 0.34) -> list[str]:
+    """``count`` one-box layouts that put each class in each quadrant in turn (a box of ``side`` centred in
+    it): what a layout model draws when it is given no layouts."""
+    layouts = []
+    for i in range(count):
+        cx, cy = (0.25, 0.75)[(i // len(classes)) % 2], (0.25, 0.75)[(i // len(classes) // 2) % 2]
+        box = [round(v, 4) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)]
+        layouts.append(json.dumps([{"label": classes[i % len(classes)], "box": box}]))
+    return layouts
+
+
+class ConditionedPipeline(DiffusionPipeline):
+    """Images of given classes or layouts with classifier-free guidance against the null condition."""
+
+    def __init__(self, vqvae, unet, conditioner: LearnedConditioner, scheduler):
+        super().__init__()
+        self.register_modules(vqvae=vqvae, unet=unet, conditioner=conditioner, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, conditions: Sequence[Any], guidance_scale: float = 4.0, num_inference_steps: int = 50,
+                 generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
+                 output_type: str = "pil") -> ImagePipelineOutput:
+        """``conditions``: one image each; class names (or indices) for a class embedder, layouts for a layout
+        encoder."""
+        device = self._execution_device
+        tokens = self.conditioner.tokens(conditions).to(device)
+        context = self.conditioner(tokens)[0]
+        null = self.conditioner(self.conditioner.null_tokens(len(tokens)).to(device))[0]
+        size = self.unet.config.sample_size
+        latents = randn_tensor((len(tokens), self.unet.config.in_channels, size, size), generator=generator, device=device, dtype=context.dtype)
+        self.scheduler.set_timesteps(num_inference_steps)
+        extra = {"eta": eta} if "eta" in inspect.signature(self.scheduler.step).parameters else {}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            if guidance_scale == 1.0:
+                prediction = self.unet(latents, t, encoder_hidden_states=context).sample
+            else:
+                unconditional, conditional = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([null, context])).sample.chunk(2)
+                prediction = unconditional + guidance_scale * (conditional - unconditional)
+            latents = self.scheduler.step(prediction, t, latents, **extra).prev_sample
+        image = (self.vqvae.decode(latents / self.vqvae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        image = image.cpu().permute(0, 2, 3, 1).numpy()
+        return ImagePipelineOutput(images=self.numpy_to_pil(image) if output_type == "pil" else image)
