@@ -4,7 +4,8 @@ For each task, ``stage=pipeline task=<name>`` on the embedded default (the synth
 counts) as a user runs it. The tasks share one storage root, so synthesize, prepare and the first stage are
 made once (super-resolution trains its own 3-channel first stage); a task's minutes from nothing are its own
 stages' plus those of the shared stages it used, as each took when it ran. Then its metric against its
-baseline, as a ratio that says whether it is beaten (> 1 is better than the baseline, for tv: <= 1 meets it):
+baseline, as a ratio that says whether it is beaten (> 1 is better than the baseline; for tv, target / tv,
+>= 1 meets it):
 
 - unconditional: total variation of the generated scenes' attributes from the data's (target <= 0.15) and
   the fraction of images holding one clean object (target >= 0.8);

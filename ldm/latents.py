@@ -22,7 +22,7 @@ TEXT_EMBEDDING = "text_embedding"  # a frozen text encoder's τθ(y) of the row'
 # image's latent (float16, c x h x w, unscaled).
 LOW_RES, MASK, MASKED_LATENT = "low_res", "mask", "masked_latent"
 CONCAT_COLUMNS = (LOW_RES, MASK, MASKED_LATENT)
-CONCAT = {"low_res": (LOW_RES,), "masked": (MASK, MASKED_LATENT)}  # by the task's ``concat``
+CONCAT = {"low_res": {LOW_RES: "uint8"}, "masked": {MASK: "uint8", MASKED_LATENT: "halffloat"}}  # by the task's ``concat``: column -> type
 
 
 def latent_columns(kind: str) -> tuple[str, ...]:

@@ -1,9 +1,10 @@
 """The paper's tasks, one latent-diffusion machinery: what conditions the UNet and how, by name.
 
-Each task names what its UNet takes (cross-attention to τθ of a condition, or nothing), what a latent row
-must carry for it, and the pipeline that samples it (and that its export is). The models are built by
-``ldm.models.text_to_image`` (the UNet, with cross-attention or without conditioning input; the text τθ)
-and ``ldm.models.conditioners`` (the class and layout τθ, and their pipeline).
+Each task names what its UNet takes (cross-attention to τθ of a condition, an image concatenated to z_t, or
+nothing), what a latent row must carry for it, and the pipeline that samples it (and that its export is). The
+models are built by ``ldm.models.text_to_image`` (the UNet, with cross-attention or without; the text τθ),
+``ldm.models.conditioners`` (the class and layout τθ, and their pipeline) and ``ldm.models.image_conditioned``
+(what super-resolution and inpainting concatenate, and the inpainting pipeline).
 """
 
 from __future__ import annotations

@@ -131,13 +131,20 @@ NOT_CONTENT = {
 
 def stage_fingerprint(cfg: DictConfig, version: int, inputs: Iterable[str] = (), uses_task: bool = False) -> str:
     """The stage and data config less ``NOT_CONTENT``, the code's output version and the inputs' fingerprints;
-    the task's name for a stage whose output depends on it."""
+    the task (its name and model settings) for a stage whose output depends on it."""
     stage, data = (
         {k: v for k, v in plain(node).items() if k not in NOT_CONTENT[name]}
         for name, node in (("stage", cfg.stage), ("data", cfg.data))
     )
-    task = {"task": str(cfg.task.name)} if uses_task else {}
+    task = {"task": task_identity(cfg)} if uses_task else {}
     return fingerprint({"stage": stage, "data": data, "code_version": version, **task}, inputs)
+
+
+def task_identity(cfg: DictConfig) -> str:
+    """The task's name and the settings that change its model (a layout τθ's grid and boxes), not where its
+    outputs go: ``layout_to_image[grid=16,max_objects=8]``."""
+    settings = {k: v for k, v in plain(cfg.task).items() if k != "name" and not k.endswith("suffix") and k != "latent_channels"}
+    return str(cfg.task.name) + (f"[{','.join(f'{k}={v}' for k, v in sorted(settings.items()))}]" if settings else "")
 
 
 def require_reachable_storage(cfg: DictConfig, is_local: bool) -> None:

@@ -11,7 +11,8 @@ from transformers import ViTConfig, ViTImageProcessor, ViTModel
 from ldm.metrics.adherence import CHANCE, adherence, clustered_interval, held_out_prompts, held_out_scenes, wilson_interval
 from ldm.metrics.distribution import frechet_distance, image_features, kernel_distance
 from ldm.metrics.scenes import layout_accuracy
-from ldm.models.conditioners import LayoutEncoder, grid_layouts
+from ldm.data.layouts import grid_layouts
+from ldm.models.conditioners import ClassEmbedder, LayoutEncoder
 from ldm.synthetic.render import object_box, render
 from ldm.synthetic.scene import TEMPLATES, all_scenes, class_name, held_out_combinations, parse_caption
 
@@ -65,9 +66,18 @@ def test_layout_tokens_are_class_and_corner_cells_of_the_largest_boxes_padded_to
         encoder.tokens([[{"label": "z", "box": [0, 0, 1, 1]}]])
     with pytest.raises(ValueError, match="0 <= x0 < x1 <= 1"):
         encoder.tokens(['[{"label": "a", "box": [0.5, 0, 0.5, 1]}]'])
-    # The layouts a layout model draws when given none: each class in each quadrant in turn.
-    drawn = [json.loads(layout)[0] for layout in grid_layouts(["a", "b"], 8)]
-    assert [d["label"] for d in drawn] == ["a", "b"] * 4 and len({tuple(d["box"]) for d in drawn}) == 4
+    # A held-out row may name a class no training row did: not strict, its box is left out (a class: the null one).
+    assert encoder.tokens([[small, {"label": "z", "box": [0, 0, 1, 1]}]], strict=False).tolist() == [tokens[0]]
+    classes = ClassEmbedder(num_classes=2, width=4, classes=["a", "b"])
+    assert classes.tokens(["b", None, "z"], strict=False).tolist() == [1, 2, 2] and classes.tokens([0]).tolist() == [0]
+    # Numeric labels (a dataset's category ids) are their text, as the class vocabulary lists them.
+    numeric = LayoutEncoder(num_classes=1, width=16, layers=1, heads=2, max_objects=1, grid=4, classes=["7"])
+    assert numeric.tokens([[{"label": 7, "box": [0.0, 0.0, 0.25, 0.25]}]]).tolist() == [[0, 1, 1]]
+    # The layouts a layout model draws when given none: the classes in turn, each in every quadrant within 4 passes.
+    drawn = [json.loads(layout)[0] for layout in grid_layouts(["a", "b", "c"], 12)]
+    assert [d["label"] for d in drawn] == ["a", "b", "c"] * 4
+    assert all(len({tuple(d["box"]) for d in drawn if d["label"] == name}) == 4 for name in "abc")
+    assert len({tuple(d["box"]) for d in drawn[:3]}) == 3  # consecutive classes in different quadrants
 
 
 def test_interval_covers_the_truth_95_percent_of_the_time_and_counts_agreeing_seeds_once():

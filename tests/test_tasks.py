@@ -157,7 +157,7 @@ def image_task_latents(ci_latents, tmp_path, task: str, latent_channels: int) ->
 
     build_first_stage(first_stage_preset("tiny-kl-f4", latent_channels=latent_channels), logvar_bias=-6.0).save_pretrained(tmp_path / "first_stage")
     common = ["experiment=ci", f"task={task}", f"storage.root={tmp_path}/store", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
-              f"data.prepared_url={ci_latents}/store/prepared"]
+              f"data.prepared_url={ci_latents}/store/prepared", f"data.raw_url={ci_latents}/store/raw"]
     encoded = stages.load("encode_latents").run(compose("stage=encode_latents", *common, f"stage.first_stage={tmp_path}/first_stage"))
     assert encoded["facts"]["concat"] == {"super_resolution": "low_res", "inpainting": "masked"}[task]
     assert (tmp_path / "store" / f"latents_{task}" / "_manifest.json").exists()  # apart from the other tasks' latents

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
+from ldm.data.images import square_crop
 from ldm.manifest import data_files, verify
 from ldm.storage import Storage
 
@@ -34,3 +36,14 @@ def held_out_rows(storage: Storage, latents_url: str, limit: int) -> tuple[dict[
                 if len(rows["key"]) >= limit:
                     return rows, split
     return rows, split
+
+
+def crops(images: list[bytes], side: int) -> np.ndarray:
+    """Encoded images as N x side x side x 3 uint8 center crops, as encode_latents crops them."""
+    return np.stack([square_crop(data, side) for data in images]) if images else np.zeros((0, side, side, 3), np.uint8)
+
+
+def held_out_crops(storage: Storage, latents_url: str, count: int, side: int) -> tuple[list[str], np.ndarray]:
+    """Keys and crops of the first ``count`` held-out rows."""
+    rows, _ = held_out_rows(storage, latents_url, count)
+    return rows["key"], crops(rows["image"], side)

@@ -30,9 +30,9 @@ def square_crop(data: bytes, resolution: int, rng: np.random.Generator | None = 
     return np.ascontiguousarray(pixels)
 
 
-def downsample(pixels: np.ndarray, side: int) -> np.ndarray:
-    """N x H x W x 3 uint8 images to N x side x side x 3, bicubic (antialiased, as PIL resizes): the
-    super-resolution task's low-resolution input, the paper's bicubic degradation."""
+def resize(pixels: np.ndarray, side: int) -> np.ndarray:
+    """N x H x W x 3 uint8 images to N x side x side x 3, bicubic (antialiased when shrinking, as PIL resizes):
+    the super-resolution task's low-resolution input (the paper's bicubic degradation), and its baseline."""
     return np.stack([np.asarray(Image.fromarray(p).resize((side, side), Image.Resampling.BICUBIC)) for p in pixels]) if len(pixels) else \
         np.zeros((0, side, side, 3), np.uint8)
 

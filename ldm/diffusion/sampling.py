@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from ldm.choices import SAMPLERS, WEIGHTS
 from ldm.manifest import verify
-from ldm.models.conditioners import ConditionedPipeline, LayoutEncoder, LearnedConditioner, describe_layout
+from ldm.data.layouts import describe_layout
+from ldm.models.conditioners import ConditionedPipeline, LayoutEncoder, LearnedConditioner
 from ldm.models.first_stage import FirstStage, load_first_stage
 from ldm.models.image_conditioned import InpaintingPipeline, image_tensor, unscaled_first_stage
 from ldm.models.text_to_image import load_models
@@ -113,6 +114,8 @@ def generate_images(
     text, class and layout pipelines only."""
     if conditions is not None and len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds")
+    if conditions is None and not isinstance(pipeline, LDMPipeline):
+        raise ValueError(f"a {type(pipeline).__name__} draws for given conditions (prompts, classes, layouts or images); got none")
     images = []
     for start in tqdm(range(0, len(seeds), batch_size), desc="sampling", unit="batch", disable=not progress):
         chunk = slice(start, start + batch_size)

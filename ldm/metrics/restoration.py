@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy import ndimage
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from ldm.data.images import resize
 
 # The ring round a hole whose mean colour the baseline fills it with, as a fraction of the image side.
 RING = 1 / 16
@@ -29,17 +30,13 @@ def _psnr_ssim(fake: np.ndarray, real: np.ndarray) -> tuple[float, float]:
     return float(psnr.mean()), float(ssim.mean())
 
 
-def bicubic(low: np.ndarray, side: int) -> np.ndarray:
-    return np.stack([np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC)) for image in low])
-
-
 def super_resolution_scores(originals: np.ndarray, generated: np.ndarray, low: np.ndarray) -> dict[str, float]:
     """``psnr`` / ``ssim`` of ``generated`` against ``originals``, and ``bicubic_psnr`` / ``bicubic_ssim`` of
     bicubic upsampling of ``low`` (the model's inputs)."""
     if not (len(originals) == len(generated) == len(low)) or not len(originals):
         raise ValueError(f"{len(originals)} originals, {len(generated)} generated and {len(low)} low-resolution images")
     psnr, ssim = _psnr_ssim(generated, originals)
-    base_psnr, base_ssim = _psnr_ssim(bicubic(low, originals.shape[1]), originals)
+    base_psnr, base_ssim = _psnr_ssim(resize(low, originals.shape[1]), originals)
     return {"psnr": psnr, "ssim": ssim, "bicubic_psnr": base_psnr, "bicubic_ssim": base_ssim, "factor": originals.shape[1] // low.shape[1],
             "images": len(originals)}
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ldm.models.conditioners import largest_first, parse_layout
+from ldm.data.layouts import largest_first, parse_layout
 from ldm.synthetic.classify import read
 from ldm.synthetic.scene import Scene, class_name
 

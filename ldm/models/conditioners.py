@@ -16,16 +16,16 @@ any diffusers pipeline directory. Loading one needs this package (its ``model_in
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 from typing import Any, Sequence
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import ImagePipelineOutput
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils.torch_utils import randn_tensor
+
+from ldm.data.layouts import largest_first, parse_layout
+from ldm.models.own_pipeline import LatentDiffusionPipeline
 
 
 class LearnedConditioner(ModelMixin, ConfigMixin):
@@ -33,14 +33,16 @@ class LearnedConditioner(ModelMixin, ConfigMixin):
     forward that returns a tuple, per-token features first, as a transformers encoder's, so that training
     calls every τθ alike."""
 
-    def index(self, names: Sequence[str]) -> list[int]:
+    def index(self, names: Sequence[str], strict: bool = True) -> list[int | None]:
+        """The classes' indices; an unknown class is an error, or (not ``strict``: held-out rows may name a
+        class no training row did) None."""
         known = {name: i for i, name in enumerate(self.config.classes)}
         unknown = sorted(set(names) - set(known))
-        if unknown:
+        if unknown and strict:
             raise ValueError(f"unknown class(es) {unknown}; the model knows {list(self.config.classes)}")
-        return [known[name] for name in names]
+        return [known.get(name) for name in names]
 
-    def tokens(self, conditions: Sequence[Any]) -> torch.Tensor:
+    def tokens(self, conditions: Sequence[Any], strict: bool = True) -> torch.Tensor:
         raise NotImplementedError
 
     def null_tokens(self, count: int) -> torch.Tensor:
@@ -55,12 +57,14 @@ class ClassEmbedder(LearnedConditioner):
         super().__init__()
         self.embedding = torch.nn.Embedding(num_classes + 1, width)
 
-    def tokens(self, conditions: Sequence[str | int | None]) -> torch.Tensor:
-        """Class names or indices; None (a row without a label) is the null class."""
+    def tokens(self, conditions: Sequence[str | int | None], strict: bool = True) -> torch.Tensor:
+        """Class names or indices; None (a row without a label), or an unknown class when not ``strict``, is the
+        null class."""
         names = [c for c in conditions if isinstance(c, str)]
-        known = dict(zip(names, self.index(names)))
-        return torch.tensor([self.config.num_classes if c is None else known[c] if isinstance(c, str) else int(c) for c in conditions],
-                            dtype=torch.long)
+        index = dict(zip(names, self.index(names, strict)))
+        null = self.config.num_classes
+        return torch.tensor([null if c is None else (null if index[c] is None else index[c]) if isinstance(c, str) else int(c)
+                             for c in conditions], dtype=torch.long)
 
     def null_tokens(self, count: int) -> torch.Tensor:
         return torch.full((count,), self.config.num_classes, dtype=torch.long)
@@ -88,14 +92,17 @@ class LayoutEncoder(LearnedConditioner):
     def pad(self) -> int:
         return self.config.num_classes + self.config.grid ** 2
 
-    def tokens(self, conditions: Sequence[str | list[dict[str, Any]]]) -> torch.Tensor:
-        return torch.tensor([self._layout_tokens(layout) for layout in conditions], dtype=torch.long)
+    def tokens(self, conditions: Sequence[str | list[dict[str, Any]] | None], strict: bool = True) -> torch.Tensor:
+        """Layouts; when not ``strict``, a box of an unknown class is left out."""
+        return torch.tensor([self._layout_tokens(layout, strict) for layout in conditions], dtype=torch.long)
 
     def null_tokens(self, count: int) -> torch.Tensor:
         return torch.full((count, 3 * self.config.max_objects), self.pad, dtype=torch.long)
 
-    def _layout_tokens(self, layout: str | list[dict[str, Any]]) -> list[int]:
-        boxes = largest_first(parse_layout(layout))[: self.config.max_objects]
+    def _layout_tokens(self, layout: str | list[dict[str, Any]] | None, strict: bool) -> list[int]:
+        boxes = parse_layout(layout)
+        labels = self.index([b["label"] for b in boxes], strict)
+        boxes = largest_first([b for b, label in zip(boxes, labels) if label is not None])[: self.config.max_objects]
         grid, classes = self.config.grid, self.config.num_classes
         cell = lambda v: min(grid - 1, max(0, v))  # noqa: E731
         ids = []
@@ -109,40 +116,7 @@ class LayoutEncoder(LearnedConditioner):
         return (self.norm(self.transformer(self.embedding(tokens) + self.position)),)
 
 
-def parse_layout(layout: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A layout's boxes, checked: each a class ``label`` and a ``box`` [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1.
-    A row without boxes (None) has the empty layout, which is the null condition."""
-    boxes = json.loads(layout) if isinstance(layout, str) else [] if layout is None else layout
-    for b in boxes if isinstance(boxes, list) else [None]:
-        box = b.get("box") if isinstance(b, dict) else None
-        if not (isinstance(box, (list, tuple)) and len(box) == 4 and "label" in b and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-            raise ValueError(f"layout {layout!r}: expected a list of {{\"label\": class, \"box\": [x0, y0, x1, y1]}} "
-                             "with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (fractions of the image)")
-    return boxes
-
-
-def largest_first(boxes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A layout's boxes by decreasing area."""
-    return sorted(boxes, key=lambda b: -(b["box"][2] - b["box"][0]) * (b["box"][3] - b["box"][1]))
-
-
-def describe_layout(layout: str | list[dict[str, Any]] | None) -> str:
-    """A layout for people: each box's class and corners, to two places."""
-    return "; ".join(f"{b['label']} [{' '.join(f'{v:.2f}' for v in b['box'])}]" for b in parse_layout(layout)) or "(empty layout)"
-
-
-def grid_layouts(classes: Sequence[str], count: int, side: float = 0.34) -> list[str]:
-    """``count`` one-box layouts that put each class in each quadrant in turn (a box of ``side`` centred in
-    it): what a layout model draws when it is given no layouts."""
-    layouts = []
-    for i in range(count):
-        cx, cy = (0.25, 0.75)[(i // len(classes)) % 2], (0.25, 0.75)[(i // len(classes) // 2) % 2]
-        box = [round(v, 4) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)]
-        layouts.append(json.dumps([{"label": classes[i % len(classes)], "box": box}]))
-    return layouts
-
-
-class ConditionedPipeline(DiffusionPipeline):
+class ConditionedPipeline(LatentDiffusionPipeline):
     """Images of given classes or layouts with classifier-free guidance against the null condition."""
 
     def __init__(self, vqvae, unet, conditioner: LearnedConditioner, scheduler):
@@ -155,21 +129,14 @@ class ConditionedPipeline(DiffusionPipeline):
                  output_type: str = "pil") -> ImagePipelineOutput:
         """``conditions``: one image each; class names (or indices) for a class embedder, layouts for a layout
         encoder."""
-        device = self._execution_device
-        tokens = self.conditioner.tokens(conditions).to(device)
+        tokens = self.conditioner.tokens(conditions).to(self._execution_device)
         context = self.conditioner(tokens)[0]
-        null = self.conditioner(self.conditioner.null_tokens(len(tokens)).to(device))[0]
-        size = self.unet.config.sample_size
-        latents = randn_tensor((len(tokens), self.unet.config.in_channels, size, size), generator=generator, device=device, dtype=context.dtype)
-        self.scheduler.set_timesteps(num_inference_steps)
-        extra = {"eta": eta} if "eta" in inspect.signature(self.scheduler.step).parameters else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
+        null = self.conditioner(self.conditioner.null_tokens(len(tokens)).to(tokens.device))[0]
+
+        def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if guidance_scale == 1.0:
-                prediction = self.unet(latents, t, encoder_hidden_states=context).sample
-            else:
-                unconditional, conditional = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([null, context])).sample.chunk(2)
-                prediction = unconditional + guidance_scale * (conditional - unconditional)
-            latents = self.scheduler.step(prediction, t, latents, **extra).prev_sample
-        image = (self.vqvae.decode(latents / self.vqvae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
-        image = image.cpu().permute(0, 2, 3, 1).numpy()
-        return ImagePipelineOutput(images=self.numpy_to_pil(image) if output_type == "pil" else image)
+                return self.unet(latents, t, encoder_hidden_states=context).sample
+            unconditional, conditional = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([null, context])).sample.chunk(2)
+            return unconditional + guidance_scale * (conditional - unconditional)
+
+        return self.denoise(len(tokens), predict, num_inference_steps, generator, eta, context.dtype, output_type)

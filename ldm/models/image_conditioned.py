@@ -16,18 +16,17 @@ low-resolution image and the pixel mask in its decode tasks), so training still 
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers import ImagePipelineOutput
 
-from ldm.data.images import downsample, normalise
+from ldm.data.images import resize, normalise
 from ldm.data.masks import random_mask
-from ldm.models.first_stage import FirstStage, encode
+from ldm.models.first_stage import FirstStage, encode, factor
+from ldm.models.own_pipeline import LatentDiffusionPipeline
 
 
 def image_conditions(concat: str, pixels: np.ndarray, keys: Sequence[str], latent_side: int) -> list[Any]:
@@ -35,7 +34,7 @@ def image_conditions(concat: str, pixels: np.ndarray, keys: Sequence[str], laten
     it for the training rows: the image downsampled to the latent's size (super-resolution), or the image and
     the random mask its key fixes (inpainting)."""
     if concat == "low_res":
-        return list(downsample(pixels, latent_side))
+        return list(resize(pixels, latent_side))
     return [(image, random_mask(image.shape[0], key)) for image, key in zip(pixels, keys)]
 
 
@@ -66,11 +65,14 @@ def inpainting_input(mask: torch.Tensor, masked: torch.Tensor, scale_factor: flo
 
 def unscaled_first_stage(first_stage: FirstStage, scale_factor: float) -> FirstStage:
     """A copy of the first stage that decodes scaled latents (z x scale_factor) directly, for pipelines that
-    do not divide by ``scaling_factor`` (``LDMSuperResolutionPipeline``): post_quant_conv's weights are divided
-    by the scale, and a VQ codebook multiplied by it (so that quantizing a scaled latent finds the same code)."""
+    do not divide by ``scaling_factor`` (``LDMSuperResolutionPipeline``): the weights of the first convolution
+    that reads the latent are divided by the scale, and a VQ codebook multiplied by it (so that quantizing a
+    scaled latent finds the same code)."""
     folded = copy.deepcopy(first_stage)
     with torch.no_grad():
-        folded.post_quant_conv.weight /= scale_factor
+        # The first layer that reads the latent: post_quant_conv, or the decoder's own input convolution without one.
+        first = getattr(folded, "post_quant_conv", None) or folded.decoder.conv_in
+        first.weight /= scale_factor
         quantize = getattr(folded, "quantize", None)
         if quantize is not None:
             quantize.embedding.weight *= scale_factor
@@ -78,7 +80,7 @@ def unscaled_first_stage(first_stage: FirstStage, scale_factor: float) -> FirstS
     return folded
 
 
-class InpaintingPipeline(DiffusionPipeline):
+class InpaintingPipeline(LatentDiffusionPipeline):
     """Fill the holes of images: z_t, the latent-size mask and the masked image's latent into the UNet."""
 
     def __init__(self, vqvae, unet, scheduler):
@@ -92,19 +94,14 @@ class InpaintingPipeline(DiffusionPipeline):
         """``image``: N x H x W x 3 uint8 (numpy), or N x 3 x H x W in [-1, 1] (torch); ``mask_image``: N x H x W,
         1 (or True) in the hole. The whole image is generated; outside the hole it follows the original."""
         device, dtype = self._execution_device, self.unet.dtype
-        images = (image_tensor(image) if isinstance(image, np.ndarray) else image).to(device, dtype)
-        mask = torch.as_tensor(np.asarray(mask_image) if not isinstance(mask_image, torch.Tensor) else mask_image).to(device, dtype)
+        images = (image_tensor(image) if isinstance(image, np.ndarray) else image).to(device, self.vqvae.dtype)
+        mask = torch.as_tensor(np.asarray(mask_image) if not isinstance(mask_image, torch.Tensor) else mask_image).to(device, self.vqvae.dtype)
         side = self.unet.config.sample_size
+        size = side * factor(self.vqvae)
+        if images.shape[-2:] != (size, size) or mask.shape != (len(images), size, size):
+            raise ValueError(f"InpaintingPipeline: images of {size} x {size} and masks of the same size, one each (the model's "
+                             f"resolution); got images {tuple(images.shape)} and masks {tuple(mask.shape)}")
         scale = self.vqvae.config.scaling_factor
-        condition = inpainting_input(latent_mask(mask, side), masked_latent(self.vqvae, images, mask), scale)
-        channels = self.unet.config.out_channels
-        latents = randn_tensor((len(images), channels, side, side), generator=generator, device=device, dtype=dtype)
-        self.scheduler.set_timesteps(num_inference_steps)
-        latents = latents * self.scheduler.init_noise_sigma
-        extra = {"eta": eta} if "eta" in inspect.signature(self.scheduler.step).parameters else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(torch.cat([latents, condition], dim=1), t)
-            latents = self.scheduler.step(self.unet(model_input, t).sample, t, latents, **extra).prev_sample
-        result = (self.vqvae.decode(latents / scale).sample / 2 + 0.5).clamp(0, 1)
-        result = result.cpu().permute(0, 2, 3, 1).numpy()
-        return ImagePipelineOutput(images=self.numpy_to_pil(result) if output_type == "pil" else result)
+        condition = inpainting_input(latent_mask(mask, side), masked_latent(self.vqvae, images, mask), scale).to(dtype)
+        return self.denoise(len(images), lambda latents, t: self.unet(torch.cat([latents, condition], dim=1), t).sample,
+                            num_inference_steps, generator, eta, dtype, output_type)

@@ -108,7 +108,7 @@ def set_attention(unet: torch.nn.Module, kind: str, device: torch.device) -> Non
 
 def save_models(directory: str, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
     """The UNet and τθ (a text encoder, or a class or layout conditioner); a checkpoint of training on precomputed τθ(y)
-    has no τθ to save, nor has the unconditional task."""
+    has no τθ to save, nor have the tasks without cross-attention (unconditional, super-resolution, inpainting)."""
     unet.save_pretrained(os.path.join(directory, UNET), safe_serialization=True)
     if text_encoder is not None:
         text_encoder.save_pretrained(os.path.join(directory, conditioner_folder(text_encoder)), safe_serialization=True)
@@ -126,7 +126,10 @@ def load_models(directory: str) -> tuple[torch.nn.Module, torch.nn.Module | None
     text, learned = os.path.join(directory, TEXT_ENCODER), os.path.join(directory, CONDITIONER)
     if os.path.isdir(learned):
         with open(os.path.join(learned, "config.json")) as f:
-            return unet, CONDITIONERS[json.load(f)["_class_name"]].from_pretrained(learned)
+            name = json.load(f).get("_class_name")
+        if name not in CONDITIONERS:
+            raise ValueError(f"{learned}: a conditioner of class {name!r}; this version knows {sorted(CONDITIONERS)}")
+        return unet, CONDITIONERS[name].from_pretrained(learned)
     return unet, load_text_encoder(text) if os.path.isdir(text) else None
 
 

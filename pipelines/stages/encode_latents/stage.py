@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from safetensors.numpy import save
 from tqdm import tqdm
 
-from ldm.latents import LOW_RES, MASK, MASKED_LATENT, TEXT_EMBEDDING, LatentStats, latent_columns
+from ldm.latents import CONCAT, TEXT_EMBEDDING, LatentStats, latent_columns
 from ldm.manifest import clear, data_row_groups, read_manifest, verify
 from ldm.markers import read_markers, write_marker
 from ldm.models.first_stage import factor, kind, load_first_stage
@@ -64,6 +64,12 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     inputs.found["first_stage"] = first_stage
     # The task's extra UNet input (super-resolution, inpainting) is encoded too, and makes other latents.
     concat = named_task(cfg.task.name).concat
+    if concat == "low_res" and first_stage["latent_channels"] != 3:
+        raise ValueError(
+            f"task={cfg.task.name}: stage.first_stage={cfg.stage.first_stage} has {first_stage['latent_channels']} latent channels; "
+            "LDMSuperResolutionPipeline draws as many as the low-resolution image has, 3 (as the paper's f=4 first stages). "
+            "Train one with stage=train_autoencoder task=super_resolution (task.latent_channels=3)"
+        )
     if concat:
         inputs.fingerprints.append(f"concat={concat}")
     inputs.found["concat"] = concat
@@ -250,9 +256,8 @@ def _check_resource_plan(cfg: DictConfig) -> None:
 def _schema(kind: str, text_encoder: dict[str, Any] | None, concat: str | None) -> dict[str, str]:
     schema = {"key": "string", "caption": "string", "input_ids": "fixed_size_list<int32>", "attention_mask": "fixed_size_list<int8>",
               "label": "string", "boxes": "string"}
-    tensors = [*latent_columns(kind), *([TEXT_EMBEDDING] if text_encoder else []), *([MASKED_LATENT] if concat == "masked" else [])]
-    images = {"low_res": [LOW_RES], "masked": [MASK]}.get(concat, [])
-    return {**schema, **{c: "fixed_shape_tensor<halffloat>" for c in tensors}, **{c: "fixed_shape_tensor<uint8>" for c in images}}
+    tensors = {c: "halffloat" for c in (*latent_columns(kind), *([TEXT_EMBEDDING] if text_encoder else []))} | CONCAT.get(concat, {})
+    return {**schema, **{c: f"fixed_shape_tensor<{dtype}>" for c, dtype in tensors.items()}}
 
 
 class _Encoding:

@@ -11,7 +11,6 @@ and reports what it wrote; the driver marks a source file done once every one of
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Iterator
 
@@ -20,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ldm.data.images import downsample, square_crop
+from ldm.data.images import resize, square_crop
+from ldm.data.layouts import parse_layout
 from ldm.data.masks import random_mask
 from ldm.latents import CONCAT_COLUMNS, LOW_RES, MASK, TEXT_EMBEDDING, LatentStats, column_array, tensor_column
 from ldm.storage import Storage
@@ -78,7 +78,7 @@ def crops(batch: pa.Table, *, resolution: int, concat: str | None = None, latent
     array = np.stack(pixels) if pixels else np.zeros((0, resolution, resolution, 3), np.uint8)
     batch = batch.drop_columns(["image"]).append_column("pixels", tensor_column(array)).append_column("reason", pa.array(reasons, pa.string()))
     if concat == "low_res":
-        batch = batch.append_column(LOW_RES, tensor_column(downsample(array, latent_side)))
+        batch = batch.append_column(LOW_RES, tensor_column(resize(array, latent_side)))
     elif concat == "masked":
         masks = [random_mask(resolution, key) for key in batch["key"].to_pylist()]
         batch = batch.append_column(MASK, tensor_column(np.stack(masks) if masks else np.zeros((0, resolution, resolution), np.uint8)))
@@ -105,7 +105,7 @@ def write(batch: pa.Table, *, storage: Storage, out: str, compression: str, row_
                 pq.write_table(table, f, compression=compression, row_group_size=row_group_rows)
             size = int(fs.size(f"{root}/{name}"))
             stats = LatentStats.of({c: column_array(table[c]) for c in table.column_names if c.startswith("latent")})
-            classes, laid_out = classes_of(table), len(table) - table["boxes"].null_count
+            classes, laid_out = classes_of(table, source)
         reports.append(
             {
                 "source": source,
@@ -124,14 +124,20 @@ def write(batch: pa.Table, *, storage: Storage, out: str, compression: str, row_
     return pa.Table.from_pylist(reports, schema=REPORT_SCHEMA)
 
 
-def classes_of(table: pa.Table) -> list[str]:
-    """The distinct classes a part's rows name, as labels or in their boxes: a class vocabulary is their union
-    over the data, so no class seen in training lacks an index (bounded by the number of classes, not rows)."""
+def classes_of(table: pa.Table, source: str) -> tuple[list[str], int]:
+    """The distinct classes a part's rows name, as labels or in their boxes (a class vocabulary is their union
+    over the data, so no class seen in training lacks an index; bounded by the number of classes, not rows), and
+    how many rows have a layout of at least one box. Every layout is checked here, where it is read."""
     names = {label for label in pc.unique(table["label"]).to_pylist() if label is not None}
-    for boxes in pc.unique(table["boxes"]).to_pylist():
-        if boxes is not None:
-            names.update(str(box["label"]) for box in json.loads(boxes))
-    return sorted(names)
+    laid_out = 0
+    for boxes in table["boxes"].to_pylist():
+        try:
+            layout = parse_layout(boxes)
+        except ValueError as e:
+            raise ValueError(f"{source}: the boxes column (data.input.boxes_col): {e}") from None
+        names.update(box["label"] for box in layout)
+        laid_out += bool(layout)
+    return sorted(names), laid_out
 
 
 REPORT_SCHEMA = pa.schema(
@@ -146,6 +152,6 @@ REPORT_SCHEMA = pa.schema(
         ("sum_sq", pa.list_(pa.float64())),
         ("sum_var", pa.list_(pa.float64())),
         ("classes", pa.list_(pa.string())),
-        ("laid_out", pa.int64()),  # rows with a layout (boxes)
+        ("laid_out", pa.int64()),  # rows with a layout of at least one box
     ]
 )

@@ -25,8 +25,9 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoImageProcessor, AutoModel
 
-from ldm.data.held_out import held_out_rows
-from ldm.data.images import encode_png, normalise, square_crop
+from ldm.data.held_out import crops, held_out_rows
+from ldm.data.layouts import parse_layout
+from ldm.data.images import encode_png, normalise
 from ldm.diffusion.sampling import condition_captions, generate_images
 from ldm.grids import captioned_grid
 from ldm.manifest import read_manifest
@@ -35,7 +36,7 @@ from ldm.metrics.distribution import frechet_distance, image_features, kernel_di
 from ldm.metrics.reconstruction import evaluate_reconstruction
 from ldm.metrics.restoration import inpainting_scores, super_resolution_scores
 from ldm.metrics.scenes import class_accuracy, layout_accuracy, scene_distribution
-from ldm.models.conditioners import parse_layout
+from ldm.models.first_stage import load_first_stage
 from ldm.models.image_conditioned import image_conditions
 from ldm.storage import Storage, pretrained_directory, resolve
 from ldm.synthetic.scene import parse_caption
@@ -65,17 +66,22 @@ def _evaluate(job: Job) -> Output:
     # metrics use: their images, captions, classes and layouts.
     wanted = max(settings.reconstruction.images if settings.reconstruction.enabled else 0,
                  settings.fid.images if settings.fid.feature_extractor else 0,
-                 settings.scenes.images if settings.scenes.enabled and condition is None else 0,
+                 settings.scenes.images if settings.scenes.enabled and condition is None and task.concat is None else 0,
                  settings.layouts.images if settings.layouts.enabled and condition == "boxes" else 0,
                  settings.restoration.images if settings.restoration.enabled and task.concat else 0)
     held_out, split = held_out_rows(storage, trained["inputs"]["latents"], wanted)
+    if condition in ("label", "boxes"):  # only what the model can draw: held-out rows may name a class no training row did
+        known = set(trained["facts"]["classes"])
+        names = lambda i: {held_out["label"][i]} if condition == "label" else {b["label"] for b in parse_layout(held_out["boxes"][i])}  # noqa: E731
+        drawable = [i for i in range(len(held_out["key"])) if names(i) <= known]
+        held_out = {column: [values[i] for i in drawable] for column, values in held_out.items()}
     metrics: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     fs, root = storage.fsspec(out)
     fs.makedirs(root, exist_ok=True)
 
     def originals(count: int) -> np.ndarray:
-        return np.stack([square_crop(data, resolution) for data in held_out["image"][:count]])
+        return crops(held_out["image"][:count], resolution)
 
     def drawn_for(count: int) -> list[Any] | None:
         """What the first ``count`` held-out rows' images are drawn for: their caption, class or layout, their
@@ -93,15 +99,18 @@ def _evaluate(job: Job) -> Output:
     if settings.reconstruction.enabled:
         images = held_out["image"][: settings.reconstruction.images]
         if images:
-            pixels = np.stack([square_crop(data, resolution) for data in images])
+            pixels = crops(images, resolution)
             batches = (torch.from_numpy(normalise(pixels[i : i + 32])).to(pipeline.device) for i in range(0, len(pixels), 32))
-            metrics["reconstruction"] = evaluate_reconstruction(pipeline.vqvae, batches, settings.reconstruction.scene_fidelity).as_dict()
+            # The first stage as the latents were made with it (a super-resolution pipeline's has the scale folded in).
+            first = trained["facts"]["first_stage"]
+            first_stage = load_first_stage(first["location"], storage, first.get("subfolder")).to(pipeline.device)
+            metrics["reconstruction"] = evaluate_reconstruction(first_stage, batches, settings.reconstruction.scene_fidelity).as_dict()
         else:
             skipped["reconstruction"] = f"no prepared row is held out ({split}): raise stage.held_out.fraction of prepare"
 
     synthesized = read_manifest(storage, resolve(settings.adherence.synthesized_url)) if settings.adherence.synthesized_url else None
     synthetic = synthesized is not None and synthesized.get("stage") == "synthesize"
-    if condition is None and settings.scenes.enabled:
+    if condition is None and task.concat is None and settings.scenes.enabled:
         real = [scene for scene in map(parse_caption, held_out["caption"]) if scene is not None]
         if not synthetic or not real:
             skipped["scenes"] = ("scene distribution is measured on synthetic data only (stage.adherence.synthesized_url names "

@@ -26,7 +26,8 @@ from diffusers import LDMSuperResolutionPipeline, LDMTextToImagePipeline
 from omegaconf import DictConfig
 
 from ldm.diffusion.sampling import pipeline_size
-from ldm.models.conditioners import ConditionedPipeline, LayoutEncoder, grid_layouts
+from ldm.data.layouts import grid_layouts
+from ldm.models.conditioners import ConditionedPipeline, LayoutEncoder
 from ldm.models.image_conditioned import InpaintingPipeline
 from ldm.storage import Storage
 from pipelines.model_stage import load_model, model_inputs

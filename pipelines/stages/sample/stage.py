@@ -19,10 +19,11 @@ import mlflow
 import numpy as np
 from omegaconf import DictConfig
 
-from ldm.data.held_out import held_out_rows
-from ldm.data.images import encode_png, square_crop
+from ldm.data.held_out import crops, held_out_crops
+from ldm.data.layouts import grid_layouts, parse_layout
+from ldm.data.images import encode_png
 from ldm.diffusion.sampling import condition_captions, generate_images
-from ldm.models.conditioners import grid_layouts, parse_layout
+
 from ldm.models.image_conditioned import image_conditions
 from ldm.grids import captioned_grid
 from ldm.storage import Storage, resolve
@@ -51,12 +52,16 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
         prompts = read_classes(plain(cfg.stage.classes), facts["classes"])
     elif task.condition == "boxes":
         prompts = read_layouts(plain(cfg.stage.layouts), facts["classes"], cfg.stage.num_images)
-    elif task.concat:
-        labels, pixels = read_images(storage, plain(cfg.stage.images), model["inputs"]["latents"], cfg.stage.num_images,
-                                     facts["latent_shape"][1] if task.concat == "low_res" else facts["resolution"])
-        # User images are the low-resolution input as they are; held-out ones are downsampled as training's were.
-        prompts = (list(pixels) if cfg.stage.images and task.concat == "low_res" else
-                   image_conditions(task.concat, pixels, labels, facts["latent_shape"][1]))
+    elif task.concat and cfg.stage.images:  # a user's low-resolution images as they are, or images to fill
+        side = facts["latent_shape"][1] if task.concat == "low_res" else facts["resolution"]
+        labels, pixels = read_images(storage, plain(cfg.stage.images), side)
+        prompts = list(pixels) if task.concat == "low_res" else image_conditions(task.concat, pixels, labels, side)
+    elif task.concat:  # held-out images, downsampled or masked as training's were
+        labels, pixels = held_out_crops(storage, model["inputs"]["latents"], cfg.stage.num_images, facts["resolution"])
+        if not labels:
+            raise ValueError(f"the model's data ({model['inputs']['latents']}) has no held-out rows to sample from: "
+                             "give stage.images=[<image files>]")
+        prompts = image_conditions(task.concat, pixels, labels, facts["latent_shape"][1])
     else:
         prompts = None
     inputs.found.update(prompts=prompts, labels=labels)
@@ -97,24 +102,16 @@ def _sample(job: Job) -> Output:
     )
 
 
-def read_images(storage: Storage, images: list[str], latents_url: str, count: int, side: int) -> tuple[list[str], np.ndarray]:
-    """Names and ``side`` x ``side`` crops of ``images`` (files, local or s3://), or else of the first ``count``
-    held-out rows of the model's data (by key)."""
-    if images:
-        data = []
-        for url in images:
-            fs, path = storage.fsspec(resolve(url))
-            if not fs.exists(path):
-                raise FileNotFoundError(f"stage.images: no such file {url}")
-            data.append(fs.cat_file(path))
-        names = [str(url) for url in images]
-    else:
-        rows, _ = held_out_rows(storage, latents_url, count)
-        if not rows["key"]:
-            raise ValueError(f"the model's data ({latents_url}) has no held-out rows to sample from: give stage.images=[<image files>]")
-        names, data = rows["key"], rows["image"]
+def read_images(storage: Storage, images: list[str], side: int) -> tuple[list[str], np.ndarray]:
+    """``images`` (files, local or s3://) and their ``side`` x ``side`` center crops."""
+    data = []
+    for url in images:
+        fs, path = storage.fsspec(resolve(url))
+        if not fs.exists(path):
+            raise FileNotFoundError(f"stage.images: no such file {url}")
+        data.append(fs.cat_file(path))
     try:
-        return names, np.stack([square_crop(d, side) for d in data])
+        return [str(url) for url in images], crops(data, side)
     except Exception as e:  # PIL raises many kinds on bad bytes
         raise ValueError(f"stage.images: an image does not decode ({e})") from None
 

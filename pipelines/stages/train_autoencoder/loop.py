@@ -72,7 +72,7 @@ def train_loop(config: LoopConfig) -> None:
         model = load_first_stage(config.pretrained, config.storage)
     else:
         channels = {"latent_channels": settings.model.latent_channels} if settings.model.latent_channels else {}
-        model = build_first_stage(first_stage_preset(settings.model.preset, **channels, **settings.model.overrides), settings.model.logvar_bias)
+        model = build_first_stage(first_stage_preset(settings.model.preset, **{**channels, **settings.model.overrides}), settings.model.logvar_bias)
     perceptual = load_lpips(settings.lpips_weights, config.storage)
     loss = FirstStageLoss(kind(model), LossWeights(**asdict(settings.loss)), perceptual, settings.disc_layers).to(device)
     torch.manual_seed(settings.seed + rank)  # then each rank draws its own posterior noise

@@ -37,7 +37,8 @@ from ldm.flops import peak_flops, performance, step_flops as count_step_flops
 from ldm.grids import captioned_grid
 from ldm.latents import LOW_RES, MASK, MASKED_LATENT, TEXT_EMBEDDING
 from ldm.lr_schedule import learning_rate, set_learning_rate
-from ldm.models.conditioners import ClassEmbedder, LayoutEncoder, grid_layouts
+from ldm.data.layouts import grid_layouts
+from ldm.models.conditioners import ClassEmbedder, LayoutEncoder
 from ldm.models.first_stage import load_first_stage
 from ldm.models.image_conditioned import image_conditions, image_tensor, inpainting_input
 from ldm.models.presets import text_to_image_preset
@@ -138,11 +139,12 @@ def train_loop(config: LoopConfig) -> None:
     elif text_encoder is not None:
         empty = text_encoder.null_tokens(1)[0].to(device)
 
-    def conditions(batch: dict[str, Any]) -> torch.Tensor | None:
-        """What the batch's rows are conditioned on, as τθ takes it: tokens or τθ(y), class or layout tokens, or nothing."""
+    def conditions(batch: dict[str, Any], strict: bool = True) -> torch.Tensor | None:
+        """What the batch's rows are conditioned on, as τθ takes it: tokens or τθ(y), class or layout tokens, or
+        nothing. Not ``strict`` (held-out rows): a class no training row named is the null condition."""
         if captioned:
             return batch[caption_column].to(device)
-        return text_encoder.tokens(batch[config.task.condition]).to(device) if text_encoder is not None else None
+        return text_encoder.tokens(batch[config.task.condition], strict).to(device) if text_encoder is not None else None
 
     def concat_input(batch: dict[str, Any]) -> torch.Tensor | None:
         """What the task concatenates to z_t: the low-resolution image in [-1, 1], or the mask and the masked
@@ -414,7 +416,8 @@ class HeldOutLoss:
         for batch in self.batches:
             moments = {k: v.to(self.device) for k, v in batch.items() if k.startswith("latent")}
             with self.autocast:
-                loss = self.module(sample_latents(moments, self.scale_factor, generator), self.conditions(batch), generator, self.concat_input(batch))
+                loss = self.module(sample_latents(moments, self.scale_factor, generator), self.conditions(batch, strict=False), generator,
+                                   self.concat_input(batch))
             total += float(loss) * len(batch["key"])
             count += len(batch["key"])
         for part, mode in modes:

@@ -1,7 +1,8 @@
 """stage=train_ldm: the latent diffusion model of the chosen task (``task=``: text-to-image, unconditional,
-class-conditional, layout-to-image) on the precomputed latents, with Ray Train.
+class-conditional, layout-to-image, super-resolution, inpainting) on the precomputed latents, with Ray Train.
 
-Each worker reads its run of every epoch's order of the latent shards (moments, tokens) with Ray Data
+Each worker reads its run of every epoch's order of the latent shards (moments, and what the task conditions
+on or concatenates: tokens or τθ(y), labels, boxes, low-resolution images, masks and masked latents) with Ray Data
 (``EpochData``; the order is a function of the seed and the epoch), so a checkpoint holds the exact data
 position; training never touches pixels. Checkpoints go to
 ``stage.checkpoints_url`` under a run name made from the training settings, so the same command after a kill
@@ -20,15 +21,13 @@ from functools import partial
 from typing import Any
 
 import mlflow
-import numpy as np
 import ray
 import ray.train
 from omegaconf import DictConfig, OmegaConf
 from pyarrow.fs import FileType
 from safetensors.numpy import load
 
-from ldm.data.held_out import held_out_rows
-from ldm.data.images import square_crop
+from ldm.data.held_out import held_out_crops
 from ldm.manifest import data_files, data_row_groups
 from ldm.models.presets import describe, text_to_image_preset
 from ldm.latents import CONCAT, TEXT_EMBEDDING
@@ -37,11 +36,12 @@ from ldm.storage import Storage, model_location, resolve, weights_digest
 from ldm.tasks import task as named_task
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer
 from pipelines import training
-from pipelines.stage import Inputs, Job, Output, Stage
+from pipelines.stage import Inputs, Job, Output, Stage, task_identity
 from pipelines.stages.train_ldm import loop
 from pipelines.train_worker import EpochData
 
-STAGE = Stage("train_ldm", version=2, output_url=lambda cfg: cfg.stage.output_url, uses_task=True, detail="{steps} steps")  # 2: tiny's τθ is a BertModel
+# 2: tiny's τθ is a BertModel. 3: a class (or layout) τθ is saved in conditioner/.
+STAGE = Stage("train_ldm", version=3, output_url=lambda cfg: cfg.stage.output_url, uses_task=True, detail="{steps} steps")
 SCHEDULER_DIR, TOKENIZER_DIR = "scheduler", "tokenizer"
 
 
@@ -70,12 +70,6 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
             f"the task concatenates {task.concat} to z_t: run stage=encode_latents task={task.name} (its output_url is "
             f"latents{cfg.task.latents_suffix} by default)"
         )
-    if task.concat == "low_res" and latent_facts["latent_shape"][0] != 3:
-        raise ValueError(
-            f"task={task.name}: the first stage of stage.latents_url={inputs.record['latents']} has {latent_facts['latent_shape'][0]} latent "
-            "channels; LDMSuperResolutionPipeline draws as many as the low-resolution image has, 3 (as the paper's f=4 first stages). "
-            "Train one with stage=train_autoencoder task=super_resolution (task.latent_channels=3)"
-        )
     if task.condition == "boxes" and not latent_facts.get("rows_with_boxes"):
         raise ValueError(
             f"task={task.name}: stage.latents_url={inputs.record['latents']} has no layouts. Name the data's boxes column "
@@ -83,14 +77,6 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
         )
     inputs.found.update(resume_from=resume_from, spec=spec, task=task, embedded=task.condition == "caption" and _embedded(inputs, model, storage))
     return inputs
-
-
-def _validation_images(storage: Storage, latents_url: str, count: int, resolution: int) -> tuple[list[str], np.ndarray]:
-    """Keys and crops of the first ``count`` held-out rows: what the validation grid of a task that concatenates
-    an image to z_t makes its inputs from (read here once, a few images, not by the workers)."""
-    rows, _ = held_out_rows(storage, latents_url, count)
-    pixels = [square_crop(data, resolution) for data in rows["image"]]
-    return rows["key"], np.stack(pixels) if pixels else np.zeros((0, resolution, resolution, 3), np.uint8)
 
 
 def _embedded(inputs: Inputs, model: DictConfig, storage: Storage) -> bool:
@@ -118,7 +104,7 @@ def _train(job: Job) -> Output:
     source, latents, resume_from = job.inputs.record["latents"], job.inputs.found["latents"], job.inputs.found["resume_from"]
     facts, spec, task = latents["facts"], job.inputs.found["spec"], job.inputs.found["task"]
     # The resolved architecture too: a preset whose definition changed must not resume an older checkpoint.
-    identity = training.training_identity(cfg, [*job.inputs.fingerprints, json.dumps(describe(spec), sort_keys=True), f"task={task.name}"])
+    identity = training.training_identity(cfg, [*job.inputs.fingerprints, json.dumps(describe(spec), sort_keys=True), f"task={task_identity(cfg)}"])
     run_name = f"{STAGE.name}-{identity[:16]}" + (time.strftime("-%Y%m%d-%H%M%S") if settings.resume == "never" else "")
     files, row_groups = data_row_groups(latents, source)
     embedded = job.inputs.found["embedded"]
@@ -136,7 +122,8 @@ def _train(job: Job) -> Output:
         max_length=facts["tokenizer"]["max_length"] if captioned else None,
         classes=classes,
         layout={"max_objects": cfg.task.max_objects, "grid": cfg.task.grid} if task.condition == "boxes" else None,
-        validation_images=_validation_images(storage, source, settings.validation.images, facts["resolution"]) if task.concat else None,
+        # Read here once (a few images), not by the workers: the validation grid's inputs for a task that concatenates an image.
+        validation_images=held_out_crops(storage, source, settings.validation.images, facts["resolution"]) if task.concat else None,
         latent_shape=facts["latent_shape"],
         scale_factor=facts["scale_factor"],
         first_stage=facts["first_stage"],
