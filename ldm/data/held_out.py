@@ -1,6 +1,7 @@
-"""Prepare's held-out rows (never trained on, by the first stage or the diffusion model), found from a latents
-output through its manifest chain: what evaluation measures on, and what the image-conditioned tasks sample
-from (the low-resolution or masked versions of these images)."""
+"""The rows evaluation reads, found from a latents output through its manifest chain: prepare's held-out rows
+(never trained on, by the first stage or the diffusion model), which metrics measure on and the
+image-conditioned tasks sample from (their low-resolution or masked versions); and the training rows'
+captions, whose scenes are the training data's distribution."""
 
 from __future__ import annotations
 
@@ -47,3 +48,18 @@ def held_out_crops(storage: Storage, latents_url: str, count: int, side: int) ->
     """Keys and crops of the first ``count`` held-out rows."""
     rows, _ = held_out_rows(storage, latents_url, count)
     return rows["key"], crops(rows["image"], side)
+
+
+def training_captions(storage: Storage, latents_url: str, limit: int) -> list[str]:
+    """The captions of the first ``limit`` training rows of a latents output (the caption column alone, a
+    batch at a time)."""
+    latents = verify(storage, latents_url, stage="encode_latents")
+    captions: list[str] = []
+    for shard in data_files(latents, latents_url):
+        fs, path = storage.pyarrow(shard)
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=["caption"]):
+                captions += batch["caption"].to_pylist()[: limit - len(captions)]
+                if len(captions) >= limit:
+                    return captions
+    return captions

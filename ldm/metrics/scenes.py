@@ -1,11 +1,11 @@
 """What generated synthetic scenes show, read back by the synthesizer's classifier: how close an
-unconditional model's scenes are to its training data's, and whether a class-conditional model draws the
-class it was given.
+unconditional model's scenes are to its training data's, whether a class-conditional model draws the class it
+was given, and whether a layout model draws its object in the layout's box.
 
 Each generated image is read back by the synthesizer's classifier (``ldm.synthetic.classify``); the
 distribution of each scene attribute (object colour, shape, position, background) is compared with the
-training data's, read from captions of held-out rows (a hash-chosen, so unbiased, sample of the same data), by
-total variation: half the L1 distance between the two distributions, 0 when equal, 1 when disjoint. Per
+training data's, read from the training rows' captions (as many as images are generated: fewer would add their
+own sampling noise to the distance), by total variation: half the L1 distance between the two distributions, 0 when equal, 1 when disjoint. Per
 attribute rather than over whole scenes, whose 600-odd combinations a few hundred images cannot estimate.
 An image is clean when the classifier finds exactly one object in it. A class ("red circle") is drawn when
 the largest object has its colour and its shape; chance is one over the number of classes. A layout is

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoImageProcessor, AutoModel
 
-from ldm.data.held_out import crops, held_out_rows
+from ldm.data.held_out import crops, held_out_rows, training_captions
 from ldm.data.layouts import parse_layout
 from ldm.data.images import encode_png, normalise
 from ldm.diffusion.sampling import condition_captions, generate_images
@@ -66,7 +66,6 @@ def _evaluate(job: Job) -> Output:
     # metrics use: their images, captions, classes and layouts.
     wanted = max(settings.reconstruction.images if settings.reconstruction.enabled else 0,
                  settings.fid.images if settings.fid.feature_extractor else 0,
-                 settings.scenes.images if settings.scenes.enabled and condition is None and task.concat is None else 0,
                  settings.layouts.images if settings.layouts.enabled and condition == "boxes" else 0,
                  settings.restoration.images if settings.restoration.enabled and task.concat else 0)
     held_out, split = held_out_rows(storage, trained["inputs"]["latents"], wanted)
@@ -111,10 +110,12 @@ def _evaluate(job: Job) -> Output:
     synthesized = read_manifest(storage, resolve(settings.adherence.synthesized_url)) if settings.adherence.synthesized_url else None
     synthetic = synthesized is not None and synthesized.get("stage") == "synthesize"
     if condition is None and task.concat is None and settings.scenes.enabled:
-        real = [scene for scene in map(parse_caption, held_out["caption"]) if scene is not None]
-        if not synthetic or not real:
+        # The training data's scenes, as many as are generated: fewer would add their own sampling noise to the distance.
+        captions = training_captions(storage, trained["inputs"]["latents"], settings.scenes.images) if synthetic else []
+        real = [scene for scene in map(parse_caption, captions) if scene is not None]
+        if not real:
             skipped["scenes"] = ("scene distribution is measured on synthetic data only (stage.adherence.synthesized_url names "
-                                 "its synthesize output), against captions of held-out rows")
+                                 "its synthesize output), against the training rows' captions")
         else:
             generated = generate(None, [settings.seed + i for i in range(settings.scenes.images)])
             metrics["scenes"] = scene_distribution(real, generated)
