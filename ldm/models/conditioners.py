@@ -101,12 +101,11 @@ class LayoutEncoder(LearnedConditioner):
 
     def _layout_tokens(self, layout: str | list[dict[str, Any]] | None, strict: bool) -> list[int]:
         boxes = parse_layout(layout)
-        labels = self.index([b["label"] for b in boxes], strict)
-        boxes = largest_first([b for b, label in zip(boxes, labels) if label is not None])[: self.config.max_objects]
+        indexed = [{**b, "index": i} for b, i in zip(boxes, self.index([b["label"] for b in boxes], strict)) if i is not None]
         grid, classes = self.config.grid, self.config.num_classes
         cell = lambda v: min(grid - 1, max(0, v))  # noqa: E731
         ids = []
-        for label, (x0, y0, x1, y1) in zip(self.index([b["label"] for b in boxes]), (b["box"] for b in boxes)):
+        for label, (x0, y0, x1, y1) in ((b["index"], b["box"]) for b in largest_first(indexed)[: self.config.max_objects]):
             top_left = cell(math.floor(y0 * grid)) * grid + cell(math.floor(x0 * grid))
             bottom_right = cell(math.ceil(y1 * grid) - 1) * grid + cell(math.ceil(x1 * grid) - 1)
             ids += [label, classes + top_left, classes + bottom_right]
