@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 from diffusers import ImagePipelineOutput
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from diffusers.models.modeling_utils import ModelMixin
 
 from ldm.data.layouts import largest_first, parse_layout
@@ -83,6 +84,12 @@ class LayoutEncoder(LearnedConditioner):
     def __init__(self, num_classes: int, width: int, layers: int, heads: int, max_objects: int, grid: int, classes: Sequence[str] = ()):
         super().__init__()
         self.embedding = torch.nn.Embedding(num_classes + grid * grid + 1, width)
+        # The cells start from 2-D sinusoids of their row and column, not from noise: neighbouring cells start
+        # alike and the corner's side of the image is readable from the first step. From noise, each of the
+        # grid² cells had to be learned from the few boxes that start in it: after 450 steps on the synthetic
+        # corpus the model still put the object in a random quadrant.
+        with torch.no_grad():
+            self.embedding.weight[num_classes : num_classes + grid * grid] = get_2d_sincos_pos_embed(width, grid, base_size=grid)
         self.position = torch.nn.Parameter(torch.randn(1, 3 * max_objects, width) * 0.02)
         layer = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
         self.transformer = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
