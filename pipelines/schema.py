@@ -315,6 +315,7 @@ class TrainAutoencoder:
     batch_size: int
     seed: int
     random_flip: bool
+    crop: Optional[int]
     shuffle_buffer: int
     validation_images: int
     scene_fidelity: bool
@@ -475,6 +476,7 @@ class Sample(Generation):
     classes: List[str]  # what a class-conditional model draws (empty: every class it knows)
     layouts: List[Any]  # what a layout-to-image model draws: lists of boxes, or their JSON text (empty: num_images of its own)
     images: List[str]  # image files to upsample or fill (super_resolution, inpainting; empty: held-out images)
+    masks: List[str]  # inpainting: a mask file per image in `images`, light in the hole (empty: random holes)
     grid_columns: int
 
 

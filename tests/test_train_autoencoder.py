@@ -4,15 +4,18 @@ metrics and reconstruction grids, a longer re-run resumes from the checkpoint, t
 VQ path works too."""
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from conftest import history, image_steps, write_lpips_weights
 
+from ldm.data.images import encode_png, normalise
 from ldm.manifest import verify
 from ldm.models.first_stage import load_first_stage
 from ldm.storage import Storage
 from pipelines import stages
 from pipelines.config import compose
+from pipelines.stages.train_autoencoder import tasks
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -85,12 +88,27 @@ def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_one_that_never_stopped
 def test_the_vq_first_stage_trains_end_to_end_with_the_perceptual_term(prepared):
     root, common = prepared
     lpips = ",".join(f"'{path}'" for path in write_lpips_weights(root / "lpips"))
-    manifest = stages.load("train_autoencoder").run(compose(
-        *TRAIN, *common, "stage.model.preset=tiny-vq-f4", "stage.steps=8", "stage.scaling.num_workers=1",
-        f"stage.output_url={root}/store/vq", "stage.loss.disc_start=4", f"stage.lpips_weights=[{lpips}]",
-    ))
+    vq = [*TRAIN, *common, "stage.model.preset=tiny-vq-f4", "stage.steps=8", "stage.scaling.num_workers=1", f"stage.output_url={root}/store/vq"]
+    with pytest.raises(ValueError, match=r"stage.crop=96: expected null or a side in \(0, data.resolution=64\]"):
+        stages.load("train_autoencoder").run(compose(*vq, "stage.crop=96"))
+    # On 32 px patches of the 64 px images; validated on whole images.
+    manifest = stages.load("train_autoencoder").run(compose(*vq, "stage.loss.disc_start=4", f"stage.lpips_weights=[{lpips}]", "stage.crop=32"))
     assert manifest["facts"]["kind"] == "vq"
     metrics = manifest["facts"]["final_metrics"]
     assert 0 < metrics["val/codebook_usage"] <= 1 and metrics["train/d_weight"] >= 0 and "train/disc_loss" in metrics
-    assert metrics["train/p_loss"] > 0
+    assert metrics["train/p_loss"] > 0 and metrics["val/psnr"] > 0
     assert load_first_stage(f"{root}/store/vq/model").config.num_vq_embeddings == 256
+
+
+def test_training_patches_are_windows_of_the_image_drawn_from_the_seed_and_the_key():
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    batch = {"key": np.array(["a", "b"]), "image": np.array([encode_png(image)] * 2, dtype=object)}
+    patches = tasks.pixels(batch, resolution=64, seed=(0, 1), flip=False, side=32)["pixels"]
+    assert patches.shape == (2, 3, 32, 32)
+    assert np.array_equal(patches, tasks.pixels(batch, resolution=64, seed=(0, 1), flip=False, side=32)["pixels"])
+    whole = normalise(image)
+    offsets = [[(top, left) for top in range(33) for left in range(33) if np.array_equal(whole[:, top:top + 32, left:left + 32], p)]
+               for p in patches]
+    assert all(len(found) == 1 for found in offsets) and offsets[0] != offsets[1]  # each key its own window
+    assert tasks.pixels(batch, resolution=64, seed=None, flip=False)["pixels"].shape == (2, 3, 64, 64)  # validation: whole
+

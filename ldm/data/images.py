@@ -9,9 +9,14 @@ import numpy as np
 from PIL import Image
 
 
-def square_crop(data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False) -> np.ndarray:
-    """A ``resolution`` x ``resolution`` crop of the image as uint8 HWC RGB: the shorter side resized to
-    ``resolution``, then a random crop (with ``rng``) or the center crop, mirrored half the time if ``flip``."""
+def square_crop(data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False,
+                side: int | None = None) -> np.ndarray:
+    """A ``side`` x ``side`` crop (default: ``resolution``) of the image as uint8 HWC RGB: the shorter side
+    resized to ``resolution``, then a random crop (with ``rng``) or the center crop, mirrored half the time if
+    ``flip``."""
+    side = side or resolution
+    if side > resolution:
+        raise ValueError(f"a crop of {side} px is larger than the {resolution} px the image is resized to")
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert("RGB")
         scale = resolution / min(image.size)
@@ -21,10 +26,10 @@ def square_crop(data: bytes, resolution: int, rng: np.random.Generator | None = 
         pixels = np.asarray(image)
     height, width = pixels.shape[:2]
     if rng is None:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
+        top, left = (height - side) // 2, (width - side) // 2
     else:
-        top, left = int(rng.integers(height - resolution + 1)), int(rng.integers(width - resolution + 1))
-    pixels = pixels[top : top + resolution, left : left + resolution]
+        top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
+    pixels = pixels[top : top + side, left : left + side]
     if flip and rng is not None and rng.random() < 0.5:
         pixels = pixels[:, ::-1]
     return np.ascontiguousarray(pixels)
@@ -42,9 +47,10 @@ def normalise(pixels: np.ndarray) -> np.ndarray:
     return np.moveaxis(pixels, -1, -3).astype(np.float32) / 127.5 - 1.0
 
 
-def to_pixels(data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False) -> np.ndarray:
+def to_pixels(data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False,
+              side: int | None = None) -> np.ndarray:
     """``square_crop`` as float32 CHW in [-1, 1]."""
-    return normalise(square_crop(data, resolution, rng, flip))
+    return normalise(square_crop(data, resolution, rng, flip, side))
 
 
 def encode_png(image: Image.Image | np.ndarray) -> bytes:

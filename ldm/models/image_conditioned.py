@@ -29,13 +29,14 @@ from ldm.models.first_stage import FirstStage, encode, factor
 from ldm.models.own_pipeline import LatentDiffusionPipeline
 
 
-def image_conditions(concat: str, pixels: np.ndarray, keys: Sequence[str], latent_side: int) -> list[Any]:
+def image_conditions(concat: str, pixels: np.ndarray, keys: Sequence[str], latent_side: int, masks: np.ndarray | None = None) -> list[Any]:
     """What the task's pipeline takes for each image (N x H x W x 3 uint8 crops), made as encode_latents made
     it for the training rows: the image downsampled to the latent's size (super-resolution), or the image and
-    the random mask its key fixes (inpainting)."""
+    its mask (inpainting): the given one (N x H x W, 1 in the hole), or the random one its key fixes."""
     if concat == "low_res":
         return list(resize(pixels, latent_side))
-    return [(image, random_mask(image.shape[0], key)) for image, key in zip(pixels, keys)]
+    return [(image, random_mask(image.shape[0], key) if masks is None else mask) for image, key, mask in
+            zip(pixels, keys, masks if masks is not None else [None] * len(pixels))]
 
 
 def image_tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:

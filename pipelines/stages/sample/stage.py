@@ -1,6 +1,6 @@
 """stage=sample: images from a train_ldm output, with DDIM or DPM-Solver++, as its task draws them: for
 prompts (text-to-image), class names (class-conditional) or layouts (layout-to-image), guided; for images
-(super-resolution: their low-resolution versions; inpainting: with random holes), ``stage.images`` or else
+(super-resolution: their low-resolution versions; inpainting: with random holes, or ``stage.masks``), ``stage.images`` or else
 held-out ones; or (unconditional) ``stage.num_images``.
 
 Each image is drawn from noise seeded ``stage.seed + i`` (i its place in prompt order), so one image can be
@@ -27,7 +27,7 @@ from ldm.diffusion.sampling import condition_captions, generate_images
 from ldm.models.image_conditioned import image_conditions
 from ldm.grids import captioned_grid
 from ldm.storage import Storage, resolve
-from ldm.tasks import task as named_task
+from ldm.tasks import Task, task as named_task
 from pipelines.config import plain
 from pipelines.model_stage import load_model, model_inputs
 from pipelines.stage import Inputs, Job, Output, Stage
@@ -45,7 +45,7 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     model = inputs.found["model"]
     facts = model["facts"]
     task = named_task(facts.get("task", "text_to_image"))
-    labels = None
+    labels, masks = None, read_masks(storage, plain(cfg.stage.masks), task, len(cfg.stage.images), facts["resolution"])
     if task.condition == "caption":
         prompts = read_prompts(storage, plain(cfg.stage.prompts), cfg.stage.prompts_file)
     elif task.condition == "label":
@@ -55,7 +55,7 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     elif task.concat and cfg.stage.images:  # a user's low-resolution images as they are, or images to fill
         side = facts["latent_shape"][1] if task.concat == "low_res" else facts["resolution"]
         labels, pixels = read_images(storage, plain(cfg.stage.images), side)
-        prompts = list(pixels) if task.concat == "low_res" else image_conditions(task.concat, pixels, labels, side)
+        prompts = list(pixels) if task.concat == "low_res" else image_conditions(task.concat, pixels, labels, side, masks)
     elif task.concat:  # held-out images, downsampled or masked as training's were
         labels, pixels = held_out_crops(storage, model["inputs"]["latents"], cfg.stage.num_images, facts["resolution"])
         if not labels:
@@ -64,7 +64,7 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
         prompts = image_conditions(task.concat, pixels, labels, facts["latent_shape"][1])
     else:
         prompts = None
-    inputs.found.update(prompts=prompts, labels=labels)
+    inputs.found.update(prompts=prompts, labels=labels, masks=plain(cfg.stage.masks) if masks is not None else None)
     return inputs
 
 
@@ -72,7 +72,7 @@ def _sample(job: Job) -> Output:
     settings, out, prompts = job.settings, job.out, job.inputs.found["prompts"]
     started = time.time()
     repeat = lambda items: [item for item in items for _ in range(settings.images_per_prompt)] if items is not None else None  # noqa: E731
-    rows, named = repeat(prompts), repeat(job.inputs.found["labels"])
+    rows, named, masks = repeat(prompts), repeat(job.inputs.found["labels"]), repeat(job.inputs.found["masks"])
     seeds = [settings.seed + i for i in range(len(rows) if rows is not None else settings.num_images)]
     pipeline = load_model(job, str(settings.device))
     images = generate_images(pipeline, rows, seeds, steps=settings.steps,
@@ -80,7 +80,7 @@ def _sample(job: Job) -> Output:
     elapsed = time.time() - started
     labels = named or condition_captions(pipeline, rows, seeds)
     # What each image was drawn for: its prompt (a caption, class or layout), or the image it upsamples or fills.
-    drawn_for = [{"input": name} for name in named] if named else [{"prompt": rows[i] if rows is not None else None} for i in range(len(seeds))]
+    drawn_for = [{"input": name, **({"mask": masks[i]} if masks else {})} for i, name in enumerate(named)] if named else [{"prompt": rows[i] if rows is not None else None} for i in range(len(seeds))]
     index = [{"file": f"{IMAGES}/{i:05d}.png", **drawn_for[i], "seed": seed} for i, seed in enumerate(seeds)]
     grid = captioned_grid(images, labels, columns=settings.grid_columns)
     files = sample_files(images, index)
@@ -102,18 +102,30 @@ def _sample(job: Job) -> Output:
     )
 
 
-def read_images(storage: Storage, images: list[str], side: int) -> tuple[list[str], np.ndarray]:
+def read_images(storage: Storage, images: list[str], side: int, setting: str = "stage.images") -> tuple[list[str], np.ndarray]:
     """``images`` (files, local or s3://) and their ``side`` x ``side`` center crops."""
     data = []
     for url in images:
         fs, path = storage.fsspec(resolve(url))
         if not fs.exists(path):
-            raise FileNotFoundError(f"stage.images: no such file {url}")
+            raise FileNotFoundError(f"{setting}: no such file {url}")
         data.append(fs.cat_file(path))
     try:
         return [str(url) for url in images], crops(data, side)
     except Exception as e:  # PIL raises many kinds on bad bytes
-        raise ValueError(f"stage.images: an image does not decode ({e})") from None
+        raise ValueError(f"{setting}: an image does not decode ({e})") from None
+
+
+def read_masks(storage: Storage, masks: list[str], task: Task, images: int, side: int) -> np.ndarray | None:
+    """An inpainting model's holes for ``stage.images``, one mask file each (light: the hole), cropped as the
+    images are; none given: None (each image's hole is drawn from its name)."""
+    if not masks:
+        return None
+    if task.concat != "masked":
+        raise ValueError(f"stage.masks is for inpainting models; this model's task is {task.name}")
+    if len(masks) != images:
+        raise ValueError(f"stage.masks: {len(masks)} mask(s) for {images} image(s) in stage.images: expected one each")
+    return (read_images(storage, masks, side, "stage.masks")[1].mean(axis=-1) >= 128).astype(np.uint8)
 
 
 def read_classes(classes: list[str], known: list[str]) -> list[str]:

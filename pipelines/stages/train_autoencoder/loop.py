@@ -31,7 +31,7 @@ from ldm.lr_schedule import learning_rate, set_learning_rate
 from ldm.flops import peak_flops, performance, step_flops
 from ldm.grids import pair_grid
 from ldm.metrics.reconstruction import evaluate_reconstruction
-from ldm.models.first_stage import Reconstruct, build_first_stage, kind, last_layer, load_first_stage
+from ldm.models.first_stage import Reconstruct, build_first_stage, factor, kind, last_layer, load_first_stage
 from ldm.models.presets import first_stage_preset
 from ldm.storage import Storage
 from pipelines.schema import TrainAutoencoder
@@ -73,6 +73,8 @@ def train_loop(config: LoopConfig) -> None:
     else:
         channels = {"latent_channels": settings.model.latent_channels} if settings.model.latent_channels else {}
         model = build_first_stage(first_stage_preset(settings.model.preset, **{**channels, **settings.model.overrides}), settings.model.logvar_bias)
+    if settings.crop and settings.crop % factor(model):
+        raise ValueError(f"stage.crop={settings.crop} is not a multiple of the first stage's downsampling factor {factor(model)}")
     perceptual = load_lpips(settings.lpips_weights, config.storage)
     loss = FirstStageLoss(kind(model), LossWeights(**asdict(settings.loss)), perceptual, settings.disc_layers).to(device)
     torch.manual_seed(settings.seed + rank)  # then each rank draws its own posterior noise
@@ -107,7 +109,8 @@ def train_loop(config: LoopConfig) -> None:
     schedule = {"schedule": opt.schedule, "warmup_steps": opt.warmup_steps, "final_ratio": opt.final_ratio, "total_steps": settings.steps}
     while step < settings.steps:
         consumed = 0  # rows of this epoch's run trained on in this attempt
-        crops = partial(tasks.pixels, resolution=config.resolution, seed=(settings.seed, epoch), flip=settings.random_flip)
+        crops = partial(tasks.pixels, resolution=config.resolution, seed=(settings.seed, epoch), flip=settings.random_flip,
+                        side=settings.crop)
         images_of_epoch = config.data.rows(epoch, rank, world, taken).map_batches(crops, num_cpus=settings.resources.num_cpus_per_decode_task)
         for batch in images_of_epoch.iter_torch_batches(batch_size=settings.batch_size, device=device, drop_last=True):
             images = batch["pixels"]

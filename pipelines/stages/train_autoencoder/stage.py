@@ -38,6 +38,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(job: Job) -> Output:
     cfg, storage, settings = job.cfg, job.storage, job.settings
+    if settings.crop is not None and not 0 < settings.crop <= cfg.data.resolution:
+        raise ValueError(f"stage.crop={settings.crop}: expected null or a side in (0, data.resolution={cfg.data.resolution}]")
     source, prepared = job.inputs.record["prepared"], job.inputs.found["prepared"]
     run_name = f"{STAGE.name}-{training.training_identity(cfg, job.inputs.fingerprints)[:16]}"
     pafs, _ = storage.pyarrow(source)
