@@ -54,9 +54,10 @@ MEASURE = ["stage.evaluate.batch_size=64", "stage.evaluate.fid.feature_extractor
 # images/s of whole 64 px images; 23.2 dB after 1,200 such steps against 22.8 after 400 whole-image ones, in
 # the same 3.7 minutes).
 BUDGET = {
-    "unconditional": ["stage.train_ldm.steps=900", "stage.train_ldm.optimizer.schedule=cosine"],
+    "unconditional": ["task.autoencoder_suffix=_unconditional", "task.latents_suffix=_unconditional", "stage.train_autoencoder.steps=2000",
+                      "stage.train_autoencoder.crop=32", "stage.train_ldm.steps=800", "stage.train_ldm.optimizer.schedule=cosine"],
     "layout_to_image": ["stage.train_ldm.steps=900"],
-    "super_resolution": ["stage.train_autoencoder.steps=4000", "stage.train_autoencoder.crop=32", "stage.train_ldm.steps=350"],
+    "super_resolution": ["stage.train_autoencoder.steps=6000", "stage.train_autoencoder.crop=32", "stage.train_ldm.steps=400"],
 }
 
 
