@@ -1,8 +1,8 @@
 """Each of the paper's other tasks from nothing on this machine, measured against its baseline, in one run.
 
 For each task, ``stage=pipeline task=<name>`` on the embedded default (the synthetic corpus, the demo's step
-counts, or those BUDGET gives the task) as a user runs it. The tasks share one storage root, so synthesize, prepare and the first stage are
-made once (super-resolution trains its own 3-channel first stage); a task's minutes from nothing are its own
+counts or those BUDGET gives the task) as a user runs it. The tasks share one storage root, so synthesize,
+prepare and the first stage are made once (super-resolution trains its own 3-channel first stage); a task's minutes from nothing are its own
 stages' plus those of the shared stages it used, as each took when it ran. Then its metric against its
 baseline, as a ratio that says whether it is beaten (> 1 is better than the baseline; for tv, target / tv,
 >= 1 meets it):
@@ -54,8 +54,7 @@ MEASURE = ["stage.evaluate.batch_size=64", "stage.evaluate.fid.feature_extractor
 # images/s of whole 64 px images; 23.2 dB after 1,200 such steps against 22.8 after 400 whole-image ones, in
 # the same 3.7 minutes).
 BUDGET = {
-    "unconditional": ["task.autoencoder_suffix=_unconditional", "task.latents_suffix=_unconditional", "stage.train_autoencoder.steps=2000",
-                      "stage.train_autoencoder.crop=32", "stage.train_ldm.steps=800", "stage.train_ldm.optimizer.schedule=cosine"],
+    "unconditional": ["stage.train_ldm.steps=900", "stage.train_ldm.optimizer.schedule=cosine"],
     "layout_to_image": ["stage.train_ldm.steps=900"],
     "super_resolution": ["stage.train_autoencoder.steps=6000", "stage.train_autoencoder.crop=32", "stage.train_ldm.steps=400"],
 }

@@ -89,8 +89,9 @@ def test_the_vq_first_stage_trains_end_to_end_with_the_perceptual_term(prepared)
     root, common = prepared
     lpips = ",".join(f"'{path}'" for path in write_lpips_weights(root / "lpips"))
     vq = [*TRAIN, *common, "stage.model.preset=tiny-vq-f4", "stage.steps=8", "stage.scaling.num_workers=1", f"stage.output_url={root}/store/vq"]
-    with pytest.raises(ValueError, match=r"stage.crop=96: expected null or a side in \(0, data.resolution=64\]"):
-        stages.load("train_autoencoder").run(compose(*vq, "stage.crop=96"))
+    for crop in (96, 30):
+        with pytest.raises(ValueError, match=rf"stage.crop={crop}: expected null or a side in \(0, data.resolution=64\], a multiple of the first stage's factor 4"):
+            stages.load("train_autoencoder").run(compose(*vq, f"stage.crop={crop}"))
     # On 32 px patches of the 64 px images; validated on whole images.
     manifest = stages.load("train_autoencoder").run(compose(*vq, "stage.loss.disc_start=4", f"stage.lpips_weights=[{lpips}]", "stage.crop=32"))
     assert manifest["facts"]["kind"] == "vq"

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.manifest import data_files, data_row_groups
 from ldm.models.first_stage import factor, kind, load_first_stage
+from ldm.models.presets import first_stage_preset
 from ldm.storage import model_location, resolve
 from pipelines import training
 from pipelines.stage import Inputs, Job, Output, Stage
@@ -38,8 +39,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(job: Job) -> Output:
     cfg, storage, settings = job.cfg, job.storage, job.settings
-    if settings.crop is not None and not 0 < settings.crop <= cfg.data.resolution:
-        raise ValueError(f"stage.crop={settings.crop}: expected null or a side in (0, data.resolution={cfg.data.resolution}]")
+    # Checked here, not first in the workers, where Ray Train would retry the error: a preset's factor is known
+    # without building it (a pretrained model's is checked once loaded, in the loop).
+    f = None if settings.pretrained else first_stage_preset(settings.model.preset, **settings.model.overrides).factor
+    if settings.crop is not None and (not 0 < settings.crop <= cfg.data.resolution or (f and settings.crop % f)):
+        raise ValueError(f"stage.crop={settings.crop}: expected null or a side in (0, data.resolution={cfg.data.resolution}]"
+                         + (f", a multiple of the first stage's factor {f}" if f else ""))
     source, prepared = job.inputs.record["prepared"], job.inputs.found["prepared"]
     run_name = f"{STAGE.name}-{training.training_identity(cfg, job.inputs.fingerprints)[:16]}"
     pafs, _ = storage.pyarrow(source)
