@@ -15,7 +15,7 @@ from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from ldm.choices import ATTENTION, LR_SCHEDULES, NOISE_SCHEDULES, PREDICTION_TYPES, SAMPLERS, WEIGHTS
-from ldm.models.presets import FIRST_STAGE_PRESETS, TEXT_TO_IMAGE_PRESETS
+from ldm.models.presets import FIRST_STAGE_PRESETS, TEXT_ENCODER_KINDS, TEXT_TO_IMAGE_PRESETS
 
 
 class Choice(str, Enum):
@@ -40,6 +40,7 @@ Weights = _choice("Weights", WEIGHTS)
 LrSchedule = _choice("LrSchedule", LR_SCHEDULES)
 FirstStagePresetName = _choice("FirstStagePresetName", FIRST_STAGE_PRESETS)
 TextToImagePresetName = _choice("TextToImagePresetName", TEXT_TO_IMAGE_PRESETS)
+TextEncoderKind = _choice("TextEncoderKind", TEXT_ENCODER_KINDS)
 InputFormat = _choice("InputFormat", ("metadata", "parquet", "webdataset"))  # what stage=prepare reads
 ShardFormat = _choice("ShardFormat", ("webdataset", "parquet"))  # img2dataset output formats prepare reads back
 Device = _choice("Device", ("auto", "cpu", "cuda"))  # auto: a GPU if there is one
@@ -269,9 +270,19 @@ class Download:
 
 # -- stage=train_autoencoder --------------------------------------------------------------------------------------
 @dataclass
+class FirstStageFields:
+    """Fields of the first-stage preset to replace (``ldm.models.presets.FirstStagePreset``); null keeps the preset's."""
+    block_out_channels: Optional[List[int]]
+    layers_per_block: Optional[int]
+    attention_levels: Optional[List[int]]
+    num_vq_embeddings: Optional[int]
+    norm_num_groups: Optional[int]
+
+
+@dataclass
 class AutoencoderModel:
     preset: FirstStagePresetName
-    overrides: Dict[str, Any]
+    overrides: FirstStageFields
     latent_channels: Optional[int]  # null: the preset's
     logvar_bias: Optional[float]
 
@@ -366,10 +377,30 @@ class EncodeLatents:
 
 # -- stage=train_ldm ----------------------------------------------------------------------------------------------
 @dataclass
+class UNetFields:
+    """Fields of the preset's UNet to replace (``ldm.models.presets.UNetSpec``); null keeps the preset's."""
+    block_out_channels: Optional[List[int]]
+    layers_per_block: Optional[int]
+    attention_levels: Optional[List[int]]
+    heads: Optional[int]
+    self_attention_levels: Optional[List[int]]
+
+
+@dataclass
+class TextEncoderFields:
+    """Fields of the preset's τθ to replace (``ldm.models.presets.TextEncoderSpec``); null keeps the preset's."""
+    layers: Optional[int]
+    width: Optional[int]
+    heads: Optional[int]
+    ffn: Optional[int]
+    kind: Optional[TextEncoderKind]
+
+
+@dataclass
 class LdmModel:
     preset: TextToImagePresetName
-    unet: Dict[str, Any]
-    text_encoder: Dict[str, Any]
+    unet: UNetFields
+    text_encoder: TextEncoderFields
     pretrained_text_encoder: Optional[str]
     pretrained_text_encoder_subfolder: Optional[str]
 

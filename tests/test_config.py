@@ -2,6 +2,7 @@
 type, an unknown choice or an unknown key is Hydra's error naming the key, before anything runs."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 import typing
@@ -13,6 +14,7 @@ from conftest import ROOT
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from ldm.models.presets import describe, first_stage_preset, text_to_image_preset
 from pipelines import stages
 from pipelines.config import compose
 from pipelines.schema import OPTIONS
@@ -123,6 +125,30 @@ def test_ray_train_workers_get_the_typed_stage():
     settings = OmegaConf.to_object(compose("stage=train_ldm", "stage.noise.prediction_type=v_prediction").stage)
     assert type(settings).__name__ == "TrainLdm" and settings.noise.prediction_type == "v_prediction"
     assert f"{settings.validation.sampler}" == "ddim" and isinstance(settings.scaling.num_workers, int)
+
+
+@pytest.mark.parametrize("stage, node", [("train_ldm", lambda s: s), ("pipeline", lambda s: s.train_ldm)], ids=["train_ldm", "pipeline"])
+def test_command_line_overrides_of_a_presets_fields_reach_the_model(stage, node):
+    """What a user types (stage.model.unet.<field>=...) reaches the preset as the driver reads it (a DictConfig)
+    and as a Ray Train worker does (the schema's dataclass); unset fields keep the preset's; the run name is a
+    hash of the preset's JSON."""
+    prefix = "stage." if stage == "train_ldm" else "stage.train_ldm."
+    cfg = compose(f"stage={stage}", f"{prefix}model.unet.block_out_channels=[32,32,64]", f"{prefix}model.unet.self_attention_levels=[]",
+                  f"{prefix}model.text_encoder.kind=ldmbert")
+    for model in (node(cfg.stage).model, OmegaConf.to_object(node(cfg.stage)).model):
+        spec = text_to_image_preset(model.preset, model.unet, model.text_encoder)
+        assert spec.unet.block_out_channels == (32, 32, 64) and spec.unet.self_attention_levels == ()
+        assert spec.unet.layers_per_block == 1 and spec.text_encoder.kind == "ldmbert" and spec.text_encoder.width == 128
+        assert json.loads(json.dumps(describe(spec)))["unet"]["block_out_channels"] == [32, 32, 64]
+    with pytest.raises(ConfigCompositionException, match="channels"):  # a field the UNet does not have, named
+        compose(f"stage={stage}", f"{prefix}model.unet.channels=[32]")
+
+
+def test_a_command_line_override_of_a_first_stage_presets_field_reaches_the_model():
+    settings = compose("stage=train_autoencoder", "stage.model.overrides.layers_per_block=2").stage
+    for model in (settings.model, OmegaConf.to_object(settings).model):  # the driver's, and a Ray Train worker's
+        spec = first_stage_preset(model.preset, model.overrides, latent_channels=3)
+        assert (spec.layers_per_block, spec.latent_channels, spec.block_out_channels) == (2, 3, (32, 64, 64))
 
 
 def test_one_task_choice_sets_what_every_stage_of_the_workflow_needs():

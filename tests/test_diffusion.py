@@ -1,17 +1,15 @@
 """The latent diffusion library without Ray: presets, the noise schedule, the objective, guidance sampling."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from conftest import BUCKET
 
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
 from ldm.diffusion.sampling import generate_images, sampler, task_pipeline
 from ldm.models.first_stage import build_first_stage
-from ldm.models.presets import TEXT_TO_IMAGE_PRESETS, describe, first_stage_preset, text_to_image_preset
+from ldm.models.presets import TEXT_TO_IMAGE_PRESETS, first_stage_preset, text_to_image_preset
 from ldm.models.text_to_image import build_text_encoder, build_unet, set_attention, set_trainable
 from ldm.synthetic.scene import all_scenes, caption
 from ldm.text.tokenizer import train_wordpiece
@@ -52,12 +50,15 @@ def test_paper_preset_matches_the_compvis_config():
         text_to_image_preset("huge")
 
 
-def test_a_command_line_override_gives_a_preset_that_names_the_run():
-    # Hydra hands overrides over as ListConfig; the run name is a hash of the preset's JSON.
-    overrides = OmegaConf.create({"block_out_channels": [32, 32, 64]})
-    spec = text_to_image_preset("tiny", unet=overrides)
-    assert spec.unet.block_out_channels == (32, 32, 64)
-    assert json.loads(json.dumps(describe(spec)))["unet"]["block_out_channels"] == [32, 32, 64]
+def test_without_cross_attention_the_unet_attends_where_the_papers_unconditional_ones_do():
+    """Not on the full latent grid (the paper's unconditional UNets: attention_resolutions 8, 4, 2), where
+    self-attention over every position took 2.7x a tiny-preset step."""
+    spec = text_to_image_preset("tiny").unet
+    unet = build_unet(spec, 4, 16, None)
+    assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
+    assert TEXT_TO_IMAGE_PRESETS["txt2img-1p4b"].unet.self_attention_levels == (1, 2, 3)  # downsampling 2, 4, 8
+    crossed = build_unet(spec, 4, 16, 32)
+    assert [type(b).__name__ for b in crossed.down_blocks] == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 
 
 def test_linear_schedule_is_ldms_and_the_cosine_option_exists():

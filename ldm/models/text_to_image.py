@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModel, BertConfig, BertModel, CLIPTextM
 
 from ldm.choices import ATTENTION
 from ldm.models.conditioners import ClassEmbedder, LayoutEncoder, LearnedConditioner
-from ldm.models.presets import TextEncoderSpec, UNetSpec
+from ldm.models.presets import TEXT_ENCODER_KINDS, TextEncoderSpec, UNetSpec
 from ldm.storage import Storage, pretrained_directory
 
 # Folders of a checkpoint and of a train_ldm output; τθ is a text encoder's, or a class or layout one's.
@@ -42,8 +42,8 @@ def build_text_encoder(spec: TextEncoderSpec, vocab_size: int, max_length: int) 
         config = BertConfig(vocab_size=vocab_size, hidden_size=spec.width, num_hidden_layers=spec.layers,
                             num_attention_heads=spec.heads, intermediate_size=spec.ffn, max_position_embeddings=max_length)
         return BertModel(config)  # its pooler stays frozen (set_trainable); saved, it loads without warnings
-    if spec.kind != "ldmbert":
-        raise ValueError(f"text encoder kind {spec.kind!r}: choose ldmbert or bert")
+    if spec.kind not in TEXT_ENCODER_KINDS:
+        raise ValueError(f"text encoder kind {spec.kind!r}: choose one of {TEXT_ENCODER_KINDS}")
     config = LDMBertConfig(
         vocab_size=vocab_size,
         max_position_embeddings=max_length,
@@ -60,18 +60,19 @@ def build_unet(spec: UNetSpec, latent_channels: int, latent_size: int, context_d
                extra_channels: int = 0) -> UNet2DConditionModel | UNet2DModel:
     """A randomly initialised UNet2DConditionModel with cross-attention to ``context_dim`` features, or, with
     ``context_dim`` None, a UNet2DModel (as diffusers' ``LDMPipeline`` and ``LDMSuperResolutionPipeline`` run
-    it) whose attention levels get self-attention instead. It takes ``extra_channels`` more input channels
+    it) with self-attention at the spec's ``self_attention_levels``. It takes ``extra_channels`` more input channels
     than z_t has: what the task concatenates to z_t."""
     levels = range(len(spec.block_out_channels))
     attention = "CrossAttn" if context_dim is not None else "Attn"
+    attended = spec.attention_levels if context_dim is not None else spec.self_attention_levels
     common = dict(
         sample_size=latent_size,
         in_channels=latent_channels + extra_channels,
         out_channels=latent_channels,
         block_out_channels=spec.block_out_channels,
         layers_per_block=spec.layers_per_block,
-        down_block_types=tuple(f"{attention}DownBlock2D" if i in spec.attention_levels else "DownBlock2D" for i in levels),
-        up_block_types=tuple(f"{attention}UpBlock2D" if i in spec.attention_levels else "UpBlock2D" for i in reversed(levels)),
+        down_block_types=tuple(f"{attention}DownBlock2D" if i in attended else "DownBlock2D" for i in levels),
+        up_block_types=tuple(f"{attention}UpBlock2D" if i in attended else "UpBlock2D" for i in reversed(levels)),
     )
     if context_dim is not None:  # UNet2DConditionModel's ``attention_head_dim`` is the head count
         return UNet2DConditionModel(**common, attention_head_dim=spec.heads, cross_attention_dim=context_dim)

@@ -41,7 +41,7 @@ def _train(job: Job) -> Output:
     cfg, storage, settings = job.cfg, job.storage, job.settings
     # Checked here, not first in the workers, where Ray Train would retry the error: a preset's factor is known
     # without building it (a pretrained model's is checked once loaded, in the loop).
-    f = None if settings.pretrained else first_stage_preset(settings.model.preset, **settings.model.overrides).factor
+    f = None if settings.pretrained else first_stage_preset(settings.model.preset, settings.model.overrides).factor
     if settings.crop is not None and (not 0 < settings.crop <= cfg.data.resolution or (f and settings.crop % f)):
         raise ValueError(f"stage.crop={settings.crop}: expected null or a side in (0, data.resolution={cfg.data.resolution}]"
                          + (f", a multiple of the first stage's factor {f}" if f else ""))
