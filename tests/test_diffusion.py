@@ -1,6 +1,5 @@
 """The latent diffusion library without Ray: presets, the noise schedule, the objective, guidance sampling."""
 
-
 import numpy as np
 import pytest
 import torch

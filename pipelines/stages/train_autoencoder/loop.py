@@ -71,8 +71,8 @@ def train_loop(config: LoopConfig) -> None:
     elif config.pretrained:
         model = load_first_stage(config.pretrained, config.storage)
     else:
-        channels = {"latent_channels": settings.model.latent_channels} if settings.model.latent_channels else {}
-        model = build_first_stage(first_stage_preset(settings.model.preset, settings.model.overrides, **channels), settings.model.logvar_bias)
+        model = build_first_stage(first_stage_preset(settings.model.preset, settings.model.overrides, latent_channels=settings.model.latent_channels),
+                                  settings.model.logvar_bias)
     if settings.crop and settings.crop % factor(model):  # a pretrained one's (the stage checked a preset's)
         raise ValueError(f"stage.crop={settings.crop} is not a multiple of the first stage's downsampling factor {factor(model)}")
     perceptual = load_lpips(settings.lpips_weights, config.storage)
