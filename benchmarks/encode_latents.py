@@ -34,7 +34,7 @@ from ldm.storage import Storage  # noqa: E402
 from pipelines import stages  # noqa: E402
 from pipelines.config import compose as config  # noqa: E402
 from pipelines.cluster import connect  # noqa: E402
-from pipelines.stages.encode_latents.encoder import Encoder  # noqa: E402
+from pipelines.stages.encode_latents.encoder import Encoder, encoder_device  # noqa: E402
 
 
 
@@ -59,8 +59,9 @@ def encoder_start_up(model_dir: Path, cfg) -> float:
     resources = cfg.stage.resources
     actor = ray.remote(Encoder).options(num_cpus=resources.num_cpus_per_encoder, num_gpus=resources.num_gpus_per_encoder)
     started = time.perf_counter()
-    encoder = actor.remote(str(model_dir), None, Storage.from_config(cfg.storage), resources.dtype,
-                           int(max(1, resources.num_cpus_per_encoder)), cfg.stage.resolution)
+    encoder = actor.remote(str(model_dir), None, Storage.from_config(cfg.storage), encoder_device(resources.num_gpus_per_encoder),
+                           str(resources.dtype), int(max(1, resources.num_cpus_per_encoder)), cfg.stage.resolution,
+                           release_every=resources.release_memory_every, text_encoder=None, text_encoder_subfolder=None)
     ray.get(encoder.__ray_ready__.remote())
     seconds = time.perf_counter() - started
     ray.kill(encoder)

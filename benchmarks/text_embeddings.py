@@ -27,6 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from ldm.devices import autocast as autocast_for, autocast_dtype  # noqa: E402
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, sample_latents  # noqa: E402
 from ldm.latents import TEXT_EMBEDDING, column_array  # noqa: E402
 from ldm.models.first_stage import build_first_stage  # noqa: E402
@@ -57,7 +58,8 @@ def step_rate(cfg, shards: dict[str, np.ndarray], encoder: torch.nn.Module | Non
     module = DenoisingLoss(unet, encoder, DiffusionObjective(training_schedule(settings.noise)), train_text_encoder=False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.optimizer.lr)
     batch = settings.batch_size * settings.scaling.num_workers
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(settings.bf16))
+    cpu = torch.device("cpu")
+    autocast = autocast_for(cpu, autocast_dtype(cpu, str(settings.precision), "stage.precision"))
     rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
     for step in range(steps + 2):  # 2 warm-up steps
         if step == 2:
@@ -126,7 +128,7 @@ def main() -> None:
 
     s = cfg.stage
     print(f"\ncores: {os.cpu_count()} | {args.images} images at {cfg.data.resolution}px, preset {s.model.preset} UNet, global batch "
-          f"{s.batch_size * s.scaling.num_workers}, bf16 autocast {s.bf16}; encode_latents without embeddings {plain_seconds:.1f}s")
+          f"{s.batch_size * s.scaling.num_workers}, precision {s.precision}; encode_latents without embeddings {plain_seconds:.1f}s")
     print("| encoder | parameters | encode_latents time with / without | stored bytes a row (zstd) | full sequence fp16 | "
           "non-padding + mask fp16 | steps/s precomputed (a) | steps/s encoder every step (b) | (a)/(b) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -31,6 +31,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ldm.data.images import normalise, square_crop  # noqa: E402
+from ldm.devices import autocast as autocast_for, autocast_dtype  # noqa: E402
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, sample_latents  # noqa: E402
 from ldm.latents import column_array  # noqa: E402
 from ldm.models.first_stage import build_first_stage, encode, load_first_stage  # noqa: E402
@@ -57,7 +58,8 @@ def bare_steps_per_s(cfg, latents: dict[str, np.ndarray], pixels: np.ndarray | N
     module = DenoisingLoss(unet, text_encoder, objective, train_text_encoder=True)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=settings.optimizer.lr)
     batch = settings.batch_size * settings.scaling.num_workers
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if settings.bf16 else torch.autocast("cpu", enabled=False)
+    cpu = torch.device("cpu")
+    autocast = autocast_for(cpu, autocast_dtype(cpu, str(settings.precision), "stage.precision"))
     rng = np.random.default_rng(0)
     generator = torch.Generator().manual_seed(0)
     for step in range(steps + 3):  # 3 warm-up steps
@@ -128,7 +130,7 @@ def main() -> None:
 
     s = cfg.stage
     print(f"\ncores: {os.cpu_count()} | preset {s.model.preset}, global batch {s.batch_size * s.scaling.num_workers}, "
-          f"latents {list(latents['latent_mean'].shape[1:])} from {cfg.data.resolution}px, bf16 autocast {s.bf16}")
+          f"latents {list(latents['latent_mean'].shape[1:])} from {cfg.data.resolution}px, precision {s.precision}")
     print(f"bare loop, {torch.get_num_threads()} threads: (a) precomputed latents {precomputed:.2f} steps/s, (b) encoding "
           f"pixels every step {on_the_fly:.2f} steps/s | ratio (a)/(b) {precomputed / on_the_fly:.2f}")
     print(f"stage=train_ldm, {s.scaling.num_workers} Ray Train workers: {stage_rate:.2f} steps/s (median of logged windows; "

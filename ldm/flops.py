@@ -2,7 +2,7 @@
 
 A step's FLOPs are counted once by torch's own counter (``FlopCounterMode``: forward and backward matmuls and
 convolutions, as dispatched), not estimated from a formula, so any model and any accumulation is counted alike.
-The peak is the GPU's dense bf16 (or fp16) tensor-core rate from its data sheet; on a CPU, where there is no data
+The peak is the GPU's dense rate for the training's precision (bf16, TF32 or fp32) from its data sheet; on a CPU, where there is no data
 sheet to trust, a matmul of the training dtype is timed on the spot.
 """
 
@@ -14,21 +14,24 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-# Dense (no sparsity) bf16 tensor-core FLOP/s, by a fragment of torch.cuda.get_device_name; the first match wins,
-# so the longer names come first. V100 and T4 have no bf16: their fp16 rate.
-GPU_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "GH200": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L40": 181e12,
-    "L4": 121e12,
-    "A10G": 70e12,
-    "A10": 125e12,
-    "V100": 125e12,
-    "T4": 65e12,
+from ldm.devices import tf32_enabled
+
+# Dense (no sparsity) FLOP/s from the data sheets, by a fragment of torch.cuda.get_device_name; the first match
+# wins, so the longer names come first: (bf16 tensor cores, TF32 tensor cores, plain fp32). V100 and T4 have no
+# bf16 and no TF32: their fp16 tensor-core rate stands in the first place, None in the second.
+GPU_PEAK_FLOPS: dict[str, tuple[float, float | None, float]] = {
+    "H200": (989e12, 494.7e12, 66.9e12),
+    "H100 PCIe": (756e12, 378e12, 51.2e12),
+    "H100": (989e12, 494.7e12, 66.9e12),
+    "GH200": (989e12, 494.7e12, 66.9e12),
+    "A100": (312e12, 156e12, 19.5e12),
+    "L40S": (362e12, 183e12, 91.6e12),
+    "L40": (181e12, 90.5e12, 90.5e12),
+    "L4": (121e12, 60e12, 30.3e12),
+    "A10G": (70e12, 35e12, 35e12),
+    "A10": (125e12, 62.5e12, 31.2e12),
+    "V100": (125e12, None, 15.7e12),
+    "T4": (65e12, None, 8.1e12),
 }
 
 
@@ -49,12 +52,20 @@ def step_flops(run: Callable[[], object], modules: Sequence[torch.nn.Module]) ->
     return counting.get_total_flops()
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
-    """The device's peak FLOP/s for ``dtype`` matmuls: the table for a GPU (None when it is not listed), a
-    measurement on a CPU."""
+def peak_flops(device: torch.device, dtype: torch.dtype | None = torch.bfloat16) -> float | None:
+    """The device's peak FLOP/s for matmuls in ``dtype`` (an autocast dtype; None: fp32): for a GPU, the table's
+    half-precision rate, or for fp32 its TF32 rate when TF32 is on (``ldm.devices.enable_tf32``), else its fp32
+    rate (None when the GPU is not listed); on a CPU, a measurement."""
+    dtype = dtype or torch.float32
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)
+        rates = next((rates for key, rates in GPU_PEAK_FLOPS.items() if key in name), None)
+        if rates is None:
+            return None
+        half, tf32, fp32 = rates
+        if dtype != torch.float32:
+            return half
+        return tf32 if tf32 is not None and tf32_enabled() else fp32
     return measured_matmul_flops(dtype)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import ray
 from omegaconf import DictConfig
@@ -45,3 +48,33 @@ def disconnect() -> None:
     if _started_here and ray.is_initialized():
         ray.shutdown()
     _started_here = False
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a stage asks Ray for at once: ``count`` workers, actors or tasks of ``resources`` each, asked for by
+    ``setting`` (as a user overrides it)."""
+
+    setting: str
+    resources: dict[str, float] = field(default_factory=dict)
+    count: int = 1
+
+
+def check_plan(cluster: DictConfig, requests: Iterable[Request]) -> None:
+    """Refuse, before anything is scheduled, a plan the cluster can never place: Ray would wait for it forever
+    without a word (train workers asking for GPUs on a cluster of none, encoder actors holding every CPU the
+    decode tasks need). Only a local cluster (``cluster.address=local``) has a fixed size; an autoscaling one adds
+    nodes for what it is asked, so it is not checked here."""
+    if cluster.address != "local":
+        return
+    requests = [r for r in requests if r.count]
+    needed: dict[str, float] = defaultdict(float)
+    for request in requests:
+        for name, amount in request.resources.items():
+            needed[name] += amount * request.count
+    have = ray.cluster_resources()
+    for name, need in needed.items():
+        if need > have.get(name, 0):
+            asking = ", ".join(f"{r.setting}: {r.count} x {r.resources[name]:g}" for r in requests if r.resources.get(name))
+            setting = {"CPU": "cluster.num_cpus", "GPU": "cluster.num_gpus"}.get(name, "the cluster's resources")
+            raise ValueError(f"{asking} {name} at once: {need:g} {name}, the local cluster has {have.get(name, 0):g} ({setting})")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
-from ldm.choices import ATTENTION, LR_SCHEDULES, NOISE_SCHEDULES, PREDICTION_TYPES, SAMPLERS, WEIGHTS
+from ldm.choices import ATTENTION, LR_SCHEDULES, NOISE_SCHEDULES, PRECISIONS, PREDICTION_TYPES, SAMPLERS, WEIGHTS
 from ldm.models.presets import FIRST_STAGE_PRESETS, TEXT_ENCODER_KINDS, TEXT_TO_IMAGE_PRESETS
 
 
@@ -36,6 +36,7 @@ Sampler = _choice("Sampler", SAMPLERS)
 NoiseSchedule = _choice("NoiseSchedule", NOISE_SCHEDULES)
 PredictionType = _choice("PredictionType", PREDICTION_TYPES)
 Attention = _choice("Attention", ATTENTION)
+Precision = _choice("Precision", PRECISIONS)
 Weights = _choice("Weights", WEIGHTS)
 LrSchedule = _choice("LrSchedule", LR_SCHEDULES)
 FirstStagePresetName = _choice("FirstStagePresetName", FIRST_STAGE_PRESETS)
@@ -334,7 +335,7 @@ class TrainAutoencoder:
     eval_every: int
     checkpoint_every: int
     keep_checkpoints: int
-    bf16: bool
+    precision: Precision
     scaling: Scaling
     output_url: str
     checkpoints_url: str
@@ -458,7 +459,7 @@ class TrainLdm:
     seed: int
     shuffle_buffer: int
     prefetch_batches: int
-    bf16: bool
+    precision: Precision
     attention: Attention
     gradient_checkpointing: bool
     compile: bool

@@ -8,7 +8,7 @@
    inputs' fingerprints;
 4. an MLflow run named after the stage (nested under a pipeline's run);
 5. the output location claimed, or the stage skipped when it is already complete for this fingerprint;
-6. Ray, for the stages that use it;
+6. Ray, for the stages that use it, and the stage's resource plan checked against it;
 7. the stage's own ``work``, which writes the output's files and says what they are (``Output``);
 8. the manifest written last, as the commit marker, then logged with the stage's metrics.
 """
@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from ldm.manifest import claim_output, fingerprint, verify, write_manifest
 from ldm.storage import Storage, resolve
-from pipelines.cluster import connect
+from pipelines.cluster import Request, check_plan, connect
 from pipelines.config import plain
 from pipelines.tracking import stage_run
 
@@ -86,10 +86,14 @@ class Stage:
     uses_task: bool = False  # what it writes depends on the task (the others read it from their input's manifest)
     resume: bool = False  # a partial output of the same config is continued, not cleared
     detail: str = ""  # the "nothing to do" line's description of a complete output, from its counts
+    # What the stage asks Ray for at once (its settings checked as they are built): refused before any work
+    # when the cluster can never place it.
+    requests: Callable[[DictConfig], list[Request]] = lambda cfg: []
 
     def run(self, cfg: DictConfig, find_inputs: Callable[[DictConfig, Storage], Inputs], work: Callable[[Job], Output]) -> dict[str, Any]:
         storage = Storage.from_config(cfg.storage)
         out = resolve(self.output_url(cfg))
+        requests = self.requests(cfg)  # settings that can never work are refused before anything is read
         require_reachable_storage(cfg, storage.is_local(out))
         inputs = find_inputs(cfg, storage)
         identity = stage_fingerprint(cfg, self.version, inputs.fingerprints, self.uses_task)
@@ -102,6 +106,7 @@ class Stage:
                 return done
             if self.uses_ray:
                 connect(cfg.cluster)
+                check_plan(cfg.cluster, requests)
             started = time.time()
             output = work(Job(cfg, storage, out, inputs, identity, active.info.run_id))
             seconds = time.time() - started

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from ldm.data.epochs import EpochOrder, Interval, read_piece
+from ldm.devices import restore_rng
 from ldm.storage import Storage
 
 
@@ -132,6 +133,21 @@ def private_copy(checkpoint: ray.train.Checkpoint) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="checkpoint-") as directory:
         checkpoint.to_directory(directory)
         yield directory
+
+
+def random_streams(state: dict[str, Any] | None, stage: str, rank: int, world: int, device: torch.device,
+                   generator: torch.Generator | None, base_seed: int) -> None:
+    """Each rank's own random streams (torch's CPU and CUDA ones, and the training's ``generator``): seeded from
+    ``base_seed`` + rank on a fresh start, continued from the checkpoint's ``state`` on a resume. A checkpoint of
+    another worker count, or whose streams were saved on another device type, starts them again from the seed and
+    the step: the run goes on, not bit for bit, and the log says so."""
+    if not state:
+        restore_rng(None, device, generator, base_seed + rank)
+        return
+    saved = state["rng"][rank] if len(state["rng"]) == world else None
+    if not restore_rng(saved, device, generator, base_seed + state["step"] * world + rank):
+        print(f"{stage}: rank {rank}: the checkpoint's random streams are not this run's ({world} workers on {device.type}); "
+              "they start again from the seed and the step")
 
 
 def gather_for_checkpoint(mine: tuple, save: bool, world: int) -> list[tuple]:

@@ -12,6 +12,7 @@ from ray.train.torch import TorchTrainer
 
 from ldm.manifest import fingerprint
 from ldm.storage import Storage, resolve
+from pipelines.cluster import Request
 from pipelines.config import plain
 from pipelines.stage import NOT_CONTENT, Job
 from pipelines.train_worker import RunTarget
@@ -37,6 +38,23 @@ def run_target(job: Job) -> RunTarget:
     return RunTarget(uri, job.run_id)
 
 
+def worker_resources(scaling: DictConfig) -> dict[str, float]:
+    """One Ray Train worker's resources (``stage.scaling``). A DDP worker drives exactly one whole GPU: NCCL cannot
+    put two ranks on one GPU, and DDP leaves a second one idle."""
+    if scaling.use_gpu and scaling.gpus_per_worker != 1:
+        raise ValueError(f"stage.scaling.gpus_per_worker={scaling.gpus_per_worker:g} with stage.scaling.use_gpu=true: expected 1 "
+                         "(each DDP worker drives one whole GPU); use more stage.scaling.num_workers for more GPUs")
+    return {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+
+
+def requests(cfg: DictConfig, data_task_cpus: float) -> list[Request]:
+    """What a training stage asks Ray for at once: its workers, and room for one of the Ray Data tasks that feed
+    them (``data_task_cpus``), which would otherwise wait forever behind workers holding every CPU."""
+    scaling = cfg.stage.scaling
+    return [Request("stage.scaling.num_workers", worker_resources(scaling), scaling.num_workers),
+            Request("a data task", {"CPU": data_task_cpus})]
+
+
 def trainer(cfg: DictConfig, storage: Storage, loop: Callable[[], None], run_name: str, datasets: dict[str, Any]) -> TorchTrainer:
     """A TorchTrainer running ``loop`` on ``stage.scaling`` whose checkpoints go to
     ``stage.checkpoints_url``/``run_name``: the same name on a re-run (or after a worker failure) restores the
@@ -46,7 +64,7 @@ def trainer(cfg: DictConfig, storage: Storage, loop: Callable[[], None], run_nam
         # console with repaint lines, long after the data is read.
         dataset.context.enable_progress_bars = False
     scaling = cfg.stage.scaling
-    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+    resources = worker_resources(scaling)
     checkpoints_fs, checkpoints_path = storage.pyarrow(resolve(cfg.stage.checkpoints_url))
     return TorchTrainer(
         loop,

@@ -167,7 +167,7 @@ def test_an_undecodable_image_is_dropped_and_counted_not_fatal(prepared, tmp_pat
     assert (len(first), len(second)) == (4, 2) and set(first["path"].to_pylist() + second["path"].to_pylist()) == {str(path)}
     decoded = pa.concat_tables([first, second])
     assert decoded["reason"].to_pylist() == [None, None, "undecodable", None, None, None]
-    encoder = Encoder(f"{root}/first_stage", None, Storage(root=str(root)), "bfloat16", 1, 64, release_every=1, text_encoder=None,
+    encoder = Encoder(f"{root}/first_stage", None, Storage(root=str(root)), "cpu", "bfloat16", 1, 64, release_every=1, text_encoder=None,
                       text_encoder_subfolder=None)
     [report] = encode_tasks.write(encoder(decoded), storage=Storage(root=str(tmp_path)), out=str(tmp_path), compression="zstd",
                                          row_group_rows=128).to_pylist()
@@ -180,6 +180,7 @@ def test_an_undecodable_image_is_dropped_and_counted_not_fatal(prepared, tmp_pat
 
 def test_a_resource_plan_that_would_starve_the_readers_is_refused(prepared):
     root, common = prepared
-    with pytest.raises(ValueError, match="hold 4 of the cluster's 4 CPUs"):
+    with pytest.raises(ValueError, match=r"stage.resources.encoder_concurrency: 4 x 1, a decode or write task .*: 1 x 1 CPU at once: "
+                                         r"5 CPU, the local cluster has 4 \(cluster.num_cpus\)"):
         stages.load("encode_latents").run(encode_cfg(root, common, "stage.output_url=" + str(root / "never"),
                                                      "stage.resources.encoder_concurrency=4"))

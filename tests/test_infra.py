@@ -87,7 +87,8 @@ def test_the_cluster_runs_one_image_built_from_this_project_on_this_ray():
     assert len(images) == 1 and aws["docker"]["image"] in images
 
     dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
-    assert re.search(r"^FROM nvidia/cuda:\S+", dockerfile, re.M)
+    cuda = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-\S+", dockerfile, re.M)
+    assert cuda and f"ARG TORCH_CUDA=cu{cuda[1]}{cuda[2]}\n" in dockerfile  # torch's CUDA build is the image's CUDA
     assert f"ARG TORCH_VERSION={pinned('torch')}\n" in dockerfile
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     for directory in [p.rstrip("*") for p in packages] + ["conf"]:

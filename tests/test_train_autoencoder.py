@@ -85,6 +85,13 @@ def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_one_that_never_stopped
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_gpu_workers_on_a_cluster_without_gpus_are_refused_at_once(prepared):
+    """Ray Train would wait forever for bundles that never fit (the local cluster declares no GPUs)."""
+    root, common = prepared
+    with pytest.raises(ValueError, match=r"^stage.scaling.num_workers: 2 x 1 GPU at once: 2 GPU, the local cluster has 0 \(cluster.num_gpus\)$"):
+        stages.load("train_autoencoder").run(compose(*TRAIN, *common, "stage.scaling.use_gpu=true", f"stage.output_url={root}/store/ae-gpu"))
+
+
 def test_the_vq_first_stage_trains_end_to_end_with_the_perceptual_term(prepared):
     root, common = prepared
     lpips = ",".join(f"'{path}'" for path in write_lpips_weights(root / "lpips"))

@@ -4,6 +4,7 @@ is replaced from the last checkpoint; checkpoints land in S3. Each epoch's rows 
 across a killed worker, a killed run, and a restart with another worker count (read from the data audits)."""
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -99,6 +100,10 @@ def test_two_workers_train_in_step_on_disjoint_data_and_log_to_mlflow(latents, u
     assert image_steps(client, run.info.run_id, "samples") == [20, 40]  # a series the UI steps through
     held_out_loss = [v for _, v in history(client, run.info.run_id, "val/loss")]
     assert held_out_loss[-1] < held_out_loss[0]  # the same held-out rows and noise each time: the model improved
+    # Each rank draws its own τθ dropout: torch's streams differ between ranks (they were equal, so every rank
+    # dropped the same units), and the checkpoint keeps every rank's.
+    [rank0_rng, rank1_rng] = torch.load(_checkpoints(manifest)[-1] / ldm_loop.STATE_FILE, weights_only=True)["rng"]
+    assert rank0_rng["device"] == rank1_rng["device"] == "cpu" and not torch.equal(rank0_rng["cpu"], rank1_rng["cpu"])
 
     # Each worker trained on its own part of the latents: an epoch's keys are disjoint between ranks, and each
     # epoch is another order of the same rows.
@@ -147,6 +152,24 @@ def test_resume_from_a_checkpoint_with_another_worker_count_finishes_the_epoch_o
     both = audit(client, [run.info.run_id, new.info.run_id], root / "audit-resume", resumed_at=20)
     trained = both[(epoch, 0)] + both[(epoch, 1)]
     assert len(set(trained)) == len(trained) and set(trained) <= latent_keys and len(latent_keys - set(trained)) < 8
+
+
+def test_a_checkpoint_written_on_gpus_resumes_on_cpu_workers(latents, uninterrupted, tmp_path):
+    """stage.resume= a checkpoint whose random states are CUDA's (a generator's 16 bytes, not a CPU one's 5,056), as
+    a GPU run writes it: the CPU workers continue its step, weights and data position with fresh random streams."""
+    root, common = latents
+    manifest, _, _ = uninterrupted
+    source = next(c for c in _checkpoints(manifest) if torch.load(c / ldm_loop.STATE_FILE, weights_only=True)["step"] == 20)
+    checkpoint = tmp_path / source.name
+    shutil.copytree(source, checkpoint)
+    state = torch.load(checkpoint / ldm_loop.STATE_FILE, weights_only=True)
+    state["rng"] = [{**r, "device": "cuda", "cuda": torch.zeros(16, dtype=torch.uint8), "generator": torch.zeros(16, dtype=torch.uint8)}
+                    for r in state["rng"]]
+    torch.save(state, checkpoint / ldm_loop.STATE_FILE)
+    resumed = stages.load("train_ldm").run(compose(*TRAIN, *common, f"stage.output_url={tmp_path}/ldm", f"stage.checkpoints_url={tmp_path}/ckpt",
+                                                   "stage.steps=24", f"stage.resume={checkpoint}"))
+    assert resumed["counts"]["steps"] == 24
+    assert torch.load(_checkpoints(resumed)[-1] / ldm_loop.STATE_FILE, weights_only=True)["rng"][0]["generator"].numel() == 5056
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3_and_trains_each_row_once(latents, uninterrupted, s3_server, tmp_path):

@@ -23,6 +23,7 @@ from diffusers.configuration_utils import FrozenDict
 from tqdm.auto import tqdm
 
 from ldm.choices import SAMPLERS, WEIGHTS
+from ldm.devices import device_for, enable_tf32
 from ldm.manifest import verify
 from ldm.data.layouts import describe_layout
 from ldm.models.conditioners import ConditionedPipeline, LayoutEncoder, LearnedConditioner
@@ -83,9 +84,9 @@ def load_pipeline(storage: Storage, url: str, *, weights: str = "ema", sampler_n
     first_stage = load_first_stage(first["location"], storage, first.get("subfolder"))
     pipeline = task_pipeline(unet, text_encoder, tokenizer, first_stage, facts["scale_factor"], sampler(sampler_name, schedule),
                              named_task(facts.get("task", "text_to_image")).concat)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return pipeline.to(device)
+    target = device_for(device)
+    enable_tf32(target)
+    return pipeline.to(target)
 
 
 def pipeline_size(pipeline: LDMTextToImagePipeline) -> int:

@@ -88,12 +88,14 @@ TEXT_TOWERS = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5
 def load_text_encoder(name_or_path: str, storage: Storage | None = None, subfolder: str | None = None) -> torch.nn.Module:
     """A pretrained text encoder (or a τθ we saved) from a hub id, a local directory or ``s3://``, optionally in
     a ``subfolder`` (diffusers repositories keep theirs in ``text_encoder/``), all through ``from_pretrained``;
-    object-store directories are copied to local disk first. CLIP (a text-only directory or a whole CLIP
+    object-store directories are copied to local disk first, and loaded in fp32. CLIP (a text-only directory or a whole CLIP
     model) gives its text tower, T5 its encoder, anything else (BERT, LDMBert) ``AutoModel``: each returns the
     per-token features first, which is what τθ(y) is."""
     with pretrained_directory(name_or_path, storage) as local:
         config = AutoConfig.from_pretrained(local, subfolder=subfolder or "")
-        return TEXT_TOWERS.get(config.model_type, AutoModel).from_pretrained(local, subfolder=subfolder or "")
+        # In fp32, whatever it was saved in (transformers 5 keeps the saved dtype): an fp16 release would otherwise
+        # hand the fp32 UNet half-precision features. Whoever runs it in half precision casts it (encode_latents).
+        return TEXT_TOWERS.get(config.model_type, AutoModel).from_pretrained(local, subfolder=subfolder or "", dtype=torch.float32)
 
 
 def set_attention(unet: torch.nn.Module, kind: str, device: torch.device) -> None:
@@ -123,14 +125,14 @@ def load_models(directory: str) -> tuple[torch.nn.Module, torch.nn.Module | None
     """The UNet (whichever class its config names: a task without τθ has a UNet2DModel) and τθ saved under
     ``directory`` (a checkpoint, its EMA folder, or a train_ldm output); τθ is None when there is none (a
     checkpoint of training on precomputed τθ(y), or a task without a condition)."""
-    unet = AutoDiffusersModel.from_pretrained(os.path.join(directory, UNET))
+    unet = AutoDiffusersModel.from_pretrained(os.path.join(directory, UNET), torch_dtype=torch.float32)
     text, learned = os.path.join(directory, TEXT_ENCODER), os.path.join(directory, CONDITIONER)
     if os.path.isdir(learned):
         with open(os.path.join(learned, "config.json")) as f:
             name = json.load(f).get("_class_name")
         if name not in CONDITIONERS:
             raise ValueError(f"{learned}: a conditioner of class {name!r}; this version knows {sorted(CONDITIONERS)}")
-        return unet, CONDITIONERS[name].from_pretrained(learned)
+        return unet, CONDITIONERS[name].from_pretrained(learned, torch_dtype=torch.float32)
     return unet, load_text_encoder(text) if os.path.isdir(text) else None
 
 

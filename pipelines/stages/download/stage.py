@@ -24,13 +24,15 @@ from ldm.data.sources import Columns
 from ldm.manifest import IncompleteOutputError, data_files
 from ldm.storage import Storage
 from pipelines.config import plain
+from pipelines.cluster import Request
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.download import tasks
 
 # Bump when download's output changes for the same config and input.
 DOWNLOAD_VERSION = 1
 STAGE = Stage("download", version=DOWNLOAD_VERSION, output_url=lambda cfg: cfg.data.images_url, resume=True,
-              detail="{success} of {rows} images")
+              detail="{success} of {rows} images",
+              requests=lambda cfg: [Request("stage.resources.num_cpus_per_task", {"CPU": cfg.stage.resources.num_cpus_per_task})])
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -10,7 +10,8 @@ import pyarrow.compute as pc
 import torch
 
 from ldm.latents import MASK, MASKED_LATENT, TEXT_EMBEDDING, column_array, latent_columns, tensor_column
-from ldm.models.first_stage import encode_pixels, factor, kind, load_first_stage
+from ldm.devices import device_for, enable_tf32
+from ldm.models.first_stage import encode_pixels, factor, for_inference, kind, load_first_stage
 from ldm.models.image_conditioned import image_tensor, latent_mask, masked_latent
 from ldm.models.text_to_image import encode_text, load_text_encoder
 from ldm.storage import Storage
@@ -22,19 +23,28 @@ except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand ba
     _malloc_trim = None
 
 
-class Encoder:
-    """An actor holding the first stage (and the frozen text encoder, when one is named): its device, and half
-    precision there when it is a GPU."""
+def encoder_device(num_gpus: float) -> str:
+    """The device of an actor that asked Ray for ``num_gpus``: the GPU Ray gave it (Ray makes it the actor's only
+    visible one, cuda:0), or the CPU. Never ``torch.cuda.is_available()``: Ray does not hide a GPU host's GPUs from
+    an actor that asked for none, and such actors would all pile onto cuda:0 beside the training workers."""
+    return "cuda" if num_gpus > 0 else "cpu"
 
-    def __init__(self, first_stage: str, subfolder: str | None, storage: Storage, dtype: str, threads: int, resolution: int,
-                 release_every: int, text_encoder: str | None, text_encoder_subfolder: str | None, concat: str | None = None):
+
+class Encoder:
+    """An actor holding the first stage (and the frozen text encoder, when one is named) on ``device``, in
+    ``dtype`` there when it is a GPU (fp32 on a CPU)."""
+
+    def __init__(self, first_stage: str, subfolder: str | None, storage: Storage, device: str, dtype: str, threads: int,
+                 resolution: int, release_every: int, text_encoder: str | None, text_encoder_subfolder: str | None,
+                 concat: str | None = None):
         # glibc keeps the pages of freed activations, ever more fragmented, so the actor would grow with the data
         # encoded: every release_every batches (stage.resources.release_memory_every) they go back to the OS.
         self.release_every, self.calls = release_every, 0
         torch.set_num_threads(max(1, threads))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device_for(device)
+        enable_tf32(self.device)
         self.dtype = getattr(torch, dtype) if self.device.type == "cuda" else torch.float32
-        self.model = load_first_stage(first_stage, storage, subfolder).to(self.device, self.dtype).eval()
+        self.model = for_inference(load_first_stage(first_stage, storage, subfolder), self.device, self.dtype)
         self.columns = latent_columns(kind(self.model))
         self.text_encoder = None
         if text_encoder is not None:

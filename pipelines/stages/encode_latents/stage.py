@@ -31,16 +31,18 @@ from ldm.storage import Storage, is_hub_id, model_location, weights_digest
 from ldm.tasks import task as named_task
 from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.config import plain
+from pipelines.cluster import Request
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.encode_latents import tasks
-from pipelines.stages.encode_latents.encoder import Encoder, text_embeddings
+from pipelines.stages.encode_latents.encoder import Encoder, encoder_device, text_embeddings
 
 # 2: parts are written in row groups of stage.row_group_rows, listed in the manifest; the first
 #    stage.held_out_images of prepare's held-out rows are encoded too, into held_out/.
 # 3: the class and layout columns (label, boxes) are carried, and the classes they name listed in the manifest.
 # 4: the manifest counts the training rows with a layout (rows_with_boxes); super-resolution and inpainting
 #    (task=) add their UNet input's columns (low_res; mask, masked_latent).
-STAGE = Stage("encode_latents", version=4, output_url=lambda cfg: cfg.stage.output_url, resume=True, detail="{rows_out} rows")
+STAGE = Stage("encode_latents", version=4, output_url=lambda cfg: cfg.stage.output_url, resume=True, detail="{rows_out} rows",
+              requests=lambda cfg: _requests(cfg.stage.resources))
 WORK = "_work"
 EMPTY_TEXT_EMBEDDING = "empty_text_embedding.safetensors"
 
@@ -88,7 +90,6 @@ def _encode(job: Job) -> Output:
     storage, settings, out = job.storage, job.settings, job.out
     source, prepared, first_stage = job.inputs.record["prepared"], job.inputs.found["prepared"], job.inputs.found["first_stage"]
     text_encoder, concat = job.inputs.found.get("text_encoder"), job.inputs.found["concat"]
-    _check_resource_plan(job.cfg)
     started = time.time()
     shard_rows = _rows(prepared, source, "data")
     held_out_rows = _held_out_rows(prepared, source, settings.held_out_images)
@@ -224,33 +225,19 @@ def _text_encoder(storage: Storage, location: str, subfolder: str | None, tokeni
     return facts, empty
 
 
-def _check_resource_plan(cfg: DictConfig) -> None:
-    """Refuse a plan in which the encoder actors would hold every CPU: reads, decodes and writes would then
-    wait forever (on a small machine Ray does not say so)."""
-    resources = cfg.stage.resources
-    total = ray.cluster_resources()
-    held = resources.encoder_concurrency * resources.num_cpus_per_encoder
-    free = total.get("CPU", 0) - held
-    need = max(1.0, resources.num_cpus_per_decode_task, resources.num_cpus_per_write_task)
-    # Only a cluster this stage started has a fixed size; an autoscaling one may have no workers yet.
-    if cfg.cluster.address == "local" and free < need:
-        raise ValueError(
-            f"stage.resources: {resources.encoder_concurrency} encoder actor(s) x {resources.num_cpus_per_encoder} CPU "
-            f"hold {held:g} of the cluster's {total.get('CPU', 0):g} CPUs, leaving {free:g} for the read, decode and "
-            f"write tasks, which need {need:g}. Lower encoder_concurrency or num_cpus_per_encoder, or give the "
-            "cluster more CPUs (cluster.num_cpus locally)."
-        )
+def _requests(resources: DictConfig) -> list[Request]:
+    """The encoder actors, and room beside them for a read, decode or write task: with every CPU held by the
+    actors, those would wait forever (on a small machine Ray does not say so)."""
     if resources.num_gpus_per_encoder == 0 and resources.num_cpus_per_decode_task == resources.num_cpus_per_encoder:
         print(
             f"{STAGE.name}: warning: decode tasks and encoder actors ask for the same resources, so Ray Data fuses "
             "decoding into the encoder actors, where it waits behind every forward; give "
             "stage.resources.num_cpus_per_decode_task another value"
         )
-    gpus = resources.encoder_concurrency * resources.num_gpus_per_encoder
-    if cfg.cluster.address == "local" and gpus > total.get("GPU", 0):
-        raise ValueError(
-            f"stage.resources asks for {gpus:g} GPU(s) for the encoders, the local cluster has {total.get('GPU', 0):g}"
-        )
+    encoder = {"CPU": resources.num_cpus_per_encoder, "GPU": resources.num_gpus_per_encoder}
+    task = {"CPU": max(1.0, resources.num_cpus_per_decode_task, resources.num_cpus_per_write_task)}
+    return [Request("stage.resources.encoder_concurrency", encoder, resources.encoder_concurrency),
+            Request("a decode or write task (stage.resources.num_cpus_per_decode_task, num_cpus_per_write_task)", task)]
 
 
 def _schema(kind: str, text_encoder: dict[str, Any] | None, concat: str | None) -> dict[str, str]:
@@ -312,6 +299,7 @@ class _Encoding:
                     "first_stage": first_stage["location"],
                     "subfolder": first_stage["subfolder"],
                     "storage": self.storage,
+                    "device": encoder_device(resources.num_gpus_per_encoder),
                     "dtype": str(resources.dtype),
                     "threads": int(max(1, resources.num_cpus_per_encoder)),
                     "resolution": settings.resolution,

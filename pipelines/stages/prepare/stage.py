@@ -22,10 +22,12 @@ from ldm.markers import read_markers
 from ldm.storage import Storage, resolve
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
 from pipelines.config import plain
+from pipelines.cluster import Request
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.prepare import tasks
 
-STAGE = Stage("prepare", version=PREPARE_VERSION, output_url=lambda cfg: cfg.data.prepared_url, resume=True, detail="{rows_out} rows")
+STAGE = Stage("prepare", version=PREPARE_VERSION, output_url=lambda cfg: cfg.data.prepared_url, resume=True, detail="{rows_out} rows",
+              requests=lambda cfg: [Request("stage.resources.num_cpus_per_task", {"CPU": cfg.stage.resources.num_cpus_per_task})])
 WORK = "_work"
 TOKENIZER = tasks.TOKENIZER
 

@@ -29,10 +29,12 @@ from ldm.synthetic.corpus import (
 )
 from ldm.synthetic.scene import held_out_combinations
 from pipelines.config import plain
+from pipelines.cluster import Request
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.synthesize.tasks import write_shard
 
-STAGE = Stage("synthesize", version=GENERATOR_VERSION, output_url=lambda cfg: cfg.data.raw_url, detail="{rows} rows")
+STAGE = Stage("synthesize", version=GENERATOR_VERSION, output_url=lambda cfg: cfg.data.raw_url, detail="{rows} rows",
+              requests=lambda cfg: [Request("stage.resources.num_cpus_per_task", {"CPU": cfg.stage.resources.num_cpus_per_task})])
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
@@ -28,6 +27,7 @@ import torch.distributed as dist
 from ldm.losses.first_stage import FirstStageLoss, LossWeights
 from ldm.losses.lpips import load_lpips
 from ldm.lr_schedule import learning_rate, set_learning_rate
+from ldm.devices import autocast as autocast_for, autocast_dtype, enable_tf32, restore_optimizer, rng_state
 from ldm.flops import peak_flops, performance, step_flops
 from ldm.grids import pair_grid
 from ldm.metrics.reconstruction import evaluate_reconstruction
@@ -36,7 +36,8 @@ from ldm.models.presets import first_stage_preset
 from ldm.storage import Storage
 from pipelines.schema import TrainAutoencoder
 from pipelines.stages.train_autoencoder import tasks
-from pipelines.train_worker import EpochData, RunLogger, RunTarget, gather_for_checkpoint, parameter_spread, private_copy
+from pipelines.train_worker import (EpochData, RunLogger, RunTarget, gather_for_checkpoint, parameter_spread, private_copy,
+                                    random_streams)
 
 MODEL_DIR = "model"  # inside a checkpoint: the autoencoder as diffusers saves it
 STATE_FILE = "training_state.pt"
@@ -76,33 +77,33 @@ def train_loop(config: LoopConfig) -> None:
     if settings.crop and settings.crop % factor(model):  # a pretrained one's (the stage checked a preset's)
         raise ValueError(f"stage.crop={settings.crop} is not a multiple of the first stage's downsampling factor {factor(model)}")
     perceptual = load_lpips(settings.lpips_weights, config.storage)
+    # Built, then moved to the device, then the optimizers and their state: torch puts Adam's moments on their
+    # parameters' device as it loads them.
     loss = FirstStageLoss(kind(model), LossWeights(**asdict(settings.loss)), perceptual, settings.disc_layers).to(device)
-    torch.manual_seed(settings.seed + rank)  # then each rank draws its own posterior noise
+    autoencoder = model.to(device)
     extra = [loss.logvar] if loss.logvar is not None else []
     betas = tuple(opt.betas)
-    ae_optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=opt.lr, betas=betas)
+    ae_optimizer = torch.optim.Adam([*autoencoder.parameters(), *extra], lr=opt.lr, betas=betas)
     d_optimizer = torch.optim.Adam(loss.discriminator.parameters(), lr=opt.disc_lr, betas=betas)
     step, epoch, taken = 0, 0, []  # taken: positions of the epoch's order trained on before this attempt
     if state:
         loss.load_state_dict(state["loss"])
-        ae_optimizer.load_state_dict(state["ae_optimizer"])
-        d_optimizer.load_state_dict(state["d_optimizer"])
+        restore_optimizer(ae_optimizer, state["ae_optimizer"], device)
+        restore_optimizer(d_optimizer, state["d_optimizer"], device)
         step, epoch = state["step"], state["epoch"]
-        if len(state["torch_rng"]) == world:  # the same worker count: each rank continues its posterior noise
-            torch.set_rng_state(state["torch_rng"][rank])
-            if device.type == "cuda" and state["cuda_rng"][rank] is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"][rank], device)
         taken = config.data.resumed(state, "train_autoencoder", rank)
-    model.train()  # from_pretrained (a checkpoint) returns eval mode, which runs some layers differently
-    network = ray.train.torch.prepare_model(Reconstruct(model))
-    autoencoder = model.to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and settings.bf16 else nullcontext()
+    random_streams(state, "train_autoencoder", rank, world, device, None, settings.seed)  # each rank's posterior noise
+    autoencoder.train()  # from_pretrained (a checkpoint) returns eval mode, which runs some layers differently
+    network = ray.train.torch.prepare_model(Reconstruct(autoencoder))
+    enable_tf32(device)
+    precision = autocast_dtype(device, str(settings.precision), "stage.precision")
+    autocast = autocast_for(device, precision)
 
     tracker = RunLogger(config.run) if rank == 0 else None
     validation = _validation_batches(settings.batch_size) if rank == 0 else None
     sums: dict[str, float] = {}
     started, seen, window_steps = time.time(), 0, 0
-    peak = peak_flops(device, torch.bfloat16 if device.type == "cuda" and settings.bf16 else torch.float32)
+    peak = peak_flops(device, precision)
     flops, disc_counted = None, False  # one worker's step (autoencoder and discriminator)
 
     # -- the loop: each epoch is one pass over this worker's run of the epoch's order -------------------------
@@ -194,8 +195,7 @@ def _report(metrics, save: bool, autoencoder, loss, ae_optimizer, d_optimizer, s
             rank: int, data: EpochData) -> None:
     """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due, with every
     rank's RNG and the positions of the epoch's order they have trained on."""
-    cuda = torch.cuda.get_rng_state(next(autoencoder.parameters()).device) if next(autoencoder.parameters()).is_cuda else None
-    gathered = gather_for_checkpoint((torch.get_rng_state(), cuda, position["consumed"]), save, world)
+    gathered = gather_for_checkpoint((rng_state(next(autoencoder.parameters()).device), position["consumed"]), save, world)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if save and rank == 0:
@@ -207,9 +207,8 @@ def _report(metrics, save: bool, autoencoder, loss, ae_optimizer, d_optimizer, s
                     "d_optimizer": d_optimizer.state_dict(),
                     "step": step,
                     "epoch": position["epoch"],
-                    "torch_rng": [r for r, _, _ in gathered],
-                    "cuda_rng": [c for _, c, _ in gathered],
-                    "data": data.position(position["epoch"], world, position["taken"], [c for _, _, c in gathered]),
+                    "rng": [r for r, _ in gathered],
+                    "data": data.position(position["epoch"], world, position["taken"], [c for _, c in gathered]),
                 },
                 os.path.join(directory, STATE_FILE),
             )

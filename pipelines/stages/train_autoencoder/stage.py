@@ -29,7 +29,8 @@ from pipelines.stages.train_autoencoder import loop, tasks
 from pipelines.train_worker import EpochData
 
 # 3: trains on prepare's shards/ and validates on its held_out/ (prepare's held-out set).
-STAGE = Stage("train_autoencoder", version=3, output_url=lambda cfg: cfg.stage.output_url, detail="{steps} steps")
+STAGE = Stage("train_autoencoder", version=3, output_url=lambda cfg: cfg.stage.output_url, detail="{steps} steps",
+              requests=lambda cfg: training.requests(cfg, cfg.stage.resources.num_cpus_per_decode_task))
 MODEL = "model"
 
 

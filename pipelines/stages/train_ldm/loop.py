@@ -33,6 +33,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ldm.data.epochs import END_OF_EPOCH, EpochStream, Interval
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
 from ldm.diffusion.sampling import condition_captions, generate_images, sampler, task_pipeline
+from ldm.devices import autocast as autocast_for, autocast_dtype, enable_tf32, restore_optimizer, rng_state
 from ldm.flops import peak_flops, performance, step_flops as count_step_flops
 from ldm.grids import captioned_grid
 from ldm.latents import LOW_RES, MASK, MASKED_LATENT, TEXT_EMBEDDING
@@ -58,7 +59,7 @@ from ldm.tasks import Task
 from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.schema import Noise, TrainLdm
 from pipelines.train_worker import (EpochData, RunLogger, RunTarget, gather_for_checkpoint, parameter_spread, private_copy,
-                                    worker_data_context)
+                                    random_streams, worker_data_context)
 
 STATE_FILE = "training_state.pt"
 
@@ -174,25 +175,24 @@ def train_loop(config: LoopConfig) -> None:
     optimizer = torch.optim.AdamW(trained, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
     averaged = [p for m in towers for p in m.parameters()]  # the EMA's order; frozen ones are copied
     ema = EMAModel(averaged, decay=settings.ema.decay, update_after_step=settings.ema.start_step, foreach=True)
+    # Noise, timesteps and caption dropout draw from the generator, τθ's dropout from torch's own streams: both
+    # are each rank's own, and a checkpoint continues them.
     generator = torch.Generator(device=device)
-    generator.manual_seed(settings.seed * 1000 + rank)
     step, epoch = 0, 0
     taken: list[Interval] = []  # positions of the current epoch's order trained on before this attempt started
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        restore_optimizer(optimizer, state["optimizer"], device)
         ema.shadow_params = [p.to(device) for p in ema_weights]
         ema.optimization_step = state["ema_updates"]
         step, epoch = state["step"], state["epoch"]
-        if len(state["rng"]) == world:  # the same worker count: each rank continues its own random streams
-            generator.set_state(state["rng"][rank])
-            torch.set_rng_state(state["torch_rng"][rank])
-        else:
-            generator.manual_seed(settings.seed * 1000 + step * world + rank)
         taken = config.data.resumed(state, "train_ldm", rank)
+    random_streams(state, "train_ldm", rank, world, device, generator, settings.seed * 1000)
     network = ray.train.torch.prepare_model(module)
     if settings.compile:
         network = torch.compile(network)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if settings.bf16 else nullcontext()
+    enable_tf32(device)
+    precision = autocast_dtype(device, str(settings.precision), "stage.precision")
+    autocast = autocast_for(device, precision)
     accumulation, batch_size = opt.accumulation, settings.batch_size
     global_batch = batch_size * world * accumulation
 
@@ -209,7 +209,7 @@ def train_loop(config: LoopConfig) -> None:
         print(f"train_ldm: {world} workers on {nodes} node(s), global batch {global_batch} = {batch_size} x {world} workers x "
               f"{accumulation} accumulation; parameters {counts}")
 
-    peak = peak_flops(device, torch.bfloat16 if settings.bf16 else torch.float32)
+    peak = peak_flops(device, precision)
     step_flops = None  # one worker's optimizer step, counted once, on this attempt's first whole step
     loss_sum = norm_sum = data_wait = 0.0
     window_steps, window_start = 0, time.perf_counter()
@@ -371,7 +371,7 @@ def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer
             world: int, rank: int, data: EpochData) -> None:
     """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due. The
     checkpoint's data position: the epoch, and the positions of its order that every rank has trained on."""
-    gathered = gather_for_checkpoint((generator.get_state(), torch.get_rng_state(), position["consumed"]), save, world)
+    gathered = gather_for_checkpoint((rng_state(generator.device, generator), position["consumed"]), save, world)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if save and rank == 0:
@@ -383,8 +383,8 @@ def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer
             ema.restore(averaged)
             torch.save(
                 {"optimizer": optimizer.state_dict(), "step": step, "epoch": position["epoch"], "ema_updates": ema.optimization_step,
-                 "rng": [g for g, _, _ in gathered], "torch_rng": [t for _, t, _ in gathered],
-                 "data": data.position(position["epoch"], world, position["taken"], [c for _, _, c in gathered])},
+                 "rng": [r for r, _ in gathered],
+                 "data": data.position(position["epoch"], world, position["taken"], [c for _, c in gathered])},
                 os.path.join(directory, STATE_FILE),
             )
             checkpoint = ray.train.Checkpoint.from_directory(directory)

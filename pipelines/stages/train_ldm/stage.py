@@ -41,7 +41,8 @@ from pipelines.stages.train_ldm import loop
 from pipelines.train_worker import EpochData
 
 # 2: tiny's τθ is a BertModel. 3: a class (or layout) τθ is saved in conditioner/.
-STAGE = Stage("train_ldm", version=3, output_url=lambda cfg: cfg.stage.output_url, uses_task=True, detail="{steps} steps")
+STAGE = Stage("train_ldm", version=3, output_url=lambda cfg: cfg.stage.output_url, uses_task=True, detail="{steps} steps",
+              requests=lambda cfg: training.requests(cfg, 1))  # a latent read task: Ray Data's 1 CPU
 SCHEDULER_DIR, TOKENIZER_DIR = "scheduler", "tokenizer"
 
 
