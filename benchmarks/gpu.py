@@ -8,9 +8,9 @@ The checks, in order, each a stage run in-process as ``python pipelines/run.py``
 1. ``train_autoencoder``: on the GPU worker (``stage.scaling.use_gpu``, bf16 where the GPU has it), then the same
    command with twice the steps, which resumes from the checkpoint: the optimizer's state must be on the GPU.
 2. ``encode_latents``: an encoder actor on the GPU (``num_gpus_per_encoder=1``) in bf16, with a frozen text encoder
-   saved in fp16 (it loads in fp32, then runs in the actor's dtype); images/s per GPU and the MFU of the encoding.
+   saved in fp16 (it loads in fp32, then runs in the actor's dtype); images/s per device and the encoder's MFU.
 3. ``train_ldm``: bf16 on the GPU worker, then resumed to twice the steps (CUDA random states, the optimizer on the
-   GPU); steps/s, images/s per GPU and MFU.
+   GPU); steps/s, images/s per device and MFU.
 4. ``sample`` and ``evaluate`` on ``device=cuda``; 5. ``export``, then the registered MLflow model served on the GPU.
 
 Each line: ``gpu: <check>: ok|FAILED <what was measured or what broke> (<seconds> s)``; the last line counts them.
@@ -29,10 +29,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from transformers import BertConfig, BertModel  # noqa: E402
 
+from ldm.flops import peak_flops, step_flops  # noqa: E402
+from ldm.models.first_stage import encode_pixels, for_inference, load_first_stage  # noqa: E402
 from ldm.text.tokenizer import load_tokenizer  # noqa: E402
 from pipelines import stages  # noqa: E402
 from pipelines.config import compose  # noqa: E402
@@ -93,6 +96,17 @@ def frozen_text_encoder(root: Path, tokenizer_dir: str, max_length: int) -> str:
     return str(path)
 
 
+def encoding_flops(facts: dict, device: torch.device) -> float:
+    """One image's encoding FLOPs (torch's counter, as the training stages count theirs) over the device's peak in
+    the actor's precision: times images/s, the encoder's MFU (NaN where the peak is unknown)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    first = facts["first_stage"]
+    model = for_inference(load_first_stage(first["location"], None, first["subfolder"]), device, dtype)
+    pixels = np.zeros((1, facts["resolution"], facts["resolution"], 3), np.uint8)
+    flops = step_flops(lambda: encode_pixels(model, pixels, device, dtype), [model])
+    return flops / (peak_flops(device, dtype) or float("nan"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="every check on the CPU at small sizes")
@@ -139,7 +153,9 @@ def main() -> None:
     def encode():
         encoded = stage("encode_latents", *mode["encode"], f"stage.text_encoder={text_encoder}")
         rate = encoded["timings"]["images_per_s"]
-        return encoded, f"{encoded['counts']['rows_out']} images with τθ(y) from an fp16-saved encoder; {rate:.1f} images/s per GPU"
+        mfu = rate * encoding_flops(encoded["facts"], torch.device(mode["device"]))
+        return encoded, (f"{encoded['counts']['rows_out']} images with τθ(y) from an fp16-saved encoder; {rate:.1f} images/s per device, "
+                         f"MFU {mfu:.3f}")
 
     checks.run("encode_latents on GPU actors, frozen text encoder", encode)
 
@@ -147,7 +163,7 @@ def main() -> None:
         steps, resumed = trained_and_resumed("train_ldm", *mode["train"], *mode["ldm"], f"stage.model.pretrained_text_encoder={text_encoder}")
         metrics = resumed["facts"]["final_metrics"]
         return resumed, (f"{steps} steps, resumed to {resumed['counts']['steps']}; {metrics.get('train/steps_per_s', 0):.2f} steps/s, "
-                         f"{metrics.get('train/samples_per_s', 0):.1f} images/s per GPU, MFU {metrics.get('perf/mfu', float('nan')):.3f}")
+                         f"{metrics.get('train/samples_per_s', 0):.1f} images/s per device, MFU {metrics.get('perf/mfu', float('nan')):.3f}")
 
     checks.run("train_ldm bf16 with a resume", train)
 

@@ -127,7 +127,9 @@ def encode(model: FirstStage, images: torch.Tensor) -> Encoded:
 def for_inference(model: FirstStage, device: torch.device, dtype: torch.dtype) -> FirstStage:
     """``model`` on ``device`` in ``dtype`` for encoding, in eval mode; a VQ model's codebook stays fp32 (``encode``
     searches it in fp32)."""
-    model = model.to(device, dtype).eval()
+    # torch's own ``to``: diffusers' warns on every dtype cast, even of a model with no module to keep in fp32;
+    # the one this model has (the codebook) is kept here.
+    model = torch.nn.Module.to(model, device, dtype).eval()
     if isinstance(model, VQModel):
         model.quantize.to(torch.float32)
     return model
