@@ -144,10 +144,23 @@ def random_streams(state: dict[str, Any] | None, stage: str, rank: int, world: i
     if not state:
         restore_rng(None, device, generator, base_seed + rank)
         return
-    saved = state["rng"][rank] if len(state["rng"]) == world else None
+    streams = saved_streams(state)
+    saved = streams[rank] if len(streams) == world else None
     if not restore_rng(saved, device, generator, base_seed + state["step"] * world + rank):
         print(f"{stage}: rank {rank}: the checkpoint's random streams are not this run's ({world} workers on {device.type}); "
               "they start again from the seed and the step")
+
+
+def saved_streams(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's ``rng_state`` in a checkpoint, also in the format of checkpoints written before it recorded
+    the device type (train_ldm: ``rng`` held the generators' states beside ``torch_rng``; train_autoencoder:
+    ``torch_rng`` and ``cuda_rng``), so that ``stage.resume`` still takes them."""
+    if "torch_rng" not in state:
+        return state["rng"]
+    generators = state.get("rng") or [None] * len(state["torch_rng"])
+    cudas = state.get("cuda_rng") or [None] * len(state["torch_rng"])
+    return [{"device": "cuda" if cuda is not None or (g is not None and g.numel() == 16) else "cpu", "cpu": cpu, "cuda": cuda, "generator": g}
+            for cpu, cuda, g in zip(state["torch_rng"], cudas, generators)]
 
 
 def gather_for_checkpoint(mine: tuple, save: bool, world: int) -> list[tuple]:

@@ -3,6 +3,7 @@ the ``meta`` device, models saved in half precision. Each test is a crash or sil
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from diffusers import AutoencoderKL, VQModel
 from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModel
 
@@ -15,6 +16,8 @@ from ldm.storage import Storage
 from pipelines import stages
 from pipelines.config import compose
 from pipelines.stages.encode_latents.encoder import Encoder, encoder_device
+from pipelines.stages.train_autoencoder.loop import training_parts
+from pipelines.train_worker import saved_streams
 
 CUDA = torch.device("cuda")
 
@@ -104,6 +107,17 @@ def test_a_checkpoint_written_on_gpus_resumes_on_a_cpu_with_fresh_streams():
     assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=torch.Generator().manual_seed(11)))
 
 
+def test_checkpoints_written_before_the_device_was_recorded_still_resume():
+    cpu, generator_state = torch.device("cpu"), torch.Generator().manual_seed(4).get_state()
+    [from_ldm] = saved_streams({"rng": [generator_state], "torch_rng": [torch.get_rng_state()]})  # train_ldm's old keys
+    generator = torch.Generator()
+    assert from_ldm["device"] == "cpu" and restore_rng(from_ldm, cpu, generator, reseed=0)
+    assert torch.equal(generator.get_state(), generator_state)
+    [from_autoencoder] = saved_streams({"torch_rng": [torch.get_rng_state()], "cuda_rng": [torch.zeros(16, dtype=torch.uint8)]})
+    assert from_autoencoder["device"] == "cuda" and from_autoencoder["generator"] is None
+    assert restore_rng(from_autoencoder, cpu, None, reseed=0)  # only torch's CPU stream to continue on a CPU
+
+
 def test_cuda_random_state_is_saved_and_restored_on_a_gpu(gpu, monkeypatch):
     """Dropout on a GPU draws from CUDA's own stream: a checkpoint must carry it (16 bytes: seed and offset)."""
     gpu("NVIDIA H100 80GB HBM3", (9, 0))
@@ -132,6 +146,24 @@ def test_optimizer_state_lands_on_the_device_its_parameters_train_on():
     restore_optimizer(resumed, saved, torch.device("meta"))
     moments = [v for state in resumed.state.values() for k, v in state.items() if k != "step"]
     assert moments and all(m.device.type == "meta" for m in moments)
+
+
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")  # meta tensors hold no values to load
+def test_a_resumed_autoencoder_trains_with_its_optimizer_state_on_its_device():
+    """train_autoencoder's parts as its loop builds them, resumed onto the ``meta`` device (a GPU's stand-in)."""
+    settings = OmegaConf.to_object(compose("stage=train_autoencoder").stage)
+    autoencoder, loss, ae_optimizer, d_optimizer = training_parts(settings, tiny_autoencoder("kl"), None, torch.device("cpu"), {})
+    for optimizer in (ae_optimizer, d_optimizer):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = torch.ones_like(p)
+        optimizer.step()
+    state = {"loss": loss.state_dict(), "ae_optimizer": ae_optimizer.state_dict(), "d_optimizer": d_optimizer.state_dict()}
+    autoencoder, loss, ae_optimizer, d_optimizer = training_parts(settings, tiny_autoencoder("kl"), None, torch.device("meta"), state)
+    assert autoencoder.device.type == "meta" and all(p.device.type == "meta" for p in loss.parameters())
+    for optimizer in (ae_optimizer, d_optimizer):
+        moments = [v for state in optimizer.state.values() for k, v in state.items() if k != "step"]
+        assert moments and all(m.device.type == "meta" for m in moments)
 
 
 def tiny_autoencoder(kind: str) -> AutoencoderKL | VQModel:

@@ -31,7 +31,7 @@ from ldm.devices import autocast as autocast_for, autocast_dtype, enable_tf32, r
 from ldm.flops import peak_flops, performance, step_flops
 from ldm.grids import pair_grid
 from ldm.metrics.reconstruction import evaluate_reconstruction
-from ldm.models.first_stage import Reconstruct, build_first_stage, factor, kind, last_layer, load_first_stage
+from ldm.models.first_stage import FirstStage, Reconstruct, build_first_stage, factor, kind, last_layer, load_first_stage
 from ldm.models.presets import first_stage_preset
 from ldm.storage import Storage
 from pipelines.schema import TrainAutoencoder
@@ -77,19 +77,10 @@ def train_loop(config: LoopConfig) -> None:
     if settings.crop and settings.crop % factor(model):  # a pretrained one's (the stage checked a preset's)
         raise ValueError(f"stage.crop={settings.crop} is not a multiple of the first stage's downsampling factor {factor(model)}")
     perceptual = load_lpips(settings.lpips_weights, config.storage)
-    # Built, then moved to the device, then the optimizers and their state: torch puts Adam's moments on their
-    # parameters' device as it loads them.
-    loss = FirstStageLoss(kind(model), LossWeights(**asdict(settings.loss)), perceptual, settings.disc_layers).to(device)
-    autoencoder = model.to(device)
+    autoencoder, loss, ae_optimizer, d_optimizer = training_parts(settings, model, perceptual, device, state)
     extra = [loss.logvar] if loss.logvar is not None else []
-    betas = tuple(opt.betas)
-    ae_optimizer = torch.optim.Adam([*autoencoder.parameters(), *extra], lr=opt.lr, betas=betas)
-    d_optimizer = torch.optim.Adam(loss.discriminator.parameters(), lr=opt.disc_lr, betas=betas)
     step, epoch, taken = 0, 0, []  # taken: positions of the epoch's order trained on before this attempt
     if state:
-        loss.load_state_dict(state["loss"])
-        restore_optimizer(ae_optimizer, state["ae_optimizer"], device)
-        restore_optimizer(d_optimizer, state["d_optimizer"], device)
         step, epoch = state["step"], state["epoch"]
         taken = config.data.resumed(state, "train_autoencoder", rank)
     random_streams(state, "train_autoencoder", rank, world, device, None, settings.seed)  # each rank's posterior noise
@@ -168,6 +159,24 @@ def train_loop(config: LoopConfig) -> None:
         else:  # the epoch's run is exhausted
             config.data.check_share(consumed, taken, rank, settings.batch_size)
             epoch, taken = epoch + 1, []
+
+
+def training_parts(settings: TrainAutoencoder, model: FirstStage, perceptual, device: torch.device,
+                   state: dict[str, Any]) -> tuple[FirstStage, FirstStageLoss, torch.optim.Adam, torch.optim.Adam]:
+    """The autoencoder and its loss on ``device``, their two optimizers, and a checkpoint's ``state`` loaded into
+    them (empty: a fresh start), in that order: torch puts Adam's moments on their parameters' device as it
+    loads them, so a model moved afterwards would step with its moments left on the CPU."""
+    opt = settings.optimizer
+    loss = FirstStageLoss(kind(model), LossWeights(**asdict(settings.loss)), perceptual, settings.disc_layers).to(device)
+    autoencoder = model.to(device)
+    extra = [loss.logvar] if loss.logvar is not None else []
+    ae_optimizer = torch.optim.Adam([*autoencoder.parameters(), *extra], lr=opt.lr, betas=tuple(opt.betas))
+    d_optimizer = torch.optim.Adam(loss.discriminator.parameters(), lr=opt.disc_lr, betas=tuple(opt.betas))
+    if state:
+        loss.load_state_dict(state["loss"])
+        restore_optimizer(ae_optimizer, state["ae_optimizer"], device)
+        restore_optimizer(d_optimizer, state["d_optimizer"], device)
+    return autoencoder, loss, ae_optimizer, d_optimizer
 
 
 def _losses(autoencoder, loss: FirstStageLoss, images: torch.Tensor, step: int, autocast) -> None:
