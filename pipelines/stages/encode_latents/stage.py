@@ -90,6 +90,13 @@ def _encode(job: Job) -> Output:
     storage, settings, out = job.storage, job.settings, job.out
     source, prepared, first_stage = job.inputs.record["prepared"], job.inputs.found["prepared"], job.inputs.found["first_stage"]
     text_encoder, concat = job.inputs.found.get("text_encoder"), job.inputs.found["concat"]
+    resources = settings.resources
+    if resources.num_gpus_per_encoder == 0 and resources.num_cpus_per_decode_task == resources.num_cpus_per_encoder:
+        print(
+            f"{STAGE.name}: warning: decode tasks and encoder actors ask for the same resources, so Ray Data fuses "
+            "decoding into the encoder actors, where it waits behind every forward; give "
+            "stage.resources.num_cpus_per_decode_task another value"
+        )
     started = time.time()
     shard_rows = _rows(prepared, source, "data")
     held_out_rows = _held_out_rows(prepared, source, settings.held_out_images)
@@ -228,12 +235,6 @@ def _text_encoder(storage: Storage, location: str, subfolder: str | None, tokeni
 def _requests(resources: DictConfig) -> list[Request]:
     """The encoder actors, and room beside them for a read, decode or write task: with every CPU held by the
     actors, those would wait forever (on a small machine Ray does not say so)."""
-    if resources.num_gpus_per_encoder == 0 and resources.num_cpus_per_decode_task == resources.num_cpus_per_encoder:
-        print(
-            f"{STAGE.name}: warning: decode tasks and encoder actors ask for the same resources, so Ray Data fuses "
-            "decoding into the encoder actors, where it waits behind every forward; give "
-            "stage.resources.num_cpus_per_decode_task another value"
-        )
     encoder = {"CPU": resources.num_cpus_per_encoder, "GPU": resources.num_gpus_per_encoder}
     task = {"CPU": max(1.0, resources.num_cpus_per_decode_task, resources.num_cpus_per_write_task)}
     return [Request("stage.resources.encoder_concurrency", encoder, resources.encoder_concurrency),
