@@ -38,7 +38,6 @@ from pipelines.config import compose as config  # noqa: E402
 TARGET_PSNR = 30.0
 
 
-
 def bare_images_per_s(cfg, images: np.ndarray, steps: int = 20) -> float:
     """The same model, loss and global batch in one process with every core, on tensors already in memory."""
     settings = cfg.stage
@@ -46,7 +45,9 @@ def bare_images_per_s(cfg, images: np.ndarray, steps: int = 20) -> float:
     model = build_first_stage(first_stage_preset(settings.model.preset), settings.model.logvar_bias)
     loss = FirstStageLoss(kind(model), LossWeights(**settings.loss))
     extra = [loss.logvar] if loss.logvar is not None else []
-    optimizer = torch.optim.Adam([*model.parameters(), *extra], lr=settings.optimizer.lr, betas=tuple(settings.optimizer.betas))
+    optimizer = torch.optim.Adam(
+        [*model.parameters(), *extra], lr=settings.optimizer.lr, betas=tuple(settings.optimizer.betas)
+    )
     batch = settings.batch_size * settings.scaling.num_workers
     network = Reconstruct(model)
     rng = np.random.default_rng(0)
@@ -70,7 +71,12 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-autoencoder-"))
     tracking = f"sqlite:///{work}/mlruns.db"
-    common = [f"storage.root={work}/store", f"tracking.uri={tracking}", "tracking.experiment=bench", f"data.num_samples={args.images}"]
+    common = [
+        f"storage.root={work}/store",
+        f"tracking.uri={tracking}",
+        "tracking.experiment=bench",
+        f"data.num_samples={args.images}",
+    ]
     stages.load("synthesize").run(config("stage=synthesize", *common))
     stages.load("prepare").run(config("stage=prepare", *common))
 
@@ -87,20 +93,30 @@ def main() -> None:
     metrics = manifest["facts"]["final_metrics"]
     client = mlflow.MlflowClient(tracking_uri=tracking)
     [run] = client.search_runs(
-        [client.get_experiment_by_name("bench").experiment_id], "tags.stage = 'train_autoencoder'",
-        order_by=["start_time DESC"], max_results=1,
+        [client.get_experiment_by_name("bench").experiment_id],
+        "tags.stage = 'train_autoencoder'",
+        order_by=["start_time DESC"],
+        max_results=1,
     )
     stage_rate = statistics.median(m.value for m in client.get_metric_history(run.info.run_id, "train/images_per_s"))
 
     s = cfg.stage
-    print(f"\ncores: {os.cpu_count()} | {s.model.preset}, {s.scaling.num_workers} workers x batch {s.batch_size}, "
-          f"{s.steps} steps in {minutes:.1f} min (stage wall time, Ray start-up included)")
-    print(f"held-out ({int(metrics['val/images'])} images): PSNR {metrics['val/psnr']:.2f} dB, SSIM "
-          f"{metrics['val/ssim']:.3f} | ratio PSNR / {TARGET_PSNR:.0f} dB target: {metrics['val/psnr'] / TARGET_PSNR:.3f}")
-    print("the scene classifier reads the original's attribute in the reconstruction: " + ", ".join(
-        f"{k.removeprefix('val/scene_')} {v:.1%}" for k, v in metrics.items() if k.startswith("val/scene_")))
-    print(f"training throughput: stage {stage_rate:.1f} images/s (median of logged windows), bare loop {bare:.1f} "
-          f"images/s | ratio stage/bare {stage_rate / bare:.2f}")
+    print(
+        f"\ncores: {os.cpu_count()} | {s.model.preset}, {s.scaling.num_workers} workers x batch {s.batch_size}, "
+        f"{s.steps} steps in {minutes:.1f} min (stage wall time, Ray start-up included)"
+    )
+    print(
+        f"held-out ({int(metrics['val/images'])} images): PSNR {metrics['val/psnr']:.2f} dB, SSIM "
+        f"{metrics['val/ssim']:.3f} | ratio PSNR / {TARGET_PSNR:.0f} dB target: {metrics['val/psnr'] / TARGET_PSNR:.3f}"
+    )
+    print(
+        "the scene classifier reads the original's attribute in the reconstruction: "
+        + ", ".join(f"{k.removeprefix('val/scene_')} {v:.1%}" for k, v in metrics.items() if k.startswith("val/scene_"))
+    )
+    print(
+        f"training throughput: stage {stage_rate:.1f} images/s (median of logged windows), bare loop {bare:.1f} "
+        f"images/s | ratio stage/bare {stage_rate / bare:.2f}"
+    )
     print(f"work dir: {work}")
 
 

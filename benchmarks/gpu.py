@@ -46,13 +46,34 @@ MODES = {
     "gpu": {
         "hardware": ["cluster.num_gpus=1", "cluster.num_cpus=8"],
         # One checkpoint kept: the 1.45B UNet's, with its EMA and AdamW's moments, is about 19 GB.
-        "train": ["stage.scaling.use_gpu=true", "stage.scaling.num_workers=1", "stage.scaling.cpus_per_worker=2", "stage.keep_checkpoints=1"],
+        "train": [
+            "stage.scaling.use_gpu=true",
+            "stage.scaling.num_workers=1",
+            "stage.scaling.cpus_per_worker=2",
+            "stage.keep_checkpoints=1",
+        ],
         "data": ["data.num_samples=2048", "data.resolution=256"],
-        "autoencoder": ["stage.model.preset=kl-f8", "stage.batch_size=8", "stage.steps=20", "stage.checkpoint_every=20"],
-        "encode": ["stage.resources.num_gpus_per_encoder=1", "stage.resources.num_cpus_per_encoder=1", "stage.resources.encoder_batch_size=64",
-                   "stage.resources.dtype=bfloat16"],
-        "ldm": ["stage.model.preset=txt2img-1p4b", "stage.batch_size=16", "stage.steps=30", "stage.checkpoint_every=30", "stage.log_every=10",
-                "stage.validation.prompts=[]", "stage.precision=bf16"],
+        "autoencoder": [
+            "stage.model.preset=kl-f8",
+            "stage.batch_size=8",
+            "stage.steps=20",
+            "stage.checkpoint_every=20",
+        ],
+        "encode": [
+            "stage.resources.num_gpus_per_encoder=1",
+            "stage.resources.num_cpus_per_encoder=1",
+            "stage.resources.encoder_batch_size=64",
+            "stage.resources.dtype=bfloat16",
+        ],
+        "ldm": [
+            "stage.model.preset=txt2img-1p4b",
+            "stage.batch_size=16",
+            "stage.steps=30",
+            "stage.checkpoint_every=30",
+            "stage.log_every=10",
+            "stage.validation.prompts=[]",
+            "stage.precision=bf16",
+        ],
         "device": "cuda",
     },
     "cpu": {
@@ -61,7 +82,13 @@ MODES = {
         "data": [],
         "autoencoder": ["stage.steps=4", "stage.checkpoint_every=4"],
         "encode": [],
-        "ldm": ["stage.steps=4", "stage.checkpoint_every=4", "stage.log_every=2", "stage.validation.prompts=[]", "stage.precision=bf16"],
+        "ldm": [
+            "stage.steps=4",
+            "stage.checkpoint_every=4",
+            "stage.log_every=2",
+            "stage.validation.prompts=[]",
+            "stage.precision=bf16",
+        ],
         "device": "cpu",
     },
 }
@@ -78,7 +105,9 @@ class Checks:
         except Exception as error:  # a check that breaks is reported, and the ones after it that can still run go on
             self.failed += 1
             traceback.print_exc()
-            print(f"gpu: {name}: FAILED {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} ({time.time() - started:.0f} s)")
+            print(
+                f"gpu: {name}: FAILED {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} ({time.time() - started:.0f} s)"
+            )
             return None
         self.passed += 1
         print(f"gpu: {name}: ok {detail} ({time.time() - started:.0f} s)")
@@ -89,8 +118,16 @@ def frozen_text_encoder(root: Path, tokenizer_dir: str, max_length: int) -> str:
     """A small BERT with the prepared tokenizer's vocabulary, saved in fp16 as many releases are."""
     vocab = len(load_tokenizer(tokenizer_dir))
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=vocab, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024,
-                                 max_position_embeddings=max_length))
+    model = BertModel(
+        BertConfig(
+            vocab_size=vocab,
+            hidden_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=1024,
+            max_position_embeddings=max_length,
+        )
+    )
     path = root / "frozen-text-encoder"
     model.half().save_pretrained(path)
     return str(path)
@@ -116,7 +153,13 @@ def main() -> None:
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("gpu: no CUDA GPU here: run with --cpu to take every path on the CPU")
     root = Path(args.root or tempfile.mkdtemp(prefix="gpu-bench-"))
-    common = ["experiment=ci", f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db", *mode["hardware"], *mode["data"]]
+    common = [
+        "experiment=ci",
+        f"storage.root={root}/store",
+        f"tracking.uri=sqlite:///{root}/mlruns.db",
+        *mode["hardware"],
+        *mode["data"],
+    ]
     device = torch.cuda.get_device_name() if not args.cpu else "CPU"
     print(f"gpu: on {device}, torch {torch.__version__} (CUDA {torch.version.cuda}), outputs under {root}")
     checks = Checks()
@@ -143,8 +186,10 @@ def main() -> None:
     def autoencoder():
         steps, resumed = trained_and_resumed("train_autoencoder", *mode["train"], *mode["autoencoder"])
         metrics = resumed["facts"]["final_metrics"]
-        return resumed, (f"{steps} steps, resumed to {resumed['counts']['steps']}; {metrics.get('train/images_per_s', 0):.1f} images/s, "
-                         f"MFU {metrics.get('perf/mfu', float('nan')):.3f}, held-out PSNR {metrics.get('val/psnr', float('nan')):.1f} dB")
+        return resumed, (
+            f"{steps} steps, resumed to {resumed['counts']['steps']}; {metrics.get('train/images_per_s', 0):.1f} images/s, "
+            f"MFU {metrics.get('perf/mfu', float('nan')):.3f}, held-out PSNR {metrics.get('val/psnr', float('nan')):.1f} dB"
+        )
 
     checks.run("train_autoencoder with a resume", autoencoder)
     tokenizer = f"{root}/store/prepared/{prepared['facts']['tokenizer']['path'].strip('/')}"
@@ -154,21 +199,29 @@ def main() -> None:
         encoded = stage("encode_latents", *mode["encode"], f"stage.text_encoder={text_encoder}")
         rate = encoded["timings"]["images_per_s"]
         mfu = rate * encoding_flops(encoded["facts"], torch.device(mode["device"]))
-        return encoded, (f"{encoded['counts']['rows_out']} images with τθ(y) from an fp16-saved encoder; {rate:.1f} images/s per device, "
-                         f"MFU {mfu:.3f}")
+        return encoded, (
+            f"{encoded['counts']['rows_out']} images with τθ(y) from an fp16-saved encoder; {rate:.1f} images/s per device, "
+            f"MFU {mfu:.3f}"
+        )
 
     checks.run("encode_latents on GPU actors, frozen text encoder", encode)
 
     def train():
-        steps, resumed = trained_and_resumed("train_ldm", *mode["train"], *mode["ldm"], f"stage.model.pretrained_text_encoder={text_encoder}")
+        steps, resumed = trained_and_resumed(
+            "train_ldm", *mode["train"], *mode["ldm"], f"stage.model.pretrained_text_encoder={text_encoder}"
+        )
         metrics = resumed["facts"]["final_metrics"]
-        return resumed, (f"{steps} steps, resumed to {resumed['counts']['steps']}; {metrics.get('train/steps_per_s', 0):.2f} steps/s, "
-                         f"{metrics.get('train/samples_per_s', 0):.1f} images/s per device, MFU {metrics.get('perf/mfu', float('nan')):.3f}")
+        return resumed, (
+            f"{steps} steps, resumed to {resumed['counts']['steps']}; {metrics.get('train/steps_per_s', 0):.2f} steps/s, "
+            f"{metrics.get('train/samples_per_s', 0):.1f} images/s per device, MFU {metrics.get('perf/mfu', float('nan')):.3f}"
+        )
 
     checks.run("train_ldm bf16 with a resume", train)
 
     def sample():
-        sampled = stage("sample", f"stage.device={mode['device']}", f"stage.prompts={json.dumps(['a red circle in the top left'])}")
+        sampled = stage(
+            "sample", f"stage.device={mode['device']}", f"stage.prompts={json.dumps(['a red circle in the top left'])}"
+        )
         return sampled, f"{sampled['counts']['images']} images"
 
     checks.run("sample on the device", sample)
@@ -185,9 +238,14 @@ def main() -> None:
         mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns.db")
         model = mlflow.pyfunc.load_model(f"models:/{registered['name']}/{registered['version']}")
         served = model.unwrap_python_model().pipeline.device.type
-        [row] = model.predict(pd.DataFrame({"prompt": ["a red circle in the top left"], "seed": [0], "steps": [4]})).to_dict("records")
+        [row] = model.predict(
+            pd.DataFrame({"prompt": ["a red circle in the top left"], "seed": [0], "steps": [4]})
+        ).to_dict("records")
         assert served == mode["device"], f"the served model runs on {served}"
-        return exported, f"{exported['facts']['pipeline']} registered as {registered['name']} v{registered['version']}, served on {served}: {len(row['png'])} B PNG"
+        return (
+            exported,
+            f"{exported['facts']['pipeline']} registered as {registered['name']} v{registered['version']}, served on {served}: {len(row['png'])} B PNG",
+        )
 
     checks.run("export, served through the MLflow model", export)
     print(f"gpu: {checks.passed} passed, {checks.failed} failed")

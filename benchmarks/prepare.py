@@ -35,13 +35,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ldm.data.filters import probe_image  # noqa: E402
 from ldm.data.sources import Columns, Unit, read_samples  # noqa: E402
+from ldm.storage import Storage  # noqa: E402
 from ldm.synthetic.corpus import DEFECTS, laion_metadata_table, plan_rows  # noqa: E402
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, tokenize, train_wordpiece  # noqa: E402
-from ldm.storage import Storage  # noqa: E402
 from pipelines import stages  # noqa: E402
-from pipelines.config import compose as config  # noqa: E402
 from pipelines.cluster import connect  # noqa: E402
-
+from pipelines.config import compose as config  # noqa: E402
 
 
 def bare_metadata(paths: list[str], tokenizer) -> int:
@@ -97,7 +96,8 @@ def compare_tar_readers(tars: list[str]) -> None:
     columns = Columns(url="url", caption="caption", key="key")
     units = [asdict(Unit(i, path, None)) for i, path in enumerate(tars)]
     ours = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        partial(_our_reader, columns=columns), batch_size=1, batch_format="pyarrow")
+        partial(_our_reader, columns=columns), batch_size=1, batch_format="pyarrow"
+    )
     theirs = ray.data.read_webdataset(tars, decoder=None)
     results = {}
     for name, dataset in (("project reader", ours), ("ray read_webdataset", theirs)):
@@ -117,8 +117,10 @@ def compare_split(stage_cfg, rows_per_group: int) -> None:
         manifest = stages.load("prepare").run(stage_cfg)
         seconds[label] = manifest["timings"]["scan"] + manifest["timings"]["prepare"]
         rows = manifest["counts"]["rows_in"]
-        print(f"  {label}: {manifest['inputs']['units']} task(s), scan + prepare {rows / seconds[label]:,.0f} rows/s "
-              f"({seconds[label]:.1f}s), kept {manifest['counts']['rows_out']}")
+        print(
+            f"  {label}: {manifest['inputs']['units']} task(s), scan + prepare {rows / seconds[label]:,.0f} rows/s "
+            f"({seconds[label]:.1f}s), kept {manifest['counts']['rows_out']}"
+        )
     print(f"  ratio split/one task {seconds['one task per file'] / seconds['split by row groups']:.2f}")
 
 
@@ -140,8 +142,10 @@ def measure(label: str, stage_cfg, bare, *bare_args) -> None:
     print(f"{label}: {rows} rows | bare loop {rows / bare_s:,.0f} rows/s ({bare_s:.1f}s)")
     for name, (seconds, steps) in zip(("cold", "warm"), timings):
         detail = ", ".join(f"{k} {v:.1f}s" for k, v in steps.items() if k != "seconds")
-        print(f"  stage {name}: {rows / seconds:,.0f} rows/s ({seconds:.1f}s: {detail}) | ratio stage/bare "
-              f"{bare_s / seconds:.2f}")
+        print(
+            f"  stage {name}: {rows / seconds:,.0f} rows/s ({seconds:.1f}s: {detail}) | ratio stage/bare "
+            f"{bare_s / seconds:.2f}"
+        )
 
 
 def main() -> None:
@@ -174,7 +178,9 @@ def main() -> None:
     measure(
         "metadata",
         config("stage=prepare", "data=synthetic_metadata", f"data.input.url={meta_dir}", *common, *pretrained),
-        bare_metadata, paths, tokenizer,
+        bare_metadata,
+        paths,
+        tokenizer,
     )
 
     synth = [f"data.num_samples={args.images}", *common]
@@ -187,8 +193,15 @@ def main() -> None:
     for tar in tars:
         shutil.copy(tar, alone)
     tars_alone = sorted(str(p) for p in alone.glob("*.tar"))
-    measure("images, tars alone", config("stage=prepare", *common, *pretrained, "data=webdataset",
-                                         f"data.input.url={alone}", "data.resolution=64"), bare_tars, tars_alone, tokenizer)
+    measure(
+        "images, tars alone",
+        config(
+            "stage=prepare", *common, *pretrained, "data=webdataset", f"data.input.url={alone}", "data.resolution=64"
+        ),
+        bare_tars,
+        tars_alone,
+        tokenizer,
+    )
     print("tars alone, readers:")
     compare_tar_readers(tars_alone)
 
@@ -197,8 +210,9 @@ def main() -> None:
     groups = -(-len(table) // (2 * os.cpu_count()))  # as many row groups as twice the cores, as LAION's files have many
     pq.write_table(table, one_file / "part-00000.parquet", row_group_size=groups)
     print(f"metadata, one file of {len(table)} rows in row groups of {groups}:")
-    compare_split(config("stage=prepare", "data=synthetic_metadata", f"data.input.url={one_file}", *common, *pretrained),
-                  groups)
+    compare_split(
+        config("stage=prepare", "data=synthetic_metadata", f"data.input.url={one_file}", *common, *pretrained), groups
+    )
 
 
 if __name__ == "__main__":

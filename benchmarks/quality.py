@@ -37,9 +37,13 @@ TARGETS = {"colour": 0.95, "background": 0.95, "position": 0.95, "shape": 0.9, "
 BUDGET = {"first-stage images": 1000 * 16, "train_ldm images": 2400 * 64, "guidance": 6.0}
 # How it is measured: DDIM 25 steps (50 gave nothing more in a trial on 2 cores), 100 held-out scenes x 3 seeds.
 MEASURE = [
-    "stage.train_autoencoder.eval_every=500", "stage.train_autoencoder.checkpoint_every=500",
-    "stage.train_ldm.checkpoint_every=500", "stage.train_ldm.sample_every=600",
-    "stage.evaluate.steps=25", "stage.evaluate.adherence.prompts=100", "stage.evaluate.adherence.seeds=3",
+    "stage.train_autoencoder.eval_every=500",
+    "stage.train_autoencoder.checkpoint_every=500",
+    "stage.train_ldm.checkpoint_every=500",
+    "stage.train_ldm.sample_every=600",
+    "stage.evaluate.steps=25",
+    "stage.evaluate.adherence.prompts=100",
+    "stage.evaluate.adherence.seeds=3",
     "stage.evaluate.batch_size=64",
 ]
 
@@ -61,28 +65,58 @@ def main() -> None:
     report = json.loads((root / "store" / "evaluation" / "metrics.json").read_text())
     adherence = report["metrics"]["adherence"]
     stage = cfg.stage
-    spent = {"first-stage images": stage.train_autoencoder.steps * stage.train_autoencoder.batch_size * stage.train_autoencoder.scaling.num_workers,
-             "train_ldm images": stage.train_ldm.steps * stage.train_ldm.batch_size * stage.train_ldm.scaling.num_workers * stage.train_ldm.optimizer.accumulation,
-             "guidance": report["guidance_scale"]}
+    spent = {
+        "first-stage images": stage.train_autoencoder.steps
+        * stage.train_autoencoder.batch_size
+        * stage.train_autoencoder.scaling.num_workers,
+        "train_ldm images": stage.train_ldm.steps
+        * stage.train_ldm.batch_size
+        * stage.train_ldm.scaling.num_workers
+        * stage.train_ldm.optimizer.accumulation,
+        "guidance": report["guidance_scale"],
+    }
     print(f"\ncores: {os.cpu_count()} | experiment=quality {' '.join(args.overrides)}")
     print(" | ".join(f"{name} {r['minutes']:.1f} min" for name, r in results.items()) + f" | total {total:.1f} min")
-    print(f"held-out prompt adherence (raw weights, DDIM 25, guidance {report['guidance_scale']}), " + "\n".join(describe(adherence)))
-    print("against the targets (accuracy / target; >= 1 is met): " + ", ".join(
-        f"{name} {adherence[f'{name}_accuracy'] / target:.2f}" for name, target in TARGETS.items()))
-    print("against the budget (spent / allowed; <= 1 is within): " + ", ".join(f"{name} {spent[name] / limit:.2f}" for name, limit in BUDGET.items()))
+    print(
+        f"held-out prompt adherence (raw weights, DDIM 25, guidance {report['guidance_scale']}), "
+        + "\n".join(describe(adherence))
+    )
+    print(
+        "against the targets (accuracy / target; >= 1 is met): "
+        + ", ".join(f"{name} {adherence[f'{name}_accuracy'] / target:.2f}" for name, target in TARGETS.items())
+    )
+    print(
+        "against the budget (spent / allowed; <= 1 is within): "
+        + ", ".join(f"{name} {spent[name] / limit:.2f}" for name, limit in BUDGET.items())
+    )
     params = mlflow.MlflowClient(f"sqlite:///{root}/mlruns.db").get_run(results["train_ldm"]["run_id"]).data.params
     tiny = text_to_image_preset("tiny")
     latents = json.loads((root / "store" / "latents" / "_manifest.json").read_text())["facts"]
-    text_encoder = build_text_encoder(tiny.text_encoder, latents["tokenizer"]["vocab_size"], latents["tokenizer"]["max_length"])
-    reference = {"unet": build_unet(tiny.unet, latents["latent_shape"][0], latents["latent_shape"][1], context_width(text_encoder)).num_parameters(), "text_encoder": text_encoder.num_parameters()}
-    print("models against the tiny presets (parameters / preset's; within 0.8-1.2): " + ", ".join(
-        f"{name} {int(params[f'parameters.{name}']) / count:.2f}" for name, count in reference.items()))
+    text_encoder = build_text_encoder(
+        tiny.text_encoder, latents["tokenizer"]["vocab_size"], latents["tokenizer"]["max_length"]
+    )
+    reference = {
+        "unet": build_unet(
+            tiny.unet, latents["latent_shape"][0], latents["latent_shape"][1], context_width(text_encoder)
+        ).num_parameters(),
+        "text_encoder": text_encoder.num_parameters(),
+    }
+    print(
+        "models against the tiny presets (parameters / preset's; within 0.8-1.2): "
+        + ", ".join(f"{name} {int(params[f'parameters.{name}']) / count:.2f}" for name, count in reference.items())
+    )
     if "reconstruction" in report["metrics"]:
         r = report["metrics"]["reconstruction"]
-        fidelity = ", ".join(f"{a} {r[f'scene_{a}']:.3f}" for a in ("colour", "shape", "position", "background") if f"scene_{a}" in r)
-        print(f"first stage, held out: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}; the reconstruction shows the original's {fidelity}")
-    print(f"adherence grid: {root}/store/evaluation/adherence.png | samples: {root}/store/samples/grid.png | "
-          f"MLflow: sqlite:///{root}/mlruns.db")
+        fidelity = ", ".join(
+            f"{a} {r[f'scene_{a}']:.3f}" for a in ("colour", "shape", "position", "background") if f"scene_{a}" in r
+        )
+        print(
+            f"first stage, held out: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}; the reconstruction shows the original's {fidelity}"
+        )
+    print(
+        f"adherence grid: {root}/store/evaluation/adherence.png | samples: {root}/store/samples/grid.png | "
+        f"MLflow: sqlite:///{root}/mlruns.db"
+    )
 
 
 if __name__ == "__main__":

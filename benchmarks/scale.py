@@ -126,8 +126,14 @@ def run_stage(work: Path, label: str, overrides: list[str], interval: float | No
     command = [sys.executable, str(REPO / "pipelines" / "run.py"), *overrides, f"hydra.run.dir={work}/hydra/{label}"]
     with open(log, "w") as out:
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         sampler = PeakMemory(process.pid, interval) if interval else None
         if sampler:
             sampler.start()
@@ -181,7 +187,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     # With 2 files at the small size, 2 tasks run at once where the large size runs as many as the CPUs allow:
     # each task is another Ray worker process (~250 MB), and the ratio would measure concurrency, not data.
-    parser.add_argument("--files", type=int, default=20, help="input files at the small size (the same file size at the large)")
+    parser.add_argument(
+        "--files", type=int, default=20, help="input files at the small size (the same file size at the large)"
+    )
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between memory samples")
     parser.add_argument("--skip-train", action="store_true", help="leave out train_ldm's held-out evaluation")
     parser.add_argument("--root", default=None, help="work folder (default: a new temporary one)")
@@ -203,10 +211,23 @@ def main() -> None:
         started = time.perf_counter()
         write_metadata(root / "input", n, args.resolution, args.metadata_rows // args.files)
         print(f"  metadata {n} rows (setup): {time.perf_counter() - started:.1f}s")
-        measured.append(run_stage(work, f"prepare-metadata-{n}", [
-            "stage=prepare", "data=synthetic_metadata", "experiment=ci", "cluster=local", *tracking,
-            f"storage.root={root}/store", f"data.input.url={root}/input", f"data.resolution={args.resolution}",
-        ], args.interval))
+        measured.append(
+            run_stage(
+                work,
+                f"prepare-metadata-{n}",
+                [
+                    "stage=prepare",
+                    "data=synthetic_metadata",
+                    "experiment=ci",
+                    "cluster=local",
+                    *tracking,
+                    f"storage.root={root}/store",
+                    f"data.input.url={root}/input",
+                    f"data.resolution={args.resolution}",
+                ],
+                args.interval,
+            )
+        )
     results.append(("prepare (metadata)", meta_sizes, measured))
 
     # Imported here: torch and diffusers are not needed for the metadata pass.
@@ -218,34 +239,61 @@ def main() -> None:
 
     prepared, encoded, evaluated = [], [], []
     for n in image_sizes:
-        common = ["experiment=ci", "cluster=local", *tracking, f"storage.root={work}/images-{n}/store",
-                  f"data.num_samples={n}", f"data.resolution={args.resolution}"]
+        common = [
+            "experiment=ci",
+            "cluster=local",
+            *tracking,
+            f"storage.root={work}/images-{n}/store",
+            f"data.num_samples={n}",
+            f"data.resolution={args.resolution}",
+        ]
         # Shards of the same size at both sizes (only their number grows), and enough of them at the small size
         # for as many tasks at once as the cluster runs at the large one (see --files).
-        run_stage(work, f"synthesize-{n}", ["stage=synthesize", *common, f"stage.rows_per_shard={args.images // args.files}",
-                                            "stage.formats=[webdataset]"])
+        run_stage(
+            work,
+            f"synthesize-{n}",
+            [
+                "stage=synthesize",
+                *common,
+                f"stage.rows_per_shard={args.images // args.files}",
+                "stage.formats=[webdataset]",
+            ],
+        )
         prepared.append(run_stage(work, f"prepare-images-{n}", ["stage=prepare", *common], args.interval))
-        encoded.append(run_stage(work, f"encode_latents-{n}", ["stage=encode_latents", *common,
-                                                               f"stage.first_stage={first_stage}", *ENCODE_HELD_OUT],
-                                 args.interval))
+        encoded.append(
+            run_stage(
+                work,
+                f"encode_latents-{n}",
+                ["stage=encode_latents", *common, f"stage.first_stage={first_stage}", *ENCODE_HELD_OUT],
+                args.interval,
+            )
+        )
         if not args.skip_train:
-            evaluated.append(run_stage(work, f"train_ldm-{n}", ["stage=train_ldm", *common, *TRAIN_EVAL], args.interval))
+            evaluated.append(
+                run_stage(work, f"train_ldm-{n}", ["stage=train_ldm", *common, *TRAIN_EVAL], args.interval)
+            )
     results.append(("prepare (images)", image_sizes, prepared))
     results.append(("encode_latents", image_sizes, encoded))
     if not args.skip_train:
         results.append(("train_ldm (held-out eval)", image_sizes, evaluated))
 
-    header = (f"{'stage':<26} {'small':>9} {'large':>9} {'MiB small':>10} {'MiB large':>10} {'s small':>8} "
-              f"{'s large':>8} {'mem ratio':>9} {'time ratio':>10}")
+    header = (
+        f"{'stage':<26} {'small':>9} {'large':>9} {'MiB small':>10} {'MiB large':>10} {'s small':>8} "
+        f"{'s large':>8} {'mem ratio':>9} {'time ratio':>10}"
+    )
     print(f"\n{header}\n{'-' * len(header)}")
     worst_memory = worst_time = 0.0
     for name, (small, large), ((mem_s, sec_s), (mem_l, sec_l)) in results:
-        print(f"{name:<26} {small:>9,} {large:>9,} {mem_s:>10,.0f} {mem_l:>10,.0f} {sec_s:>8.1f} {sec_l:>8.1f} "
-              f"{fmt_ratio(mem_l, mem_s):>9} {fmt_ratio(sec_l, sec_s):>10}")
+        print(
+            f"{name:<26} {small:>9,} {large:>9,} {mem_s:>10,.0f} {mem_l:>10,.0f} {sec_s:>8.1f} {sec_l:>8.1f} "
+            f"{fmt_ratio(mem_l, mem_s):>9} {fmt_ratio(sec_l, sec_s):>10}"
+        )
         worst_memory = max(worst_memory, mem_l / mem_s if mem_s else float("inf"))
         worst_time = max(worst_time, sec_l / sec_s if sec_s else float("inf"))
-    print(f"targets at {args.factor}x the data: memory ratio <= {TARGET_MEMORY} and time ratio <= {TIME_SLACK * args.factor:g} for each stage "
-          f"(sizes: metadata rows, images; memory: PSS of the whole Ray cluster, sampled every {args.interval}s)")
+    print(
+        f"targets at {args.factor}x the data: memory ratio <= {TARGET_MEMORY} and time ratio <= {TIME_SLACK * args.factor:g} for each stage "
+        f"(sizes: metadata rows, images; memory: PSS of the whole Ray cluster, sampled every {args.interval}s)"
+    )
     print(f"scale: memory ratio {worst_memory:.2f} time ratio {worst_time:.2f}")
 
 

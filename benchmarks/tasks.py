@@ -41,8 +41,14 @@ SHARED = ("synthesize", "prepare", "train_autoencoder", "encode_latents")
 CHECKS = {
     "unconditional": [("scenes", "tv", 0.15, False), ("scenes", "clean_fraction", 0.8, True)],
     "class_conditional": [("classes", "accuracy", "chance", True)],
-    "layout_to_image": [("layouts", "iou", "chance_iou", True), ("layouts", "position_accuracy", "chance_position", True)],
-    "super_resolution": [("super_resolution", "psnr", "bicubic_psnr", True), ("super_resolution", "ssim", "bicubic_ssim", True)],
+    "layout_to_image": [
+        ("layouts", "iou", "chance_iou", True),
+        ("layouts", "position_accuracy", "chance_position", True),
+    ],
+    "super_resolution": [
+        ("super_resolution", "psnr", "bicubic_psnr", True),
+        ("super_resolution", "ssim", "bicubic_ssim", True),
+    ],
     "inpainting": [("inpainting", "psnr_hole", "mean_fill_psnr_hole", True)],
 }
 MEASURE = ["stage.evaluate.batch_size=64", "stage.evaluate.fid.feature_extractor=null"]
@@ -57,7 +63,11 @@ MEASURE = ["stage.evaluate.batch_size=64", "stage.evaluate.fid.feature_extractor
 BUDGET = {
     "unconditional": ["stage.train_ldm.steps=2000", "stage.train_ldm.optimizer.schedule=cosine"],
     "layout_to_image": ["stage.train_ldm.steps=900"],
-    "super_resolution": ["stage.train_autoencoder.steps=6000", "stage.train_autoencoder.crop=32", "stage.train_ldm.steps=800"],
+    "super_resolution": [
+        "stage.train_autoencoder.steps=6000",
+        "stage.train_autoencoder.crop=32",
+        "stage.train_ldm.steps=800",
+    ],
     "inpainting": ["stage.train_ldm.steps=900"],
 }
 
@@ -71,7 +81,12 @@ def main() -> None:
     root = Path(args.root or tempfile.mkdtemp(prefix="bench-tasks-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     os.chdir(root)  # MLflow puts an sqlite store's artifacts under the working directory: keep them with the run
-    common = [f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db", "tracking.experiment=tasks", *MEASURE]
+    common = [
+        f"storage.root={root}/store",
+        f"tracking.uri=sqlite:///{root}/mlruns.db",
+        "tracking.experiment=tasks",
+        *MEASURE,
+    ]
     spent: dict[tuple[str, str], float] = {}  # (stage, its output) -> minutes, when it ran
     rows = []
     for name in args.tasks.split(","):
@@ -90,12 +105,26 @@ def main() -> None:
             scores = metrics[group]
             reference = scores[baseline] if isinstance(baseline, str) else baseline
             ratio = scores[value] / reference if higher else reference / max(scores[value], 1e-9)
-            rows.append((name, f"{group}/{value}", scores[value], f"{baseline} {reference:.3f}" if isinstance(baseline, str) else f"target {reference}",
-                         ratio, minutes, " ".join(s.split(".", 1)[1] for s in BUDGET.get(name, [])) or "the demo's"))
-        print(f"\n{name}: {wall:.1f} min this run, {minutes:.1f} min from nothing; {json.dumps(metrics.get(CHECKS[name][0][0]))}", flush=True)
+            rows.append(
+                (
+                    name,
+                    f"{group}/{value}",
+                    scores[value],
+                    f"{baseline} {reference:.3f}" if isinstance(baseline, str) else f"target {reference}",
+                    ratio,
+                    minutes,
+                    " ".join(s.split(".", 1)[1] for s in BUDGET.get(name, [])) or "the demo's",
+                )
+            )
+        print(
+            f"\n{name}: {wall:.1f} min this run, {minutes:.1f} min from nothing; {json.dumps(metrics.get(CHECKS[name][0][0]))}",
+            flush=True,
+        )
 
     print(f"\ncores: {os.cpu_count()} | the embedded default per task {' '.join(args.overrides)}")
-    print(f"| task | metric | value | baseline | ratio (> 1: beats it; tv: >= 1 meets it) | minutes from nothing (limit {LIMIT_MINUTES}) | steps |")
+    print(
+        f"| task | metric | value | baseline | ratio (> 1: beats it; tv: >= 1 meets it) | minutes from nothing (limit {LIMIT_MINUTES}) | steps |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, metric, value, baseline, ratio, minutes, steps in rows:
         print(f"| {name} | {metric} | {value:.3f} | {baseline} | {ratio:.2f} | {minutes:.1f} | {steps} |")

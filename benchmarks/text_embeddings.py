@@ -27,7 +27,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ldm.devices import autocast as autocast_for, autocast_dtype  # noqa: E402
+from ldm.devices import autocast as autocast_for  # noqa: E402
+from ldm.devices import autocast_dtype
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, sample_latents  # noqa: E402
 from ldm.latents import TEXT_EMBEDDING, column_array  # noqa: E402
 from ldm.models.first_stage import build_first_stage  # noqa: E402
@@ -39,8 +40,16 @@ from pipelines.stages.train_ldm.loop import training_schedule  # noqa: E402
 
 
 def encoders(vocab: int, max_length: int) -> dict[str, torch.nn.Module]:
-    clip_l = CLIPTextConfig(vocab_size=vocab, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                            max_position_embeddings=max_length, bos_token_id=2, eos_token_id=3)
+    clip_l = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=max_length,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     tiny = text_to_image_preset("tiny").text_encoder
     return {"clip-l-text-size": CLIPTextModel(clip_l), "tiny": build_text_encoder(tiny, vocab, max_length)}
 
@@ -55,7 +64,9 @@ def step_rate(cfg, shards: dict[str, np.ndarray], encoder: torch.nn.Module | Non
     if encoder is not None:
         set_trainable(encoder, False)
         encoder.eval()
-    module = DenoisingLoss(unet, encoder, DiffusionObjective(training_schedule(settings.noise)), train_text_encoder=False)
+    module = DenoisingLoss(
+        unet, encoder, DiffusionObjective(training_schedule(settings.noise)), train_text_encoder=False
+    )
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.optimizer.lr)
     batch = settings.batch_size * settings.scaling.num_workers
     cpu = torch.device("cpu")
@@ -65,7 +76,11 @@ def step_rate(cfg, shards: dict[str, np.ndarray], encoder: torch.nn.Module | Non
         if step == 2:
             started = time.perf_counter()
         rows = rng.integers(len(shards["input_ids"]), size=batch)
-        captions = torch.from_numpy(shards["input_ids"][rows]).long() if encoder is not None else torch.from_numpy(shards[TEXT_EMBEDDING][rows])
+        captions = (
+            torch.from_numpy(shards["input_ids"][rows]).long()
+            if encoder is not None
+            else torch.from_numpy(shards[TEXT_EMBEDDING][rows])
+        )
         with autocast:
             moments = {k: torch.from_numpy(shards[k][rows]) for k in ("latent_mean", "latent_logvar")}
             loss = module(sample_latents(moments, 1.0, generator), captions, generator)
@@ -83,8 +98,11 @@ def stored_bytes_per_row(folder: Path, column: str) -> float:
         rows += meta.num_rows
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
-            total += sum(group.column(c).total_compressed_size for c in range(group.num_columns)
-                         if group.column(c).path_in_schema.split(".")[0] == column)
+            total += sum(
+                group.column(c).total_compressed_size
+                for c in range(group.num_columns)
+                if group.column(c).path_in_schema.split(".")[0] == column
+            )
     return total / rows
 
 
@@ -95,8 +113,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     work = Path(tempfile.mkdtemp(prefix="bench-text-embeddings-"))
-    common = [f"storage.root={work}/store", f"tracking.uri=sqlite:///{work}/mlruns.db", "tracking.experiment=bench",
-              f"data.num_samples={args.images}"]
+    common = [
+        f"storage.root={work}/store",
+        f"tracking.uri=sqlite:///{work}/mlruns.db",
+        "tracking.experiment=bench",
+        f"data.num_samples={args.images}",
+    ]
     build_first_stage(first_stage_preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(work / "first_stage")
     stages.load("synthesize").run(config("stage=synthesize", *common))
     prepared = stages.load("prepare").run(config("stage=prepare", *common))
@@ -115,25 +137,47 @@ def main() -> None:
     for name, encoder in encoders(vocab, max_length).items():
         encoder.save_pretrained(work / name)
         seconds, out = timed_encode(name, f"stage.text_encoder={work / name}")
-        table = pq.read_table(out / "shards", columns=["input_ids", "attention_mask", "latent_mean", "latent_logvar", TEXT_EMBEDDING])
-        shards = {c: np.stack(table[c].to_numpy(zero_copy_only=False)) if c in ("input_ids", "attention_mask") else column_array(table[c])
-                  for c in table.column_names}
+        table = pq.read_table(
+            out / "shards", columns=["input_ids", "attention_mask", "latent_mean", "latent_logvar", TEXT_EMBEDDING]
+        )
+        shards = {
+            c: np.stack(table[c].to_numpy(zero_copy_only=False))
+            if c in ("input_ids", "attention_mask")
+            else column_array(table[c])
+            for c in table.column_names
+        }
         width = context_width(encoder)
         stored = stored_bytes_per_row(out / "shards", TEXT_EMBEDDING)
         tokens = shards["attention_mask"].sum(axis=1).mean()
         precomputed = step_rate(cfg, shards, None, width, args.steps)
         every_step = step_rate(cfg, shards, encoder, width, args.steps)
-        rows.append((name, sum(p.numel() for p in encoder.parameters()), seconds / plain_seconds, stored,
-                     max_length * width * 2, tokens * width * 2 + max_length, precomputed, every_step))
+        rows.append(
+            (
+                name,
+                sum(p.numel() for p in encoder.parameters()),
+                seconds / plain_seconds,
+                stored,
+                max_length * width * 2,
+                tokens * width * 2 + max_length,
+                precomputed,
+                every_step,
+            )
+        )
 
     s = cfg.stage
-    print(f"\ncores: {os.cpu_count()} | {args.images} images at {cfg.data.resolution}px, preset {s.model.preset} UNet, global batch "
-          f"{s.batch_size * s.scaling.num_workers}, precision {s.precision}; encode_latents without embeddings {plain_seconds:.1f}s")
-    print("| encoder | parameters | encode_latents time with / without | stored bytes a row (zstd) | full sequence fp16 | "
-          "non-padding + mask fp16 | steps/s precomputed (a) | steps/s encoder every step (b) | (a)/(b) |")
+    print(
+        f"\ncores: {os.cpu_count()} | {args.images} images at {cfg.data.resolution}px, preset {s.model.preset} UNet, global batch "
+        f"{s.batch_size * s.scaling.num_workers}, precision {s.precision}; encode_latents without embeddings {plain_seconds:.1f}s"
+    )
+    print(
+        "| encoder | parameters | encode_latents time with / without | stored bytes a row (zstd) | full sequence fp16 | "
+        "non-padding + mask fp16 | steps/s precomputed (a) | steps/s encoder every step (b) | (a)/(b) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, params, cost, stored, full, trimmed, a, b in rows:
-        print(f"| {name} | {params / 1e6:.1f}M | {cost:.2f} | {stored:,.0f} | {full:,} | {trimmed:,.0f} | {a:.2f} | {b:.2f} | {a / b:.2f} |")
+        print(
+            f"| {name} | {params / 1e6:.1f}M | {cost:.2f} | {stored:,.0f} | {full:,} | {trimmed:,.0f} | {a:.2f} | {b:.2f} | {a / b:.2f} |"
+        )
     print(f"work dir: {work}")
 
 

@@ -31,7 +31,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ldm.data.images import normalise, square_crop  # noqa: E402
-from ldm.devices import autocast as autocast_for, autocast_dtype  # noqa: E402
+from ldm.devices import autocast as autocast_for  # noqa: E402
+from ldm.devices import autocast_dtype
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, sample_latents  # noqa: E402
 from ldm.latents import column_array  # noqa: E402
 from ldm.models.first_stage import build_first_stage, encode, load_first_stage  # noqa: E402
@@ -44,8 +45,9 @@ from pipelines.stages.train_ldm.loop import training_schedule  # noqa: E402
 TARGET_WAIT = 0.05
 
 
-
-def bare_steps_per_s(cfg, latents: dict[str, np.ndarray], pixels: np.ndarray | None, first_stage, vocab: int, steps: int) -> float:
+def bare_steps_per_s(
+    cfg, latents: dict[str, np.ndarray], pixels: np.ndarray | None, first_stage, vocab: int, steps: int
+) -> float:
     """Optimizer steps/s of the train_ldm step on in-memory data; with ``pixels``, z0 comes from encoding them."""
     settings = cfg.stage
     torch.manual_seed(0)
@@ -92,7 +94,12 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count())
     work = Path(tempfile.mkdtemp(prefix="bench-train-ldm-"))
     tracking = f"sqlite:///{work}/mlruns.db"
-    common = [f"storage.root={work}/store", f"tracking.uri={tracking}", "tracking.experiment=bench", f"data.num_samples={args.images}"]
+    common = [
+        f"storage.root={work}/store",
+        f"tracking.uri={tracking}",
+        "tracking.experiment=bench",
+        f"data.num_samples={args.images}",
+    ]
     first_stage_dir = args.first_stage or str(work / "first_stage")
     if args.first_stage is None:
         build_first_stage(first_stage_preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(first_stage_dir)
@@ -100,8 +107,17 @@ def main() -> None:
     stages.load("prepare").run(config("stage=prepare", *common))
     stages.load("encode_latents").run(config("stage=encode_latents", *common, f"stage.first_stage={first_stage_dir}"))
 
-    cfg = config("stage=train_ldm", *common, f"stage.steps={args.steps}", "stage.log_every=20", f"stage.sample_every={args.steps}", *args.overrides)
-    latent_table = pq.read_table(work / "store" / "latents" / "shards", columns=["key", "input_ids", "latent_mean", "latent_logvar"])
+    cfg = config(
+        "stage=train_ldm",
+        *common,
+        f"stage.steps={args.steps}",
+        "stage.log_every=20",
+        f"stage.sample_every={args.steps}",
+        *args.overrides,
+    )
+    latent_table = pq.read_table(
+        work / "store" / "latents" / "shards", columns=["key", "input_ids", "latent_mean", "latent_logvar"]
+    )
     latents = {
         "input_ids": np.stack(latent_table["input_ids"].to_numpy(zero_copy_only=False)),
         "latent_mean": column_array(latent_table["latent_mean"]),
@@ -119,24 +135,36 @@ def main() -> None:
     stages.load("train_ldm").run(cfg)
     minutes = (time.perf_counter() - started) / 60
     client = mlflow.MlflowClient(tracking_uri=tracking)
-    [run] = client.search_runs([client.get_experiment_by_name("bench").experiment_id], "tags.stage = 'train_ldm'",
-                               order_by=["start_time DESC"], max_results=1)
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("bench").experiment_id],
+        "tags.stage = 'train_ldm'",
+        order_by=["start_time DESC"],
+        max_results=1,
+    )
     epochs = int(max(m.value for m in client.get_metric_history(run.info.run_id, "train/epoch")))
-    logged = lambda key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)][1:]  # noqa: E731
+    logged = lambda key: [
+        m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+    ][1:]  # noqa: E731
     rates, waits = logged("train/steps_per_s"), logged("train/data_wait_fraction")
     stage_rate = statistics.median(rates)
     seconds = [cfg.stage.log_every / rate for rate in rates]  # each logged window is log_every steps
     wait = sum(w * s for w, s in zip(waits, seconds)) / sum(seconds)  # epoch boundaries included
 
     s = cfg.stage
-    print(f"\ncores: {os.cpu_count()} | preset {s.model.preset}, global batch {s.batch_size * s.scaling.num_workers}, "
-          f"latents {list(latents['latent_mean'].shape[1:])} from {cfg.data.resolution}px, precision {s.precision}")
-    print(f"bare loop, {torch.get_num_threads()} threads: (a) precomputed latents {precomputed:.2f} steps/s, (b) encoding "
-          f"pixels every step {on_the_fly:.2f} steps/s | ratio (a)/(b) {precomputed / on_the_fly:.2f}")
-    print(f"stage=train_ldm, {s.scaling.num_workers} Ray Train workers: {stage_rate:.2f} steps/s (median of logged windows; "
-          f"{args.steps} steps in {minutes:.1f} min with start-up) | data wait {wait:.1%} of step time "
-          f"(target < {TARGET_WAIT:.0%}; over the windows after the first, {epochs} epoch boundaries among them, worst window "
-          f"{max(waits):.1%}) | stage/bare(a) {stage_rate / precomputed:.2f}")
+    print(
+        f"\ncores: {os.cpu_count()} | preset {s.model.preset}, global batch {s.batch_size * s.scaling.num_workers}, "
+        f"latents {list(latents['latent_mean'].shape[1:])} from {cfg.data.resolution}px, precision {s.precision}"
+    )
+    print(
+        f"bare loop, {torch.get_num_threads()} threads: (a) precomputed latents {precomputed:.2f} steps/s, (b) encoding "
+        f"pixels every step {on_the_fly:.2f} steps/s | ratio (a)/(b) {precomputed / on_the_fly:.2f}"
+    )
+    print(
+        f"stage=train_ldm, {s.scaling.num_workers} Ray Train workers: {stage_rate:.2f} steps/s (median of logged windows; "
+        f"{args.steps} steps in {minutes:.1f} min with start-up) | data wait {wait:.1%} of step time "
+        f"(target < {TARGET_WAIT:.0%}; over the windows after the first, {epochs} epoch boundaries among them, worst window "
+        f"{max(waits):.1%}) | stage/bare(a) {stage_rate / precomputed:.2f}"
+    )
     print(f"work dir: {work}")
 
 

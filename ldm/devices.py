@@ -12,8 +12,9 @@ path (with a monkeypatched ``torch.cuda`` or the ``meta`` device).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -27,8 +28,10 @@ def device_for(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name}: torch {torch.__version__} sees no CUDA GPU here (its CUDA build: {torch.version.cuda}); "
-                         "use device=cpu or device=auto, or run on a GPU node")
+        raise ValueError(
+            f"device={name}: torch {torch.__version__} sees no CUDA GPU here (its CUDA build: {torch.version.cuda}); "
+            "use device=cpu or device=auto, or run on a GPU node"
+        )
     return device
 
 
@@ -40,7 +43,9 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def autocast_dtype(device: torch.device, precision: str, setting: str, warn: Callable[[str], Any] = print) -> torch.dtype | None:
+def autocast_dtype(
+    device: torch.device, precision: str, setting: str, warn: Callable[[str], Any] = print
+) -> torch.dtype | None:
     """The autocast dtype of a training stage's ``precision`` (named ``setting`` in messages), or None for fp32:
 
     - ``fp32``: none;
@@ -55,8 +60,10 @@ def autocast_dtype(device: torch.device, precision: str, setting: str, warn: Cal
     if native_bf16(device):
         return torch.bfloat16
     if precision == "bf16":
-        warn(f"warning: {setting}=bf16 but {torch.cuda.get_device_name(device)} has no native bf16 (compute capability "
-             f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}, bf16 needs 8.0): training in fp32")
+        warn(
+            f"warning: {setting}=bf16 but {torch.cuda.get_device_name(device)} has no native bf16 (compute capability "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}, bf16 needs 8.0): training in fp32"
+        )
     return None
 
 
@@ -91,7 +98,9 @@ def rng_state(device: torch.device, generator: torch.Generator | None = None) ->
     }
 
 
-def restore_rng(state: dict[str, Any] | None, device: torch.device, generator: torch.Generator | None, reseed: int) -> bool:
+def restore_rng(
+    state: dict[str, Any] | None, device: torch.device, generator: torch.Generator | None, reseed: int
+) -> bool:
     """Continue the streams ``rng_state`` saved; True when all of them continue. A stream saved on another device
     type (a CUDA generator's 16-byte state on a CPU, or the reverse), or none saved (``state`` None: another worker
     count), starts again from ``reseed`` instead: the run goes on, not bit for bit."""
@@ -120,8 +129,12 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], d
     """Load ``saved`` into ``optimizer`` once its parameters are on ``device``: torch puts each state tensor (Adam's
     moments) on its parameter's device as it loads, never afterwards, so a model moved to the GPU after this
     would step with moments left on the CPU."""
-    elsewhere = {str(p.device) for group in optimizer.param_groups for p in group["params"] if p.device.type != device.type}
+    elsewhere = {
+        str(p.device) for group in optimizer.param_groups for p in group["params"] if p.device.type != device.type
+    }
     if elsewhere:
-        raise RuntimeError(f"the optimizer's parameters are on {sorted(elsewhere)}, training runs on {device}: "
-                           "move the model to its device before loading the optimizer's state")
+        raise RuntimeError(
+            f"the optimizer's parameters are on {sorted(elsewhere)}, training runs on {device}: "
+            "move the model to its device before loading the optimizer's state"
+        )
     optimizer.load_state_dict(saved)

@@ -22,7 +22,10 @@ TEXT_EMBEDDING = "text_embedding"  # a frozen text encoder's τθ(y) of the row'
 # image's latent (float16, c x h x w, unscaled).
 LOW_RES, MASK, MASKED_LATENT = "low_res", "mask", "masked_latent"
 CONCAT_COLUMNS = (LOW_RES, MASK, MASKED_LATENT)
-CONCAT = {"low_res": {LOW_RES: "uint8"}, "masked": {MASK: "uint8", MASKED_LATENT: "halffloat"}}  # by the task's ``concat``: column -> type
+CONCAT = {
+    "low_res": {LOW_RES: "uint8"},
+    "masked": {MASK: "uint8", MASKED_LATENT: "halffloat"},
+}  # by the task's ``concat``: column -> type
 
 
 def latent_columns(kind: str) -> tuple[str, ...]:
@@ -54,23 +57,33 @@ class LatentStats:
     sum_var: list[float] = field(default_factory=list)
 
     @classmethod
-    def of(cls, columns: dict[str, np.ndarray]) -> "LatentStats":
+    def of(cls, columns: dict[str, np.ndarray]) -> LatentStats:
         values = columns.get("latent_mean", columns.get("latent")).astype(np.float64)
         per_channel = values.transpose(1, 0, 2, 3).reshape(values.shape[1], -1)
         variance = (
-            np.exp(columns["latent_logvar"].astype(np.float64)).transpose(1, 0, 2, 3).reshape(values.shape[1], -1).sum(1)
+            np.exp(columns["latent_logvar"].astype(np.float64))
+            .transpose(1, 0, 2, 3)
+            .reshape(values.shape[1], -1)
+            .sum(1)
             if "latent_logvar" in columns
             else np.zeros(values.shape[1])
         )
-        return cls(per_channel.shape[1], per_channel.sum(1).tolist(), (per_channel**2).sum(1).tolist(), variance.tolist())
+        return cls(
+            per_channel.shape[1], per_channel.sum(1).tolist(), (per_channel**2).sum(1).tolist(), variance.tolist()
+        )
 
-    def merge(self, other: "LatentStats") -> "LatentStats":
+    def merge(self, other: LatentStats) -> LatentStats:
         if not self.count:
             return other
         if not other.count:
             return self
         add = lambda a, b: [x + y for x, y in zip(a, b)]  # noqa: E731
-        return LatentStats(self.count + other.count, add(self.sum, other.sum), add(self.sum_sq, other.sum_sq), add(self.sum_var, other.sum_var))
+        return LatentStats(
+            self.count + other.count,
+            add(self.sum, other.sum),
+            add(self.sum_sq, other.sum_sq),
+            add(self.sum_var, other.sum_var),
+        )
 
     def summary(self) -> dict[str, object]:
         """Per-channel mean and std of z, the global std, and ``scale_factor`` = 1 / global std."""

@@ -8,7 +8,13 @@ from ldm.choices import LR_SCHEDULES
 
 
 def learning_rate(
-    step: int, base: float, *, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 0, final_ratio: float = 0.0
+    step: int,
+    base: float,
+    *,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int = 0,
+    final_ratio: float = 0.0,
 ) -> float:
     """The rate for optimizer step ``step`` (0-based). Decay runs from the end of warm-up to ``total_steps``."""
     if schedule not in LR_SCHEDULES:

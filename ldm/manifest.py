@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ldm.storage import Storage
 
@@ -27,9 +28,7 @@ class IncompleteOutputError(RuntimeError):
 
 def fingerprint(stage_config: Mapping[str, Any], input_fingerprints: Iterable[str] = ()) -> str:
     """Identity of a stage output: its resolved stage config plus the identities of its inputs."""
-    payload = json.dumps(
-        {"config": stage_config, "inputs": sorted(input_fingerprints)}, sort_keys=True, default=str
-    )
+    payload = json.dumps({"config": stage_config, "inputs": sorted(input_fingerprints)}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -42,7 +41,12 @@ def list_files(storage: Storage, url: str) -> dict[str, int]:
     for path, info in fs.find(root, detail=True).items():
         rel = path[len(root) :].strip("/")
         # Object stores may hold empty "dir/" marker objects (pyarrow's create_dir writes them): not files.
-        if rel and info.get("type") != "directory" and not path.endswith("/") and rel not in (MANIFEST_NAME, CLAIM_NAME):
+        if (
+            rel
+            and info.get("type") != "directory"
+            and not path.endswith("/")
+            and rel not in (MANIFEST_NAME, CLAIM_NAME)
+        ):
             files[rel] = int(info["size"])
     return files
 
@@ -135,7 +139,9 @@ def data_row_groups(manifest: Mapping[str, Any], url: str, part: str = "data") -
     listed = manifest.get("row_groups", {})
     missing = [f for f in files if f[len(url) + 1 :] not in listed]
     if missing:
-        raise IncompleteOutputError(f"{url}: its {MANIFEST_NAME} lists no row groups for {missing[:3]}; re-run stage={manifest['stage']}")
+        raise IncompleteOutputError(
+            f"{url}: its {MANIFEST_NAME} lists no row groups for {missing[:3]}; re-run stage={manifest['stage']}"
+        )
     return files, [listed[f[len(url) + 1 :]] for f in files]
 
 
@@ -179,7 +185,11 @@ def claim_output(
         return None
     clear(storage, url)
     fs.makedirs(root, exist_ok=True)
-    marker = {"stage": stage, "fingerprint": fingerprint, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    marker = {
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     fs.pipe_file(f"{root}/{CLAIM_NAME}", json.dumps(marker).encode())
     return None
 

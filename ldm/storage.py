@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
@@ -30,7 +31,7 @@ class Storage:
     region: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "Storage":
+    def from_config(cls, cfg: Mapping[str, Any]) -> Storage:
         return cls(root=resolve(str(cfg["root"])), endpoint_url=cfg.get("endpoint_url"), region=cfg.get("region"))
 
     def url(self, *parts: str) -> str:
@@ -169,11 +170,17 @@ def weights_digest(name_or_path: str, storage: Storage | None = None, subfolder:
                 name_or_path = snapshot_download(repo, allow_patterns=[f"{prefix}config.json", f"{prefix}*.bin"])
         fs, root = fsspec.filesystem("file"), os.path.abspath(name_or_path)
     folder = f"{root}/{subfolder}" if subfolder else root
-    names = sorted(p for p in fs.ls(folder, detail=False) if p.rsplit("/", 1)[-1] == "config.json" or p.endswith((".safetensors", ".bin")))
+    names = sorted(
+        p
+        for p in fs.ls(folder, detail=False)
+        if p.rsplit("/", 1)[-1] == "config.json" or p.endswith((".safetensors", ".bin"))
+    )
     if any(n.endswith(".safetensors") for n in names):  # what from_pretrained loads when both are there
         names = [n for n in names if not n.endswith(".bin")]
     if not any(n.endswith("config.json") for n in names):
-        raise FileNotFoundError(f"{name_or_path}{'/' + subfolder if subfolder else ''}: no config.json; not a model directory")
+        raise FileNotFoundError(
+            f"{name_or_path}{'/' + subfolder if subfolder else ''}: no config.json; not a model directory"
+        )
     digest = hashlib.sha256()
     for name in names:
         digest.update(name.rsplit("/", 1)[-1].encode())

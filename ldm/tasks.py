@@ -30,17 +30,29 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "text_to_image": Task("text_to_image", cross_attention=True, condition="caption", pipeline="LDMTextToImagePipeline"),
+    "text_to_image": Task(
+        "text_to_image", cross_attention=True, condition="caption", pipeline="LDMTextToImagePipeline"
+    ),
     # The paper's unconditional models (CelebA-HQ, FFHQ, LSUN): z_t alone in, ε out.
     "unconditional": Task("unconditional", cross_attention=False, condition=None, pipeline="LDMPipeline"),
     # The paper's ImageNet model: a learned class embedding, cross-attended; guidance against a null class.
-    "class_conditional": Task("class_conditional", cross_attention=True, condition="label", pipeline="ConditionedPipeline"),
+    "class_conditional": Task(
+        "class_conditional", cross_attention=True, condition="label", pipeline="ConditionedPipeline"
+    ),
     # The paper's COCO / OpenImages model: boxes (class, corners) as tokens through a transformer τθ, cross-attended.
     "layout_to_image": Task("layout_to_image", cross_attention=True, condition="boxes", pipeline="ConditionedPipeline"),
     # The paper's ×4 super-resolution (f=4: the low-resolution image has the latent's size), concatenated to z_t.
-    "super_resolution": Task("super_resolution", cross_attention=False, condition=None, pipeline="LDMSuperResolutionPipeline", concat="low_res"),
+    "super_resolution": Task(
+        "super_resolution",
+        cross_attention=False,
+        condition=None,
+        pipeline="LDMSuperResolutionPipeline",
+        concat="low_res",
+    ),
     # The paper's inpainting: the mask and the masked image's latent concatenated to z_t.
-    "inpainting": Task("inpainting", cross_attention=False, condition=None, pipeline="InpaintingPipeline", concat="masked"),
+    "inpainting": Task(
+        "inpainting", cross_attention=False, condition=None, pipeline="InpaintingPipeline", concat="masked"
+    ),
 }
 
 

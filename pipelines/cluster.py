@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import ray
 from omegaconf import DictConfig
@@ -75,6 +75,10 @@ def check_plan(cluster: DictConfig, requests: Iterable[Request]) -> None:
     have = ray.cluster_resources()
     for name, need in needed.items():
         if need > have.get(name, 0):
-            asking = ", ".join(f"{r.setting}: {r.count} x {r.resources[name]:g}" for r in requests if r.resources.get(name))
+            asking = ", ".join(
+                f"{r.setting}: {r.count} x {r.resources[name]:g}" for r in requests if r.resources.get(name)
+            )
             setting = {"CPU": "cluster.num_cpus", "GPU": "cluster.num_gpus"}.get(name, "the cluster's resources")
-            raise ValueError(f"{asking} {name} at once: {need:g} {name}, the local cluster has {have.get(name, 0):g} ({setting})")
+            raise ValueError(
+                f"{asking} {name} at once: {need:g} {name}, the local cluster has {have.get(name, 0):g} ({setting})"
+            )

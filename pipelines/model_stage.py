@@ -20,4 +20,10 @@ def load_model(job: Job, device: str) -> LDMTextToImagePipeline:
     """The model as a pipeline with the stage's weights (ema | raw) and sampler, on ``device`` (auto: a GPU if
     there is one)."""
     settings = job.settings
-    return load_pipeline(job.storage, job.inputs.record["model"], weights=str(settings.weights), sampler_name=str(settings.sampler), device=device)
+    return load_pipeline(
+        job.storage,
+        job.inputs.record["model"],
+        weights=str(settings.weights),
+        sampler_name=str(settings.sampler),
+        device=device,
+    )

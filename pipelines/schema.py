@@ -273,6 +273,7 @@ class Download:
 @dataclass
 class FirstStageFields:
     """Fields of the first-stage preset to replace (``ldm.models.presets.FirstStagePreset``); null keeps the preset's."""
+
     block_out_channels: Optional[List[int]]
     layers_per_block: Optional[int]
     attention_levels: Optional[List[int]]
@@ -380,6 +381,7 @@ class EncodeLatents:
 @dataclass
 class UNetFields:
     """Fields of the preset's UNet to replace (``ldm.models.presets.UNetSpec``); null keeps the preset's."""
+
     block_out_channels: Optional[List[int]]
     layers_per_block: Optional[int]
     attention_levels: Optional[List[int]]
@@ -390,6 +392,7 @@ class UNetFields:
 @dataclass
 class TextEncoderFields:
     """Fields of the preset's τθ to replace (``ldm.models.presets.TextEncoderSpec``); null keeps the preset's."""
+
     layers: Optional[int]
     width: Optional[int]
     heads: Optional[int]
@@ -506,7 +509,9 @@ class Sample(Generation):
     images_per_prompt: int
     num_images: int  # a model without prompts draws this many (unconditional; its own layouts; held-out images)
     classes: List[str]  # what a class-conditional model draws (empty: every class it knows)
-    layouts: List[Any]  # what a layout-to-image model draws: lists of boxes, or their JSON text (empty: num_images of its own)
+    layouts: List[
+        Any
+    ]  # what a layout-to-image model draws: lists of boxes, or their JSON text (empty: num_images of its own)
     images: List[str]  # image files to upsample or fill (super_resolution, inpainting; empty: held-out images)
     masks: List[str]  # inpainting: a mask file per image in `images`, light in the hole (empty: random holes)
     grid_columns: int
@@ -585,7 +590,9 @@ class TaskConfig:
     suffix: str  # appended to the default output folders of the stages the task changes
     latents_suffix: str  # appended to encode_latents' default output: only the tasks that concatenate an image to z_t have their own
     latent_channels: Optional[int]  # the first stage's latent channels the task needs (null: the preset's)
-    autoencoder_suffix: str  # appended to train_autoencoder's default output: a task that needs another first stage has its own
+    autoencoder_suffix: (
+        str  # appended to train_autoencoder's default output: a task that needs another first stage has its own
+    )
 
 
 @dataclass
@@ -609,16 +616,35 @@ class Config:
 # Which class each config option is checked against: ConfigStore entries schema/<group>/<option>.
 OPTIONS: dict[str, dict[str, type]] = {
     "stage": {
-        "synthesize": Synthesize, "prepare": Prepare, "download": Download, "train_autoencoder": TrainAutoencoder, "encode_latents": EncodeLatents,
-        "train_ldm": TrainLdm, "sample": Sample, "evaluate": Evaluate, "export": Export, "pipeline": Pipeline,
+        "synthesize": Synthesize,
+        "prepare": Prepare,
+        "download": Download,
+        "train_autoencoder": TrainAutoencoder,
+        "encode_latents": EncodeLatents,
+        "train_ldm": TrainLdm,
+        "sample": Sample,
+        "evaluate": Evaluate,
+        "export": Export,
+        "pipeline": Pipeline,
     },
     "data": {
-        "synthetic": SyntheticData, "synthetic_metadata": SyntheticMetadataData, "laion400m": ImageData,
-        "laion400m_metadata": MetadataData, "url_list": MetadataData, "webdataset": ImageData, "image_parquet": ImageData,
+        "synthetic": SyntheticData,
+        "synthetic_metadata": SyntheticMetadataData,
+        "laion400m": ImageData,
+        "laion400m_metadata": MetadataData,
+        "url_list": MetadataData,
+        "webdataset": ImageData,
+        "image_parquet": ImageData,
     },
     "storage": {"local": StorageConfig, "s3": S3StorageConfig},
     "tracking": {"local": Tracking, "server": Tracking},
     "cluster": {"local": Cluster, "remote": Cluster},
-    "task": {"text_to_image": TaskConfig, "unconditional": TaskConfig, "class_conditional": TaskConfig,
-             "layout_to_image": LayoutTaskConfig, "super_resolution": TaskConfig, "inpainting": TaskConfig},
+    "task": {
+        "text_to_image": TaskConfig,
+        "unconditional": TaskConfig,
+        "class_conditional": TaskConfig,
+        "layout_to_image": LayoutTaskConfig,
+        "super_resolution": TaskConfig,
+        "inpainting": TaskConfig,
+    },
 }

@@ -16,8 +16,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import mlflow
 from omegaconf import DictConfig
@@ -38,7 +39,7 @@ class Inputs:
     found: dict[str, Any] = field(default_factory=dict)  # anything else the work needs (manifests, models)
 
     @classmethod
-    def output_of(cls, stage: str, url: str, storage: Storage, name: str) -> "Inputs":
+    def output_of(cls, stage: str, url: str, storage: Storage, name: str) -> Inputs:
         """A complete output of ``stage`` at ``url`` (its manifest verified), recorded as ``name``: its
         fingerprint, ``record[name]`` its URL, ``found[name]`` its manifest."""
         url = resolve(url)
@@ -72,7 +73,9 @@ class Output:
     schema: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)  # besides ``seconds``
     expected_files: dict[str, int] | None = None  # what workers reported writing: must be visible here
-    row_groups: dict[str, list[int]] | None = None  # data file -> rows of each row group: what training plans epochs from
+    row_groups: dict[str, list[int]] | None = (
+        None  # data file -> rows of each row group: what training plans epochs from
+    )
     metrics: dict[str, float] = field(default_factory=dict)
     message: str = ""
 
@@ -90,7 +93,9 @@ class Stage:
     # when the cluster can never place it.
     requests: Callable[[DictConfig], list[Request]] = lambda cfg: []
 
-    def run(self, cfg: DictConfig, find_inputs: Callable[[DictConfig, Storage], Inputs], work: Callable[[Job], Output]) -> dict[str, Any]:
+    def run(
+        self, cfg: DictConfig, find_inputs: Callable[[DictConfig, Storage], Inputs], work: Callable[[Job], Output]
+    ) -> dict[str, Any]:
         storage = Storage.from_config(cfg.storage)
         out = resolve(self.output_url(cfg))
         requests = self.requests(cfg)  # settings that can never work are refused before anything is read
@@ -98,7 +103,9 @@ class Stage:
         inputs = find_inputs(cfg, storage)
         identity = stage_fingerprint(cfg, self.version, inputs.fingerprints, self.uses_task)
         with stage_run(cfg, self.name) as active:
-            done = claim_output(storage, out, stage=self.name, fingerprint=identity, overwrite=cfg.overwrite, resume=self.resume)
+            done = claim_output(
+                storage, out, stage=self.name, fingerprint=identity, overwrite=cfg.overwrite, resume=self.resume
+            )
             if done is not None:
                 mlflow.set_tag("skipped", "complete output with the same fingerprint")
                 counts = f" ({self.detail.format(**done['counts'])})" if self.detail else ""
@@ -110,10 +117,26 @@ class Stage:
             started = time.time()
             output = work(Job(cfg, storage, out, inputs, identity, active.info.run_id))
             seconds = time.time() - started
-            extra = {k: v for k, v in (("counts", output.counts), ("facts", output.facts), ("schema", output.schema),
-                                       ("row_groups", output.row_groups)) if v is not None}
-            manifest = write_manifest(storage, out, stage=self.name, fingerprint=identity, expected_files=output.expected_files,
-                                      inputs=inputs.record, timings={"seconds": round(seconds, 3), **output.timings}, **extra)
+            extra = {
+                k: v
+                for k, v in (
+                    ("counts", output.counts),
+                    ("facts", output.facts),
+                    ("schema", output.schema),
+                    ("row_groups", output.row_groups),
+                )
+                if v is not None
+            }
+            manifest = write_manifest(
+                storage,
+                out,
+                stage=self.name,
+                fingerprint=identity,
+                expected_files=output.expected_files,
+                inputs=inputs.record,
+                timings={"seconds": round(seconds, 3), **output.timings},
+                **extra,
+            )
             mlflow.log_metrics({**output.metrics, "seconds": seconds})
             mlflow.log_dict(manifest, "manifest.json")
             if output.message:
@@ -129,8 +152,19 @@ NOT_CONTENT = {
     "data": ("validation_prompts",),
     # CPUs, concurrency and batch sizes for throughput; the cadence of logs, evaluations, samples and
     # checkpoints; what is logged (train_ldm's validation grids, data audits, the MLflow model).
-    "stage": ("resources", "log_every", "eval_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-              "validation", "validation_images", "data_audit", "prefetch_batches", "log_model"),
+    "stage": (
+        "resources",
+        "log_every",
+        "eval_every",
+        "sample_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "validation",
+        "validation_images",
+        "data_audit",
+        "prefetch_batches",
+        "log_model",
+    ),
 }
 
 
@@ -148,7 +182,9 @@ def stage_fingerprint(cfg: DictConfig, version: int, inputs: Iterable[str] = (),
 def task_identity(cfg: DictConfig) -> str:
     """The task's name and the settings that change its model (a layout τθ's grid and boxes), not where its
     outputs go: ``layout_to_image[grid=16,max_objects=8]``."""
-    settings = {k: v for k, v in plain(cfg.task).items() if k != "name" and not k.endswith("suffix") and k != "latent_channels"}
+    settings = {
+        k: v for k, v in plain(cfg.task).items() if k != "name" and not k.endswith("suffix") and k != "latent_channels"
+    }
     return str(cfg.task.name) + (f"[{','.join(f'{k}={v}' for k, v in sorted(settings.items()))}]" if settings else "")
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import mlflow
 import yaml
@@ -79,12 +80,18 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[mlflow.ActiveRun]:
         mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config.yaml")
         yield run
     if parent is None:
-        print(f"MLflow: run {run.info.run_id} ({stage}) in experiment {cfg.tracking.experiment!r} at "
-              f"{redact(cfg.tracking.uri)}")
+        print(
+            f"MLflow: run {run.info.run_id} ({stage}) in experiment {cfg.tracking.experiment!r} at "
+            f"{redact(cfg.tracking.uri)}"
+        )
         if cfg.tracking.uri.startswith(("http://", "https://")):
-            print(f"        open {redact(cfg.tracking.uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+            print(
+                f"        open {redact(cfg.tracking.uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            )
         if cfg.tracking.uri.startswith("sqlite:///"):
             database = os.path.abspath(cfg.tracking.uri.removeprefix("sqlite:///"))
             mlflow_cli = os.path.join(os.path.dirname(sys.executable), "mlflow")
-            print(f"        open the UI with: {UI_ENVIRONMENT} {mlflow_cli} ui --backend-store-uri sqlite:///{database}"
-                  " (then http://127.0.0.1:5000)")
+            print(
+                f"        open the UI with: {UI_ENVIRONMENT} {mlflow_cli} ui --backend-store-uri sqlite:///{database}"
+                " (then http://127.0.0.1:5000)"
+            )

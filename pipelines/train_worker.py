@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, partial
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 import ray.data
@@ -83,31 +84,48 @@ class EpochData:
         the checkpoint's order is not this one (stage.resume from a run on other data, or another seed or
         shuffle: its position means nothing here)."""
         if state["data"]["order"] != self.order.identity:
-            print(f"{stage}: rank {rank}: the checkpoint's epoch order is not this data's; epoch {state['epoch']} starts from its beginning")
+            print(
+                f"{stage}: rank {rank}: the checkpoint's epoch order is not this data's; epoch {state['epoch']} starts from its beginning"
+            )
             return []
         taken = [(int(a), int(b)) for a, b in state["data"]["taken"]]
-        print(f"{stage}: rank {rank} resumed at step {state['step']}, epoch {state['epoch']} "
-              f"({sum(b - a for a, b in taken)} of its {self.order.rows} rows already trained on)")
+        print(
+            f"{stage}: rank {rank} resumed at step {state['step']}, epoch {state['epoch']} "
+            f"({sum(b - a for a, b in taken)} of its {self.order.rows} rows already trained on)"
+        )
         return taken
 
     def position(self, epoch: int, world: int, taken: Sequence[Interval], consumed: Sequence[int]) -> dict[str, Any]:
         """A checkpoint's data position: the order's identity and the positions of ``epoch`` trained on, those
         ``taken`` before this attempt and the first ``consumed[rank]`` of every rank's run since."""
-        return {"order": self.order.identity, "taken": [list(t) for t in self.order.taken_after(epoch, world, taken, consumed)]}
+        return {
+            "order": self.order.identity,
+            "taken": [list(t) for t in self.order.taken_after(epoch, world, taken, consumed)],
+        }
 
     @staticmethod
     def check_share(consumed: int, taken: Sequence[Interval], rank: int, batch_size: int) -> None:
         """At the end of an epoch's run: a rank that got no batch at all would go round the epochs forever."""
         if not consumed and not taken:
-            raise ValueError(f"rank {rank}'s share of the data holds fewer than stage.batch_size={batch_size} rows: "
-                             "lower the batch size or the number of workers")
+            raise ValueError(
+                f"rank {rank}'s share of the data holds fewer than stage.batch_size={batch_size} rows: "
+                "lower the batch size or the number of workers"
+            )
 
     def rows(self, epoch: int, rank: int, world: int, taken: Sequence[Interval] = ()) -> ray.data.Dataset:
         """This rank's rows of ``epoch``, less the positions already ``taken``."""
         order = self.order
         pieces = order.pieces(epoch, order.assignment(epoch, world, taken)[rank])
-        items = [{"paths": [self.files[f] for f, _ in p.groups], "groups": [g for _, g in p.groups], "seed": list(p.seed),
-                  "lo": p.lo, "hi": p.hi} for p in pieces]
+        items = [
+            {
+                "paths": [self.files[f] for f, _ in p.groups],
+                "groups": [g for _, g in p.groups],
+                "seed": list(p.seed),
+                "lo": p.lo,
+                "hi": p.hi,
+            }
+            for p in pieces
+        ]
         worker_data_context()
         read = partial(_read_pieces, storage=self.storage, columns=self.columns)
         return ray.data.from_items(items).map_batches(read, batch_size=1, batch_format="pyarrow")
@@ -135,8 +153,15 @@ def private_copy(checkpoint: ray.train.Checkpoint) -> Iterator[str]:
         yield directory
 
 
-def random_streams(state: dict[str, Any] | None, stage: str, rank: int, world: int, device: torch.device,
-                   generator: torch.Generator | None, base_seed: int) -> None:
+def random_streams(
+    state: dict[str, Any] | None,
+    stage: str,
+    rank: int,
+    world: int,
+    device: torch.device,
+    generator: torch.Generator | None,
+    base_seed: int,
+) -> None:
     """Each rank's own random streams (torch's CPU and CUDA ones, and the training's ``generator``): seeded from
     ``base_seed`` + rank on a fresh start, continued from the checkpoint's ``state`` on a resume. A checkpoint of
     another worker count, or whose streams were saved on another device type, starts them again from the seed and
@@ -147,8 +172,10 @@ def random_streams(state: dict[str, Any] | None, stage: str, rank: int, world: i
     streams = saved_streams(state)
     saved = streams[rank] if len(streams) == world else None
     if not restore_rng(saved, device, generator, base_seed + state["step"] * world + rank):
-        print(f"{stage}: rank {rank}: the checkpoint's random streams are not this run's ({world} workers on {device.type}); "
-              "they start again from the seed and the step")
+        print(
+            f"{stage}: rank {rank}: the checkpoint's random streams are not this run's ({world} workers on {device.type}); "
+            "they start again from the seed and the step"
+        )
 
 
 def saved_streams(state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -159,8 +186,15 @@ def saved_streams(state: dict[str, Any]) -> list[dict[str, Any]]:
         return state["rng"]
     generators = state.get("rng") or [None] * len(state["torch_rng"])
     cudas = state.get("cuda_rng") or [None] * len(state["torch_rng"])
-    return [{"device": "cuda" if cuda is not None or (g is not None and g.numel() == 16) else "cpu", "cpu": cpu, "cuda": cuda, "generator": g}
-            for cpu, cuda, g in zip(state["torch_rng"], cudas, generators)]
+    return [
+        {
+            "device": "cuda" if cuda is not None or (g is not None and g.numel() == 16) else "cpu",
+            "cpu": cpu,
+            "cuda": cuda,
+            "generator": g,
+        }
+        for cpu, cuda, g in zip(state["torch_rng"], cudas, generators)
+    ]
 
 
 def gather_for_checkpoint(mine: tuple, save: bool, world: int) -> list[tuple]:

@@ -4,7 +4,8 @@ the TorchTrainer over the cluster and storage the config names, and the MLflow r
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import ray.train
 from omegaconf import DictConfig
@@ -42,8 +43,10 @@ def worker_resources(scaling: DictConfig) -> dict[str, float]:
     """One Ray Train worker's resources (``stage.scaling``). A DDP worker drives exactly one whole GPU: NCCL cannot
     put two ranks on one GPU, and DDP leaves a second one idle."""
     if scaling.use_gpu and scaling.gpus_per_worker != 1:
-        raise ValueError(f"stage.scaling.gpus_per_worker={scaling.gpus_per_worker:g} with stage.scaling.use_gpu=true: expected 1 "
-                         "(each DDP worker drives one whole GPU); use more stage.scaling.num_workers for more GPUs")
+        raise ValueError(
+            f"stage.scaling.gpus_per_worker={scaling.gpus_per_worker:g} with stage.scaling.use_gpu=true: expected 1 "
+            "(each DDP worker drives one whole GPU); use more stage.scaling.num_workers for more GPUs"
+        )
     return {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
 
 
@@ -51,11 +54,15 @@ def requests(cfg: DictConfig, data_task_cpus: float) -> list[Request]:
     """What a training stage asks Ray for at once: its workers, and room for one of the Ray Data tasks that feed
     them (``data_task_cpus``), which would otherwise wait forever behind workers holding every CPU."""
     scaling = cfg.stage.scaling
-    return [Request("stage.scaling.num_workers", worker_resources(scaling), scaling.num_workers),
-            Request("a data task", {"CPU": data_task_cpus})]
+    return [
+        Request("stage.scaling.num_workers", worker_resources(scaling), scaling.num_workers),
+        Request("a data task", {"CPU": data_task_cpus}),
+    ]
 
 
-def trainer(cfg: DictConfig, storage: Storage, loop: Callable[[], None], run_name: str, datasets: dict[str, Any]) -> TorchTrainer:
+def trainer(
+    cfg: DictConfig, storage: Storage, loop: Callable[[], None], run_name: str, datasets: dict[str, Any]
+) -> TorchTrainer:
     """A TorchTrainer running ``loop`` on ``stage.scaling`` whose checkpoints go to
     ``stage.checkpoints_url``/``run_name``: the same name on a re-run (or after a worker failure) restores the
     latest checkpoint there."""

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -67,8 +67,13 @@ def ray_cluster():
 def in_fresh_process(script: str, *args, cwd: Path) -> str:
     """Runs ``script`` in a new interpreter with nothing of this project's on its path, offline (what a user of an
     exported directory has); its stdout. Fails with its stderr."""
-    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -121,11 +126,16 @@ def mlflow_server(s3_server, tmp_path_factory):
         [
             str(Path(sys.executable).with_name("mlflow")),
             "server",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
-            "--artifacts-destination", f"s3://{BUCKET}/mlartifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{workdir}/mlflow.db",
+            "--artifacts-destination",
+            f"s3://{BUCKET}/mlartifacts",
         ],
         env=env,
         cwd=workdir,
@@ -189,7 +199,9 @@ def write_lpips_weights(directory: Path) -> list[str]:
         vgg[f"features.{index}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=generator) * (2 / (9 * c_in)) ** 0.5
         vgg[f"features.{index}.bias"] = torch.zeros(c_out)
     vgg["classifier.0.weight"] = torch.zeros(1)  # torchvision's file has the classifier too: ignored
-    heads = {f"lin{k}.model.1.weight": torch.rand(1, CONVS[tap][1], 1, 1, generator=generator) for k, tap in enumerate(TAPS)}
+    heads = {
+        f"lin{k}.model.1.weight": torch.rand(1, CONVS[tap][1], 1, 1, generator=generator) for k, tap in enumerate(TAPS)
+    }
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(vgg, directory / "vgg16.pth")
     save_file(heads, str(directory / "lpips_vgg.safetensors"))
@@ -204,7 +216,9 @@ def history(client, run_id, key):
 def image_steps(client, run_id, key):
     """The steps of an MLflow image series (``log_image(key=, step=)``), as the UI's Images tab lists them."""
     names = [f.path for f in client.list_artifacts(run_id, "images")]
-    return sorted({int(name.split("+step+")[1].split("+")[0]) for name in names if name.startswith(f"images/{key}+step+")})
+    return sorted(
+        {int(name.split("+step+")[1].split("+")[0]) for name in names if name.startswith(f"images/{key}+step+")}
+    )
 
 
 class CorpusServer:

@@ -49,7 +49,9 @@ def test_every_attribute_survives_what_generated_images_suffer(corrupt):
     picked = rng.permutation(len(scenes))[:300]
     readings = [read(corrupt(render(scenes[i], 64, 64, seed=int(i)), scenes[i], rng)) for i in picked]
     for attribute in ATTRIBUTES:
-        right = np.mean([getattr(r.scene, attribute) == getattr(scenes[i], attribute) for r, i in zip(readings, picked)])
+        right = np.mean(
+            [getattr(r.scene, attribute) == getattr(scenes[i], attribute) for r, i in zip(readings, picked)]
+        )
         assert right >= 0.98, f"{attribute} read right on {right:.3f} of images with {corrupt.__name__.strip('_')}"
     assert np.mean([r.objects == 1 for r in readings]) >= 0.98
 
@@ -61,7 +63,9 @@ def test_two_objects_are_counted_as_two():
     counted = 0
     for i, (first, second) in enumerate(trials):
         other = "bottom right" if first.position == "top left" else "top left"
-        second = Scene(second.colour if second.colour != first.background else first.colour, second.shape, other, first.background)
+        second = Scene(
+            second.colour if second.colour != first.background else first.colour, second.shape, other, first.background
+        )
         image = render(first, 64, 64, seed=i)
         extra = render(second, 64, 64, seed=10_000 + i)
         on_object = np.linalg.norm(extra.astype(float) - COLOURS[second.background], axis=-1) > 44

@@ -23,7 +23,9 @@ CONF = ROOT / "conf"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pipelines/run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "pipelines/run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def choices(schema: type, prefix: str = "") -> dict[str, type[Enum]]:
@@ -58,7 +60,11 @@ def test_an_unknown_choice_of_every_choice_setting_is_refused_naming_the_key(sta
     found.update({f"data.{k}": v for k, v in choices(OmegaConf.get_type(cfg.data)).items()})
     assert found, f"stage={stage} has no choice settings"
     for key, enum in found.items():
-        value = "[not-a-choice]" if OmegaConf.is_list(OmegaConf.select(cfg, key, throw_on_missing=False)) else "not-a-choice"
+        value = (
+            "[not-a-choice]"
+            if OmegaConf.is_list(OmegaConf.select(cfg, key, throw_on_missing=False))
+            else "not-a-choice"
+        )
         with pytest.raises(ConfigCompositionException) as error:
             compose(f"stage={stage}", f"{key}={value}")
         message = str(error.value) + str(error.value.__cause__)
@@ -72,27 +78,50 @@ def test_the_choice_settings_users_meet_first_are_typed():
     for stage in set(stages.STAGES) - {"pipeline"}:
         every.update({f"{stage}:{k}": v for k, v in choices(OPTIONS["stage"][stage]).items()})
     every.update({f"data:{k}": v for k, v in choices(OPTIONS["data"]["synthetic"]).items()})
-    for key in ("train_ldm:noise.prediction_type", "train_ldm:noise.schedule", "train_ldm:optimizer.schedule",
-                "train_ldm:scaling.placement_strategy", "train_ldm:validation.sampler", "train_ldm:model.preset",
-                "train_ldm:attention", "train_autoencoder:model.preset", "train_autoencoder:optimizer.schedule",
-                "sample:sampler", "sample:weights", "sample:device", "evaluate:weights", "export:sampler",
-                "encode_latents:resources.dtype", "encode_latents:compression", "synthesize:formats",
-                "prepare:img2dataset.output_format", "data:input.format"):
+    for key in (
+        "train_ldm:noise.prediction_type",
+        "train_ldm:noise.schedule",
+        "train_ldm:optimizer.schedule",
+        "train_ldm:scaling.placement_strategy",
+        "train_ldm:validation.sampler",
+        "train_ldm:model.preset",
+        "train_ldm:attention",
+        "train_autoencoder:model.preset",
+        "train_autoencoder:optimizer.schedule",
+        "sample:sampler",
+        "sample:weights",
+        "sample:device",
+        "evaluate:weights",
+        "export:sampler",
+        "encode_latents:resources.dtype",
+        "encode_latents:compression",
+        "synthesize:formats",
+        "prepare:img2dataset.output_format",
+        "data:input.format",
+    ):
         assert key in every, key
 
 
 def test_a_wrong_type_or_an_unknown_key_is_refused_at_compose_time():
-    for override, key in (("stage.steps=abc", "stage.steps"), ("stage.nope=1", "nope"), ("stage.scaling.use_gpu=maybe", "stage.scaling.use_gpu"),
-                          ("cluster.num_cpus=four", "cluster.num_cpus"), ("storage.shared=sometimes", "storage.shared")):
+    for override, key in (
+        ("stage.steps=abc", "stage.steps"),
+        ("stage.nope=1", "nope"),
+        ("stage.scaling.use_gpu=maybe", "stage.scaling.use_gpu"),
+        ("cluster.num_cpus=four", "cluster.num_cpus"),
+        ("storage.shared=sometimes", "storage.shared"),
+    ):
         with pytest.raises(ConfigCompositionException) as error:
             compose("stage=train_ldm", override)
         assert key in str(error.value) + str(error.value.__cause__)
 
 
-@pytest.mark.parametrize("args, key", [
-    (["stage=synthesize", "data.num_samples=abc"], "data.num_samples"),
-    (["stage=train_ldm", "stage.noise.prediction_type=nope"], "stage.noise.prediction_type"),
-])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["stage=synthesize", "data.num_samples=abc"], "data.num_samples"),
+        (["stage=train_ldm", "stage.noise.prediction_type=nope"], "stage.noise.prediction_type"),
+    ],
+)
 def test_the_cli_refuses_a_bad_value_with_hydras_error_and_no_traceback(args, key):
     result = run_cli(*args)
     output = result.stdout + result.stderr
@@ -110,7 +139,11 @@ def test_a_value_left_unset_is_named_before_anything_runs():
 
 def test_experiments_compose_for_their_stages():
     quality = compose("experiment=quality")
-    assert quality.stage.name == "pipeline" and quality.stage.train_ldm.steps == 2400 and quality.stage.evaluate.guidance_scale == 4.0
+    assert (
+        quality.stage.name == "pipeline"
+        and quality.stage.train_ldm.steps == 2400
+        and quality.stage.evaluate.guidance_scale == 4.0
+    )
     assert str(quality.stage.sample.weights) == "raw" and quality.data.num_samples == 5000
     for stage in stages.STAGES:
         cfg = compose(f"stage={stage}", "experiment=ci")
@@ -118,7 +151,11 @@ def test_experiments_compose_for_their_stages():
         assert cfg.data.num_samples == 240
     assert compose("stage=train_ldm", "experiment=ci").stage.batch_size == 8
     pipeline = compose("stage=pipeline", "experiment=ci").stage
-    assert pipeline.train_ldm.batch_size == 8 and pipeline.train_ldm.steps == 12 and pipeline.synthesize.rows_per_shard == 60
+    assert (
+        pipeline.train_ldm.batch_size == 8
+        and pipeline.train_ldm.steps == 12
+        and pipeline.synthesize.rows_per_shard == 60
+    )
 
 
 def test_ray_train_workers_get_the_typed_stage():
@@ -127,18 +164,26 @@ def test_ray_train_workers_get_the_typed_stage():
     assert f"{settings.validation.sampler}" == "ddim" and isinstance(settings.scaling.num_workers, int)
 
 
-@pytest.mark.parametrize("stage, node", [("train_ldm", lambda s: s), ("pipeline", lambda s: s.train_ldm)], ids=["train_ldm", "pipeline"])
+@pytest.mark.parametrize(
+    "stage, node", [("train_ldm", lambda s: s), ("pipeline", lambda s: s.train_ldm)], ids=["train_ldm", "pipeline"]
+)
 def test_command_line_overrides_of_a_presets_fields_reach_the_model(stage, node):
     """What a user types (stage.model.unet.<field>=...) reaches the preset as the driver reads it (a DictConfig)
     and as a Ray Train worker does (the schema's dataclass); unset fields keep the preset's; the run name is a
     hash of the preset's JSON."""
     prefix = "stage." if stage == "train_ldm" else "stage.train_ldm."
-    cfg = compose(f"stage={stage}", f"{prefix}model.unet.block_out_channels=[32,32,64]", f"{prefix}model.unet.self_attention_levels=[]",
-                  f"{prefix}model.text_encoder.kind=ldmbert")
+    cfg = compose(
+        f"stage={stage}",
+        f"{prefix}model.unet.block_out_channels=[32,32,64]",
+        f"{prefix}model.unet.self_attention_levels=[]",
+        f"{prefix}model.text_encoder.kind=ldmbert",
+    )
     for model in (node(cfg.stage).model, OmegaConf.to_object(node(cfg.stage)).model):
         spec = text_to_image_preset(model.preset, model.unet, model.text_encoder)
         assert spec.unet.block_out_channels == (32, 32, 64) and spec.unet.self_attention_levels == ()
-        assert spec.unet.layers_per_block == 1 and spec.text_encoder.kind == "ldmbert" and spec.text_encoder.width == 128
+        assert (
+            spec.unet.layers_per_block == 1 and spec.text_encoder.kind == "ldmbert" and spec.text_encoder.width == 128
+        )
         assert json.loads(json.dumps(describe(spec)))["unet"]["block_out_channels"] == [32, 32, 64]
     with pytest.raises(ConfigCompositionException, match="channels"):  # a field the UNet does not have, named
         compose(f"stage={stage}", f"{prefix}model.unet.channels=[32]")
@@ -153,21 +198,35 @@ def test_a_command_line_override_of_a_first_stage_presets_field_reaches_the_mode
 
 def test_one_task_choice_sets_what_every_stage_of_the_workflow_needs():
     plain = compose("stage=pipeline").stage
-    assert plain.train_ldm.latents_url == plain.encode_latents.output_url and plain.encode_latents.output_url.endswith("/latents")
-    assert plain.train_autoencoder.model.latent_channels is None and plain.train_autoencoder.output_url.endswith("/autoencoder")
+    assert plain.train_ldm.latents_url == plain.encode_latents.output_url and plain.encode_latents.output_url.endswith(
+        "/latents"
+    )
+    assert plain.train_autoencoder.model.latent_channels is None and plain.train_autoencoder.output_url.endswith(
+        "/autoencoder"
+    )
     # Super-resolution: its own 3-channel first stage and latents (with the low-resolution images), its own outputs.
     sr = compose("stage=pipeline", "task=super_resolution").stage
-    assert sr.train_autoencoder.model.latent_channels == 3 and sr.train_autoencoder.output_url.endswith("/autoencoder_c3")
+    assert sr.train_autoencoder.model.latent_channels == 3 and sr.train_autoencoder.output_url.endswith(
+        "/autoencoder_c3"
+    )
     assert sr.encode_latents.first_stage == sr.train_autoencoder.output_url
-    assert sr.encode_latents.output_url.endswith("/latents_super_resolution") and sr.train_ldm.latents_url == sr.encode_latents.output_url
+    assert (
+        sr.encode_latents.output_url.endswith("/latents_super_resolution")
+        and sr.train_ldm.latents_url == sr.encode_latents.output_url
+    )
     assert [sr[s].output_url.rsplit("/", 1)[-1] for s in ("train_ldm", "sample", "evaluate", "export")] == [
-        f"{name}_super_resolution" for name in ("ldm", "samples", "evaluation", "export")]
+        f"{name}_super_resolution" for name in ("ldm", "samples", "evaluation", "export")
+    ]
     # Inpainting: latents of its own (masks, masked latents), the first stage everyone else's.
     inpainting = compose("stage=pipeline", "task=inpainting").stage
-    assert inpainting.encode_latents.output_url.endswith("/latents_inpainting") and inpainting.train_autoencoder.output_url.endswith("/autoencoder")
+    assert inpainting.encode_latents.output_url.endswith(
+        "/latents_inpainting"
+    ) and inpainting.train_autoencoder.output_url.endswith("/autoencoder")
     # The tasks that only change what conditions the UNet share the text-to-image latents.
     for task in ("unconditional", "class_conditional", "layout_to_image"):
-        assert compose("stage=pipeline", f"task={task}").stage.encode_latents.output_url == plain.encode_latents.output_url
+        assert (
+            compose("stage=pipeline", f"task={task}").stage.encode_latents.output_url == plain.encode_latents.output_url
+        )
     assert compose("stage=sample", "task=layout_to_image", "task.grid=32").task.grid == 32
     with pytest.raises(ConfigCompositionException, match="task"):
         compose("stage=train_ldm", "task=depth_to_image")

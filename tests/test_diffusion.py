@@ -36,7 +36,10 @@ def test_presets_build_with_their_recorded_sizes(name, unet, text_encoder):
         built_text = build_text_encoder(spec.text_encoder, 30522, 77)
         built_unet = build_unet(spec.unet, 4, 32, spec.text_encoder.width)
     set_trainable(built_text, True)
-    assert parameters(built_unet) == unet and sum(p.numel() for p in built_text.parameters() if p.requires_grad) == text_encoder
+    assert (
+        parameters(built_unet) == unet
+        and sum(p.numel() for p in built_text.parameters() if p.requires_grad) == text_encoder
+    )
     assert built_unet.config.cross_attention_dim == spec.text_encoder.width
 
 
@@ -57,7 +60,11 @@ def test_without_cross_attention_the_unet_attends_where_the_papers_unconditional
     assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]
     assert TEXT_TO_IMAGE_PRESETS["txt2img-1p4b"].unet.self_attention_levels == (1, 2, 3)  # downsampling 2, 4, 8
     crossed = build_unet(spec, 4, 16, 32)
-    assert [type(b).__name__ for b in crossed.down_blocks] == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    assert [type(b).__name__ for b in crossed.down_blocks] == [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
 
 
 def test_linear_schedule_is_ldms_and_the_cosine_option_exists():
@@ -89,7 +96,9 @@ def test_sampling_starts_where_training_left_nothing_of_the_image(overrides):
 
 def test_latents_are_drawn_from_the_stored_posterior_and_scaled():
     mean, logvar = torch.full((4096, 4, 2, 2), 3.0), torch.full((4096, 4, 2, 2), np.log(0.25))
-    z = sample_latents({"latent_mean": mean.half(), "latent_logvar": logvar.half()}, 0.5, torch.Generator().manual_seed(0))
+    z = sample_latents(
+        {"latent_mean": mean.half(), "latent_logvar": logvar.half()}, 0.5, torch.Generator().manual_seed(0)
+    )
     assert z.mean().item() == pytest.approx(1.5, abs=0.01) and z.std().item() == pytest.approx(0.25, abs=0.01)
     assert torch.equal(sample_latents({"latent": mean}, 2.0), mean * 2)  # VQ: deterministic
 
@@ -105,7 +114,9 @@ def test_caption_dropout_uses_the_empty_caption_at_its_rate():
 
 def tiny_model(vocab=50, prediction_type="epsilon", snr_gamma=None):
     torch.manual_seed(0)
-    spec = text_to_image_preset("tiny", unet={"block_out_channels": [32, 32, 32]}, text_encoder={"width": 32, "heads": 2, "ffn": 64})
+    spec = text_to_image_preset(
+        "tiny", unet={"block_out_channels": [32, 32, 32]}, text_encoder={"width": 32, "heads": 2, "ffn": 64}
+    )
     text_encoder = build_text_encoder(spec.text_encoder, vocab, 8)
     unet = build_unet(spec.unet, 4, 8, 32)
     objective = DiffusionObjective(noise_scheduler("linear", prediction_type), snr_gamma)
@@ -136,16 +147,23 @@ def tiny_pipeline():
     captions = [caption(scene, template) for scene in all_scenes()[:200] for template in range(3)]
     tokenizer = train_wordpiece(captions, vocab_size=80, max_length=77)
     torch.manual_seed(0)
-    spec = text_to_image_preset("tiny", unet={"block_out_channels": [32, 32, 32]}, text_encoder={"width": 32, "heads": 2, "ffn": 64})
+    spec = text_to_image_preset(
+        "tiny", unet={"block_out_channels": [32, 32, 32]}, text_encoder={"width": 32, "heads": 2, "ffn": 64}
+    )
     text_encoder, unet = build_text_encoder(spec.text_encoder, len(tokenizer), 77), build_unet(spec.unet, 4, 8, 32)
     first_stage = build_first_stage(first_stage_preset("tiny-kl-f4"))
     schedule = noise_scheduler("linear", "epsilon").config
-    return task_pipeline(unet.eval(), text_encoder.eval(), tokenizer, first_stage.eval(), 0.5, sampler("ddim", schedule)), schedule
+    return task_pipeline(
+        unet.eval(), text_encoder.eval(), tokenizer, first_stage.eval(), 0.5, sampler("ddim", schedule)
+    ), schedule
 
 
 def test_guided_sampling_is_seeded_per_image_and_guidance_changes_the_result():
     pipeline, schedule = tiny_pipeline()
-    prompts = ["a red circle in the top left on a blue background", "a white square at the bottom right, black background"]
+    prompts = [
+        "a red circle in the top left on a blue background",
+        "a white square at the bottom right, black background",
+    ]
     run = lambda seeds, scale=4.0: generate_images(pipeline, prompts, seeds, steps=4, guidance_scale=scale)  # noqa: E731
     first = run([0, 1])
     assert first.shape == (2, 32, 32, 3) and first.dtype == np.uint8  # the f4 first stage's resolution
@@ -164,8 +182,12 @@ def _tiny_text_models():
     from transformers import BertConfig, BertModel, CLIPConfig, CLIPModel, T5Config, T5ForConditionalGeneration
 
     text = dict(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    clip = CLIPModel(CLIPConfig(text_config={**text, "max_position_embeddings": 16, "bos_token_id": 1, "eos_token_id": 2},
-                                vision_config={**text, "image_size": 16, "patch_size": 8}))
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config={**text, "max_position_embeddings": 16, "bos_token_id": 1, "eos_token_id": 2},
+            vision_config={**text, "image_size": 16, "patch_size": 8},
+        )
+    )
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=60, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
     bert = BertModel(BertConfig(**text))
     # A whole CLIP model in a diffusers-style subfolder gives its text tower; T5 its encoder.
@@ -189,12 +211,23 @@ def test_a_pretrained_text_encoder_loads_from_s3_like_a_directory_and_stays_froz
     encoder = load_text_encoder(storage.url(kind), storage, subfolder)
     local = load_text_encoder(str(tmp_path / kind), subfolder=subfolder)
     assert all(torch.equal(a, b) for a, b in zip(encoder.parameters(), local.parameters()))
-    ids = torch.tensor([load_tokenizer(storage.url(kind), storage, "tokenizer")("a red circle", padding="max_length", max_length=16).input_ids])
+    ids = torch.tensor(
+        [
+            load_tokenizer(storage.url(kind), storage, "tokenizer")(
+                "a red circle", padding="max_length", max_length=16
+            ).input_ids
+        ]
+    )
     assert torch.equal(encoder(ids)[0], tower.eval()(ids)[0])  # the same per-token features as the tower it came from
 
     set_trainable(encoder, False)
     spec = text_to_image_preset("tiny", unet={"block_out_channels": [32, 32, 32]})
-    model = DenoisingLoss(build_unet(spec.unet, 4, 8, context_width(encoder)), encoder, DiffusionObjective(noise_scheduler("linear", "epsilon")), False)
+    model = DenoisingLoss(
+        build_unet(spec.unet, 4, 8, context_width(encoder)),
+        encoder,
+        DiffusionObjective(noise_scheduler("linear", "epsilon")),
+        False,
+    )
     model(torch.randn(2, 4, 8, 8), torch.randint(0, 60, (2, 8)), torch.Generator().manual_seed(0)).backward()
     assert all(p.grad is None for p in encoder.parameters())
     assert all(p.grad is not None for p in model.unet.parameters())

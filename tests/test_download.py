@@ -26,16 +26,24 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 N, PER_SHARD = 300, 40
 # A short timeout, so that the server's slow answers fail fast; no retry, so that each costs one timeout.
-DOWNLOAD = ["stage.timeout=2", "stage.retries=0", f"stage.number_sample_per_shard={PER_SHARD}",
-            "stage.resources.thread_count=16"]
+DOWNLOAD = [
+    "stage.timeout=2",
+    "stage.retries=0",
+    f"stage.number_sample_per_shard={PER_SHARD}",
+    "stage.resources.thread_count=16",
+]
 
 
 @pytest.fixture(scope="module")
 def metadata(ray_cluster, corpus_server, tmp_path_factory):
     """A synthesized corpus whose URLs the server answers, with its metadata filtered by stage=prepare."""
     root = tmp_path_factory.mktemp("download")
-    common = ["data=synthetic_metadata", f"data.num_samples={N}", f"data.image_host={corpus_server.url}",
-              *located(root)]
+    common = [
+        "data=synthetic_metadata",
+        f"data.num_samples={N}",
+        f"data.image_host={corpus_server.url}",
+        *located(root),
+    ]
     stages.load("synthesize").run(compose("stage=synthesize", *common, "stage.rows_per_shard=100"))
     corpus_server.load(root / "store" / "raw")
     prepared = stages.load("prepare").run(compose("stage=prepare", *common))
@@ -68,8 +76,13 @@ def check_download(storage, url, kept, server, manifest):
     """Each kept URL once, with the outcome its fate on the server implies; the images as served."""
     rows, images = downloaded(storage, url)
     assert sorted(r["url"] for r in rows) == sorted(r["URL"] for r in kept)
-    expected = {"image": {"success"}, "redirect": {"success"}, "not_an_image": {"not_an_image"},
-                "half_an_image": {"success", "not_an_image"}, **{f: {f} for f in server.FAILURES}}
+    expected = {
+        "image": {"success"},
+        "redirect": {"success"},
+        "not_an_image": {"not_an_image"},
+        "half_an_image": {"success", "not_an_image"},
+        **{f: {f} for f in server.FAILURES},
+    }
     for row in rows:
         assert outcome(row["status"], row["error_message"]) in expected[server.fate(row["url"])], row
     counts = Counter(outcome(r["status"], r["error_message"]) for r in rows)
@@ -87,8 +100,13 @@ def check_download(storage, url, kept, server, manifest):
 def test_every_url_ends_downloaded_or_counted_under_its_failure_on_s3(metadata, corpus_server, s3_server, capsys):
     root, common, kept = metadata
     out = f"s3://{BUCKET}/download/images"
-    place = ["storage=s3", f"storage.bucket={BUCKET}", "storage.prefix=download", f"storage.endpoint_url={s3_server}",
-             f"data.prepared_url={root}/store/metadata-filtered"]
+    place = [
+        "storage=s3",
+        f"storage.bucket={BUCKET}",
+        "storage.prefix=download",
+        f"storage.endpoint_url={s3_server}",
+        f"data.prepared_url={root}/store/metadata-filtered",
+    ]
     cfg = compose("stage=download", *common, *place, f"data.images_url={out}", *DOWNLOAD)
     manifest = stages.load("download").run(cfg)
     check_download(Storage.from_config(cfg.storage), out, kept, corpus_server, manifest)
@@ -106,8 +124,16 @@ def test_every_url_ends_downloaded_or_counted_under_its_failure_on_s3(metadata, 
 def test_a_download_killed_midway_resumes_to_the_same_samples_none_twice(metadata, corpus_server, tmp_path):
     root, common, kept = metadata
     out = tmp_path / "images"
-    command = [sys.executable, str(ROOT / "pipelines" / "run.py"), "stage=download", *common, f"data.images_url={out}",
-               *DOWNLOAD, "stage.resources.max_shards_at_once=1", f"tracking.uri=sqlite:///{tmp_path}/m.db"]
+    command = [
+        sys.executable,
+        str(ROOT / "pipelines" / "run.py"),
+        "stage=download",
+        *common,
+        f"data.images_url={out}",
+        *DOWNLOAD,
+        "stage.resources.max_shards_at_once=1",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db",
+    ]
     shards = -(-len(kept) // PER_SHARD)
     kill_when(command, tmp_path, lambda: len(list(out.glob("*_stats.json"))) >= 2)
     finished = len(list(out.glob("*_stats.json")))
@@ -121,17 +147,31 @@ def test_a_download_killed_midway_resumes_to_the_same_samples_none_twice(metadat
     check_download(Storage(root=str(tmp_path)), str(out), kept, corpus_server, manifest)
 
     # What it wrote is img2dataset's layout: stage=prepare reads it with data=laion400m, every LAION rule on.
-    prepared = stages.load("prepare").run(compose(
-        "stage=prepare", *located(root), "data=laion400m", "data.resolution=64", f"data.input.url={out}",
-        f"data.prepared_url={tmp_path}/prepared", "data.input.width_col=WIDTH", "data.input.height_col=HEIGHT"))
+    prepared = stages.load("prepare").run(
+        compose(
+            "stage=prepare",
+            *located(root),
+            "data=laion400m",
+            "data.resolution=64",
+            f"data.input.url={out}",
+            f"data.prepared_url={tmp_path}/prepared",
+            "data.input.width_col=WIDTH",
+            "data.input.height_col=HEIGHT",
+        )
+    )
     assert prepared["facts"]["unused_rules"] == {} and prepared["counts"]["rows_in"] == len(kept)
     assert prepared["counts"]["dropped"]["status"] == len(kept) - manifest["counts"]["success"]
 
 
 def test_shards_are_consecutive_rows_read_from_their_row_groups_and_clashing_columns_are_refused(tmp_path):
     assert [s.pieces for s in plan_shards([("a", 5), ("b", 4)], 4)] == [
-        (("a", 0, 4),), (("a", 4, 5), ("b", 0, 3)), (("b", 3, 4),)]
-    rows = pa.table({"URL": [f"u{i}" for i in range(10)], "TEXT": [f"t{i}" for i in range(10)], "NSFW": ["UNLIKELY"] * 10})
+        (("a", 0, 4),),
+        (("a", 4, 5), ("b", 0, 3)),
+        (("b", 3, 4),),
+    ]
+    rows = pa.table(
+        {"URL": [f"u{i}" for i in range(10)], "TEXT": [f"t{i}" for i in range(10)], "NSFW": ["UNLIKELY"] * 10}
+    )
     pq.write_table(rows, tmp_path / "m.parquet", row_group_size=3)
     columns = Columns(url="URL", caption="TEXT", nsfw="NSFW")
     [_, second, _] = plan_shards([(str(tmp_path / "m.parquet"), 10)], 4)

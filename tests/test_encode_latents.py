@@ -41,7 +41,9 @@ def prepared(ray_cluster, tmp_path_factory):
 
 
 def encode_cfg(root, common, *overrides):
-    return compose("stage=encode_latents", "experiment=ci", f"stage.first_stage={root}/first_stage", *common, *overrides)
+    return compose(
+        "stage=encode_latents", "experiment=ci", f"stage.first_stage={root}/first_stage", *common, *overrides
+    )
 
 
 def read_dir(storage, url):
@@ -63,7 +65,12 @@ def test_every_prepared_row_once_with_a_posterior_that_decodes_like_the_direct_p
     held_out = pq.read_table(f"{root}/store/prepared/held_out", columns=["key"])["key"].to_pylist()
     held_latents = read_dir(storage, f"{root}/store/latents/held_out")["key"].to_pylist()
     assert held_out and sorted(held_latents) == sorted(held_out) and not set(held_out) & set(keys)
-    assert manifest["counts"] == {"rows_in": len(source), "rows_out": len(source), "held_out": len(held_out), "dropped": {"undecodable": 0}}
+    assert manifest["counts"] == {
+        "rows_in": len(source),
+        "rows_out": len(source),
+        "held_out": len(held_out),
+        "dropped": {"undecodable": 0},
+    }
     # The manifest lists every part's row groups (train_ldm plans its epochs from them), as the files hold them.
     for name, groups in manifest["row_groups"].items():
         meta = pq.ParquetFile(f"{root}/store/latents/{name}").metadata
@@ -73,7 +80,9 @@ def test_every_prepared_row_once_with_a_posterior_that_decodes_like_the_direct_p
     assert mean.shape == logvar.shape == (len(source), 4, 16, 16) and mean.dtype == np.float16
     assert manifest["facts"]["latent_shape"] == [4, 16, 16] and manifest["facts"]["first_stage"]["kind"] == "kl"
 
-    by_key = {row["key"]: row for row in source.select(["key", "caption", "input_ids", "image", "label", "boxes"]).to_pylist()}
+    by_key = {
+        row["key"]: row for row in source.select(["key", "caption", "input_ids", "image", "label", "boxes"]).to_pylist()
+    }
     order = [by_key[k] for k in keys]
     # What the tasks condition on goes with each latent: caption and tokens, class and layout.
     for column in ("caption", "input_ids", "label", "boxes"):
@@ -108,20 +117,32 @@ def test_every_prepared_row_once_with_a_posterior_that_decodes_like_the_direct_p
 def test_vq_first_stage_on_s3_stores_the_quantized_latent(ray_cluster, s3_server, tmp_path):
     s3 = ["storage=s3", f"storage.bucket={BUCKET}", "storage.prefix=encode-e2e", f"storage.endpoint_url={s3_server}"]
     common = [*s3, f"tracking.uri=sqlite:///{tmp_path}/mlruns.db"]
-    stages.load("synthesize").run(compose("stage=synthesize", "data.num_samples=120", "stage.rows_per_shard=40", *common))
+    stages.load("synthesize").run(
+        compose("stage=synthesize", "data.num_samples=120", "stage.rows_per_shard=40", *common)
+    )
     stages.load("prepare").run(compose("stage=prepare", "data.num_samples=120", *common))
     storage = Storage(root=f"s3://{BUCKET}/encode-e2e", endpoint_url=s3_server)
     fs, path = storage.fsspec(storage.url("vq"))
     build_first_stage(first_stage_preset("tiny-vq-f4")).save_pretrained(tmp_path / "vq")
     fs.put(str(tmp_path / "vq"), path, recursive=True)
 
-    manifest = stages.load("encode_latents").run(compose(
-        "stage=encode_latents", "data.num_samples=120", *common, f"stage.first_stage={storage.url('vq')}",
-    ))
+    manifest = stages.load("encode_latents").run(
+        compose(
+            "stage=encode_latents",
+            "data.num_samples=120",
+            *common,
+            f"stage.first_stage={storage.url('vq')}",
+        )
+    )
     latents = read_dir(storage, storage.url("latents", "shards"))
     prepared_keys = read_dir(storage, storage.url("prepared", "shards"))["key"].to_pylist()
     assert sorted(latents["key"].to_pylist()) == sorted(prepared_keys)
-    assert "latent_mean" not in latents.column_names and column_array(latents["latent"]).shape == (len(latents), 4, 16, 16)
+    assert "latent_mean" not in latents.column_names and column_array(latents["latent"]).shape == (
+        len(latents),
+        4,
+        16,
+        16,
+    )
     assert manifest["facts"]["latent_columns"] == ["latent"] and manifest["facts"]["first_stage"]["kind"] == "vq"
     assert manifest["facts"]["tokenizer"]["path"] == storage.url("prepared", "tokenizer")
 
@@ -130,12 +151,21 @@ def test_a_killed_run_resumes_to_the_same_keys_without_duplicates(prepared, tmp_
     root, common = prepared
     out = tmp_path / "latents"
     # A wider first stage (~9 s for these images here): a window to be killed in, between files.
-    build_first_stage(first_stage_preset("tiny-kl-f4", block_out_channels=(64, 128, 128), layers_per_block=2)).save_pretrained(tmp_path / "wide")
+    build_first_stage(
+        first_stage_preset("tiny-kl-f4", block_out_channels=(64, 128, 128), layers_per_block=2)
+    ).save_pretrained(tmp_path / "wide")
     command = [
-        sys.executable, str(ROOT / "pipelines" / "run.py"), "stage=encode_latents", "experiment=ci",
-        f"storage.root={root}/store", f"stage.first_stage={tmp_path}/wide", f"stage.output_url={out}",
-        f"tracking.uri=sqlite:///{tmp_path}/m.db", "stage.resources.decode_batch_size=5",
-        "stage.resources.encoder_batch_size=5", "stage.resources.block_mb=0.1",  # stream file by file
+        sys.executable,
+        str(ROOT / "pipelines" / "run.py"),
+        "stage=encode_latents",
+        "experiment=ci",
+        f"storage.root={root}/store",
+        f"stage.first_stage={tmp_path}/wide",
+        f"stage.output_url={out}",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db",
+        "stage.resources.decode_batch_size=5",
+        "stage.resources.encoder_batch_size=5",
+        "stage.resources.block_mb=0.1",  # stream file by file
     ]
     finished = kill_midway(command, tmp_path, out / "_work" / "done", markers=1)
     files = sum(len(list((root / "store" / "prepared" / part).glob("*.parquet"))) for part in ("shards", "held_out"))
@@ -163,14 +193,29 @@ def test_an_undecodable_image_is_dropped_and_counted_not_fatal(prepared, tmp_pat
     pq.write_table(batch, path)
 
     # Read 4 rows at a time: the file comes as two blocks, each row carrying its file.
-    first, second = encode_tasks.decode(pa.table({"path": [str(path)]}), storage=Storage(root=str(tmp_path)), resolution=64, batch_rows=4)
-    assert (len(first), len(second)) == (4, 2) and set(first["path"].to_pylist() + second["path"].to_pylist()) == {str(path)}
+    first, second = encode_tasks.decode(
+        pa.table({"path": [str(path)]}), storage=Storage(root=str(tmp_path)), resolution=64, batch_rows=4
+    )
+    assert (len(first), len(second)) == (4, 2) and set(first["path"].to_pylist() + second["path"].to_pylist()) == {
+        str(path)
+    }
     decoded = pa.concat_tables([first, second])
     assert decoded["reason"].to_pylist() == [None, None, "undecodable", None, None, None]
-    encoder = Encoder(f"{root}/first_stage", None, Storage(root=str(root)), "cpu", "bfloat16", 1, 64, release_every=1, text_encoder=None,
-                      text_encoder_subfolder=None)
-    [report] = encode_tasks.write(encoder(decoded), storage=Storage(root=str(tmp_path)), out=str(tmp_path), compression="zstd",
-                                         row_group_rows=128).to_pylist()
+    encoder = Encoder(
+        f"{root}/first_stage",
+        None,
+        Storage(root=str(root)),
+        "cpu",
+        "bfloat16",
+        1,
+        64,
+        release_every=1,
+        text_encoder=None,
+        text_encoder_subfolder=None,
+    )
+    [report] = encode_tasks.write(
+        encoder(decoded), storage=Storage(root=str(tmp_path)), out=str(tmp_path), compression="zstd", row_group_rows=128
+    ).to_pylist()
     assert (report["rows"], report["undecodable"]) == (5, 1)
     written = pq.read_table(tmp_path / report["file"])
     assert written["key"].to_pylist() == [k for i, k in enumerate(batch["key"].to_pylist()) if i != 2]
@@ -180,7 +225,11 @@ def test_an_undecodable_image_is_dropped_and_counted_not_fatal(prepared, tmp_pat
 
 def test_a_resource_plan_that_would_starve_the_readers_is_refused(prepared):
     root, common = prepared
-    with pytest.raises(ValueError, match=r"stage.resources.encoder_concurrency: 4 x 1, a decode or write task .*: 1 x 1 CPU at once: "
-                                         r"5 CPU, the local cluster has 4 \(cluster.num_cpus\)"):
-        stages.load("encode_latents").run(encode_cfg(root, common, "stage.output_url=" + str(root / "never"),
-                                                     "stage.resources.encoder_concurrency=4"))
+    with pytest.raises(
+        ValueError,
+        match=r"stage.resources.encoder_concurrency: 4 x 1, a decode or write task .*: 1 x 1 CPU at once: "
+        r"5 CPU, the local cluster has 4 \(cluster.num_cpus\)",
+    ):
+        stages.load("encode_latents").run(
+            encode_cfg(root, common, "stage.output_url=" + str(root / "never"), "stage.resources.encoder_concurrency=4")
+        )

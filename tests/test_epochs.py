@@ -24,15 +24,22 @@ def files(tmp_path):
         with pq.ParquetWriter(path, pa.schema([("key", pa.string())])) as writer:
             start = 0
             for n in groups:
-                writer.write_table(pa.table({"key": pa.array(keys[start:start + n], pa.string())}), row_group_size=max(1, n))
+                writer.write_table(
+                    pa.table({"key": pa.array(keys[start : start + n], pa.string())}), row_group_size=max(1, n)
+                )
                 start += n
         paths.append(str(path))
     return paths
 
 
 def read(order, paths, epoch, positions):
-    return [k for p in order.pieces(epoch, positions) for k in
-            read_piece(Storage(root="/"), [paths[f] for f, _ in p.groups], [g for _, g in p.groups], p.seed, p.lo, p.hi, ["key"])["key"].to_pylist()]
+    return [
+        k
+        for p in order.pieces(epoch, positions)
+        for k in read_piece(
+            Storage(root="/"), [paths[f] for f, _ in p.groups], [g for _, g in p.groups], p.seed, p.lo, p.hi, ["key"]
+        )["key"].to_pylist()
+    ]
 
 
 def test_every_worker_count_reads_each_row_at_most_once_in_equal_runs(files):
@@ -43,7 +50,9 @@ def test_every_worker_count_reads_each_row_at_most_once_in_equal_runs(files):
         everything = [k for run in runs for k in run]
         assert len({len(run) for run in runs}) == 1 and len(everything) == len(set(everything)) > 50 - world
     assert read(order, files, 1, [(0, 50)]) != read(order, files, 2, [(0, 50)])  # another order each epoch
-    assert read(order, files, 1, [(0, 50)]) == read(EpochOrder(GROUPS, 3, 8), files, 1, [(0, 50)])  # and the same one again
+    assert read(order, files, 1, [(0, 50)]) == read(
+        EpochOrder(GROUPS, 3, 8), files, 1, [(0, 50)]
+    )  # and the same one again
 
 
 def test_a_restart_continues_each_run_exactly_with_the_same_or_another_worker_count(files):
@@ -59,7 +68,8 @@ def test_a_restart_continues_each_run_exactly_with_the_same_or_another_worker_co
     taken = order.taken_after(4, 3, taken, [2, 2, 2])
     rest = [k for positions in order.assignment(4, 1, taken) for k in read(order, files, 4, positions)]
     assert sorted(full[0][:9] + full[1][:9] + [k for run in three for k in run[:2]] + rest) == sorted(
-        {f"{f}.{g}.{i}" for f, groups in enumerate(GROUPS) for g, n in enumerate(groups) for i in range(n)})
+        {f"{f}.{g}.{i}" for f, groups in enumerate(GROUPS) for g, n in enumerate(groups) for i in range(n)}
+    )
 
 
 def test_epochs_come_in_order_and_the_next_starts_while_the_last_batches_wait():

@@ -8,10 +8,17 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-from ldm.metrics.adherence import CHANCE, adherence, clustered_interval, held_out_prompts, held_out_scenes, wilson_interval
+from ldm.data.layouts import grid_layouts
+from ldm.metrics.adherence import (
+    CHANCE,
+    adherence,
+    clustered_interval,
+    held_out_prompts,
+    held_out_scenes,
+    wilson_interval,
+)
 from ldm.metrics.distribution import frechet_distance, image_features, kernel_distance
 from ldm.metrics.scenes import layout_accuracy
-from ldm.data.layouts import grid_layouts
 from ldm.models.conditioners import ClassEmbedder, LayoutEncoder
 from ldm.synthetic.render import object_box, render
 from ldm.synthetic.scene import TEMPLATES, all_scenes, class_name, held_out_combinations, parse_caption
@@ -19,7 +26,9 @@ from ldm.synthetic.scene import TEMPLATES, all_scenes, class_name, held_out_comb
 
 def test_adherence_scores_each_attribute_of_held_out_scenes_against_chance():
     scenes = held_out_scenes(held_out_combinations(0.15, 0), count=40, seed=0)
-    assert len(scenes) == 40 and all((s.colour, s.shape, s.background) in held_out_combinations(0.15, 0) for s in scenes)
+    assert len(scenes) == 40 and all(
+        (s.colour, s.shape, s.background) in held_out_combinations(0.15, 0) for s in scenes
+    )
     prompts = held_out_prompts(scenes, seeds=3, first_seed=0)
     assert [parse_caption(p.text) for p in prompts] == [s for s in scenes for _ in range(3)]  # they say these scenes
     assert {p.template for p in prompts} == set(range(len(TEMPLATES))) and len({p.seed for p in prompts}) == 120
@@ -29,7 +38,11 @@ def test_adherence_scores_each_attribute_of_held_out_scenes_against_chance():
     assert perfect["colour_accuracy"] == perfect["position_accuracy"] == perfect["all_accuracy"] == 1.0
     assert perfect["colour_low"] > 0.9 and perfect["colour_high"] == 1.0
     assert perfect["colour_chance"] == CHANCE["colour"] == 1 / 8 and perfect["position_chance"] == 1 / 4
-    assert perfect["vertical_chance"] == 1 / 2 and perfect["multi_object"] == 0.0 and (perfect["prompts"], perfect["seeds"]) == (40, 3)
+    assert (
+        perfect["vertical_chance"] == 1 / 2
+        and perfect["multi_object"] == 0.0
+        and (perfect["prompts"], perfect["seeds"]) == (40, 3)
+    )
     assert table["prompt"] == [p.text for p in prompts] and all(table["all_right"])
 
     shuffled, _ = adherence(prompts, rendered[::-1])  # the images of other prompts
@@ -40,10 +53,16 @@ def test_adherence_scores_each_attribute_of_held_out_scenes_against_chance():
 
 def test_layout_accuracy_reads_the_drawn_box_against_the_layouts_own_chance():
     scenes = all_scenes()[::23][:24]
-    layouts = [json.dumps([{"label": class_name(s), "box": [v / 64 for v in object_box(s, 64, 64, seed=i)]}]) for i, s in enumerate(scenes)]
+    layouts = [
+        json.dumps([{"label": class_name(s), "box": [v / 64 for v in object_box(s, 64, 64, seed=i)]}])
+        for i, s in enumerate(scenes)
+    ]
     rendered = np.stack([render(s, 64, 64, seed=i) for i, s in enumerate(scenes)])
     perfect = layout_accuracy(layouts, rendered)  # the images rendered in these boxes
-    assert perfect["iou"] > 0.8 and perfect["position_accuracy"] == perfect["class_accuracy"] == perfect["clean_fraction"] == 1.0
+    assert (
+        perfect["iou"] > 0.8
+        and perfect["position_accuracy"] == perfect["class_accuracy"] == perfect["clean_fraction"] == 1.0
+    )
     assert 0 < perfect["chance_iou"] < 0.3 and 0.1 < perfect["chance_position"] < 0.5 and perfect["images"] == 24
     shuffled = layout_accuracy(layouts, rendered[::-1])  # drawn for other layouts
     assert shuffled["iou"] < 0.5 and shuffled["position_accuracy"] < 0.6 and shuffled["class_accuracy"] < 0.2
@@ -54,8 +73,11 @@ def test_layout_accuracy_reads_the_drawn_box_against_the_layouts_own_chance():
 def test_layout_tokens_are_class_and_corner_cells_of_the_largest_boxes_padded_to_max_objects():
     encoder = LayoutEncoder(num_classes=3, width=16, layers=1, heads=2, max_objects=2, grid=4, classes=["a", "b", "c"])
     pad = 3 + 16
-    small, large, middle = ({"label": "a", "box": [0.0, 0.0, 0.25, 0.25]}, {"label": "c", "box": [0.5, 0.25, 1.0, 0.75]},
-                            {"label": "b", "box": [0.0, 0.5, 0.5, 1.0]})
+    small, large, middle = (
+        {"label": "a", "box": [0.0, 0.0, 0.25, 0.25]},
+        {"label": "c", "box": [0.5, 0.25, 1.0, 0.75]},
+        {"label": "b", "box": [0.0, 0.5, 0.5, 1.0]},
+    )
     tokens = encoder.tokens([[small], [small, large, middle], None, "[]"]).tolist()
     # class, then top-left and bottom-right cells (row * 4 + column) after the classes; a box ending on a cell edge stays in the cell before it
     assert tokens[0] == [0, 3 + 0, 3 + 0, pad, pad, pad]
@@ -106,7 +128,9 @@ def test_fid_and_kid_are_zero_for_one_distribution_and_grow_with_a_shift():
     shifted = same + 2.0
     assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
     assert frechet_distance(real, same) < 1.0
-    assert frechet_distance(real, shifted) == pytest.approx(frechet_distance(real, same) + 8 * 4.0, rel=0.1)  # + ||shift||²
+    assert frechet_distance(real, shifted) == pytest.approx(
+        frechet_distance(real, same) + 8 * 4.0, rel=0.1
+    )  # + ||shift||²
     kid_same, _ = kernel_distance(real, same)
     kid_shifted, _ = kernel_distance(real, shifted)
     assert abs(kid_same) < 0.05 < kid_shifted
@@ -114,9 +138,20 @@ def test_fid_and_kid_are_zero_for_one_distribution_and_grow_with_a_shift():
 
 def test_image_features_come_from_any_transformers_vision_model(tmp_path):
     torch.manual_seed(0)
-    model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    model = ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    )
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
     model.save_pretrained(tmp_path)
     images = np.random.default_rng(0).integers(0, 256, size=(5, 64, 64, 3), dtype=np.uint8)
-    features = image_features(ViTModel.from_pretrained(tmp_path).eval(), ViTImageProcessor.from_pretrained(tmp_path), images, batch_size=2)
+    features = image_features(
+        ViTModel.from_pretrained(tmp_path).eval(), ViTImageProcessor.from_pretrained(tmp_path), images, batch_size=2
+    )
     assert features.shape == (5, 16) and np.isfinite(features).all()

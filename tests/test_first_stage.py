@@ -86,8 +86,13 @@ def test_a_saved_model_reloads_bit_identically_through_the_pretrained_path(name,
 def test_loading_refuses_what_is_not_a_first_stage(tmp_path):
     from diffusers import UNet2DModel
 
-    UNet2DModel(sample_size=8, block_out_channels=(32, 32), down_block_types=("DownBlock2D",) * 2,
-                up_block_types=("UpBlock2D",) * 2, norm_num_groups=8).save_pretrained(tmp_path / "unet")
+    UNet2DModel(
+        sample_size=8,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        norm_num_groups=8,
+    ).save_pretrained(tmp_path / "unet")
     with pytest.raises(ValueError, match="not an AutoencoderKL or VQModel"):
         load_first_stage(str(tmp_path / "unet"))
 
@@ -127,7 +132,9 @@ def test_foreground_weighting_raises_the_cost_of_errors_on_the_object_only():
     wrong_object[on_object] = -images[on_object]
     plain, _ = FirstStageLoss("kl", LossWeights()).reconstruction(images, wrong_object)
     weighted, _ = FirstStageLoss("kl", LossWeights(foreground_weight=5)).reconstruction(images, wrong_object)
-    assert torch.allclose(weighted[on_object], 5 * plain[on_object]) and torch.equal(weighted[~on_object], plain[~on_object])
+    assert torch.allclose(weighted[on_object], 5 * plain[on_object]) and torch.equal(
+        weighted[~on_object], plain[~on_object]
+    )
 
 
 def test_a_tiny_first_stage_learns_and_the_metrics_see_it():
@@ -152,8 +159,13 @@ def test_codebook_usage_counts_the_codes_a_vq_model_uses():
     model = build_first_stage(first_stage_preset("tiny-vq-f4"))
     metrics = evaluate_reconstruction(model, [synthetic_batch(4)])
     assert 0 < metrics.codebook_usage <= 1 and 1 <= metrics.codebook_perplexity <= 256
-    assert set(metrics.as_dict("val/")) == {"val/psnr", "val/ssim", "val/images", "val/codebook_usage",
-                                             "val/codebook_perplexity"}
+    assert set(metrics.as_dict("val/")) == {
+        "val/psnr",
+        "val/ssim",
+        "val/images",
+        "val/codebook_usage",
+        "val/codebook_perplexity",
+    }
 
 
 def test_lpips_loads_from_the_files_users_have_and_measures_distortion(tmp_path):

@@ -5,11 +5,11 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import tomllib
 import yaml
 from conftest import ROOT
 from mlflow.server.security_utils import is_allowed_host_header
@@ -117,8 +117,9 @@ def test_the_mlflow_server_uses_postgresql_and_s3_with_flags_this_mlflow_has():
     assert container["command"] == ["mlflow", "server"]
     flags = dict(arg.removeprefix("--").split("=", 1) for arg in container["args"])
     assert flags["backend-store-uri"].startswith("postgresql://") and flags["artifacts-destination"].startswith("s3://")
-    help_text = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "server", "--help"],
-                               capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for flag in flags:
         assert f"--{flag}" in help_text, f"mlflow server has no --{flag}"
     # The server answers only Host headers it allows, port included: the stages' URI must be one of them.

@@ -13,9 +13,18 @@ from pipelines import stages
 
 LIBRARY_FORBIDDEN = {"ray", "hydra", "omegaconf", "mlflow"}
 # What a worker process must not load: the tracking and config libraries, and the driver side of pipelines/.
-WORKER_FORBIDDEN = ["mlflow", "hydra", "omegaconf", "pipelines.stage", "pipelines.tracking", "pipelines.config",
-                    "pipelines.cluster", "pipelines.training", "pipelines.model_stage",
-                    *(f"pipelines.stages.{name}.stage" for name in stages.STAGES)]
+WORKER_FORBIDDEN = [
+    "mlflow",
+    "hydra",
+    "omegaconf",
+    "pipelines.stage",
+    "pipelines.tracking",
+    "pipelines.config",
+    "pipelines.cluster",
+    "pipelines.training",
+    "pipelines.model_stage",
+    *(f"pipelines.stages.{name}.stage" for name in stages.STAGES),
+]
 # The export's pyfunc model is loaded by MLflow, not by a Ray worker: importing mlflow is its job.
 NOT_RAY_SIDE = {"pyfunc_model"}
 
@@ -50,7 +59,9 @@ def loaded_by(module: str, watch: list[str]) -> list[str]:
 
 
 def test_the_library_imports_no_ray_hydra_omegaconf_or_mlflow():
-    offenders = {str(path.relative_to(ROOT)): sorted(imported(path) & LIBRARY_FORBIDDEN) for path in (ROOT / "ldm").rglob("*.py")}
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(imported(path) & LIBRARY_FORBIDDEN) for path in (ROOT / "ldm").rglob("*.py")
+    }
     assert {path: names for path, names in offenders.items() if names} == {}
 
 

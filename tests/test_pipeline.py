@@ -28,7 +28,9 @@ def test_the_stages_run_with_their_own_config_and_the_plan_fits_the_data():
     pipeline = compose("stage=pipeline", "storage.root=/data/store", "stage.prepare.max_rows_per_file=7")
     # A stage in the pipeline has the config it has alone (so it finds the same outputs), plus the links.
     for name in ("prepare", "sample"):
-        alone = compose(f"stage={name}", "storage.root=/data/store", *(["stage.max_rows_per_file=7"] if name == "prepare" else []))
+        alone = compose(
+            f"stage={name}", "storage.root=/data/store", *(["stage.max_rows_per_file=7"] if name == "prepare" else [])
+        )
         assert stage_config(pipeline, name).stage == OmegaConf.to_container(alone.stage, resolve=True)
     linked = compose("stage=pipeline", "stage.train_ldm.output_url=s3://b/runs/ldm-7")
     assert {stage_config(linked, n).stage.model_url for n in ("sample", "evaluate", "export")} == {"s3://b/runs/ldm-7"}
@@ -44,56 +46,90 @@ def test_the_stages_run_with_their_own_config_and_the_plan_fits_the_data():
     metadata = compose("stage=pipeline", "data=laion400m_metadata", "data.input.url=s3://b/meta", "storage.root=/s")
     assert stage_config(metadata, "prepare metadata").data.input.url_col == "URL"
     images = stage_config(metadata, "prepare").data
-    assert (images.input.url, images.input.format, images.prepared_url) == ("/s/laion400m/images", "webdataset", "/s/laion400m/prepared")
-    assert (images.input.url_col, images.input.caption_col, images.input.similarity_col) == ("url", "caption", "similarity")
+    assert (images.input.url, images.input.format, images.prepared_url) == (
+        "/s/laion400m/images",
+        "webdataset",
+        "/s/laion400m/prepared",
+    )
+    assert (images.input.url_col, images.input.caption_col, images.input.similarity_col) == (
+        "url",
+        "caption",
+        "similarity",
+    )
     assert stage_config(metadata, "train_ldm").data.prepared_url == "/s/laion400m/prepared"
 
 
 def test_a_failing_stage_is_named_and_the_stages_before_it_stay_complete(ray_cluster, tmp_path):
     tracking = f"sqlite:///{tmp_path}/mlruns.db"
-    cfg = compose("stage=pipeline", *TINY, f"storage.root={tmp_path}/store", f"tracking.uri={tracking}",
-                  f"stage.encode_latents.first_stage={tmp_path}/no-such-autoencoder")
+    cfg = compose(
+        "stage=pipeline",
+        *TINY,
+        f"storage.root={tmp_path}/store",
+        f"tracking.uri={tracking}",
+        f"stage.encode_latents.first_stage={tmp_path}/no-such-autoencoder",
+    )
     with pytest.raises(StageFailed) as failure:
         stages.load("pipeline").run(cfg)
     message = str(failure.value)
     assert "stage encode_latents failed" in message and "no-such-autoencoder" in message
-    assert "Complete and kept: synthesize, prepare" in message and "the same command resumes at encode_latents" in message
+    assert (
+        "Complete and kept: synthesize, prepare" in message and "the same command resumes at encode_latents" in message
+    )
     assert (tmp_path / "store" / "prepared" / "_manifest.json").exists()
     client = mlflow.MlflowClient(tracking)
-    [parent] = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id], "tags.stage = 'pipeline'")
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id], "tags.stage = 'pipeline'"
+    )
     assert parent.info.status == "FAILED" and parent.data.tags["failed_stage"] == "encode_latents"
 
 
 def test_killed_mid_stage_it_resumes_there_skipping_the_stages_already_complete(s3_server, mlflow_server, tmp_path):
     command = [
-        sys.executable, str(ROOT / "pipelines" / "run.py"), "stage=pipeline", *TINY,
-        "storage=s3", f"storage.bucket={BUCKET}", "storage.prefix=pipeline", f"storage.endpoint_url={s3_server}",
-        "tracking=server", f"tracking.uri={mlflow_server}", "tracking.experiment=pipeline-test",
+        sys.executable,
+        str(ROOT / "pipelines" / "run.py"),
+        "stage=pipeline",
+        *TINY,
+        "storage=s3",
+        f"storage.bucket={BUCKET}",
+        "storage.prefix=pipeline",
+        f"storage.endpoint_url={s3_server}",
+        "tracking=server",
+        f"tracking.uri={mlflow_server}",
+        "tracking.experiment=pipeline-test",
     ]
     storage = Storage(root=f"s3://{BUCKET}/pipeline", endpoint_url=s3_server)
     fs, root = storage.fsspec(storage.root)
     # Ray Train writes its snapshot once a reported checkpoint is registered: train_ldm is then mid-way.
-    kill_when(command, tmp_path, lambda: bool(fs.glob(f"{root}/checkpoints/train_ldm/*/checkpoint_manager_snapshot.json")))
+    kill_when(
+        command, tmp_path, lambda: bool(fs.glob(f"{root}/checkpoints/train_ldm/*/checkpoint_manager_snapshot.json"))
+    )
     assert fs.exists(f"{root}/latents/_manifest.json") and not fs.exists(f"{root}/ldm/_manifest.json")
 
     # Its console as a file gets it, stdout and stderr together: the summary comes last, nothing after it.
-    resumed = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    resumed = subprocess.run(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stdout[-5000:]
     assert all(fs.exists(f"{root}/{out}/_manifest.json") for out in ("ldm", "samples", "evaluation", "export"))
     lines = resumed.stdout.rstrip().splitlines()
-    summary = lines[len(lines) - lines[::-1].index("pipeline: done") - 1:]
+    summary = lines[len(lines) - lines[::-1].index("pipeline: done") - 1 :]
     # The stage lines, where the samples and the model are, MLflow's own run links, and the run's URL last.
-    assert len(summary) <= 16 and summary[-1].strip().startswith(f"open {mlflow_server}/#/experiments/"), "\n".join(summary)
+    assert len(summary) <= 16 and summary[-1].strip().startswith(f"open {mlflow_server}/#/experiments/"), "\n".join(
+        summary
+    )
     assert any(line.startswith(f"samples: s3://{BUCKET}/pipeline/samples/images/") for line in summary)
     assert any(line.startswith("prompt adherence on 8 held-out prompts x 3 seeds: colour ") for line in summary)
     assert not any(line.startswith("(") or "%|" in line for line in summary), "\n".join(summary)  # no Ray worker output
 
-
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("pipeline-test").experiment_id
-    killed, second = sorted(client.search_runs([experiment], "tags.stage = 'pipeline'"), key=lambda r: r.info.start_time)
+    killed, second = sorted(
+        client.search_runs([experiment], "tags.stage = 'pipeline'"), key=lambda r: r.info.start_time
+    )
     children = lambda run: {  # noqa: E731
-        r.data.tags["stage"]: r for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
+        r.data.tags["stage"]: r
+        for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    }
     assert set(children(killed)) == {"synthesize", "prepare", "train_autoencoder", "encode_latents", "train_ldm"}
     assert second.info.status == "FINISHED" and set(children(second)) == set(ORDER)
     assert second.data.tags["stages_skipped"] == "synthesize,prepare,train_autoencoder,encode_latents"
@@ -102,14 +138,24 @@ def test_killed_mid_stage_it_resumes_there_skipping_the_stages_already_complete(
     assert resumed_from and resumed_from[0] in (4, 8)
 
 
-def test_from_metadata_through_a_real_http_server_to_an_exported_model_in_one_command(ray_cluster, corpus_server, tmp_path):
+def test_from_metadata_through_a_real_http_server_to_an_exported_model_in_one_command(
+    ray_cluster, corpus_server, tmp_path
+):
     tracking = f"sqlite:///{tmp_path}/mlruns.db"
     # A first stage made beforehand (as a pretrained one would be): this test is about the data's way in.
     build_first_stage(first_stage_preset("tiny-kl-f4"), logvar_bias=-6.0).save_pretrained(tmp_path / "first_stage")
-    overrides = ["stage=pipeline", *TINY, "data=synthetic_metadata", f"data.image_host={corpus_server.url}",
-                 f"storage.root={tmp_path}/store", f"tracking.uri={tracking}", "stage.download.timeout=2",
-                 "stage.download.retries=0", "stage.download.number_sample_per_shard=50",
-                 f"stage.encode_latents.first_stage={tmp_path}/first_stage"]
+    overrides = [
+        "stage=pipeline",
+        *TINY,
+        "data=synthetic_metadata",
+        f"data.image_host={corpus_server.url}",
+        f"storage.root={tmp_path}/store",
+        f"tracking.uri={tracking}",
+        "stage.download.timeout=2",
+        "stage.download.retries=0",
+        "stage.download.number_sample_per_shard=50",
+        f"stage.encode_latents.first_stage={tmp_path}/first_stage",
+    ]
     corpus_server.load_when_asked(tmp_path / "store" / "raw")  # synthesize, the pipeline's first step, writes it
     results = stages.load("pipeline").run(compose(*overrides))
     steps = [name for name in FROM_METADATA if name != "train_autoencoder"]
@@ -128,7 +174,8 @@ def test_from_metadata_through_a_real_http_server_to_an_exported_model_in_one_co
     [parent] = client.search_runs([experiment], "tags.stage = 'pipeline'")
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert Counter(r.data.tags["stage"] for r in children) == Counter(
-        {"prepare": 2, **{name: 1 for name in steps if name not in ("prepare", "prepare metadata")}})
+        {"prepare": 2, **{name: 1 for name in steps if name not in ("prepare", "prepare metadata")}}
+    )
 
     # Other validation prompts: only what they are content of (sample's images) is made again. train_ldm's
     # grids are not its content, so the model and every other output stay complete.

@@ -58,8 +58,13 @@ METADATA_REASON = {
 
 
 def synthesize(tmp_path, *storage):
-    cfg = compose("stage=synthesize", *DATA, f"stage.rows_per_shard={PER_SHARD}", *storage,
-                  f"tracking.uri=sqlite:///{tmp_path}/mlruns.db")
+    cfg = compose(
+        "stage=synthesize",
+        *DATA,
+        f"stage.rows_per_shard={PER_SHARD}",
+        *storage,
+        f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
+    )
     return stages.load("synthesize").run(cfg)
 
 
@@ -73,8 +78,13 @@ def corpus(ray_cluster, tmp_path_factory):
 
 
 def prepare_cfg(tmp_path, *overrides, data=DATA):
-    return compose("stage=prepare", *data, f"stage.max_rows_per_file={MAX_ROWS}",
-                   f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", *overrides)
+    return compose(
+        "stage=prepare",
+        *data,
+        f"stage.max_rows_per_file={MAX_ROWS}",
+        f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
+        *overrides,
+    )
 
 
 def read_dir(storage: Storage, url: str) -> pa.Table:
@@ -85,7 +95,9 @@ def read_dir(storage: Storage, url: str) -> pa.Table:
 
 def kept_rows(storage: Storage, out: str) -> list[dict]:
     """Every kept row: the training shards and the held-out ones."""
-    return [r for part in ("shards", "held_out") for r in (read_dir(storage, f"{out}/{part}") or pa.table({})).to_pylist()]
+    return [
+        r for part in ("shards", "held_out") for r in (read_dir(storage, f"{out}/{part}") or pa.table({})).to_pylist()
+    ]
 
 
 def check_prepared(storage: Storage, out: str, truth: list[dict], fmt: str) -> dict:
@@ -104,7 +116,9 @@ def check_prepared(storage: Storage, out: str, truth: list[dict], fmt: str) -> d
         assert {by_id[d["row"]]: d["reason"] for d in dropped} == {k: r for k, r in expected.items() if r}
         kept = read_dir(storage, f"{out}/metadata")
         assert kept.schema.names == LAION_SCHEMA.names
-        assert sorted(by_id[i] for i in kept["SAMPLE_ID"].to_pylist()) == sorted(k for k, r in expected.items() if not r)
+        assert sorted(by_id[i] for i in kept["SAMPLE_ID"].to_pylist()) == sorted(
+            k for k, r in expected.items() if not r
+        )
         return manifest
 
     assert {d["key"]: d["reason"] for d in dropped} == {k: r for k, r in expected.items() if r}
@@ -113,13 +127,17 @@ def check_prepared(storage: Storage, out: str, truth: list[dict], fmt: str) -> d
     assert all(pq.read_metadata(fs.open(p, "rb")).num_rows <= MAX_ROWS for p in parts)
     # The manifest lists each training and held-out file's row groups as the files hold them (epochs are planned
     # from them without opening a file).
-    footers = {p[len(root) + 1:]: pq.read_metadata(fs.open(p, "rb")) for p in parts}
-    assert manifest["row_groups"] == {name: [m.row_group(i).num_rows for i in range(m.num_row_groups)] for name, m in footers.items()}
+    footers = {p[len(root) + 1 :]: pq.read_metadata(fs.open(p, "rb")) for p in parts}
+    assert manifest["row_groups"] == {
+        name: [m.row_group(i).num_rows for i in range(m.num_row_groups)] for name, m in footers.items()
+    }
     shards, held = read_dir(storage, f"{out}/shards"), read_dir(storage, f"{out}/held_out")
     assert shards.schema.equals(prepared_schema(77)) and held.schema.equals(prepared_schema(77))
     # The kept rows, split once by key: the held-out ones apart, where no training stage reads them.
     split = HeldOut(manifest["facts"]["held_out"]["fraction"], manifest["facts"]["held_out"]["salt"])
-    assert all(key in split for key in held["key"].to_pylist()) and not any(key in split for key in shards["key"].to_pylist())
+    assert all(key in split for key in held["key"].to_pylist()) and not any(
+        key in split for key in shards["key"].to_pylist()
+    )
     assert len(held) == manifest["counts"]["held_out"] == manifest["facts"]["held_out"]["rows"] > 0
     rows = shards.to_pylist() + held.to_pylist()
     keys = [r["key"] for r in rows]
@@ -167,8 +185,13 @@ def test_metadata_path_filters_before_download_and_prints_the_img2dataset_comman
     root, truth = corpus
     tokenizer = str(tmp_path / "my-tokenizer")  # a local tokenizer directory, as a user would give one
     train_wordpiece(["a red circle in the top left on a blue background"], 100, 77).save_pretrained(tokenizer)
-    cfg = prepare_cfg(root, "data=synthetic_metadata", f"storage.root={root}/store", "stage.tokenizer.train=false",
-                      f"stage.tokenizer.name_or_path={tokenizer}")
+    cfg = prepare_cfg(
+        root,
+        "data=synthetic_metadata",
+        f"storage.root={root}/store",
+        "stage.tokenizer.train=false",
+        f"stage.tokenizer.name_or_path={tokenizer}",
+    )
     storage = Storage.from_config(cfg.storage)
     manifest = stages.load("prepare").run(cfg)
     check_prepared(storage, f"{root}/store/metadata-filtered", truth, "metadata")
@@ -179,18 +202,29 @@ def test_metadata_path_filters_before_download_and_prints_the_img2dataset_comman
     assert "--min_image_size 64 --max_aspect_ratio 2.0" in command and "--compute_hash sha256" in command
     assert """--save_additional_columns '["NSFW", "similarity", "WIDTH", "HEIGHT", "LICENSE"]'""" in command
     assert manifest["facts"]["unused_rules"]["undecodable"] == "metadata has no image bytes"
-    assert load_tokenizer(f"{root}/store/metadata-filtered/tokenizer").get_vocab() == load_tokenizer(tokenizer).get_vocab()
+    assert (
+        load_tokenizer(f"{root}/store/metadata-filtered/tokenizer").get_vocab() == load_tokenizer(tokenizer).get_vocab()
+    )
 
 
 def test_parquet_format_on_s3_is_tracked_on_the_mlflow_server(ray_cluster, s3_server, mlflow_server, tmp_path):
     s3 = ["storage=s3", f"storage.bucket={BUCKET}", "storage.prefix=prepare-e2e", f"storage.endpoint_url={s3_server}"]
     synthesize(tmp_path, *s3)
-    cfg = prepare_cfg(tmp_path, *s3, "data.input.format=parquet", "tracking=server", f"tracking.uri={mlflow_server}",
-                      "stage.resources.dedup_on_driver_max_rows=0",  # the distributed shuffle, as at LAION scale
-                      "tracking.experiment=prepare-e2e")
+    cfg = prepare_cfg(
+        tmp_path,
+        *s3,
+        "data.input.format=parquet",
+        "tracking=server",
+        f"tracking.uri={mlflow_server}",
+        "stage.resources.dedup_on_driver_max_rows=0",  # the distributed shuffle, as at LAION scale
+        "tracking.experiment=prepare-e2e",
+    )
     storage = Storage.from_config(cfg.storage)
-    truth = pq.read_table(storage.fsspec(f"s3://{BUCKET}/prepare-e2e/raw/_truth.parquet")[0].open(
-        f"{BUCKET}/prepare-e2e/raw/_truth.parquet", "rb")).to_pylist()
+    truth = pq.read_table(
+        storage.fsspec(f"s3://{BUCKET}/prepare-e2e/raw/_truth.parquet")[0].open(
+            f"{BUCKET}/prepare-e2e/raw/_truth.parquet", "rb"
+        )
+    ).to_pylist()
     manifest = stages.load("prepare").run(cfg)
     assert manifest["inputs"]["url"] == f"s3://{BUCKET}/prepare-e2e/raw/parquet"
     check_prepared(storage, f"s3://{BUCKET}/prepare-e2e/prepared", truth, "parquet")
@@ -206,8 +240,14 @@ def test_a_run_killed_midway_completes_on_rerun_without_duplicate_or_missing_row
     root, truth = corpus
     out = tmp_path / "prepared"
     command = [
-        sys.executable, str(ROOT / "pipelines" / "run.py"), "stage=prepare", *DATA, f"storage.root={root}/store",
-        f"data.prepared_url={out}", f"stage.max_rows_per_file={MAX_ROWS}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+        sys.executable,
+        str(ROOT / "pipelines" / "run.py"),
+        "stage=prepare",
+        *DATA,
+        f"storage.root={root}/store",
+        f"data.prepared_url={out}",
+        f"stage.max_rows_per_file={MAX_ROWS}",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db",
         "stage.resources.num_cpus_per_task=4",  # one file at a time: a long window to be killed in
     ]
     done = out / "_work" / "done"
@@ -252,9 +292,16 @@ CAPTIONS = Path(ROOT).parent / "shared" / "data" / "laion_captions_10000.parquet
 
 @pytest.mark.skipif(not CAPTIONS.exists(), reason=f"{CAPTIONS} is not on this machine")
 def test_real_laion_captions_through_the_metadata_path_with_a_trained_tokenizer(ray_cluster, tmp_path):
-    cfg = prepare_cfg(tmp_path, "data=url_list", f"data.input.url={CAPTIONS}", "data.input.url_col=URL",
-                      "data.input.caption_col=TEXT", f"storage.root={tmp_path}/store", "stage.max_rows_per_file=4000",
-                      data=[])
+    cfg = prepare_cfg(
+        tmp_path,
+        "data=url_list",
+        f"data.input.url={CAPTIONS}",
+        "data.input.url_col=URL",
+        "data.input.caption_col=TEXT",
+        f"storage.root={tmp_path}/store",
+        "stage.max_rows_per_file=4000",
+        data=[],
+    )
     manifest = stages.load("prepare").run(cfg)
     counts = manifest["counts"]
     assert counts["rows_in"] == 10_000 and counts["rows_out"] + sum(counts["dropped"].values()) == 10_000
@@ -283,7 +330,12 @@ def test_tars_alone_prepare_to_the_same_kept_keys_as_with_their_parquets(corpus,
     root, truth = corpus
     if where == "s3":
         endpoint = request.getfixturevalue("s3_server")
-        store = ["storage=s3", f"storage.bucket={BUCKET}", "storage.prefix=tars-alone", f"storage.endpoint_url={endpoint}"]
+        store = [
+            "storage=s3",
+            f"storage.bucket={BUCKET}",
+            "storage.prefix=tars-alone",
+            f"storage.endpoint_url={endpoint}",
+        ]
         tars = f"s3://{BUCKET}/tars-alone/hub/cc"
     else:
         store, tars = [f"storage.root={tmp_path}/store"], f"{tmp_path}/hub/cc"
@@ -294,14 +346,17 @@ def test_tars_alone_prepare_to_the_same_kept_keys_as_with_their_parquets(corpus,
 
     # Failed downloads are not in a tar: only img2dataset's parquet knew about them. Everything else is the
     # same as with the parquets: each bad row dropped for its reason, every good row kept.
-    expected = {t["key"]: IMAGE_REASON[t["defect"]] if t["defect"] else None for t in truth if t["defect"] != "failed_download"}
+    expected = {
+        t["key"]: IMAGE_REASON[t["defect"]] if t["defect"] else None for t in truth if t["defect"] != "failed_download"
+    }
     counts = manifest["counts"]
     assert counts["rows_in"] == len(expected) == counts["rows_out"] + sum(counts["dropped"].values())
     assert {r: n for r, n in counts["dropped"].items() if n} == dict(Counter(r for r in expected.values() if r))
     out = cfg.data.prepared_url
     assert sorted(r["key"] for r in kept_rows(storage, out)) == sorted(k for k, r in expected.items() if not r)
     assert {d["key"]: d["reason"] for d in read_dir(storage, f"{out}/dropped").to_pylist()} == {
-        k: r for k, r in expected.items() if r}
+        k: r for k, r in expected.items() if r
+    }
     assert manifest["facts"]["unused_rules"] == {} and manifest["inputs"]["url"] == tars
 
 
@@ -334,10 +389,12 @@ def write_images_and_captions(folder: Path, form: str, rows: int = 30) -> dict[s
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
         return captions
-    table = pa.table({
-        "image": [{"bytes": data, "path": f"{key}.{ext}"} for key, ext, data, _ in samples],
-        "caption": [text for *_, text in samples],
-    })
+    table = pa.table(
+        {
+            "image": [{"bytes": data, "path": f"{key}.{ext}"} for key, ext, data, _ in samples],
+            "caption": [text for *_, text in samples],
+        }
+    )
     pq.write_table(table, folder / "train-00000-of-00001.parquet")
     return {f"train-00000-of-00001-{i}": text for i, (*_, text) in enumerate(samples)}
 
@@ -345,8 +402,14 @@ def write_images_and_captions(folder: Path, form: str, rows: int = 30) -> dict[s
 @pytest.mark.parametrize("data", ["webdataset", "image_parquet"])
 def test_a_set_of_only_images_and_captions_prepares_with_no_column_override(ray_cluster, data, tmp_path, capsys):
     captions = write_images_and_captions(tmp_path / "set", "tar" if data == "webdataset" else "parquet")
-    cfg = prepare_cfg(tmp_path, f"data={data}", f"data.input.url={tmp_path}/set", "data.resolution=64",
-                      f"storage.root={tmp_path}/store", data=[])
+    cfg = prepare_cfg(
+        tmp_path,
+        f"data={data}",
+        f"data.input.url={tmp_path}/set",
+        "data.resolution=64",
+        f"storage.root={tmp_path}/store",
+        data=[],
+    )
     manifest = stages.load("prepare").run(cfg)
     off = {"status", "nsfw", "similarity", "duplicate_url"}
     assert set(manifest["facts"]["unused_rules"]) == off
@@ -362,9 +425,16 @@ def test_a_set_of_only_images_and_captions_prepares_with_no_column_override(ray_
 def test_a_metadata_file_split_across_tasks_keeps_what_one_task_per_file_keeps(corpus, tmp_path):
     root, truth = corpus
     metadata = pq.read_table(root / "store" / "raw" / "metadata")
-    pq.write_table(metadata, tmp_path / "laion-part-0.parquet", row_group_size=50)  # 8 row groups, as LAION's files have many
-    cfg = prepare_cfg(root, "data=synthetic_metadata", f"data.input.url={tmp_path}/laion-part-0.parquet",
-                      f"storage.root={tmp_path}/store", "stage.rows_per_task=100")
+    pq.write_table(
+        metadata, tmp_path / "laion-part-0.parquet", row_group_size=50
+    )  # 8 row groups, as LAION's files have many
+    cfg = prepare_cfg(
+        root,
+        "data=synthetic_metadata",
+        f"data.input.url={tmp_path}/laion-part-0.parquet",
+        f"storage.root={tmp_path}/store",
+        "stage.rows_per_task=100",
+    )
     manifest = stages.load("prepare").run(cfg)
     assert manifest["inputs"]["files"] == 1 and manifest["inputs"]["units"] == 4
     check_prepared(Storage.from_config(cfg.storage), f"{tmp_path}/store/metadata-filtered", truth, "metadata")

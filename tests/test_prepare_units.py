@@ -40,8 +40,8 @@ from ldm.data.sources import (
     read_metadata,
     read_samples,
 )
-from ldm.synthetic.corpus import img2dataset_shard, plan_rows
 from ldm.storage import Storage
+from ldm.synthetic.corpus import img2dataset_shard, plan_rows
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, tokenize, train_wordpiece
 
 RULES = Filters(
@@ -127,8 +127,10 @@ def test_later_duplicates_keep_the_first_row_in_input_order_whatever_the_partiti
     )
     tagged = dedup_keys(keys, {"url_key": "duplicate_url", "image_key": "duplicate_image"})
     assert len(tagged) == 5 + 1  # five URLs, one valid hash; no key never matches anything
-    found = sorted(later_duplicates(tagged.take(np.random.default_rng(1).permutation(len(tagged)))).to_pylist(),
-                   key=lambda r: (r["unit"], r["row"]))
+    found = sorted(
+        later_duplicates(tagged.take(np.random.default_rng(1).permutation(len(tagged)))).to_pylist(),
+        key=lambda r: (r["unit"], r["row"]),
+    )
     # u1 first appears at (unit 0, row 7), u2 at (0, 9): the later rows are the duplicates.
     assert [(r["unit"], r["row"], r["reason"]) for r in found] == [
         (1, 1, "duplicate_url"),
@@ -183,7 +185,13 @@ def test_one_file_through_prepare_unit_counts_every_row_once(tmp_path):
     image = jpeg()
     rows = [
         {"key": "k0", "url": "u0", "caption": "a red circle", "status": "success", "jpg": image},
-        {"key": "k1", "url": "u1", "caption": "a red circle a red circle a red circle", "status": "success", "jpg": jpeg(65)},
+        {
+            "key": "k1",
+            "url": "u1",
+            "caption": "a red circle a red circle a red circle",
+            "status": "success",
+            "jpg": jpeg(65),
+        },
         {"key": "k2", "url": "u2", "caption": "a green square", "status": "success", "jpg": image[:300]},
         {"key": "k3", "url": "u3", "caption": "a blue triangle", "status": "failed_to_download", "jpg": None},
         {"key": "k4", "url": "u4", "caption": "a blue triangle", "status": "success", "jpg": jpeg(64, 20)},
@@ -191,7 +199,9 @@ def test_one_file_through_prepare_unit_counts_every_row_once(tmp_path):
     ]
     unit = write_unit(tmp_path / "00000.parquet", rows)
     columns = Columns(url="url", caption="caption", status="status", key="key", image="jpg")
-    rules = Filters(min_width=64, min_height=64, max_aspect_ratio=2.0, caption_max_tokens=8, caption_denylist=("green",))
+    rules = Filters(
+        min_width=64, min_height=64, max_aspect_ratio=2.0, caption_max_tokens=8, caption_denylist=("green",)
+    )
     scanned = pa.concat_tables(scan_unit(storage, unit, "parquet", columns, rules, batch_rows=4))
     assert scanned["reason"].to_pylist() == [None, None, "caption_denylist", "status", None, None]
 
@@ -203,14 +213,22 @@ def test_one_file_through_prepare_unit_counts_every_row_once(tmp_path):
     )
     assert summary["rows_in"] == 6 and summary["rows_out"] == 1
     assert summary["dropped"] == {
-        "caption_tokens": 1, "caption_denylist": 1, "status": 1, "image_size": 1, "duplicate_image": 1
+        "caption_tokens": 1,
+        "caption_denylist": 1,
+        "status": 1,
+        "image_size": 1,
+        "duplicate_image": 1,
     }
     out = pq.read_table(tmp_path / "out").to_pylist()
     assert [(r["key"], r["width"], r["height"]) for r in out] == [("k0", 64, 64)]
     assert out[0]["image"] == image and out[0]["sha256"] == hashlib.sha256(image).hexdigest()
     reasons = {r["key"]: r["reason"] for r in pq.read_table(tmp_path / "dropped").to_pylist()}
     assert reasons == {
-        "k1": "caption_tokens", "k2": "caption_denylist", "k3": "status", "k4": "image_size", "k5": "duplicate_image"
+        "k1": "caption_tokens",
+        "k2": "caption_denylist",
+        "k3": "status",
+        "k4": "image_size",
+        "k5": "duplicate_image",
     }
 
 
@@ -255,8 +273,18 @@ def prepare_cut_in_half(storage: Storage, unit: Unit, tmp_path) -> dict:
     Path(unit.path).write_bytes(whole[: len(whole) // 2])
     tokenizer = train_wordpiece(["a red circle"], 50, 16)
     writers = [PartWriter(storage, str(tmp_path / name), "p", 100, 1 << 30) for name in ("out", "dropped")]
-    return prepare_unit(storage, unit, "webdataset", WDS, Filters(min_width=32, min_height=32), {}, tokenizer,
-                        16, *writers, batch_rows=8)
+    return prepare_unit(
+        storage,
+        unit,
+        "webdataset",
+        WDS,
+        Filters(min_width=32, min_height=32),
+        {},
+        tokenizer,
+        16,
+        *writers,
+        batch_rows=8,
+    )
 
 
 def test_a_single_tar_is_an_input_and_a_tar_cut_short_costs_only_its_missing_images(tmp_path):
@@ -301,16 +329,26 @@ def test_a_tar_alone_is_read_from_its_members_and_a_cut_costs_only_the_sample_it
 def test_optional_columns_the_data_lacks_are_resolved_away_and_required_ones_stay_errors(tmp_path):
     storage = Storage(root=str(tmp_path))
     image = jpeg()
-    rows = [{"caption": "a red circle", "image": {"bytes": image, "path": "0.jpg"}},
-            {"caption": "a blue square", "image": {"bytes": jpeg(70), "path": "1.jpg"}}]
+    rows = [
+        {"caption": "a red circle", "image": {"bytes": image, "path": "0.jpg"}},
+        {"caption": "a blue square", "image": {"bytes": jpeg(70), "path": "1.jpg"}},
+    ]
     unit = write_unit(tmp_path / "train-0.parquet", rows)
-    wanted = Columns(url="url", caption="caption", similarity="similarity", key="key", image="image",
-                     optional=("url", "similarity", "key"))
+    wanted = Columns(
+        url="url",
+        caption="caption",
+        similarity="similarity",
+        key="key",
+        image="image",
+        optional=("url", "similarity", "key"),
+    )
     columns, absent = wanted.resolved(available_columns(storage, unit, wanted))
     assert absent == {"url": "url", "similarity": "similarity", "key": "key"}
     assert unused_rules("parquet", columns, Filters(min_similarity=0.3), absent) == {
         "status": "no status column",  # not configured for this data at all
-        "similarity": "no 'similarity' column in the data", "duplicate_url": "no 'url' column in the data"}
+        "similarity": "no 'similarity' column in the data",
+        "duplicate_url": "no 'url' column in the data",
+    }
     [table] = list(read_samples(storage, unit, "parquet", columns, batch_rows=10))
     assert table[IMAGE].to_pylist() == [image, jpeg(70)]  # the hub's {bytes, path} images
     assert table[KEY].to_pylist() == ["train-0-0", "train-0-1"]  # keys made from the file name and row
@@ -335,13 +373,18 @@ def test_a_metadata_file_splits_into_units_of_whole_row_groups_with_rows_numbere
 def test_image_digests_come_from_the_bytes_when_the_data_has_no_sha256_column(tmp_path):
     storage = Storage(root=str(tmp_path))
     image, other = jpeg(), jpeg(70)
-    rows = [{"key": f"k{i}", "url": f"u{i}", "caption": "a red circle", "jpg": b} for i, b in enumerate([image, other, image])]
+    rows = [
+        {"key": f"k{i}", "url": f"u{i}", "caption": "a red circle", "jpg": b}
+        for i, b in enumerate([image, other, image])
+    ]
     unit = write_unit(tmp_path / "00000.parquet", rows)
     columns = Columns(url="url", caption="caption", key="key", image="jpg")
     [scanned] = list(scan_unit(storage, unit, "parquet", columns, Filters(), batch_rows=10))
     digests = scanned["image_key"].to_pylist()
     assert digests[0] == hashlib.sha256(image).digest()[:16] == digests[2] != digests[1]
-    keys = dedup_keys(scanned.drop_columns(["reason", "caption"]), {"sample_key": "duplicate_key", "image_key": "duplicate_image"})
+    keys = dedup_keys(
+        scanned.drop_columns(["reason", "caption"]), {"sample_key": "duplicate_key", "image_key": "duplicate_image"}
+    )
     assert [(r["row"], r["reason"]) for r in later_duplicates(keys).to_pylist()] == [(2, "duplicate_image")]
 
 

@@ -25,9 +25,22 @@ def trained(ci_latents, tmp_path_factory):
     """A train_ldm output at the ci sizes, 10 steps of a small UNet on the shared ci latents (240 synthesized
     images, a random tiny-kl-f4 first stage); this module's outputs and MLflow runs under its own root."""
     root = tmp_path_factory.mktemp("generate")
-    common = ["experiment=ci", f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db", f"data.raw_url={ci_latents}/store/raw"]
-    stages.load("train_ldm").run(compose("stage=train_ldm", *common, f"stage.latents_url={ci_latents}/store/latents", "stage.steps=10",
-                                         "stage.log_every=5", "stage.sample_every=10"))
+    common = [
+        "experiment=ci",
+        f"storage.root={root}/store",
+        f"tracking.uri=sqlite:///{root}/mlruns.db",
+        f"data.raw_url={ci_latents}/store/raw",
+    ]
+    stages.load("train_ldm").run(
+        compose(
+            "stage=train_ldm",
+            *common,
+            f"stage.latents_url={ci_latents}/store/latents",
+            "stage.steps=10",
+            "stage.log_every=5",
+            "stage.sample_every=10",
+        )
+    )
     return root, common
 
 
@@ -45,19 +58,34 @@ def test_sample_is_seeded_per_image_and_guidance_changes_it(trained):
     assert all(image.shape == (64, 64, 3) for image in images) and first["counts"]["images"] == 2
     assert (root / "samples" / "grid.png").exists()
     run = client.search_runs([client.get_experiment_by_name("ldm").experiment_id], "tags.stage = 'sample'")[0]
-    logged = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "samples/images")}
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "samples/images")
+    }
     assert {"grid.png", "samples/images/00000.png"} <= logged
 
-    again = stages.load("sample").run(compose(*SAMPLE, *common, f"stage.output_url={root}/again", "stage.prompts=[]",
-                                              f"stage.prompts_file={_prompt_file(root)}"))
+    again = stages.load("sample").run(
+        compose(
+            *SAMPLE,
+            *common,
+            f"stage.output_url={root}/again",
+            "stage.prompts=[]",
+            f"stage.prompts_file={_prompt_file(root)}",
+        )
+    )
     assert again["counts"]["prompts"] == 2
-    assert all(np.array_equal(a, pixels(root / "again" / row["file"])) for a, row in zip(images, index))  # same seeds, same images
+    assert all(
+        np.array_equal(a, pixels(root / "again" / row["file"])) for a, row in zip(images, index)
+    )  # same seeds, same images
 
-    unguided = stages.load("sample").run(compose(*SAMPLE, *common, f"stage.output_url={root}/unguided", "stage.guidance_scale=1"))
+    unguided = stages.load("sample").run(
+        compose(*SAMPLE, *common, f"stage.output_url={root}/unguided", "stage.guidance_scale=1")
+    )
     assert unguided["facts"]["guidance_scale"] == 1
     assert not np.array_equal(images[0], pixels(root / "unguided" / index[0]["file"]))
     reseeded = stages.load("sample").run(compose(*SAMPLE, *common, f"stage.output_url={root}/reseeded", "stage.seed=7"))
-    assert reseeded["counts"]["images"] == 2 and not np.array_equal(images[0], pixels(root / "reseeded" / index[0]["file"]))
+    assert reseeded["counts"]["images"] == 2 and not np.array_equal(
+        images[0], pixels(root / "reseeded" / index[0]["file"])
+    )
 
     with pytest.raises(ValueError, match="no prompts"):
         stages.load("sample").run(compose(*SAMPLE, *common, f"stage.output_url={root}/none", "stage.prompts=[]"))
@@ -75,7 +103,9 @@ def test_the_export_loads_in_plain_diffusers_and_draws_the_sampled_image(trained
     sampled = tmp_path / "samples"
     # One prompt per batch, as the pipeline below draws it: a batch of two rounds a little differently on CPU.
     stages.load("sample").run(compose(*SAMPLE, *common, *tracking, "stage.batch_size=1", f"stage.output_url={sampled}"))
-    manifest = stages.load("export").run(compose("stage=export", *common, *tracking, f"stage.output_url={tmp_path}/export"))
+    manifest = stages.load("export").run(
+        compose("stage=export", *common, *tracking, f"stage.output_url={tmp_path}/export")
+    )
     assert manifest["facts"]["pipeline"] == "LDMTextToImagePipeline" and manifest["facts"]["resolution"] == 64
 
     # A fresh interpreter that imports only diffusers: the directory must be all a user needs.
@@ -90,7 +120,10 @@ def test_the_export_loads_in_plain_diffusers_and_draws_the_sampled_image(trained
     loaded = in_fresh_process(script, tmp_path / "export", PROMPTS[1], tmp_path / "diffusers.png", cwd=tmp_path)
     assert loaded.split()[-1] == "LDMTextToImagePipeline"
     # Equal up to float rounding: the stage and this process may split CPU reductions over different threads.
-    drawn, sampled_image = pixels(tmp_path / "diffusers.png").astype(int), pixels(sampled / "images" / "00001.png").astype(int)
+    drawn, sampled_image = (
+        pixels(tmp_path / "diffusers.png").astype(int),
+        pixels(sampled / "images" / "00001.png").astype(int),
+    )
     assert np.abs(drawn - sampled_image).max() <= 2
 
     # Registered in the model registry as a pyfunc model that draws the same image.
@@ -98,7 +131,9 @@ def test_the_export_loads_in_plain_diffusers_and_draws_the_sampled_image(trained
     assert registered["name"] == "ldm-text-to-image" and registered["version"] >= 1
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pyfunc.load_model(f"models:/{registered['name']}/{registered['version']}")
-    [row] = model.predict(pd.DataFrame({"prompt": [PROMPTS[1]], "seed": [1], "steps": [4], "guidance_scale": [4.0]})).to_dict("records")
+    [row] = model.predict(
+        pd.DataFrame({"prompt": [PROMPTS[1]], "seed": [1], "steps": [4], "guidance_scale": [4.0]})
+    ).to_dict("records")
     (tmp_path / "pyfunc.png").write_bytes(row["png"])
     assert np.array_equal(pixels(tmp_path / "pyfunc.png"), pixels(sampled / "images" / "00001.png"))
 
@@ -106,12 +141,27 @@ def test_the_export_loads_in_plain_diffusers_and_draws_the_sampled_image(trained
 def test_evaluate_writes_reconstruction_adherence_and_fid(trained, tmp_path):
     root, common = trained
     extractor = tmp_path / "vit"
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(extractor)
+    ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    ).save_pretrained(extractor)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(extractor)
-    manifest = stages.load("evaluate").run(compose(
-        "stage=evaluate", *common, f"stage.fid.feature_extractor={extractor}", "stage.fid.images=20", "stage.fid.kid_subset_size=8",
-        f"stage.output_url={tmp_path}/evaluation",
-    ))
+    manifest = stages.load("evaluate").run(
+        compose(
+            "stage=evaluate",
+            *common,
+            f"stage.fid.feature_extractor={extractor}",
+            "stage.fid.images=20",
+            "stage.fid.kid_subset_size=8",
+            f"stage.output_url={tmp_path}/evaluation",
+        )
+    )
     report = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
     metrics = report["metrics"]
     # Only prepare's held-out rows, which neither model trained on, are measured.
@@ -132,6 +182,13 @@ def test_evaluate_writes_reconstruction_adherence_and_fid(trained, tmp_path):
     table = client.load_table(run.info.experiment_id, "adherence_per_image.json", run_ids=[run.info.run_id])
     assert len(table) == 24 and {"prompt", "seed", "template", "colour", "seen_colour", "objects"} <= set(table.columns)
 
-    bare = stages.load("evaluate").run(compose("stage=evaluate", *common, "stage.reconstruction.enabled=false", "stage.adherence.enabled=false",
-                                               f"stage.output_url={tmp_path}/bare"))
+    bare = stages.load("evaluate").run(
+        compose(
+            "stage=evaluate",
+            *common,
+            "stage.reconstruction.enabled=false",
+            "stage.adherence.enabled=false",
+            f"stage.output_url={tmp_path}/bare",
+        )
+    )
     assert bare["facts"]["metrics"] == {} and "stage.fid.feature_extractor is null" in bare["facts"]["skipped"]["fid"]

@@ -160,8 +160,11 @@ def test_synthesize_to_local_storage_reruns_as_noop_and_repairs_incomplete(ray_c
     check_corpus(storage, raw, N, RES, 0.02)
 
     with pytest.raises(FileExistsError, match="overwrite"):
-        stages.load("synthesize").run(compose(*SMALL, "data.seed=5", f"storage.root={tmp_path}/store",
-                                              f"tracking.uri=sqlite:///{tmp_path}/mlruns.db"))
+        stages.load("synthesize").run(
+            compose(
+                *SMALL, "data.seed=5", f"storage.root={tmp_path}/store", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db"
+            )
+        )
 
 
 def test_synthesize_to_s3_is_tracked_on_the_mlflow_server_without_secrets(ray_cluster, s3_server, mlflow_server):
@@ -212,14 +215,25 @@ def test_local_storage_on_a_remote_cluster_is_refused_before_anything_runs(tmp_p
 
 def test_demo_command_runs_from_the_command_line_and_says_where_outputs_are(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "run.py"), "stage=synthesize", "data.num_samples=60",
-         "stage.rows_per_shard=30"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "run.py"),
+            "stage=synthesize",
+            "data.num_samples=60",
+            "stage.rows_per_shard=30",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wrote 60 rows" in result.stdout and str(tmp_path / "store" / "raw") in result.stdout
     # The printed UI command leaves out MLflow's job consumers, which this project never uses.
-    assert f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {Path(sys.executable).parent}/mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlruns.db" in result.stdout
+    assert (
+        f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {Path(sys.executable).parent}/mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlruns.db"
+        in result.stdout
+    )
     assert (tmp_path / "store" / "raw" / "_manifest.json").exists()
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
     experiment = client.get_experiment_by_name("ldm")

@@ -61,7 +61,9 @@ def test_two_workers_learn_log_and_save_a_reloadable_model(prepared):
     storage = Storage(root=str(root))
     verify(storage, f"{root}/store/autoencoder", stage="train_autoencoder")
     model = load_first_stage(f"{root}/store/autoencoder/model")
-    checkpoint_dir = sorted(p for p in (root / "store" / "checkpoints" / "train_autoencoder").glob("*/checkpoint_*") if p.is_dir())[-1]
+    checkpoint_dir = sorted(
+        p for p in (root / "store" / "checkpoints" / "train_autoencoder").glob("*/checkpoint_*") if p.is_dir()
+    )[-1]
     from_checkpoint = load_first_stage(str(checkpoint_dir / "model"))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), from_checkpoint.state_dict().values()))
     assert sum(p.numel() for p in model.parameters()) == first["facts"]["parameters"] == 954_567
@@ -75,9 +77,19 @@ def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_one_that_never_stopped
     the restart (10 steps an epoch here: step 6 is mid-epoch), so the weights come out bit for bit the same."""
     root, common = prepared
     train = [*TRAIN, *common, "stage.optimizer.schedule=constant", "stage.checkpoint_every=3", "stage.eval_every=6"]
-    straight = stages.load("train_autoencoder").run(compose(
-        *train, "stage.steps=12", f"stage.output_url={root}/store/ae-straight", f"stage.checkpoints_url={root}/store/ckpt-straight"))
-    resumed_args = [*train, f"stage.output_url={root}/store/ae-resumed", f"stage.checkpoints_url={root}/store/ckpt-resumed"]
+    straight = stages.load("train_autoencoder").run(
+        compose(
+            *train,
+            "stage.steps=12",
+            f"stage.output_url={root}/store/ae-straight",
+            f"stage.checkpoints_url={root}/store/ckpt-straight",
+        )
+    )
+    resumed_args = [
+        *train,
+        f"stage.output_url={root}/store/ae-resumed",
+        f"stage.checkpoints_url={root}/store/ckpt-resumed",
+    ]
     stages.load("train_autoencoder").run(compose(*resumed_args, "stage.steps=6"))
     resumed = stages.load("train_autoencoder").run(compose(*resumed_args, "stage.steps=12", "overwrite=true"))
     assert straight["counts"]["steps"] == resumed["counts"]["steps"] == 12
@@ -88,19 +100,36 @@ def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_one_that_never_stopped
 def test_gpu_workers_on_a_cluster_without_gpus_are_refused_at_once(prepared):
     """Ray Train would wait forever for bundles that never fit (the local cluster declares no GPUs)."""
     root, common = prepared
-    with pytest.raises(ValueError, match=r"^stage.scaling.num_workers: 2 x 1 GPU at once: 2 GPU, the local cluster has 0 \(cluster.num_gpus\)$"):
-        stages.load("train_autoencoder").run(compose(*TRAIN, *common, "stage.scaling.use_gpu=true", f"stage.output_url={root}/store/ae-gpu"))
+    with pytest.raises(
+        ValueError,
+        match=r"^stage.scaling.num_workers: 2 x 1 GPU at once: 2 GPU, the local cluster has 0 \(cluster.num_gpus\)$",
+    ):
+        stages.load("train_autoencoder").run(
+            compose(*TRAIN, *common, "stage.scaling.use_gpu=true", f"stage.output_url={root}/store/ae-gpu")
+        )
 
 
 def test_the_vq_first_stage_trains_end_to_end_with_the_perceptual_term(prepared):
     root, common = prepared
     lpips = ",".join(f"'{path}'" for path in write_lpips_weights(root / "lpips"))
-    vq = [*TRAIN, *common, "stage.model.preset=tiny-vq-f4", "stage.steps=8", "stage.scaling.num_workers=1", f"stage.output_url={root}/store/vq"]
+    vq = [
+        *TRAIN,
+        *common,
+        "stage.model.preset=tiny-vq-f4",
+        "stage.steps=8",
+        "stage.scaling.num_workers=1",
+        f"stage.output_url={root}/store/vq",
+    ]
     for crop in (96, 30):
-        with pytest.raises(ValueError, match=rf"stage.crop={crop}: expected null or a side in \(0, data.resolution=64\], a multiple of the first stage's factor 4"):
+        with pytest.raises(
+            ValueError,
+            match=rf"stage.crop={crop}: expected null or a side in \(0, data.resolution=64\], a multiple of the first stage's factor 4",
+        ):
             stages.load("train_autoencoder").run(compose(*vq, f"stage.crop={crop}"))
     # On 32 px patches of the 64 px images; validated on whole images.
-    manifest = stages.load("train_autoencoder").run(compose(*vq, "stage.loss.disc_start=4", f"stage.lpips_weights=[{lpips}]", "stage.crop=32"))
+    manifest = stages.load("train_autoencoder").run(
+        compose(*vq, "stage.loss.disc_start=4", f"stage.lpips_weights=[{lpips}]", "stage.crop=32")
+    )
     assert manifest["facts"]["kind"] == "vq"
     metrics = manifest["facts"]["final_metrics"]
     assert 0 < metrics["val/codebook_usage"] <= 1 and metrics["train/d_weight"] >= 0 and "train/disc_loss" in metrics
@@ -115,8 +144,19 @@ def test_training_patches_are_windows_of_the_image_drawn_from_the_seed_and_the_k
     assert patches.shape == (2, 3, 32, 32)
     assert np.array_equal(patches, tasks.pixels(batch, resolution=64, seed=(0, 1), flip=False, side=32)["pixels"])
     whole = normalise(image)
-    offsets = [[(top, left) for top in range(33) for left in range(33) if np.array_equal(whole[:, top:top + 32, left:left + 32], p)]
-               for p in patches]
+    offsets = [
+        [
+            (top, left)
+            for top in range(33)
+            for left in range(33)
+            if np.array_equal(whole[:, top : top + 32, left : left + 32], p)
+        ]
+        for p in patches
+    ]
     assert all(len(found) == 1 for found in offsets) and offsets[0] != offsets[1]  # each key its own window
-    assert tasks.pixels(batch, resolution=64, seed=None, flip=False)["pixels"].shape == (2, 3, 64, 64)  # validation: whole
-
+    assert tasks.pixels(batch, resolution=64, seed=None, flip=False)["pixels"].shape == (
+        2,
+        3,
+        64,
+        64,
+    )  # validation: whole

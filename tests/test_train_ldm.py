@@ -23,8 +23,8 @@ from ldm.manifest import verify
 from ldm.models.text_to_image import load_models
 from ldm.storage import Storage
 from pipelines import stages
-from pipelines.stages.train_ldm import loop as ldm_loop
 from pipelines.config import compose
+from pipelines.stages.train_ldm import loop as ldm_loop
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -93,7 +93,14 @@ def test_two_workers_train_in_step_on_disjoint_data_and_log_to_mlflow(latents, u
     assert [v for _, v in history(client, run.info.run_id, "ddp/parameter_spread")] == [0.0]  # replicas equal
     params = client.get_run(run.info.run_id).data.params
     assert params["global_batch_size"] == "16" and params["world_size"] == "2" and int(params["parameters.unet"]) > 1e6
-    for key in ("train/samples_per_s", "train/data_wait_fraction", "train/grad_norm", "train/lr", "val/loss", "perf/mfu"):
+    for key in (
+        "train/samples_per_s",
+        "train/data_wait_fraction",
+        "train/grad_norm",
+        "train/lr",
+        "val/loss",
+        "perf/mfu",
+    ):
         assert [s for s, _ in history(client, run.info.run_id, key)] == [10, 20, 30, 40], key
     # Model FLOPs utilisation against this CPU's measured matmul peak: not a vanishing fraction (0.04-0.13 here).
     assert all(v > 0.001 for _, v in history(client, run.info.run_id, "perf/mfu"))
@@ -134,16 +141,29 @@ def test_resume_from_a_checkpoint_with_another_worker_count_finishes_the_epoch_o
     root, common = latents
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
     manifest, run, _ = uninterrupted
-    checkpoint = next(c for c in _checkpoints(manifest) if torch.load(c / ldm_loop.STATE_FILE, weights_only=True)["step"] == 20)
+    checkpoint = next(
+        c for c in _checkpoints(manifest) if torch.load(c / ldm_loop.STATE_FILE, weights_only=True)["step"] == 20
+    )
     state = torch.load(checkpoint / ldm_loop.STATE_FILE, weights_only=True)
     epoch, taken = state["epoch"], sum(b - a for a, b in state["data"]["taken"])
     latent_keys = set(pq.read_table(root / "store" / "latents" / "shards", columns=["key"])["key"].to_pylist())
     assert 0 < taken < len(latent_keys)  # mid-epoch
     steps = 20 + (len(latent_keys) - taken) // 8
-    resumed = stages.load("train_ldm").run(compose(*TRAIN, *common, "stage.output_url=${storage.root}/ldm-resume", "stage.data_audit=true",
-                                                   f"stage.steps={steps}", f"stage.resume={checkpoint}", "stage.scaling.num_workers=1"))
+    resumed = stages.load("train_ldm").run(
+        compose(
+            *TRAIN,
+            *common,
+            "stage.output_url=${storage.root}/ldm-resume",
+            "stage.data_audit=true",
+            f"stage.steps={steps}",
+            f"stage.resume={checkpoint}",
+            "stage.scaling.num_workers=1",
+        )
+    )
     new = latest_run(client)
-    assert new.info.run_id != run.info.run_id and [v for _, v in history(client, new.info.run_id, "resumed_from_step")] == [20.0]
+    assert new.info.run_id != run.info.run_id and [
+        v for _, v in history(client, new.info.run_id, "resumed_from_step")
+    ] == [20.0]
     assert resumed["counts"]["steps"] == steps and resumed["facts"]["checkpoints"] != manifest["facts"]["checkpoints"]
     last = _checkpoints(resumed)[-1]
     assert torch.load(last / ldm_loop.STATE_FILE, weights_only=True)["ema_updates"] == steps  # the EMA went on counting
@@ -159,24 +179,53 @@ def test_a_checkpoint_written_on_gpus_resumes_on_cpu_workers(latents, uninterrup
     a GPU run writes it: the CPU workers continue its step, weights and data position with fresh random streams."""
     root, common = latents
     manifest, _, _ = uninterrupted
-    source = next(c for c in _checkpoints(manifest) if torch.load(c / ldm_loop.STATE_FILE, weights_only=True)["step"] == 20)
+    source = next(
+        c for c in _checkpoints(manifest) if torch.load(c / ldm_loop.STATE_FILE, weights_only=True)["step"] == 20
+    )
     checkpoint = tmp_path / source.name
     shutil.copytree(source, checkpoint)
     state = torch.load(checkpoint / ldm_loop.STATE_FILE, weights_only=True)
-    state["rng"] = [{**r, "device": "cuda", "cuda": torch.zeros(16, dtype=torch.uint8), "generator": torch.zeros(16, dtype=torch.uint8)}
-                    for r in state["rng"]]
+    state["rng"] = [
+        {
+            **r,
+            "device": "cuda",
+            "cuda": torch.zeros(16, dtype=torch.uint8),
+            "generator": torch.zeros(16, dtype=torch.uint8),
+        }
+        for r in state["rng"]
+    ]
     torch.save(state, checkpoint / ldm_loop.STATE_FILE)
-    resumed = stages.load("train_ldm").run(compose(*TRAIN, *common, f"stage.output_url={tmp_path}/ldm", f"stage.checkpoints_url={tmp_path}/ckpt",
-                                                   "stage.steps=24", f"stage.resume={checkpoint}"))
+    resumed = stages.load("train_ldm").run(
+        compose(
+            *TRAIN,
+            *common,
+            f"stage.output_url={tmp_path}/ldm",
+            f"stage.checkpoints_url={tmp_path}/ckpt",
+            "stage.steps=24",
+            f"stage.resume={checkpoint}",
+        )
+    )
     assert resumed["counts"]["steps"] == 24
-    assert torch.load(_checkpoints(resumed)[-1] / ldm_loop.STATE_FILE, weights_only=True)["rng"][0]["generator"].numel() == 5056
+    assert (
+        torch.load(_checkpoints(resumed)[-1] / ldm_loop.STATE_FILE, weights_only=True)["rng"][0]["generator"].numel()
+        == 5056
+    )
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3_and_trains_each_row_once(latents, uninterrupted, s3_server, tmp_path):
+def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3_and_trains_each_row_once(
+    latents, uninterrupted, s3_server, tmp_path
+):
     root, common = latents
     s3 = ["storage=s3", f"storage.bucket={BUCKET}", "storage.prefix=train-ldm", f"storage.endpoint_url={s3_server}"]
-    cfg = compose(*TRAIN, *s3, f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", f"stage.latents_url={root}/store/latents",
-                  "stage.steps=60", "stage.checkpoint_every=7", "stage.data_audit=true")
+    cfg = compose(
+        *TRAIN,
+        *s3,
+        f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
+        f"stage.latents_url={root}/store/latents",
+        "stage.steps=60",
+        "stage.checkpoint_every=7",
+        "stage.data_audit=true",
+    )
     killed = []
 
     def kill_a_worker_after_two_checkpoints():
@@ -203,29 +252,45 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3_and_trains_each
     assert_same_rows_in_the_same_order(audit(client, [run.info.run_id], tmp_path / "audit"), uninterrupted[2], steps=60)
     storage = Storage(root=f"s3://{BUCKET}/train-ldm", endpoint_url=s3_server)
     fs, path = storage.fsspec(manifest["facts"]["checkpoints"])
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path) if p.rsplit("/", 1)[-1].startswith("checkpoint_") and not p.endswith(".json"))
+    names = sorted(
+        p.rsplit("/", 1)[-1]
+        for p in fs.ls(path)
+        if p.rsplit("/", 1)[-1].startswith("checkpoint_") and not p.endswith(".json")
+    )
     # Of the 9 written, keep_checkpoints' 3 latest (Ray Train sometimes keeps the one a restart restored from too).
     assert 3 <= len(names) <= 4
     with fs.open(f"{path}/{names[-1]}/{ldm_loop.STATE_FILE}", "rb") as f:
         assert torch.load(f, weights_only=True)["step"] == 60
     assert fs.exists(f"{path}/{names[-1]}/unet/diffusion_pytorch_model.safetensors")
     fs_out, out = storage.fsspec(storage.url("ldm"))
-    assert fs_out.exists(f"{out}/_manifest.json") and fs_out.exists(f"{out}/ema/unet/diffusion_pytorch_model.safetensors")
+    assert fs_out.exists(f"{out}/_manifest.json") and fs_out.exists(
+        f"{out}/ema/unet/diffusion_pytorch_model.safetensors"
+    )
 
 
 def test_the_same_command_after_the_whole_run_is_killed_trains_each_row_once(latents, uninterrupted, tmp_path):
     root, _ = latents
-    command = [sys.executable, str(ROOT / "pipelines" / "run.py"), *TRAIN, f"storage.root={tmp_path}/store",
-               f"tracking.uri=sqlite:///{tmp_path}/mlruns.db", f"stage.latents_url={root}/store/latents", "stage.steps=40",
-               "stage.checkpoint_every=7", "stage.log_every=5", "stage.data_audit=true"]
+    command = [
+        sys.executable,
+        str(ROOT / "pipelines" / "run.py"),
+        *TRAIN,
+        f"storage.root={tmp_path}/store",
+        f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
+        f"stage.latents_url={root}/store/latents",
+        "stage.steps=40",
+        "stage.checkpoint_every=7",
+        "stage.log_every=5",
+        "stage.data_audit=true",
+    ]
     kill_when(command, tmp_path, lambda: logged_step(tmp_path / "mlruns.db") >= 15)  # checkpoints 7 and 14 are written
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "train_ldm: 40 steps" in result.stdout
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
-    killed, rerun = client.search_runs([client.get_experiment_by_name("ldm").experiment_id], "tags.stage = 'train_ldm'",
-                                       order_by=["start_time ASC"])
+    killed, rerun = client.search_runs(
+        [client.get_experiment_by_name("ldm").experiment_id], "tags.stage = 'train_ldm'", order_by=["start_time ASC"]
+    )
     resumed = [v for _, v in history(client, rerun.info.run_id, "resumed_from_step")]
     assert resumed and 7 <= resumed[0] < 40 and resumed[0] % 7 == 0  # the re-run continued mid-epoch
     trained = audit(client, [killed.info.run_id, rerun.info.run_id], tmp_path / "audit", resumed_at=resumed[0])
@@ -238,24 +303,79 @@ def test_ray_job_submit_trains_across_two_nodes_of_a_ray_start_cluster(latents, 
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     gcs, dashboard = free_port(), free_port()
-    node = lambda: ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats", "--block",  # noqa: E731
-                    "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-                    "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                    "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+    node = lambda: [
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        "2",
+        "--disable-usage-stats",
+        "--block",  # noqa: E731
+        "--node-manager-port",
+        str(free_port()),
+        "--object-manager-port",
+        str(free_port()),
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--dashboard-agent-grpc-port",
+        str(free_port()),
+        "--metrics-export-port",
+        str(free_port()),
+        "--runtime-env-agent-port",
+        str(free_port()),
+    ]
     ray_cli = os.path.join(bin_dir, "ray")
-    head = subprocess.Popen([ray_cli, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                             str(dashboard), "--ray-client-server-port", str(free_port()), "--include-dashboard", "true", *node()],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = subprocess.Popen(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--port",
+            str(gcs),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--ray-client-server-port",
+            str(free_port()),
+            "--include-dashboard",
+            "true",
+            *node(),
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     worker = None
     try:
         wait_for(f"http://127.0.0.1:{dashboard}/api/version", timeout=120, process=head)
-        worker = subprocess.Popen([ray_cli, "start", "--address", f"127.0.0.1:{gcs}", *node()], env=env, start_new_session=True,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        worker = subprocess.Popen(
+            [ray_cli, "start", "--address", f"127.0.0.1:{gcs}", *node()],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         command = [
-            ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
-            "python", "pipelines/run.py", "stage=train_ldm", "experiment=ci", "cluster=remote", f"storage.root={tmp_path}/store",
-            "storage.shared=true", f"stage.latents_url={root}/store/latents", f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
-            "stage.scaling.placement_strategy=SPREAD", "stage.steps=4",
+            ray_cli,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dashboard}",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "pipelines/run.py",
+            "stage=train_ldm",
+            "experiment=ci",
+            "cluster=remote",
+            f"storage.root={tmp_path}/store",
+            "storage.shared=true",
+            f"stage.latents_url={root}/store/latents",
+            f"tracking.uri=sqlite:///{tmp_path}/mlruns.db",
+            "stage.scaling.placement_strategy=SPREAD",
+            "stage.steps=4",
         ]
         deadline = time.time() + 120
         while True:  # the job agent needs a few seconds after the dashboard answers, and both nodes must be up

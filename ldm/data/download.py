@@ -23,8 +23,9 @@ import re
 import shlex
 import tempfile
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.feather as feather
@@ -77,8 +78,21 @@ def shard_name(index: int, shards: int) -> str:
 # the class and layout that class-conditional and layout-to-image models train on.
 CARRIED_ROLES = ("nsfw", "similarity", "width", "height", "label", "boxes")
 # The columns img2dataset writes itself: a carried column of the same name would clash with them.
-RESERVED = ("key", "caption", "url", "status", "error_message", "width", "height", "original_width",
-            "original_height", "exif", "md5", "sha256", "sha512")
+RESERVED = (
+    "key",
+    "caption",
+    "url",
+    "status",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "exif",
+    "md5",
+    "sha256",
+    "sha512",
+)
 
 
 def carried_columns(columns: Columns, extra_columns: Sequence[str] = ()) -> list[str]:
@@ -167,7 +181,12 @@ def shard_rows(storage: Storage, shard: Shard, columns: Columns, carried: Sequen
 
 
 def download_shard(
-    storage: Storage, shard: Shard, name: str, out: str, columns: Columns, carried: Sequence[str],
+    storage: Storage,
+    shard: Shard,
+    name: str,
+    out: str,
+    columns: Columns,
+    carried: Sequence[str],
     options: Mapping[str, Any],
 ) -> Counter[str]:
     """Download one shard into ``out`` with img2dataset's downloader; the outcome of each of its rows. A shard
@@ -231,8 +250,10 @@ def download_shard(
     outcomes = shard_outcomes(storage, out, name)
     if sum(outcomes.values()) != shard.rows:
         fs.rm(stats)
-        raise RuntimeError(f"shard {name} ({out}): {shard.rows} rows given, {sum(outcomes.values())} written; "
-                           "img2dataset printed why above. Re-run to download it again.")
+        raise RuntimeError(
+            f"shard {name} ({out}): {shard.rows} rows given, {sum(outcomes.values())} written; "
+            "img2dataset printed why above. Re-run to download it again."
+        )
     return outcomes
 
 

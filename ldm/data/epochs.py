@@ -17,8 +17,9 @@ import hashlib
 import json
 import queue
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -101,8 +102,15 @@ class EpochOrder:
                 w = int(np.searchsorted(window_starts, start, side="right")) - 1
                 end = int(window_starts[w + 1]) if w + 1 < len(window_starts) else self.rows
                 hi = min(stop, end)
-                groups = tuple((int(f), int(g)) for f, g, _ in units[bounds[w]:bounds[w + 1]])
-                out.append(Piece(groups, (self.seed, epoch, w) if self.window_rows else (), start - int(window_starts[w]), hi - int(window_starts[w])))
+                groups = tuple((int(f), int(g)) for f, g, _ in units[bounds[w] : bounds[w + 1]])
+                out.append(
+                    Piece(
+                        groups,
+                        (self.seed, epoch, w) if self.window_rows else (),
+                        start - int(window_starts[w]),
+                        hi - int(window_starts[w]),
+                    )
+                )
                 start = hi
         return out
 
@@ -118,8 +126,15 @@ class EpochOrder:
         return merge(now)
 
 
-def read_piece(storage: Storage, paths: Sequence[str], groups: Sequence[int], seed: Sequence[int], lo: int, hi: int,
-               columns: Sequence[str]) -> pa.Table:
+def read_piece(
+    storage: Storage,
+    paths: Sequence[str],
+    groups: Sequence[int],
+    seed: Sequence[int],
+    lo: int,
+    hi: int,
+    columns: Sequence[str],
+) -> pa.Table:
     """A ``Piece``'s rows: its window's row groups (``paths[i]``'s group ``groups[i]``) read, shuffled, sliced."""
     tables = []
     for path, group in zip(paths, groups):

@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +59,7 @@ class Filters:
     verify_image_stream: bool = True  # decode JPEGs in full (at 1/8 scale), not just the header
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "Filters":
+    def from_config(cls, cfg: Mapping[str, Any]) -> Filters:
         cfg = dict(cfg)
         for name in ("nsfw_allowed", "caption_denylist"):
             if cfg.get(name) is not None:
@@ -229,9 +230,9 @@ def _outside(values: np.ndarray, low: int | None, high: int | None) -> np.ndarra
 
 
 def _is_not(values: pa.Array, allowed: list[str]) -> np.ndarray:
-    return pc.invert(pc.fill_null(pc.is_in(pc.cast(values, pa.string()), pa.array(allowed, pa.string())), False)).to_numpy(
-        zero_copy_only=False
-    )
+    return pc.invert(
+        pc.fill_null(pc.is_in(pc.cast(values, pa.string()), pa.array(allowed, pa.string())), False)
+    ).to_numpy(zero_copy_only=False)
 
 
 def _floats(values: pa.Array) -> np.ndarray:

@@ -9,8 +9,9 @@ import numpy as np
 from PIL import Image
 
 
-def square_crop(data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False,
-                side: int | None = None) -> np.ndarray:
+def square_crop(
+    data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False, side: int | None = None
+) -> np.ndarray:
     """A ``side`` x ``side`` crop (default: ``resolution``) of the image as uint8 HWC RGB: the shorter side
     resized to ``resolution``, then a random crop (with ``rng``) or the center crop, mirrored half the time if
     ``flip``."""
@@ -38,8 +39,11 @@ def square_crop(data: bytes, resolution: int, rng: np.random.Generator | None = 
 def resize(pixels: np.ndarray, side: int) -> np.ndarray:
     """N x H x W x 3 uint8 images to N x side x side x 3, bicubic (antialiased when shrinking, as PIL resizes):
     the super-resolution task's low-resolution input (the paper's bicubic degradation), and its baseline."""
-    return np.stack([np.asarray(Image.fromarray(p).resize((side, side), Image.Resampling.BICUBIC)) for p in pixels]) if len(pixels) else \
-        np.zeros((0, side, side, 3), np.uint8)
+    return (
+        np.stack([np.asarray(Image.fromarray(p).resize((side, side), Image.Resampling.BICUBIC)) for p in pixels])
+        if len(pixels)
+        else np.zeros((0, side, side, 3), np.uint8)
+    )
 
 
 def normalise(pixels: np.ndarray) -> np.ndarray:
@@ -47,8 +51,9 @@ def normalise(pixels: np.ndarray) -> np.ndarray:
     return np.moveaxis(pixels, -1, -3).astype(np.float32) / 127.5 - 1.0
 
 
-def to_pixels(data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False,
-              side: int | None = None) -> np.ndarray:
+def to_pixels(
+    data: bytes, resolution: int, rng: np.random.Generator | None = None, flip: bool = False, side: int | None = None
+) -> np.ndarray:
     """``square_crop`` as float32 CHW in [-1, 1]."""
     return normalise(square_crop(data, resolution, rng, flip, side))
 
@@ -58,4 +63,3 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
     buffer = io.BytesIO()
     (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format="PNG")
     return buffer.getvalue()
-

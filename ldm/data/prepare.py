@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from ldm.data.filters import (
     Filters,
     image_keys,
@@ -52,6 +54,7 @@ class HeldOut:
     def __contains__(self, key: str) -> bool:
         digest = hashlib.sha1(f"{self.salt}\0{key}".encode()).hexdigest()
         return int(digest[:8], 16) < self.fraction * 2**32
+
 
 SCAN_SCHEMA = pa.schema(
     [
@@ -94,7 +97,9 @@ def prepared_schema(max_length: int) -> pa.Schema:
     )
 
 
-def unused_rules(fmt: str, columns: Columns, filters: Filters, absent: Mapping[str, str] | None = None) -> dict[str, str]:
+def unused_rules(
+    fmt: str, columns: Columns, filters: Filters, absent: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Configured rules this input cannot apply, and why: recorded so that "0 dropped" is never ambiguous.
     ``absent``: optional roles (``Columns.resolved``) whose column the data turned out not to have."""
     absent = absent or {}
@@ -108,15 +113,18 @@ def unused_rules(fmt: str, columns: Columns, filters: Filters, absent: Mapping[s
         "similarity": (filters.min_similarity is not None, "similarity", "no similarity column"),
         "duplicate_url": (filters.dedup_urls, "url", "no URL column"),
     }
-    unused = {rule: why(role, text) for rule, (on, role, text) in missing.items() if on and getattr(columns, role) is None}
+    unused = {
+        rule: why(role, text) for rule, (on, role, text) in missing.items() if on and getattr(columns, role) is None
+    }
     if fmt == "metadata":
         unused["duplicate_key"] = "metadata rows have no sample key"
         if filters.dedup_images:
             unused["duplicate_image"] = "metadata has no image bytes"
         unused["undecodable"] = "metadata has no image bytes"
         if columns.width is None or columns.height is None:
-            unused["image_size"] = unused["aspect_ratio"] = why("width" if "width" in absent else "height",
-                                                                "no declared WIDTH/HEIGHT columns")
+            unused["image_size"] = unused["aspect_ratio"] = why(
+                "width" if "width" in absent else "height", "no declared WIDTH/HEIGHT columns"
+            )
     return unused
 
 
@@ -159,7 +167,7 @@ def prepare_unit(
     columns: Columns,
     filters: Filters,
     duplicates: Mapping[int, str],
-    tokenizer: "PreTrainedTokenizerBase | None",
+    tokenizer: PreTrainedTokenizerBase | None,
     max_length: int,
     writer: PartWriter,
     dropped_writer: PartWriter,
@@ -236,7 +244,13 @@ def _dropped_rows(table: pa.Table, roles: Mapping[str, pa.Array], reasons: np.nd
         return pc.cast(roles[name].take(index), pa.string()) if name in roles else pa.nulls(n, pa.string())
 
     return pa.Table.from_arrays(
-        [table[ROW].take(index), role("key"), role("url"), role("caption"), pa.array(reasons[index.to_numpy()], pa.string())],
+        [
+            table[ROW].take(index),
+            role("key"),
+            role("url"),
+            role("caption"),
+            pa.array(reasons[index.to_numpy()], pa.string()),
+        ],
         schema=DROPPED_SCHEMA,
     )
 
@@ -244,6 +258,7 @@ def _dropped_rows(table: pa.Table, roles: Mapping[str, pa.Array], reasons: np.nd
 def _prepared_rows(table, roles, captions, reasons, filters, tokenizer, max_length) -> pa.Table:
     """Decode-check the rows still pending (charging ``reasons`` in place) and build the kept ones."""
     from ldm.text.tokenizer import tokenize
+
     pending = np.flatnonzero(reasons == None)  # noqa: E711
     images = table[IMAGE].to_pylist()
     sizes = [probe_image(images[i], full=filters.verify_image_stream) for i in pending]
@@ -257,9 +272,13 @@ def _prepared_rows(table, roles, captions, reasons, filters, tokenizer, max_leng
     keep_mask = decoded & (size_fail == None)  # noqa: E711
     keep = pending[keep_mask]
     kept_captions = [captions[i] for i in keep]
-    ids, mask = tokenize(tokenizer, kept_captions, max_length) if len(keep) else (
-        np.zeros((0, max_length), np.int32),
-        np.zeros((0, max_length), np.int8),
+    ids, mask = (
+        tokenize(tokenizer, kept_captions, max_length)
+        if len(keep)
+        else (
+            np.zeros((0, max_length), np.int32),
+            np.zeros((0, max_length), np.int8),
+        )
     )
     take = pa.array(keep, pa.int64())
     kept_images = [images[i] for i in keep]
@@ -273,10 +292,14 @@ def _prepared_rows(table, roles, captions, reasons, filters, tokenizer, max_leng
             pa.array(kept_images, pa.binary()),
             pa.array(width[keep_mask].astype(np.int32)),
             pa.array(height[keep_mask].astype(np.int32)),
-            pc.cast(roles["similarity"].take(take), pa.float64()) if "similarity" in roles else pa.nulls(n, pa.float64()),
+            pc.cast(roles["similarity"].take(take), pa.float64())
+            if "similarity" in roles
+            else pa.nulls(n, pa.float64()),
             sha256_hex(kept_images),
-            *(pc.cast(roles[role].take(take), pa.string()) if role in roles else pa.nulls(n, pa.string())
-              for role in ("url", "label", "boxes")),
+            *(
+                pc.cast(roles[role].take(take), pa.string()) if role in roles else pa.nulls(n, pa.string())
+                for role in ("url", "label", "boxes")
+            ),
         ],
         schema=prepared_schema(max_length),
     )

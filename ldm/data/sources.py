@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Collection, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,8 +39,16 @@ KEY = "_key"  # a sample key made from the file name and row, for parquet inputs
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # a tar member with one of these is the sample's image
 # The types of the role columns read from a tar's .json members (JSON has no schema to take them from).
 ROLE_TYPES = {
-    "url": pa.string(), "caption": pa.string(), "similarity": pa.float64(), "nsfw": pa.string(), "width": pa.int64(),
-    "height": pa.int64(), "status": pa.string(), "sha256": pa.string(), "key": pa.string(), "label": pa.string(),
+    "url": pa.string(),
+    "caption": pa.string(),
+    "similarity": pa.float64(),
+    "nsfw": pa.string(),
+    "width": pa.int64(),
+    "height": pa.int64(),
+    "status": pa.string(),
+    "sha256": pa.string(),
+    "key": pa.string(),
+    "label": pa.string(),
     "boxes": pa.string(),
 }
 
@@ -71,7 +80,7 @@ class Columns:
     optional: tuple[str, ...] = ()  # roles whose column may be absent from the data: then their rule is skipped
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "Columns":
+    def from_config(cls, cfg: Mapping[str, Any]) -> Columns:
         roles = {f.name: cfg.get(f"{f.name}_col") for f in fields(cls) if f.name != "optional"}
         optional = tuple(cfg.get("optional") or ())
         unknown = sorted(set(optional) - set(roles) | ({"caption", "image"} & set(optional)))
@@ -84,7 +93,11 @@ class Columns:
 
     def present(self) -> dict[str, str]:
         """role -> column name, for the roles this data has."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "optional" and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "optional" and getattr(self, f.name) is not None
+        }
 
     def validate(self, fmt: str) -> None:
         if fmt not in FORMATS:
@@ -94,9 +107,11 @@ class Columns:
         missing = {"parquet": ["image"], "webdataset": ["key"]}.get(fmt, [])
         missing = [role for role in missing if getattr(self, role) is None]
         if missing:
-            raise ValueError(f"data.input.format={fmt} needs " + ", ".join(f"data.input.{role}_col" for role in missing))
+            raise ValueError(
+                f"data.input.format={fmt} needs " + ", ".join(f"data.input.{role}_col" for role in missing)
+            )
 
-    def resolved(self, have: Collection[str]) -> tuple["Columns", dict[str, str]]:
+    def resolved(self, have: Collection[str]) -> tuple[Columns, dict[str, str]]:
         """These columns for data that has the columns ``have``: each optional role whose column is absent set
         to None. Also returns those roles, with the column each was looked for under."""
         absent = {role: name for role, name in self.present().items() if role in self.optional and name not in have}

@@ -22,7 +22,11 @@ from ldm.models.text_to_image import encode_text
 
 
 def noise_scheduler(
-    schedule: str, prediction_type: str, timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+    schedule: str,
+    prediction_type: str,
+    timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
     zero_terminal_snr: bool = False,
 ) -> DDPMScheduler:
     """The training noise schedule. ``zero_terminal_snr`` rescales it so that z_T holds no trace of z0 (Lin et
@@ -31,8 +35,10 @@ def noise_scheduler(
     starting noise suggests, not where the prompt says. With no signal at t = T, an ε-prediction says nothing
     about z0 there, so it needs v-prediction."""
     if zero_terminal_snr and prediction_type != "v_prediction":
-        raise ValueError(f"zero_terminal_snr needs prediction_type v_prediction, not {prediction_type!r}: at t = T an "
-                         "ε-prediction gives no estimate of the image")
+        raise ValueError(
+            f"zero_terminal_snr needs prediction_type v_prediction, not {prediction_type!r}: at t = T an "
+            "ε-prediction gives no estimate of the image"
+        )
     if schedule not in NOISE_SCHEDULES:
         raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {sorted(NOISE_SCHEDULES)}")
     if prediction_type not in PREDICTION_TYPES:
@@ -48,7 +54,9 @@ def noise_scheduler(
     )
 
 
-def sample_latents(columns: dict[str, torch.Tensor], scale_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_latents(
+    columns: dict[str, torch.Tensor], scale_factor: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """z0 ~ q(z|x) from stored moments (a fresh draw each time), or the VQ latent, times ``scale_factor``."""
     if "latent" in columns:
         return columns["latent"].float() * scale_factor
@@ -56,7 +64,9 @@ def sample_latents(columns: dict[str, torch.Tensor], scale_factor: float, genera
     return posterior.sample(generator) * scale_factor
 
 
-def drop_captions(captions: torch.Tensor, unconditional: torch.Tensor, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_captions(
+    captions: torch.Tensor, unconditional: torch.Tensor, probability: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Replace each caption (its tokens, or its precomputed τθ(y)) by the empty caption's with ``probability``:
     the unconditional model that classifier-free guidance needs, trained in the same network (Ho & Salimans,
     2022)."""
@@ -71,8 +81,14 @@ class DiffusionObjective:
     scheduler: DDPMScheduler
     snr_gamma: float | None = None  # min-SNR-γ loss weighting; None: the plain (paper's) MSE
 
-    def loss(self, unet: torch.nn.Module, z0: torch.Tensor, context: torch.Tensor | None, generator: torch.Generator | None = None,
-             concat: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        unet: torch.nn.Module,
+        z0: torch.Tensor,
+        context: torch.Tensor | None,
+        generator: torch.Generator | None = None,
+        concat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The mean denoising loss of ``unet`` on the batch ``z0`` under ``context`` = τθ(y) (None: a UNet
         without cross-attention, which takes z_t and t alone), with ``concat`` (super-resolution's low-resolution
         image, inpainting's mask and masked latent) concatenated to z_t on the channels."""
@@ -101,12 +117,24 @@ class DenoisingLoss(torch.nn.Module):
     """UNet + τθ as one module, so DDP averages the gradients of both; forward is the objective. ``text_encoder``
     is None when the captions come as a frozen encoder's precomputed τθ(y), or when nothing conditions the UNet."""
 
-    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, objective: DiffusionObjective, train_text_encoder: bool):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        text_encoder: torch.nn.Module | None,
+        objective: DiffusionObjective,
+        train_text_encoder: bool,
+    ):
         super().__init__()
         self.unet, self.text_encoder, self.objective = unet, text_encoder, objective
         self.train_text_encoder = train_text_encoder
 
-    def forward(self, z0: torch.Tensor, captions: torch.Tensor | None, generator: torch.Generator, concat: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z0: torch.Tensor,
+        captions: torch.Tensor | None,
+        generator: torch.Generator,
+        concat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``captions``: token ids, τθ(y) already computed (floating point; stored as float16), or None (no
         cross-attention); ``concat``: what the task concatenates to z_t, or None."""
         if captions is None:

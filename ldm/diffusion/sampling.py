@@ -12,20 +12,28 @@ pipelines divide latents by the first stage's ``scaling_factor``, which is set t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, LDMPipeline, LDMSuperResolutionPipeline,
-                       LDMTextToImagePipeline)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    LDMPipeline,
+    LDMSuperResolutionPipeline,
+    LDMTextToImagePipeline,
+)
 from diffusers.configuration_utils import FrozenDict
 from tqdm.auto import tqdm
 
 from ldm.choices import SAMPLERS, WEIGHTS
+from ldm.data.layouts import describe_layout
 from ldm.devices import device_for, enable_tf32
 from ldm.manifest import verify
-from ldm.data.layouts import describe_layout
 from ldm.models.conditioners import ConditionedPipeline, LayoutEncoder, LearnedConditioner
 from ldm.models.first_stage import FirstStage, load_first_stage
 from ldm.models.image_conditioned import InpaintingPipeline, image_tensor, unscaled_first_stage
@@ -39,14 +47,25 @@ def sampler(name: str, training_config: FrozenDict | dict):
     """``ddim`` or ``dpm++`` (DPM-Solver++ 2M) on the training noise schedule, with trailing timesteps (they
     reach t = T-1, where training's signal is nearly gone)."""
     if name == "ddim":
-        return DDIMScheduler.from_config(training_config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False)
+        return DDIMScheduler.from_config(
+            training_config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False
+        )
     if name == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(training_config, algorithm_type="dpmsolver++", timestep_spacing="trailing")
+        return DPMSolverMultistepScheduler.from_config(
+            training_config, algorithm_type="dpmsolver++", timestep_spacing="trailing"
+        )
     raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
 
 
-def task_pipeline(unet: torch.nn.Module, conditioner: torch.nn.Module | None, tokenizer, first_stage: FirstStage, scale_factor: float,
-                  scheduler, concat: str | None = None) -> DiffusionPipeline:
+def task_pipeline(
+    unet: torch.nn.Module,
+    conditioner: torch.nn.Module | None,
+    tokenizer,
+    first_stage: FirstStage,
+    scale_factor: float,
+    scheduler,
+    concat: str | None = None,
+) -> DiffusionPipeline:
     """The models as their task's pipeline: by what is concatenated to z_t (``concat``: the low-resolution
     image, ``LDMSuperResolutionPipeline``, whose first stage decodes scaled latents; the mask and masked
     latent, ``InpaintingPipeline``), else by τθ: none (unconditional: ``LDMPipeline``), a class or layout
@@ -54,7 +73,9 @@ def task_pipeline(unet: torch.nn.Module, conditioner: torch.nn.Module | None, to
     ``first_stage`` gets ``scale_factor`` as its ``scaling_factor``."""
     first_stage.register_to_config(scaling_factor=float(scale_factor))
     if concat == "low_res":
-        pipeline = LDMSuperResolutionPipeline(vqvae=unscaled_first_stage(first_stage, scale_factor), unet=unet, scheduler=scheduler)
+        pipeline = LDMSuperResolutionPipeline(
+            vqvae=unscaled_first_stage(first_stage, scale_factor), unet=unet, scheduler=scheduler
+        )
     elif concat == "masked":
         pipeline = InpaintingPipeline(vqvae=first_stage, unet=unet, scheduler=scheduler)
     elif conditioner is None:
@@ -62,12 +83,16 @@ def task_pipeline(unet: torch.nn.Module, conditioner: torch.nn.Module | None, to
     elif isinstance(conditioner, LearnedConditioner):
         pipeline = ConditionedPipeline(vqvae=first_stage, unet=unet, conditioner=conditioner, scheduler=scheduler)
     else:
-        pipeline = LDMTextToImagePipeline(vqvae=first_stage, bert=conditioner, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        pipeline = LDMTextToImagePipeline(
+            vqvae=first_stage, bert=conditioner, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+        )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def load_pipeline(storage: Storage, url: str, *, weights: str = "ema", sampler_name: str = "ddim", device: str = "cpu") -> DiffusionPipeline:
+def load_pipeline(
+    storage: Storage, url: str, *, weights: str = "ema", sampler_name: str = "ddim", device: str = "cpu"
+) -> DiffusionPipeline:
     """The pipeline of a train_ldm output (its manifest is checked), as its task samples: its EMA or raw
     weights, its tokenizer (text-to-image), the first stage it trained on, and the sampler on its training noise
     schedule. ``device`` auto: a GPU if there is one."""
@@ -82,8 +107,15 @@ def load_pipeline(storage: Storage, url: str, *, weights: str = "ema", sampler_n
         schedule = DDPMScheduler.load_config(local(layout["scheduler"]))
     first = facts["first_stage"]
     first_stage = load_first_stage(first["location"], storage, first.get("subfolder"))
-    pipeline = task_pipeline(unet, text_encoder, tokenizer, first_stage, facts["scale_factor"], sampler(sampler_name, schedule),
-                             named_task(facts.get("task", "text_to_image")).concat)
+    pipeline = task_pipeline(
+        unet,
+        text_encoder,
+        tokenizer,
+        first_stage,
+        facts["scale_factor"],
+        sampler(sampler_name, schedule),
+        named_task(facts.get("task", "text_to_image")).concat,
+    )
     target = device_for(device)
     enable_tf32(target)
     return pipeline.to(target)
@@ -116,29 +148,55 @@ def generate_images(
     if conditions is not None and len(conditions) != len(seeds):
         raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds")
     if conditions is None and not isinstance(pipeline, LDMPipeline):
-        raise ValueError(f"a {type(pipeline).__name__} draws for given conditions (prompts, classes, layouts or images); got none")
+        raise ValueError(
+            f"a {type(pipeline).__name__} draws for given conditions (prompts, classes, layouts or images); got none"
+        )
     images = []
     for start in tqdm(range(0, len(seeds), batch_size), desc="sampling", unit="batch", disable=not progress):
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[chunk]]
         if isinstance(pipeline, LDMTextToImagePipeline):
             size = pipeline_size(pipeline)
-            output = pipeline(list(conditions[chunk]), height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
-                              generator=generators, output_type="np")
+            output = pipeline(
+                list(conditions[chunk]),
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                output_type="np",
+            )
         elif isinstance(pipeline, ConditionedPipeline):
-            output = pipeline(list(conditions[chunk]), guidance_scale=guidance_scale, num_inference_steps=steps, generator=generators, output_type="np")
+            output = pipeline(
+                list(conditions[chunk]),
+                guidance_scale=guidance_scale,
+                num_inference_steps=steps,
+                generator=generators,
+                output_type="np",
+            )
         elif isinstance(pipeline, LDMSuperResolutionPipeline):
-            output = pipeline(image_tensor(np.stack(conditions[chunk])), num_inference_steps=steps, generator=generators, output_type="np")
+            output = pipeline(
+                image_tensor(np.stack(conditions[chunk])),
+                num_inference_steps=steps,
+                generator=generators,
+                output_type="np",
+            )
         elif isinstance(pipeline, InpaintingPipeline):
             originals, masks = zip(*conditions[chunk])
-            output = pipeline(np.stack(originals), np.stack(masks), num_inference_steps=steps, generator=generators, output_type="np")
+            output = pipeline(
+                np.stack(originals), np.stack(masks), num_inference_steps=steps, generator=generators, output_type="np"
+            )
         else:
-            output = pipeline(batch_size=len(generators), generator=generators, num_inference_steps=steps, output_type="np")
+            output = pipeline(
+                batch_size=len(generators), generator=generators, num_inference_steps=steps, output_type="np"
+            )
         images.append(to_uint8(output.images))
     return np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)
 
 
-def condition_captions(pipeline: DiffusionPipeline, conditions: Sequence[str] | None, seeds: Sequence[int]) -> list[str]:
+def condition_captions(
+    pipeline: DiffusionPipeline, conditions: Sequence[str] | None, seeds: Sequence[int]
+) -> list[str]:
     """What to write under each image of a grid: its prompt or class, its layout described, or (no condition,
     or an image one) its seed."""
     if conditions is None or not all(isinstance(c, str) for c in conditions):

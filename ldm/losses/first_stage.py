@@ -72,7 +72,9 @@ class FirstStageLoss(nn.Module):
         # CompVis's learned output log-variance: the reconstruction term is an NLL under a Laplacian.
         self.logvar = nn.Parameter(torch.zeros(())) if kind == "kl" else None
 
-    def reconstruction(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def reconstruction(
+        self, inputs: torch.Tensor, reconstructions: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Per-element reconstruction error, N x C x H x W, and the perceptual distance when LPIPS is on."""
         error = (inputs - reconstructions).abs()
         logs = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,21 @@ from torch import nn
 from ldm.storage import Storage
 
 # VGG16's convolutions by torchvision ``features`` index; LPIPS reads the ReLU after the last one of each block.
-CONVS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256), 14: (256, 256),
-         17: (256, 512), 19: (512, 512), 21: (512, 512), 24: (512, 512), 26: (512, 512), 28: (512, 512)}
+CONVS = {
+    0: (3, 64),
+    2: (64, 64),
+    5: (64, 128),
+    7: (128, 128),
+    10: (128, 256),
+    12: (256, 256),
+    14: (256, 256),
+    17: (256, 512),
+    19: (512, 512),
+    21: (512, 512),
+    24: (512, 512),
+    26: (512, 512),
+    28: (512, 512),
+}
 TAPS = (2, 7, 14, 21, 28)
 POOL_BEFORE = (5, 10, 17, 24)
 # The ImageNet statistics LPIPS's ScalingLayer applies to [-1, 1] inputs.
@@ -61,13 +74,17 @@ class LPIPS(nn.Module):
         for index, (c_in, c_out) in CONVS.items():
             weight = vgg[(index, "weight")]
             if tuple(weight.shape) != (c_out, c_in, 3, 3):
-                raise ValueError(f"LPIPS weights: features.{index}.weight is {tuple(weight.shape)}, expected {(c_out, c_in, 3, 3)}")
+                raise ValueError(
+                    f"LPIPS weights: features.{index}.weight is {tuple(weight.shape)}, expected {(c_out, c_in, 3, 3)}"
+                )
             self.register_buffer(f"conv{index}_weight", weight.float().clone(), persistent=False)
             self.register_buffer(f"conv{index}_bias", vgg[(index, "bias")].float().clone(), persistent=False)
         for k, tap in enumerate(TAPS):
             weight = lin[k]
             if tuple(weight.shape) != (1, CONVS[tap][1], 1, 1):
-                raise ValueError(f"LPIPS weights: lin{k}.model.1.weight is {tuple(weight.shape)}, expected {(1, CONVS[tap][1], 1, 1)}")
+                raise ValueError(
+                    f"LPIPS weights: lin{k}.model.1.weight is {tuple(weight.shape)}, expected {(1, CONVS[tap][1], 1, 1)}"
+                )
             self.register_buffer(f"lin{k}", weight.float().clone(), persistent=False)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -9,8 +9,8 @@ that prompt alike), so the interval counts each prompt's images as the design ef
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -18,8 +18,14 @@ from ldm.synthetic.classify import read
 from ldm.synthetic.scene import COLOURS, POSITIONS, SHAPES, TEMPLATES, Scene, caption
 
 ATTRIBUTES = tuple(f.name for f in fields(Scene))  # colour, shape, position, background
-CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "position": 1 / len(POSITIONS), "background": 1 / len(COLOURS),
-          "vertical": 1 / 2, "horizontal": 1 / 2}
+CHANCE = {
+    "colour": 1 / len(COLOURS),
+    "shape": 1 / len(SHAPES),
+    "position": 1 / len(POSITIONS),
+    "background": 1 / len(COLOURS),
+    "vertical": 1 / 2,
+    "horizontal": 1 / 2,
+}
 Z95 = 1.959963984540054
 
 
@@ -36,9 +42,15 @@ class Prompt:
 
 def held_out_scenes(triples: Iterable[Sequence[str]], count: int, seed: int) -> list[Scene]:
     """Up to ``count`` scenes of held-out (colour, shape, background) triples, every position, picked at random."""
-    scenes = [Scene(colour, shape, position, background) for colour, shape, background in sorted(map(tuple, triples)) for position in POSITIONS]
+    scenes = [
+        Scene(colour, shape, position, background)
+        for colour, shape, background in sorted(map(tuple, triples))
+        for position in POSITIONS
+    ]
     if not scenes:
-        raise ValueError("no held-out (colour, shape, background) combinations: synthesize with data.holdout_fraction > 0")
+        raise ValueError(
+            "no held-out (colour, shape, background) combinations: synthesize with data.holdout_fraction > 0"
+        )
     picked = np.random.default_rng(seed).permutation(len(scenes))[:count]
     return [scenes[i] for i in sorted(picked)]
 
@@ -48,7 +60,11 @@ def held_out_prompts(scenes: Sequence[Scene], seeds: int, first_seed: int) -> li
     rotate over a scene's seeds and from scene to scene, so every template is used about equally."""
     if seeds < 1:
         raise ValueError(f"seeds per prompt must be >= 1, got {seeds}")
-    return [Prompt(scene, (i + j) % len(TEMPLATES), first_seed + i * seeds + j) for i, scene in enumerate(scenes) for j in range(seeds)]
+    return [
+        Prompt(scene, (i + j) % len(TEMPLATES), first_seed + i * seeds + j)
+        for i, scene in enumerate(scenes)
+        for j in range(seeds)
+    ]
 
 
 def wilson_interval(successes: float, n: float, z: float = Z95) -> tuple[float, float]:
@@ -106,8 +122,12 @@ def adherence(prompts: Sequence[Prompt], images: np.ndarray) -> tuple[dict[str, 
     scores["multi_object"] = float(np.mean([r.objects > 1 for r in readings]))
     scores["no_object"] = float(np.mean([r.objects == 0 for r in readings]))
     scores["prompts"], scores["seeds"] = len(groups), seeds
-    table: dict[str, list] = {"prompt": [p.text for p in prompts], "seed": [p.seed for p in prompts],
-                              "template": [p.template for p in prompts], "objects": [r.objects for r in readings]}
+    table: dict[str, list] = {
+        "prompt": [p.text for p in prompts],
+        "seed": [p.seed for p in prompts],
+        "template": [p.template for p in prompts],
+        "objects": [r.objects for r in readings],
+    }
     for a in ATTRIBUTES:
         table[a], table[f"seen_{a}"] = [getattr(w, a) for w in wanted], [getattr(s, a) for s in seen]
     table["all_right"] = [bool(x) for x in right["all"]]
@@ -134,5 +154,7 @@ def describe(scores: dict[str, float]) -> list[str]:
     for name in (*ATTRIBUTES, "vertical", "horizontal", "all"):
         chance = f" (chance {scores[f'{name}_chance']:.3f})" if f"{name}_chance" in scores else ""
         lines.append(f"  {LABELS.get(name, name):<11} {_score(scores, name, 3)}{chance}")
-    lines.append(f"  more than one object in {scores['multi_object']:.3f} of the images, none in {scores['no_object']:.3f}")
+    lines.append(
+        f"  more than one object in {scores['multi_object']:.3f} of the images, none in {scores['no_object']:.3f}"
+    )
     return lines

@@ -22,7 +22,9 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     return float(((mu_r - mu_f) ** 2).sum() + np.trace(sigma_r) + np.trace(sigma_f) - 2 * np.trace(root.real))
 
 
-def kernel_distance(real: np.ndarray, fake: np.ndarray, subsets: int = 10, subset_size: int = 100, seed: int = 0) -> tuple[float, float]:
+def kernel_distance(
+    real: np.ndarray, fake: np.ndarray, subsets: int = 10, subset_size: int = 100, seed: int = 0
+) -> tuple[float, float]:
     """KID (Bińkowski et al., 2018): the unbiased MMD² with kernel (x·y / D + 1)³, mean and std over subsets."""
     rng = np.random.default_rng(seed)
     size = min(subset_size, len(real), len(fake))

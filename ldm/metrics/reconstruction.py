@@ -4,15 +4,15 @@ background (PSNR alone hides a lost shape: the object is a few percent of the pi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from ldm.grids import to_uint8
-from ldm.models.first_stage import FirstStage, decode, encode
 from ldm.metrics.adherence import ATTRIBUTES
+from ldm.models.first_stage import FirstStage, decode, encode
 from ldm.synthetic.classify import read
 
 
@@ -33,7 +33,9 @@ class ReconstructionMetrics:
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: FirstStage, batches: Iterable[torch.Tensor], scenes: bool = False) -> ReconstructionMetrics:
+def evaluate_reconstruction(
+    model: FirstStage, batches: Iterable[torch.Tensor], scenes: bool = False
+) -> ReconstructionMetrics:
     """Mean per-image PSNR and SSIM (images mapped from [-1, 1] to [0, 1]) of ``decode(encode(x).mode())``.
     With ``scenes`` (synthetic data), also ``scene_<attribute>``: the fraction of images whose reconstruction
     the scene classifier reads as it reads the original, and ``scene_all`` for all four at once."""
@@ -65,8 +67,12 @@ def evaluate_reconstruction(model: FirstStage, batches: Iterable[torch.Tensor], 
     model.train(was_training)
     if count == 0:
         raise ValueError("no images to evaluate the reconstruction on")
-    metrics = ReconstructionMetrics(psnr=psnr_sum / count, ssim=ssim_sum / count, images=count,
-                                    extra={f"scene_{name}": right / count for name, right in agree.items()})
+    metrics = ReconstructionMetrics(
+        psnr=psnr_sum / count,
+        ssim=ssim_sum / count,
+        images=count,
+        extra={f"scene_{name}": right / count for name, right in agree.items()},
+    )
     if codes is not None:
         p = codes.float() / codes.sum()
         metrics.codebook_usage = (codes > 0).float().mean().item()

@@ -37,8 +37,14 @@ def super_resolution_scores(originals: np.ndarray, generated: np.ndarray, low: n
         raise ValueError(f"{len(originals)} originals, {len(generated)} generated and {len(low)} low-resolution images")
     psnr, ssim = _psnr_ssim(generated, originals)
     base_psnr, base_ssim = _psnr_ssim(resize(low, originals.shape[1]), originals)
-    return {"psnr": psnr, "ssim": ssim, "bicubic_psnr": base_psnr, "bicubic_ssim": base_ssim, "factor": originals.shape[1] // low.shape[1],
-            "images": len(originals)}
+    return {
+        "psnr": psnr,
+        "ssim": ssim,
+        "bicubic_psnr": base_psnr,
+        "bicubic_ssim": base_ssim,
+        "factor": originals.shape[1] // low.shape[1],
+        "images": len(originals),
+    }
 
 
 def _masked_psnr(fake: np.ndarray, real: np.ndarray, where: np.ndarray) -> float:
@@ -66,6 +72,10 @@ def inpainting_scores(originals: np.ndarray, generated: np.ndarray, masks: np.nd
     if not (len(originals) == len(generated) == len(masks)) or not len(originals):
         raise ValueError(f"{len(originals)} originals, {len(generated)} generated images and {len(masks)} masks")
     hole = masks.astype(bool)
-    return {"psnr_hole": _masked_psnr(generated, originals, hole), "psnr_outside": _masked_psnr(generated, originals, ~hole),
-            "mean_fill_psnr_hole": _masked_psnr(mean_fill(originals, masks), originals, hole), "hole_fraction": float(hole.mean()),
-            "images": len(originals)}
+    return {
+        "psnr_hole": _masked_psnr(generated, originals, hole),
+        "psnr_outside": _masked_psnr(generated, originals, ~hole),
+        "mean_fill_psnr_hole": _masked_psnr(mean_fill(originals, masks), originals, hole),
+        "hole_fraction": float(hole.mean()),
+        "images": len(originals),
+    }

@@ -17,7 +17,7 @@ each against every other one.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -39,8 +39,10 @@ def scene_distribution(real: Sequence[Scene], generated: np.ndarray) -> dict[str
     if not len(real) or not len(generated):
         raise ValueError(f"scene distribution needs real scenes and generated images: {len(real)} and {len(generated)}")
     readings = [read(image) for image in generated]
-    metrics = {f"tv_{a}": total_variation(Counter(getattr(s, a) for s in real), Counter(getattr(r.scene, a) for r in readings))
-               for a in ATTRIBUTES}
+    metrics = {
+        f"tv_{a}": total_variation(Counter(getattr(s, a) for s in real), Counter(getattr(r.scene, a) for r in readings))
+        for a in ATTRIBUTES
+    }
     metrics["tv"] = float(np.mean([metrics[f"tv_{a}"] for a in ATTRIBUTES]))
     metrics["clean_fraction"] = float(np.mean([r.objects == 1 for r in readings]))
     return {**metrics, "images": len(readings), "real_scenes": len(real)}
@@ -54,9 +56,14 @@ def class_accuracy(classes: Sequence[str], generated: np.ndarray, known: int) ->
     drawn = [class_name(r.scene) for r in readings]
     colour = [d.split()[0] == c.split()[0] for d, c in zip(drawn, classes)]
     shape = [d.split()[-1] == c.split()[-1] for d, c in zip(drawn, classes)]
-    return {"accuracy": float(np.mean([d == c for d, c in zip(drawn, classes)])), "chance": 1.0 / known,
-            "colour_accuracy": float(np.mean(colour)), "shape_accuracy": float(np.mean(shape)),
-            "clean_fraction": float(np.mean([r.objects == 1 for r in readings])), "images": len(readings)}
+    return {
+        "accuracy": float(np.mean([d == c for d, c in zip(drawn, classes)])),
+        "chance": 1.0 / known,
+        "colour_accuracy": float(np.mean(colour)),
+        "shape_accuracy": float(np.mean(shape)),
+        "clean_fraction": float(np.mean([r.objects == 1 for r in readings])),
+        "images": len(readings),
+    }
 
 
 def box_iou(a: Sequence[float] | None, b: Sequence[float]) -> float:
@@ -85,7 +92,9 @@ def layout_accuracy(layouts: Sequence[str], generated: np.ndarray) -> dict[str, 
     others = [(a, b) for i, a in enumerate(boxes) for j, b in enumerate(boxes) if i != j]
     return {
         "iou": float(np.mean([box_iou(r.box, b) for r, b in zip(readings, boxes)])),
-        "position_accuracy": float(np.mean([r.objects > 0 and r.scene.position == quadrant(b) for r, b in zip(readings, boxes)])),
+        "position_accuracy": float(
+            np.mean([r.objects > 0 and r.scene.position == quadrant(b) for r, b in zip(readings, boxes)])
+        ),
         "class_accuracy": float(np.mean([class_name(r.scene) == w["label"] for r, w in zip(readings, wanted)])),
         "chance_iou": float(np.mean([box_iou(a, b) for a, b in others])),
         "chance_position": float(np.mean([quadrant(a) == quadrant(b) for a, b in others])),

@@ -17,7 +17,8 @@ any diffusers pipeline directory. Loading one needs this package (its ``model_in
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from diffusers import ImagePipelineOutput
@@ -64,8 +65,13 @@ class ClassEmbedder(LearnedConditioner):
         names = [c for c in conditions if isinstance(c, str)]
         index = dict(zip(names, self.index(names, strict)))
         null = self.config.num_classes
-        return torch.tensor([null if c is None else (null if index[c] is None else index[c]) if isinstance(c, str) else int(c)
-                             for c in conditions], dtype=torch.long)
+        return torch.tensor(
+            [
+                null if c is None else (null if index[c] is None else index[c]) if isinstance(c, str) else int(c)
+                for c in conditions
+            ],
+            dtype=torch.long,
+        )
 
     def null_tokens(self, count: int) -> torch.Tensor:
         return torch.full((count,), self.config.num_classes, dtype=torch.long)
@@ -81,7 +87,16 @@ class LayoutEncoder(LearnedConditioner):
     then the grid's cells, then padding; a layout with more than ``max_objects`` boxes keeps its largest."""
 
     @register_to_config
-    def __init__(self, num_classes: int, width: int, layers: int, heads: int, max_objects: int, grid: int, classes: Sequence[str] = ()):
+    def __init__(
+        self,
+        num_classes: int,
+        width: int,
+        layers: int,
+        heads: int,
+        max_objects: int,
+        grid: int,
+        classes: Sequence[str] = (),
+    ):
         super().__init__()
         self.embedding = torch.nn.Embedding(num_classes + grid * grid + 1, width)
         # The cells start from 2-D sinusoids of their row and column, not from noise: neighbouring cells start
@@ -89,15 +104,19 @@ class LayoutEncoder(LearnedConditioner):
         # grid² cells had to be learned from the few boxes that start in it: after 450 steps on the synthetic
         # corpus the model still put the object in a random quadrant.
         with torch.no_grad():
-            self.embedding.weight[num_classes : num_classes + grid * grid] = get_2d_sincos_pos_embed(width, grid, base_size=grid)
+            self.embedding.weight[num_classes : num_classes + grid * grid] = get_2d_sincos_pos_embed(
+                width, grid, base_size=grid
+            )
         self.position = torch.nn.Parameter(torch.randn(1, 3 * max_objects, width) * 0.02)
-        layer = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        layer = torch.nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.transformer = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = torch.nn.LayerNorm(width)
 
     @property
     def pad(self) -> int:
-        return self.config.num_classes + self.config.grid ** 2
+        return self.config.num_classes + self.config.grid**2
 
     def tokens(self, conditions: Sequence[str | list[dict[str, Any]] | None], strict: bool = True) -> torch.Tensor:
         """Layouts; when not ``strict``, a box of an unknown class is left out."""
@@ -108,11 +127,15 @@ class LayoutEncoder(LearnedConditioner):
 
     def _layout_tokens(self, layout: str | list[dict[str, Any]] | None, strict: bool) -> list[int]:
         boxes = parse_layout(layout)
-        indexed = [{**b, "index": i} for b, i in zip(boxes, self.index([b["label"] for b in boxes], strict)) if i is not None]
+        indexed = [
+            {**b, "index": i} for b, i in zip(boxes, self.index([b["label"] for b in boxes], strict)) if i is not None
+        ]
         grid, classes = self.config.grid, self.config.num_classes
         cell = lambda v: min(grid - 1, max(0, v))  # noqa: E731
         ids = []
-        for label, (x0, y0, x1, y1) in ((b["index"], b["box"]) for b in largest_first(indexed)[: self.config.max_objects]):
+        for label, (x0, y0, x1, y1) in (
+            (b["index"], b["box"]) for b in largest_first(indexed)[: self.config.max_objects]
+        ):
             top_left = cell(math.floor(y0 * grid)) * grid + cell(math.floor(x0 * grid))
             bottom_right = cell(math.ceil(y1 * grid) - 1) * grid + cell(math.ceil(x1 * grid) - 1)
             ids += [label, classes + top_left, classes + bottom_right]
@@ -130,9 +153,15 @@ class ConditionedPipeline(LatentDiffusionPipeline):
         self.register_modules(vqvae=vqvae, unet=unet, conditioner=conditioner, scheduler=scheduler)
 
     @torch.no_grad()
-    def __call__(self, conditions: Sequence[Any], guidance_scale: float = 4.0, num_inference_steps: int = 50,
-                 generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
-                 output_type: str = "pil") -> ImagePipelineOutput:
+    def __call__(
+        self,
+        conditions: Sequence[Any],
+        guidance_scale: float = 4.0,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+    ) -> ImagePipelineOutput:
         """``conditions``: one image each; class names (or indices) for a class embedder, layouts for a layout
         encoder."""
         tokens = self.conditioner.tokens(conditions).to(self._execution_device)
@@ -142,7 +171,9 @@ class ConditionedPipeline(LatentDiffusionPipeline):
         def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if guidance_scale == 1.0:
                 return self.unet(latents, t, encoder_hidden_states=context).sample
-            unconditional, conditional = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([null, context])).sample.chunk(2)
+            unconditional, conditional = self.unet(
+                torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([null, context])
+            ).sample.chunk(2)
             return unconditional + guidance_scale * (conditional - unconditional)
 
         return self.denoise(len(tokens), predict, num_inference_steps, generator, eta, context.dtype, output_type)

@@ -16,27 +16,32 @@ low-resolution image and the pixel mask in its decode tasks), so training still 
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ImagePipelineOutput
 
-from ldm.data.images import resize, normalise
+from ldm.data.images import normalise, resize
 from ldm.data.masks import random_mask
 from ldm.models.first_stage import FirstStage, encode, factor
 from ldm.models.own_pipeline import LatentDiffusionPipeline
 
 
-def image_conditions(concat: str, pixels: np.ndarray, keys: Sequence[str], latent_side: int, masks: np.ndarray | None = None) -> list[Any]:
+def image_conditions(
+    concat: str, pixels: np.ndarray, keys: Sequence[str], latent_side: int, masks: np.ndarray | None = None
+) -> list[Any]:
     """What the task's pipeline takes for each image (N x H x W x 3 uint8 crops), made as encode_latents made
     it for the training rows: the image downsampled to the latent's size (super-resolution), or the image and
     its mask (inpainting): the given one (N x H x W, 1 in the hole), or the random one its key fixes."""
     if concat == "low_res":
         return list(resize(pixels, latent_side))
-    return [(image, random_mask(image.shape[0], key) if masks is None else mask) for image, key, mask in
-            zip(pixels, keys, masks if masks is not None else [None] * len(pixels))]
+    return [
+        (image, random_mask(image.shape[0], key) if masks is None else mask)
+        for image, key, mask in zip(pixels, keys, masks if masks is not None else [None] * len(pixels))
+    ]
 
 
 def image_tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -54,7 +59,7 @@ def latent_mask(mask: torch.Tensor, side: int) -> torch.Tensor:
 def masked_latent(first_stage: FirstStage, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The latent (the posterior's mean, or the quantized latent) of ``images`` ([-1, 1]) with the hole
     (``mask`` 1) mid-grey, unscaled."""
-    keep = (1 - mask[:, None].to(images.dtype))
+    keep = 1 - mask[:, None].to(images.dtype)
     return encode(first_stage, images * keep).mode()
 
 
@@ -89,20 +94,37 @@ class InpaintingPipeline(LatentDiffusionPipeline):
         self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray | torch.Tensor, mask_image: np.ndarray | torch.Tensor, num_inference_steps: int = 50,
-                 generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
-                 output_type: str = "pil") -> ImagePipelineOutput:
+    def __call__(
+        self,
+        image: np.ndarray | torch.Tensor,
+        mask_image: np.ndarray | torch.Tensor,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+    ) -> ImagePipelineOutput:
         """``image``: N x H x W x 3 uint8 (numpy), or N x 3 x H x W in [-1, 1] (torch); ``mask_image``: N x H x W,
         1 (or True) in the hole. The whole image is generated; outside the hole it follows the original."""
         device, dtype = self._execution_device, self.unet.dtype
         images = (image_tensor(image) if isinstance(image, np.ndarray) else image).to(device, self.vqvae.dtype)
-        mask = torch.as_tensor(np.asarray(mask_image) if not isinstance(mask_image, torch.Tensor) else mask_image).to(device, self.vqvae.dtype)
+        mask = torch.as_tensor(np.asarray(mask_image) if not isinstance(mask_image, torch.Tensor) else mask_image).to(
+            device, self.vqvae.dtype
+        )
         side = self.unet.config.sample_size
         size = side * factor(self.vqvae)
         if images.shape[-2:] != (size, size) or mask.shape != (len(images), size, size):
-            raise ValueError(f"InpaintingPipeline: images of {size} x {size} and masks of the same size, one each (the model's "
-                             f"resolution); got images {tuple(images.shape)} and masks {tuple(mask.shape)}")
+            raise ValueError(
+                f"InpaintingPipeline: images of {size} x {size} and masks of the same size, one each (the model's "
+                f"resolution); got images {tuple(images.shape)} and masks {tuple(mask.shape)}"
+            )
         scale = self.vqvae.config.scaling_factor
         condition = inpainting_input(latent_mask(mask, side), masked_latent(self.vqvae, images, mask), scale).to(dtype)
-        return self.denoise(len(images), lambda latents, t: self.unet(torch.cat([latents, condition], dim=1), t).sample,
-                            num_inference_steps, generator, eta, dtype, output_type)
+        return self.denoise(
+            len(images),
+            lambda latents, t: self.unet(torch.cat([latents, condition], dim=1), t).sample,
+            num_inference_steps,
+            generator,
+            eta,
+            dtype,
+            output_type,
+        )

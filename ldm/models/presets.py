@@ -6,8 +6,9 @@ heavy loads. ``ldm.models.first_stage`` and ``ldm.models.text_to_image`` build m
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,16 @@ FIRST_STAGE_PRESETS: dict[str, FirstStagePreset] = {
 }
 
 
-def first_stage_preset(name_or_spec: str | Mapping[str, Any], fields: Mapping[str, Any] | Any = None, **overrides: Any) -> FirstStagePreset:
+def first_stage_preset(
+    name_or_spec: str | Mapping[str, Any], fields: Mapping[str, Any] | Any = None, **overrides: Any
+) -> FirstStagePreset:
     """A named first-stage preset, or one spelled out as a mapping, with any field overridden: by ``fields`` (a
     config's, where null keeps the preset's) and by keyword."""
     if isinstance(name_or_spec, str):
         if name_or_spec not in FIRST_STAGE_PRESETS:
-            raise ValueError(f"unknown first-stage preset {name_or_spec!r}; the presets are {sorted(FIRST_STAGE_PRESETS)}")
+            raise ValueError(
+                f"unknown first-stage preset {name_or_spec!r}; the presets are {sorted(FIRST_STAGE_PRESETS)}"
+            )
         spec = FIRST_STAGE_PRESETS[name_or_spec]
     else:
         spec = FirstStagePreset(**_tuples(name_or_spec))
@@ -94,20 +99,28 @@ class TextToImagePreset:
 TEXT_TO_IMAGE_PRESETS: dict[str, TextToImagePreset] = {
     # The paper's (CompVis txt2img-1p4B-eval.yaml): UNet 320 channels, mult 1,2,4,4, 2 res blocks, attention at
     # downsampling 4,2,1, 8 heads, context 1280; τθ 32 layers, width 1280 (diffusers' LDMBertModel).
-    "txt2img-1p4b": TextToImagePreset(UNetSpec((320, 640, 1280, 1280), 2, (0, 1, 2), 8, (1, 2, 3)), TextEncoderSpec(32, 1280, 8, 5120)),
+    "txt2img-1p4b": TextToImagePreset(
+        UNetSpec((320, 640, 1280, 1280), 2, (0, 1, 2), 8, (1, 2, 3)), TextEncoderSpec(32, 1280, 8, 5120)
+    ),
     "mid": TextToImagePreset(UNetSpec((192, 384, 768), 2, (1, 2), 8, (1, 2)), TextEncoderSpec(8, 512, 8, 2048)),
     # For CPUs: 5.9M UNet parameters, cross-attention at 16x16 and 8x8, a 2-layer τθ. 2,400 steps at global
     # batch 64 (47 minutes on 2 cores) took held-out object colour to 0.96, shape 0.98, position and background to 1.00.
-    "tiny": TextToImagePreset(UNetSpec((64, 128, 128), 1, (0, 1), 4, (1,)), TextEncoderSpec(2, 128, 4, 512, kind="bert")),
+    "tiny": TextToImagePreset(
+        UNetSpec((64, 128, 128), 1, (0, 1), 4, (1,)), TextEncoderSpec(2, 128, 4, 512, kind="bert")
+    ),
 }
 
 
-def text_to_image_preset(name: str, unet: Mapping[str, Any] | Any = None, text_encoder: Mapping[str, Any] | Any = None) -> TextToImagePreset:
+def text_to_image_preset(
+    name: str, unet: Mapping[str, Any] | Any = None, text_encoder: Mapping[str, Any] | Any = None
+) -> TextToImagePreset:
     """A named text-to-image preset with any UNet or τθ field overridden (a None one keeps the preset's)."""
     if name not in TEXT_TO_IMAGE_PRESETS:
         raise ValueError(f"unknown text-to-image preset {name!r}; the presets are {sorted(TEXT_TO_IMAGE_PRESETS)}")
     spec = TEXT_TO_IMAGE_PRESETS[name]
-    return TextToImagePreset(replace(spec.unet, **_tuples(unet or {})), replace(spec.text_encoder, **_tuples(text_encoder or {})))
+    return TextToImagePreset(
+        replace(spec.unet, **_tuples(unet or {})), replace(spec.text_encoder, **_tuples(text_encoder or {}))
+    )
 
 
 def describe(spec: TextToImagePreset | FirstStagePreset) -> dict[str, Any]:
@@ -118,4 +131,8 @@ def _tuples(fields: Mapping[str, Any] | Any) -> dict[str, Any]:
     """The fields set (a config spells an unset one null; a Ray Train worker gets the config's dataclass) with
     lists (as configs spell them) as tuples (as the frozen specs hold them)."""
     fields = asdict(fields) if is_dataclass(fields) else fields
-    return {k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in fields.items() if v is not None}
+    return {
+        k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+        for k, v in fields.items()
+        if v is not None
+    }

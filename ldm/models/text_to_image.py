@@ -39,8 +39,14 @@ def build_text_encoder(spec: TextEncoderSpec, vocab_size: int, max_length: int) 
     if spec.width % spec.heads:
         raise ValueError(f"text encoder width {spec.width} is not a multiple of its {spec.heads} heads")
     if spec.kind == "bert":
-        config = BertConfig(vocab_size=vocab_size, hidden_size=spec.width, num_hidden_layers=spec.layers,
-                            num_attention_heads=spec.heads, intermediate_size=spec.ffn, max_position_embeddings=max_length)
+        config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=spec.width,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            intermediate_size=spec.ffn,
+            max_position_embeddings=max_length,
+        )
         return BertModel(config)  # its pooler stays frozen (set_trainable); saved, it loads without warnings
     if spec.kind not in TEXT_ENCODER_KINDS:
         raise ValueError(f"text encoder kind {spec.kind!r}: choose one of {TEXT_ENCODER_KINDS}")
@@ -56,8 +62,9 @@ def build_text_encoder(spec: TextEncoderSpec, vocab_size: int, max_length: int) 
     return LDMBertModel(config)
 
 
-def build_unet(spec: UNetSpec, latent_channels: int, latent_size: int, context_dim: int | None,
-               extra_channels: int = 0) -> UNet2DConditionModel | UNet2DModel:
+def build_unet(
+    spec: UNetSpec, latent_channels: int, latent_size: int, context_dim: int | None, extra_channels: int = 0
+) -> UNet2DConditionModel | UNet2DModel:
     """A randomly initialised UNet2DConditionModel with cross-attention to ``context_dim`` features, or, with
     ``context_dim`` None, a UNet2DModel (as diffusers' ``LDMPipeline`` and ``LDMSuperResolutionPipeline`` run
     it) with self-attention at the spec's ``self_attention_levels``. It takes ``extra_channels`` more input channels
@@ -81,11 +88,18 @@ def build_unet(spec: UNetSpec, latent_channels: int, latent_size: int, context_d
 
 
 # The text tower of a model type whose AutoModel is more than one (CLIP: text and vision; T5: encoder-decoder).
-TEXT_TOWERS = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel, "mt5": T5EncoderModel,
-               "umt5": UMT5EncoderModel}
+TEXT_TOWERS = {
+    "clip": CLIPTextModel,
+    "clip_text_model": CLIPTextModel,
+    "t5": T5EncoderModel,
+    "mt5": T5EncoderModel,
+    "umt5": UMT5EncoderModel,
+}
 
 
-def load_text_encoder(name_or_path: str, storage: Storage | None = None, subfolder: str | None = None) -> torch.nn.Module:
+def load_text_encoder(
+    name_or_path: str, storage: Storage | None = None, subfolder: str | None = None
+) -> torch.nn.Module:
     """A pretrained text encoder (or a τθ we saved) from a hub id, a local directory or ``s3://``, optionally in
     a ``subfolder`` (diffusers repositories keep theirs in ``text_encoder/``), all through ``from_pretrained``;
     object-store directories are copied to local disk first, and loaded in fp32. CLIP (a text-only directory or a whole CLIP
@@ -95,7 +109,9 @@ def load_text_encoder(name_or_path: str, storage: Storage | None = None, subfold
         config = AutoConfig.from_pretrained(local, subfolder=subfolder or "")
         # In fp32, whatever it was saved in (transformers 5 keeps the saved dtype): an fp16 release would otherwise
         # hand the fp32 UNet half-precision features. Whoever runs it in half precision casts it (encode_latents).
-        return TEXT_TOWERS.get(config.model_type, AutoModel).from_pretrained(local, subfolder=subfolder or "", dtype=torch.float32)
+        return TEXT_TOWERS.get(config.model_type, AutoModel).from_pretrained(
+            local, subfolder=subfolder or "", dtype=torch.float32
+        )
 
 
 def set_attention(unet: torch.nn.Module, kind: str, device: torch.device) -> None:

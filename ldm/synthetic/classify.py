@@ -68,8 +68,16 @@ def read(pixels: np.ndarray) -> Reading:
     height, width = mask.shape
     position = f"{'top' if ys.mean() < height / 2 else 'bottom'} {'left' if xs.mean() < width / 2 else 'right'}"
     box = (xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height)
-    return Reading(Scene(_nearest(colour), _shape(outline[ys.min():ys.max() + 1, xs.min():xs.max() + 1]), position, background_name), objects,
-                   tuple(float(v) for v in box))
+    return Reading(
+        Scene(
+            _nearest(colour),
+            _shape(outline[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]),
+            position,
+            background_name,
+        ),
+        objects,
+        tuple(float(v) for v in box),
+    )
 
 
 def classify(pixels: np.ndarray) -> Scene:

@@ -15,7 +15,8 @@ import math
 import tarfile
 import time
 from collections import Counter
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -204,7 +205,9 @@ def image_bytes(row: Mapping[str, Any], jpeg_quality: int) -> bytes | None:
     if defect == "failed_download":
         return None
     if defect == "undecodable":
-        return b"<!DOCTYPE html><html><body>Access denied</body></html>" + bytes(row["render_seed"] % 251 for _ in range(64))
+        return b"<!DOCTYPE html><html><body>Access denied</body></html>" + bytes(
+            row["render_seed"] % 251 for _ in range(64)
+        )
     width, height = row["size"]
     pixels = render(scene_of(row), width, height, row["render_seed"])
     data = encode_jpeg(pixels, jpeg_quality)
@@ -224,9 +227,7 @@ def truth_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     )
 
 
-def img2dataset_shard(
-    rows: list[Mapping[str, Any]], jpeg_quality: int, formats: Iterable[str]
-) -> dict[str, bytes]:
+def img2dataset_shard(rows: list[Mapping[str, Any]], jpeg_quality: int, formats: Iterable[str]) -> dict[str, bytes]:
     """The files img2dataset writes for one shard, by name relative to the output folder of each format."""
     start = time.time()
     metas, images = [], []

@@ -46,11 +46,7 @@ class Scene:
 
 def all_scenes() -> list[Scene]:
     """Every scene whose object is visible (object colour differs from the background)."""
-    return [
-        Scene(c, s, p, b)
-        for c, s, p, b in itertools.product(COLOURS, SHAPES, POSITIONS, COLOURS)
-        if c != b
-    ]
+    return [Scene(c, s, p, b) for c, s, p, b in itertools.product(COLOURS, SHAPES, POSITIONS, COLOURS) if c != b]
 
 
 def held_out_combinations(fraction: float, seed: int) -> set[tuple[str, str, str]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -17,7 +17,13 @@ from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
 
 from ldm.storage import Storage, pretrained_directory
 
-SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
+SPECIAL_TOKENS = {
+    "pad_token": "[PAD]",
+    "unk_token": "[UNK]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "mask_token": "[MASK]",
+}
 
 
 def train_wordpiece(
@@ -39,10 +45,14 @@ def train_wordpiece(
         pair=f"{cls} $A {sep} $B:1 {sep}:1",
         special_tokens=[(cls, tokenizer.token_to_id(cls)), (sep, tokenizer.token_to_id(sep))],
     )
-    return BertTokenizer(tokenizer_object=tokenizer, model_max_length=max_length, do_lower_case=lowercase, **SPECIAL_TOKENS)
+    return BertTokenizer(
+        tokenizer_object=tokenizer, model_max_length=max_length, do_lower_case=lowercase, **SPECIAL_TOKENS
+    )
 
 
-def load_tokenizer(name_or_path: str, storage: Storage | None = None, subfolder: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str, storage: Storage | None = None, subfolder: str | None = None
+) -> PreTrainedTokenizerBase:
     """A tokenizer from a hub id, a local directory, or an ``s3://`` directory (fetched to a local cache),
     optionally in a ``subfolder`` (a diffusers repository's ``tokenizer/``).
 
@@ -73,9 +83,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, storage: Storage, url: st
 def tokenize(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids int32, attention_mask int8), both ``len(captions) x max_length``: padded and truncated the
     way the LDM text encoder and diffusers' ``LDMTextToImagePipeline`` tokenize prompts."""
-    encoded = tokenizer(
-        captions, max_length=max_length, padding="max_length", truncation=True, return_tensors="np"
-    )
+    encoded = tokenizer(captions, max_length=max_length, padding="max_length", truncation=True, return_tensors="np")
     return encoded["input_ids"].astype(np.int32), encoded["attention_mask"].astype(np.int8)
 
 

@@ -23,16 +23,21 @@ from ldm.data.download import STATS, carried_columns, plan_shards, shard_name
 from ldm.data.sources import Columns
 from ldm.manifest import IncompleteOutputError, data_files
 from ldm.storage import Storage
-from pipelines.config import plain
 from pipelines.cluster import Request
+from pipelines.config import plain
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.download import tasks
 
 # Bump when download's output changes for the same config and input.
 DOWNLOAD_VERSION = 1
-STAGE = Stage("download", version=DOWNLOAD_VERSION, output_url=lambda cfg: cfg.data.images_url, resume=True,
-              detail="{success} of {rows} images",
-              requests=lambda cfg: [Request("stage.resources.num_cpus_per_task", {"CPU": cfg.stage.resources.num_cpus_per_task})])
+STAGE = Stage(
+    "download",
+    version=DOWNLOAD_VERSION,
+    output_url=lambda cfg: cfg.data.images_url,
+    resume=True,
+    detail="{success} of {rows} images",
+    requests=lambda cfg: [Request("stage.resources.num_cpus_per_task", {"CPU": cfg.stage.resources.num_cpus_per_task})],
+)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -67,11 +72,15 @@ def _download(job: Job) -> Output:
     fs.makedirs(root, exist_ok=True)
     done = len(fs.glob(f"{root}/*{STATS}"))
     rows = sum(s.rows for s in shards)
-    print(f"download: {rows} URLs in {len(shards)} shard(s) of {settings.number_sample_per_shard} from {source} -> {out}"
-          + (f"; resuming: {done} shard(s) already downloaded" if done else ""))
+    print(
+        f"download: {rows} URLs in {len(shards)} shard(s) of {settings.number_sample_per_shard} from {source} -> {out}"
+        + (f"; resuming: {done} shard(s) already downloaded" if done else "")
+    )
     # Every shard goes to the cluster: a finished one is only read back there (and checked), not downloaded.
-    task = partial(tasks.download, job={"storage": storage, "out": out, "columns": columns, "carried": carried,
-                                        "options": plain(settings)})
+    task = partial(
+        tasks.download,
+        job={"storage": storage, "out": out, "columns": columns, "carried": carried, "options": plain(settings)},
+    )
     items = [{"index": s.index, "name": n, "pieces": json.dumps(s.pieces)} for s, n in zip(shards, names)]
     results = (
         ray.data.from_items(items, override_num_blocks=len(items))
@@ -82,21 +91,33 @@ def _download(job: Job) -> Output:
     for result in results:
         outcomes.update(json.loads(result["outcomes"]))
     if sum(outcomes.values()) != rows:
-        raise IncompleteOutputError(f"download: {rows} URLs planned, {sum(outcomes.values())} accounted for in {out}; "
-                                    "re-run to resume")
+        raise IncompleteOutputError(
+            f"download: {rows} URLs planned, {sum(outcomes.values())} accounted for in {out}; re-run to resume"
+        )
     _report(rows, outcomes)
     fmt = settings.output_format
     ours = set(names)
-    written = {path.rsplit("/", 1)[-1]: int(info["size"]) for path, info in fs.find(root, detail=True).items()
-               if path.rsplit("/", 1)[-1].split(".")[0].removesuffix("_stats") in ours}
+    written = {
+        path.rsplit("/", 1)[-1]: int(info["size"])
+        for path, info in fs.find(root, detail=True).items()
+        if path.rsplit("/", 1)[-1].split(".")[0].removesuffix("_stats") in ours
+    }
     failures = {kind: n for kind, n in sorted(outcomes.items()) if kind != "success"}
     return Output(
         counts={"rows": rows, "shards": len(shards), "success": outcomes["success"], "failed": failures},
-        facts={"format": fmt, "layout": {fmt: "./"}, "carried_columns": carried,
-               "encode_format": settings.encode_format},
+        facts={
+            "format": fmt,
+            "layout": {fmt: "./"},
+            "carried_columns": carried,
+            "encode_format": settings.encode_format,
+        },
         expected_files=written,
-        metrics={"rows": rows, "success": outcomes["success"], "success_rate": outcomes["success"] / max(rows, 1),
-                 **{f"failed.{kind}": n for kind, n in failures.items()}},
+        metrics={
+            "rows": rows,
+            "success": outcomes["success"],
+            "success_rate": outcomes["success"] / max(rows, 1),
+            **{f"failed.{kind}": n for kind, n in failures.items()},
+        },
         message=f"download: the images are in {out}: stage=prepare data.input.url={out} data.input.format={fmt} "
         "prepares them (stage=pipeline does it for you)",
     )

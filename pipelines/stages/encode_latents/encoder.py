@@ -9,13 +9,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ldm.latents import MASK, MASKED_LATENT, TEXT_EMBEDDING, column_array, latent_columns, tensor_column
 from ldm.devices import device_for, enable_tf32
+from ldm.latents import MASK, MASKED_LATENT, TEXT_EMBEDDING, column_array, latent_columns, tensor_column
 from ldm.models.first_stage import encode_pixels, factor, for_inference, kind, load_first_stage
 from ldm.models.image_conditioned import image_tensor, latent_mask, masked_latent
 from ldm.models.text_to_image import encode_text, load_text_encoder
 from ldm.storage import Storage
-
 
 try:
     _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
@@ -34,9 +33,20 @@ class Encoder:
     """An actor holding the first stage (and the frozen text encoder, when one is named) on ``device``, in
     ``dtype`` there when it is a GPU (fp32 on a CPU)."""
 
-    def __init__(self, first_stage: str, subfolder: str | None, storage: Storage, device: str, dtype: str, threads: int,
-                 resolution: int, release_every: int, text_encoder: str | None, text_encoder_subfolder: str | None,
-                 concat: str | None = None):
+    def __init__(
+        self,
+        first_stage: str,
+        subfolder: str | None,
+        storage: Storage,
+        device: str,
+        dtype: str,
+        threads: int,
+        resolution: int,
+        release_every: int,
+        text_encoder: str | None,
+        text_encoder_subfolder: str | None,
+        concat: str | None = None,
+    ):
         # glibc keeps the pages of freed activations, ever more fragmented, so the actor would grow with the data
         # encoded: every release_every batches (stage.resources.release_memory_every) they go back to the OS.
         self.release_every, self.calls = release_every, 0
@@ -48,7 +58,9 @@ class Encoder:
         self.columns = latent_columns(kind(self.model))
         self.text_encoder = None
         if text_encoder is not None:
-            self.text_encoder = load_text_encoder(text_encoder, storage, text_encoder_subfolder).to(self.device, self.dtype).eval()
+            self.text_encoder = (
+                load_text_encoder(text_encoder, storage, text_encoder_subfolder).to(self.device, self.dtype).eval()
+            )
         side = resolution // factor(self.model)
         self.shape = (self.model.config.latent_channels, side, side)
         self.masked = concat == "masked"
@@ -66,7 +78,9 @@ class Encoder:
         if self.masked:  # the inpainting task's mask at the latent's size, and the masked image's latent
             batch = masked_columns(self.model, batch, pixels, ok, self.shape, self.device, self.dtype)
         if self.text_encoder is not None:
-            batch = batch.append_column(TEXT_EMBEDDING, tensor_column(text_embeddings(self.text_encoder, token_ids(batch), self.device)))
+            batch = batch.append_column(
+                TEXT_EMBEDDING, tensor_column(text_embeddings(self.text_encoder, token_ids(batch), self.device))
+            )
         self.calls += 1
         if _malloc_trim is not None and self.release_every and self.calls % self.release_every == 0:
             _malloc_trim(0)
@@ -74,8 +88,15 @@ class Encoder:
 
 
 @torch.no_grad()
-def masked_columns(model, batch: pa.Table, pixels: np.ndarray, ok: np.ndarray, shape: tuple[int, int, int], device: torch.device,
-                   dtype: torch.dtype) -> pa.Table:
+def masked_columns(
+    model,
+    batch: pa.Table,
+    pixels: np.ndarray,
+    ok: np.ndarray,
+    shape: tuple[int, int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> pa.Table:
     """The pixel ``mask`` column replaced by the latent-size one, and ``masked_latent`` beside it."""
     masks = torch.from_numpy(column_array(batch[MASK]))
     small = latent_mask(masks, shape[1])[:, 0].to(torch.uint8).numpy()
@@ -83,7 +104,11 @@ def masked_columns(model, batch: pa.Table, pixels: np.ndarray, ok: np.ndarray, s
     if ok.any():
         images = image_tensor(pixels[ok]).to(device, dtype)
         latent[ok] = masked_latent(model, images, masks[ok].to(device, dtype)).float().cpu().numpy().astype(np.float16)
-    return batch.drop_columns([MASK]).append_column(MASK, tensor_column(small)).append_column(MASKED_LATENT, tensor_column(latent))
+    return (
+        batch.drop_columns([MASK])
+        .append_column(MASK, tensor_column(small))
+        .append_column(MASKED_LATENT, tensor_column(latent))
+    )
 
 
 def token_ids(batch: pa.Table) -> np.ndarray:

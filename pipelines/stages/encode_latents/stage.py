@@ -30,8 +30,8 @@ from ldm.models.text_to_image import context_width, load_text_encoder
 from ldm.storage import Storage, is_hub_id, model_location, weights_digest
 from ldm.tasks import task as named_task
 from ldm.text.tokenizer import load_tokenizer, tokenize
-from pipelines.config import plain
 from pipelines.cluster import Request
+from pipelines.config import plain
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.encode_latents import tasks
 from pipelines.stages.encode_latents.encoder import Encoder, encoder_device, text_embeddings
@@ -41,8 +41,14 @@ from pipelines.stages.encode_latents.encoder import Encoder, encoder_device, tex
 # 3: the class and layout columns (label, boxes) are carried, and the classes they name listed in the manifest.
 # 4: the manifest counts the training rows with a layout (rows_with_boxes); super-resolution and inpainting
 #    (task=) add their UNet input's columns (low_res; mask, masked_latent).
-STAGE = Stage("encode_latents", version=4, output_url=lambda cfg: cfg.stage.output_url, resume=True, detail="{rows_out} rows",
-              requests=lambda cfg: _requests(cfg.stage.resources))
+STAGE = Stage(
+    "encode_latents",
+    version=4,
+    output_url=lambda cfg: cfg.stage.output_url,
+    resume=True,
+    detail="{rows_out} rows",
+    requests=lambda cfg: _requests(cfg.stage.resources),
+)
 WORK = "_work"
 EMPTY_TEXT_EMBEDDING = "empty_text_embedding.safetensors"
 
@@ -78,8 +84,13 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     if cfg.stage.text_encoder:
         prepared = inputs.found["prepared"]
         tokenizer = f"{inputs.record['prepared']}/{prepared['facts']['tokenizer']['path'].strip('/')}"
-        text_encoder, empty = _text_encoder(storage, model_location(cfg.stage.text_encoder), cfg.stage.text_encoder_subfolder,
-                                            tokenizer, prepared["facts"]["tokenizer"]["max_length"])
+        text_encoder, empty = _text_encoder(
+            storage,
+            model_location(cfg.stage.text_encoder),
+            cfg.stage.text_encoder_subfolder,
+            tokenizer,
+            prepared["facts"]["tokenizer"]["max_length"],
+        )
         inputs.fingerprints.append(text_encoder["sha256"])
         inputs.record["text_encoder"] = text_encoder["location"]
         inputs.found["text_encoder"], inputs.found["empty_text_embedding"] = text_encoder, empty
@@ -88,7 +99,11 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
 
 def _encode(job: Job) -> Output:
     storage, settings, out = job.storage, job.settings, job.out
-    source, prepared, first_stage = job.inputs.record["prepared"], job.inputs.found["prepared"], job.inputs.found["first_stage"]
+    source, prepared, first_stage = (
+        job.inputs.record["prepared"],
+        job.inputs.found["prepared"],
+        job.inputs.found["first_stage"],
+    )
     text_encoder, concat = job.inputs.found.get("text_encoder"), job.inputs.found["concat"]
     resources = settings.resources
     if resources.num_gpus_per_encoder == 0 and resources.num_cpus_per_decode_task == resources.num_cpus_per_encoder:
@@ -137,8 +152,9 @@ def _encode(job: Job) -> Output:
     latent_shape = [first_stage["latent_channels"], side, side]
     extra_files = {}
     if text_encoder:
-        extra_files[EMPTY_TEXT_EMBEDDING] = encoding.write_bytes(EMPTY_TEXT_EMBEDDING, save(
-            {TEXT_EMBEDDING: job.inputs.found["empty_text_embedding"]}))
+        extra_files[EMPTY_TEXT_EMBEDDING] = encoding.write_bytes(
+            EMPTY_TEXT_EMBEDDING, save({TEXT_EMBEDDING: job.inputs.found["empty_text_embedding"]})
+        )
     rate = rows_in / max(elapsed, 1e-9)
     return Output(
         counts={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_rows, "dropped": dropped},
@@ -155,17 +171,33 @@ def _encode(job: Job) -> Output:
             # The classes the training rows name (labels, or in their boxes), sorted: a class's index is its place here.
             "classes": sorted({name for marker in markers for name in marker["classes"]}),
             "rows_with_boxes": sum(marker["laid_out"] for marker in markers),  # what a layout-to-image model needs
-            "tokenizer": {**prepared["facts"]["tokenizer"], "path": f"{source}/{prepared['facts']['tokenizer']['path'].strip('/')}"},
+            "tokenizer": {
+                **prepared["facts"]["tokenizer"],
+                "path": f"{source}/{prepared['facts']['tokenizer']['path'].strip('/')}",
+            },
         },
         schema=_schema(first_stage["kind"], text_encoder, concat),
         timings={"images_per_s": round(rate, 2)},
-        expected_files={**{name: size for m in markers + held_markers for name, size in m["files"].items()}, **extra_files},
-        row_groups={name: tasks.row_groups(rows, settings.row_group_rows) for m in markers + held_markers for name, rows in m["file_rows"].items()},
-        metrics={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_rows, "images_per_s": rate, "scale_factor": summary["scale_factor"],
-                 **{f"dropped.{k}": v for k, v in dropped.items()}},
+        expected_files={
+            **{name: size for m in markers + held_markers for name, size in m["files"].items()},
+            **extra_files,
+        },
+        row_groups={
+            name: tasks.row_groups(rows, settings.row_group_rows)
+            for m in markers + held_markers
+            for name, rows in m["file_rows"].items()
+        },
+        metrics={
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "held_out": held_rows,
+            "images_per_s": rate,
+            "scale_factor": summary["scale_factor"],
+            **{f"dropped.{k}": v for k, v in dropped.items()},
+        },
         message=f"{STAGE.name}: {rows_out} of {rows_in} images encoded in {elapsed:.1f}s ({rate:.1f} images/s), dropped {dropped}, "
-                f"and {held_rows} held-out ones for train_ldm's held-out loss; "
-                f"latents {latent_shape}, scale_factor {summary['scale_factor']:.4f}; at {out}",
+        f"and {held_rows} held-out ones for train_ldm's held-out loss; "
+        f"latents {latent_shape}, scale_factor {summary['scale_factor']:.4f}; at {out}",
     )
 
 
@@ -209,7 +241,9 @@ def _first_stage(storage: Storage, location: str, subfolder: str | None) -> dict
     }
 
 
-def _text_encoder(storage: Storage, location: str, subfolder: str | None, tokenizer_url: str, max_length: int) -> tuple[dict[str, Any], Any]:
+def _text_encoder(
+    storage: Storage, location: str, subfolder: str | None, tokenizer_url: str, max_length: int
+) -> tuple[dict[str, Any], Any]:
     """The frozen text encoder's identity, checked against the prepared tokens' tokenizer, and the empty
     caption's embedding (caption dropout's), computed here once."""
     model = load_text_encoder(location, storage, subfolder).eval()  # fail here, not in every actor
@@ -237,14 +271,24 @@ def _requests(resources: DictConfig) -> list[Request]:
     actors, those would wait forever (on a small machine Ray does not say so)."""
     encoder = {"CPU": resources.num_cpus_per_encoder, "GPU": resources.num_gpus_per_encoder}
     task = {"CPU": max(1.0, resources.num_cpus_per_decode_task, resources.num_cpus_per_write_task)}
-    return [Request("stage.resources.encoder_concurrency", encoder, resources.encoder_concurrency),
-            Request("a decode or write task (stage.resources.num_cpus_per_decode_task, num_cpus_per_write_task)", task)]
+    return [
+        Request("stage.resources.encoder_concurrency", encoder, resources.encoder_concurrency),
+        Request("a decode or write task (stage.resources.num_cpus_per_decode_task, num_cpus_per_write_task)", task),
+    ]
 
 
 def _schema(kind: str, text_encoder: dict[str, Any] | None, concat: str | None) -> dict[str, str]:
-    schema = {"key": "string", "caption": "string", "input_ids": "fixed_size_list<int32>", "attention_mask": "fixed_size_list<int8>",
-              "label": "string", "boxes": "string"}
-    tensors = {c: "halffloat" for c in (*latent_columns(kind), *([TEXT_EMBEDDING] if text_encoder else []))} | CONCAT.get(concat, {})
+    schema = {
+        "key": "string",
+        "caption": "string",
+        "input_ids": "fixed_size_list<int32>",
+        "attention_mask": "fixed_size_list<int8>",
+        "label": "string",
+        "boxes": "string",
+    }
+    tensors = {
+        c: "halffloat" for c in (*latent_columns(kind), *([TEXT_EMBEDDING] if text_encoder else []))
+    } | CONCAT.get(concat, {})
     return {**schema, **{c: f"fixed_shape_tensor<{dtype}>" for c, dtype in tensors.items()}}
 
 
@@ -260,7 +304,9 @@ class _Encoding:
 
     def remove_unfinished_parts(self, finished: dict[str, Any]) -> None:
         """Parts of a prepared file that was not finished (a killed run): it is encoded again from scratch."""
-        for path in self.fs.glob(f"{self.root}/{tasks.SHARDS}/*.parquet") + self.fs.glob(f"{self.root}/{tasks.HELD_OUT}/*.parquet"):
+        for path in self.fs.glob(f"{self.root}/{tasks.SHARDS}/*.parquet") + self.fs.glob(
+            f"{self.root}/{tasks.HELD_OUT}/*.parquet"
+        ):
             if path.rsplit("/", 1)[-1].rsplit("-", 1)[0] not in finished:
                 self.fs.rm(path)
 
@@ -269,8 +315,15 @@ class _Encoding:
             f.write(data)
         return len(data)
 
-    def encode(self, pending: list[str], expected: dict[str, int], first_stage: dict[str, Any], text_encoder: dict[str, Any] | None,
-               concat: str | None, settings: DictConfig) -> None:
+    def encode(
+        self,
+        pending: list[str],
+        expected: dict[str, int],
+        first_stage: dict[str, Any],
+        text_encoder: dict[str, Any] | None,
+        concat: str | None,
+        settings: DictConfig,
+    ) -> None:
         resources = settings.resources
         context = ray.data.DataContext.get_current()
         block_bytes = context.target_max_block_size
@@ -280,15 +333,28 @@ class _Encoding:
         finally:
             context.target_max_block_size = block_bytes
 
-    def _encode(self, pending: list[str], expected: dict[str, int], first_stage: dict[str, Any], text_encoder: dict[str, Any] | None,
-                concat: str | None, settings: DictConfig) -> None:
+    def _encode(
+        self,
+        pending: list[str],
+        expected: dict[str, int],
+        first_stage: dict[str, Any],
+        text_encoder: dict[str, Any] | None,
+        concat: str | None,
+        settings: DictConfig,
+    ) -> None:
         resources = settings.resources
         # A block, so a decode task, per file: files finish, and are marked, one by one.
         files = ray.data.from_items([{"path": url} for url in pending], override_num_blocks=len(pending))
         reports = (
             files.map_batches(
-                partial(tasks.decode, storage=self.storage, resolution=settings.resolution, batch_rows=resources.decode_batch_size,
-                        concat=concat, latent_side=settings.resolution // first_stage["factor"]),
+                partial(
+                    tasks.decode,
+                    storage=self.storage,
+                    resolution=settings.resolution,
+                    batch_rows=resources.decode_batch_size,
+                    concat=concat,
+                    latent_side=settings.resolution // first_stage["factor"],
+                ),
                 batch_format="pyarrow",
                 batch_size=1,
                 num_cpus=resources.num_cpus_per_decode_task,
@@ -317,8 +383,13 @@ class _Encoding:
                 label_selector=_selector(resources.encoder_label_selector),
             )
             .map_batches(
-                partial(tasks.write, storage=self.storage, out=self.out, compression=str(settings.compression),
-                        row_group_rows=settings.row_group_rows),
+                partial(
+                    tasks.write,
+                    storage=self.storage,
+                    out=self.out,
+                    compression=str(settings.compression),
+                    row_group_rows=settings.row_group_rows,
+                ),
                 batch_format="pyarrow",
                 batch_size=None,
                 num_cpus=resources.num_cpus_per_write_task,
@@ -336,7 +407,9 @@ class _Encoding:
                     part["file_rows"][report["file"]] = report["rows"]
                 part["rows"] += report["rows"]
                 part["undecodable"] += report["undecodable"]
-                stats = LatentStats(report["count"], list(report["sum"]), list(report["sum_sq"]), list(report["sum_var"]))
+                stats = LatentStats(
+                    report["count"], list(report["sum"]), list(report["sum_sq"]), list(report["sum_var"])
+                )
                 part["stats"] = part["stats"].merge(stats)
                 part["classes"] = sorted({*part["classes"], *report["classes"]})
                 part["laid_out"] += report["laid_out"]
@@ -345,10 +418,14 @@ class _Encoding:
                 if seen[stem] == expected[stem]:
                     self.mark_done(stem, part)
                 elif seen[stem] > expected[stem]:
-                    raise RuntimeError(f"{STAGE.name}: {report['source']} reported {seen[stem]} rows, it has {expected[stem]}")
+                    raise RuntimeError(
+                        f"{STAGE.name}: {report['source']} reported {seen[stem]} rows, it has {expected[stem]}"
+                    )
 
     def mark_done(self, stem: str, part: dict[str, Any]) -> None:
-        write_marker(self.storage, f"{self.out}/{WORK}/done", stem, {**part, "source": stem, "stats": vars(part["stats"])})
+        write_marker(
+            self.storage, f"{self.out}/{WORK}/done", stem, {**part, "source": stem, "stats": vars(part["stats"])}
+        )
 
     def clear_work(self) -> None:
         clear(self.storage, f"{self.out}/{WORK}")
@@ -356,7 +433,15 @@ class _Encoding:
 
 def _empty_part() -> dict[str, Any]:
     """A source's part before any of its rows are reported: what it wrote and dropped, and what its rows hold."""
-    return {"files": {}, "file_rows": {}, "rows": 0, "undecodable": 0, "stats": LatentStats(), "classes": [], "laid_out": 0}
+    return {
+        "files": {},
+        "file_rows": {},
+        "rows": 0,
+        "undecodable": 0,
+        "stats": LatentStats(),
+        "classes": [],
+        "laid_out": 0,
+    }
 
 
 def _selector(labels: DictConfig | None) -> dict[str, str] | None:

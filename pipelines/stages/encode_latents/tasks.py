@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -48,8 +48,15 @@ def row_groups(rows: int, row_group_rows: int) -> list[int]:
     return [min(row_group_rows, rows - start) for start in range(0, rows, row_group_rows)]
 
 
-def decode(batch: pa.Table, *, storage: Storage, resolution: int, batch_rows: int, concat: str | None = None,
-           latent_side: int = 0) -> Iterator[pa.Table]:
+def decode(
+    batch: pa.Table,
+    *,
+    storage: Storage,
+    resolution: int,
+    batch_rows: int,
+    concat: str | None = None,
+    latent_side: int = 0,
+) -> Iterator[pa.Table]:
     """The prepared files named in ``batch["path"]``, read ``batch_rows`` rows at a time (a file is never whole in
     memory), as ``crops`` with each row's file. Read here, not with ``read_parquet``: prepare's manifest already
     gives the files and their rows, and Ray Data's footer reading starts a task process per few files, which
@@ -58,7 +65,9 @@ def decode(batch: pa.Table, *, storage: Storage, resolution: int, batch_rows: in
         fs, local = storage.pyarrow(path)
         with fs.open_input_file(local) as f:
             for rows in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=[*CARRIED, "image"]):
-                table = crops(pa.Table.from_batches([rows]), resolution=resolution, concat=concat, latent_side=latent_side)
+                table = crops(
+                    pa.Table.from_batches([rows]), resolution=resolution, concat=concat, latent_side=latent_side
+                )
                 yield table.append_column("path", pa.array([path] * len(table), pa.string()))
 
 
@@ -76,12 +85,18 @@ def crops(batch: pa.Table, *, resolution: int, concat: str | None = None, latent
             pixels.append(np.zeros((resolution, resolution, 3), np.uint8))
             reasons.append("undecodable")
     array = np.stack(pixels) if pixels else np.zeros((0, resolution, resolution, 3), np.uint8)
-    batch = batch.drop_columns(["image"]).append_column("pixels", tensor_column(array)).append_column("reason", pa.array(reasons, pa.string()))
+    batch = (
+        batch.drop_columns(["image"])
+        .append_column("pixels", tensor_column(array))
+        .append_column("reason", pa.array(reasons, pa.string()))
+    )
     if concat == "low_res":
         batch = batch.append_column(LOW_RES, tensor_column(resize(array, latent_side)))
     elif concat == "masked":
         masks = [random_mask(resolution, key) for key in batch["key"].to_pylist()]
-        batch = batch.append_column(MASK, tensor_column(np.stack(masks) if masks else np.zeros((0, resolution, resolution), np.uint8)))
+        batch = batch.append_column(
+            MASK, tensor_column(np.stack(masks) if masks else np.zeros((0, resolution, resolution), np.uint8))
+        )
     return batch
 
 
@@ -95,7 +110,12 @@ def write(batch: pa.Table, *, storage: Storage, out: str, compression: str, row_
         kept = rows.filter(pc.is_null(rows["reason"]))
         name, size, stats, classes, laid_out = None, 0, LatentStats(), [], 0
         if len(kept):
-            table = kept.select([*CARRIED, *(c for c in kept.column_names if c.startswith("latent") or c in (TEXT_EMBEDDING, *CONCAT_COLUMNS))])
+            table = kept.select(
+                [
+                    *CARRIED,
+                    *(c for c in kept.column_names if c.startswith("latent") or c in (TEXT_EMBEDDING, *CONCAT_COLUMNS)),
+                ]
+            )
             keys = table["key"]
             tag = hashlib.sha1(f"{keys[0]}|{keys[-1]}|{len(table)}".encode()).hexdigest()[:12]
             name = f"{stem(source)}-{tag}.parquet"

@@ -26,8 +26,8 @@ from omegaconf import DictConfig
 from transformers import AutoImageProcessor, AutoModel
 
 from ldm.data.held_out import crops, held_out_rows, training_captions
-from ldm.data.layouts import parse_layout
 from ldm.data.images import encode_png, normalise
+from ldm.data.layouts import parse_layout
 from ldm.diffusion.sampling import condition_captions, generate_images
 from ldm.grids import captioned_grid
 from ldm.manifest import read_manifest
@@ -44,7 +44,9 @@ from ldm.tasks import task as named_task
 from pipelines.model_stage import load_model, model_inputs
 from pipelines.stage import Job, Output, Stage
 
-STAGE = Stage("evaluate", version=2, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False)  # 2: the first stage's held-out rows from its manifest
+STAGE = Stage(
+    "evaluate", version=2, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False
+)  # 2: the first stage's held-out rows from its manifest
 METRICS, GRID, PER_IMAGE = "metrics.json", "adherence.png", "adherence_per_image.json"
 
 
@@ -58,20 +60,32 @@ def _evaluate(job: Job) -> Output:
     task = named_task(trained["facts"].get("task", "text_to_image"))
     condition, prompted = task.condition, task.condition == "caption"
     generate = lambda conditions, seeds: generate_images(  # noqa: E731
-        pipeline, conditions, seeds, steps=settings.steps,
-        guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True,
+        pipeline,
+        conditions,
+        seeds,
+        steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        batch_size=settings.batch_size,
+        progress=True,
     )
     resolution = trained["facts"]["resolution"]
     # Prepare's held-out rows (which neither the first stage nor the diffusion model trained on), as many as the
     # metrics use: their images, captions, classes and layouts.
-    wanted = max(settings.reconstruction.images if settings.reconstruction.enabled else 0,
-                 settings.fid.images if settings.fid.feature_extractor else 0,
-                 settings.layouts.images if settings.layouts.enabled and condition == "boxes" else 0,
-                 settings.restoration.images if settings.restoration.enabled and task.concat else 0)
+    wanted = max(
+        settings.reconstruction.images if settings.reconstruction.enabled else 0,
+        settings.fid.images if settings.fid.feature_extractor else 0,
+        settings.layouts.images if settings.layouts.enabled and condition == "boxes" else 0,
+        settings.restoration.images if settings.restoration.enabled and task.concat else 0,
+    )
     held_out, split = held_out_rows(storage, trained["inputs"]["latents"], wanted)
-    if condition in ("label", "boxes"):  # only what the model can draw: held-out rows may name a class no training row did
+    if condition in (
+        "label",
+        "boxes",
+    ):  # only what the model can draw: held-out rows may name a class no training row did
         known = set(trained["facts"]["classes"])
-        names = lambda i: {held_out["label"][i]} if condition == "label" else {b["label"] for b in parse_layout(held_out["boxes"][i])}  # noqa: E731
+        names = lambda i: (
+            {held_out["label"][i]} if condition == "label" else {b["label"] for b in parse_layout(held_out["boxes"][i])}
+        )  # noqa: E731
         drawable = [i for i in range(len(held_out["key"])) if names(i) <= known]
         held_out = {column: [values[i] for i in drawable] for column, values in held_out.items()}
     metrics: dict[str, Any] = {}
@@ -86,7 +100,9 @@ def _evaluate(job: Job) -> Output:
         """What the first ``count`` held-out rows' images are drawn for: their caption, class or layout, their
         low-resolution or masked image, or nothing."""
         if task.concat:
-            return image_conditions(task.concat, originals(count), held_out["key"][:count], trained["facts"]["latent_shape"][1])
+            return image_conditions(
+                task.concat, originals(count), held_out["key"][:count], trained["facts"]["latent_shape"][1]
+            )
         return held_out[condition][:count] if condition else None
 
     def log_grid(images: np.ndarray, captions: list[str]) -> None:
@@ -99,23 +115,35 @@ def _evaluate(job: Job) -> Output:
         images = held_out["image"][: settings.reconstruction.images]
         if images:
             pixels = crops(images, resolution)
-            batches = (torch.from_numpy(normalise(pixels[i : i + 32])).to(pipeline.device) for i in range(0, len(pixels), 32))
+            batches = (
+                torch.from_numpy(normalise(pixels[i : i + 32])).to(pipeline.device) for i in range(0, len(pixels), 32)
+            )
             # The first stage as the latents were made with it (a super-resolution pipeline's has the scale folded in).
             first = trained["facts"]["first_stage"]
             first_stage = load_first_stage(first["location"], storage, first.get("subfolder")).to(pipeline.device)
-            metrics["reconstruction"] = evaluate_reconstruction(first_stage, batches, settings.reconstruction.scene_fidelity).as_dict()
+            metrics["reconstruction"] = evaluate_reconstruction(
+                first_stage, batches, settings.reconstruction.scene_fidelity
+            ).as_dict()
         else:
-            skipped["reconstruction"] = f"no prepared row is held out ({split}): raise stage.held_out.fraction of prepare"
+            skipped["reconstruction"] = (
+                f"no prepared row is held out ({split}): raise stage.held_out.fraction of prepare"
+            )
 
-    synthesized = read_manifest(storage, resolve(settings.adherence.synthesized_url)) if settings.adherence.synthesized_url else None
+    synthesized = (
+        read_manifest(storage, resolve(settings.adherence.synthesized_url))
+        if settings.adherence.synthesized_url
+        else None
+    )
     synthetic = synthesized is not None and synthesized.get("stage") == "synthesize"
     if condition is None and task.concat is None and settings.scenes.enabled:
         # The training data's scenes, as many as are generated: fewer would add their own sampling noise to the distance.
         captions = training_captions(storage, trained["inputs"]["latents"], settings.scenes.images) if synthetic else []
         real = [scene for scene in map(parse_caption, captions) if scene is not None]
         if not real:
-            skipped["scenes"] = ("scene distribution is measured on synthetic data only (stage.adherence.synthesized_url names "
-                                 "its synthesize output), against the training rows' captions")
+            skipped["scenes"] = (
+                "scene distribution is measured on synthetic data only (stage.adherence.synthesized_url names "
+                "its synthesize output), against the training rows' captions"
+            )
         else:
             generated = generate(None, [settings.seed + i for i in range(settings.scenes.images)])
             metrics["scenes"] = scene_distribution(real, generated)
@@ -129,8 +157,10 @@ def _evaluate(job: Job) -> Output:
         mlflow.log_table(per_image, PER_IMAGE)
         log_grid(generated, texts)
     elif prompted and settings.adherence.enabled:
-        skipped["adherence"] = (f"stage.adherence.synthesized_url={settings.adherence.synthesized_url} is not a synthesize "
-                                "output: prompt adherence is measured on synthetic data only")
+        skipped["adherence"] = (
+            f"stage.adherence.synthesized_url={settings.adherence.synthesized_url} is not a synthesize "
+            "output: prompt adherence is measured on synthetic data only"
+        )
 
     if condition == "label" and settings.classes.enabled:
         if synthetic:
@@ -146,8 +176,10 @@ def _evaluate(job: Job) -> Output:
     if condition == "boxes" and settings.layouts.enabled:
         layouts = [boxes for boxes in held_out["boxes"] if parse_layout(boxes)][: settings.layouts.images]
         if not synthetic or len(layouts) < 2:
-            skipped["layouts"] = ("layout accuracy is read by the synthetic scenes' classifier: synthetic data only, for the layouts "
-                                  f"of held-out rows ({len(layouts)} found)")
+            skipped["layouts"] = (
+                "layout accuracy is read by the synthetic scenes' classifier: synthetic data only, for the layouts "
+                f"of held-out rows ({len(layouts)} found)"
+            )
         else:
             generated = generate(layouts, [settings.seed + i for i in range(len(layouts))])
             metrics["layouts"] = layout_accuracy(layouts, generated)
@@ -172,17 +204,31 @@ def _evaluate(job: Job) -> Output:
             skipped["fid"] = f"{count} held-out image(s): FID needs at least 2"
         else:
             real = originals(count)
-            fake = generate(drawn_for(count), [settings.seed + i for i in range(count)])  # each for what its held-out image was
+            fake = generate(
+                drawn_for(count), [settings.seed + i for i in range(count)]
+            )  # each for what its held-out image was
             model, processor = _feature_extractor(storage, settings.fid.feature_extractor)
-            real_f, fake_f = image_features(model.to(pipeline.device), processor, real), image_features(model, processor, fake)
+            real_f, fake_f = (
+                image_features(model.to(pipeline.device), processor, real),
+                image_features(model, processor, fake),
+            )
             kid, kid_std = kernel_distance(real_f, fake_f, subset_size=settings.fid.kid_subset_size)
             metrics["fid"] = {"fid": frechet_distance(real_f, fake_f), "kid": kid, "kid_std": kid_std, "images": count}
     else:
-        skipped["fid"] = "stage.fid.feature_extractor is null: set it to a local (or s3://) vision model directory for FID / KID"
+        skipped["fid"] = (
+            "stage.fid.feature_extractor is null: set it to a local (or s3://) vision model directory for FID / KID"
+        )
 
-    report = {"model": job.inputs.record["model"], "weights": str(settings.weights), "sampler": str(settings.sampler),
-              "steps": settings.steps, "guidance_scale": settings.guidance_scale, "held_out": split,
-              "metrics": metrics, "skipped": skipped}
+    report = {
+        "model": job.inputs.record["model"],
+        "weights": str(settings.weights),
+        "sampler": str(settings.sampler),
+        "steps": settings.steps,
+        "guidance_scale": settings.guidance_scale,
+        "held_out": split,
+        "metrics": metrics,
+        "skipped": skipped,
+    }
     fs.pipe_file(f"{root}/{METRICS}", json.dumps(report, indent=2).encode())
     mlflow.log_dict(report, METRICS)
     for group, values in metrics.items():
@@ -191,7 +237,10 @@ def _evaluate(job: Job) -> Output:
     for group, why in skipped.items():
         print(f"{STAGE.name}: {group} skipped: {why}")
     return Output(
-        facts={"layout": {"metrics": METRICS, "grid": GRID if set(metrics) - {"reconstruction", "fid"} else None}, **report},
+        facts={
+            "layout": {"metrics": METRICS, "grid": GRID if set(metrics) - {"reconstruction", "fid"} else None},
+            **report,
+        },
         metrics={f"{group}/{name}": value for group, values in metrics.items() for name, value in values.items()},
         message=f"{STAGE.name}: {out}/{METRICS}",
     )

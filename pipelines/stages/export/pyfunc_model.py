@@ -26,7 +26,9 @@ def serving_device(model_config: dict | None) -> str:
 class TextToImage(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         # Seeds draw their noise on the CPU (predict's generators), so an image is the same on any device.
-        self.pipeline = DiffusionPipeline.from_pretrained(context.artifacts["pipeline"]).to(serving_device(context.model_config))
+        self.pipeline = DiffusionPipeline.from_pretrained(context.artifacts["pipeline"]).to(
+            serving_device(context.model_config)
+        )
         self.pipeline.set_progress_bar_config(disable=True)
         # The pipeline sizes latents as height // 8 whatever the first stage's factor.
         self.size = 8 * self.pipeline.unet.config.sample_size
@@ -36,8 +38,12 @@ class TextToImage(mlflow.pyfunc.PythonModel):
         for i, row in enumerate(model_input.to_dict("records")):
             seed = int(_value(row, "seed", i))
             output = self.pipeline(
-                [str(row["prompt"])], height=self.size, width=self.size, num_inference_steps=int(_value(row, "steps", 50)),
-                guidance_scale=float(_value(row, "guidance_scale", 4.0)), generator=torch.Generator().manual_seed(seed),
+                [str(row["prompt"])],
+                height=self.size,
+                width=self.size,
+                num_inference_steps=int(_value(row, "steps", 50)),
+                guidance_scale=float(_value(row, "guidance_scale", 4.0)),
+                generator=torch.Generator().manual_seed(seed),
             )
             buffer = io.BytesIO()
             output.images[0].save(buffer, format="PNG")

@@ -25,15 +25,17 @@ import mlflow
 from diffusers import LDMSuperResolutionPipeline, LDMTextToImagePipeline
 from omegaconf import DictConfig
 
-from ldm.diffusion.sampling import pipeline_size
 from ldm.data.layouts import grid_layouts
+from ldm.diffusion.sampling import pipeline_size
 from ldm.models.conditioners import ConditionedPipeline, LayoutEncoder
 from ldm.models.image_conditioned import InpaintingPipeline
 from ldm.storage import Storage
 from pipelines.model_stage import load_model, model_inputs
 from pipelines.stage import Inputs, Job, Output, Stage
 
-STAGE = Stage("export", version=2, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False)  # 2: the manifest names the class to load with
+STAGE = Stage(
+    "export", version=2, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False
+)  # 2: the manifest names the class to load with
 # LDMTextToImagePipeline pads prompts to 77 tokens; τθ must have been trained on that length.
 PIPELINE_MAX_LENGTH = 77
 PYFUNC_MODEL = Path(__file__).resolve().with_name("pyfunc_model.py")
@@ -81,19 +83,33 @@ def _export(job: Job) -> Output:
     size = pipeline_size(pipeline) if prompted else None  # the height / width its call takes
     if isinstance(pipeline, ConditionedPipeline):  # a class, or a layout of one box, as its call takes them
         classes = job.inputs.found["model"]["facts"]["classes"]
-        example = json.loads(grid_layouts(classes, 1)[0]) if isinstance(pipeline.conditioner, LayoutEncoder) else classes[0]
+        example = (
+            json.loads(grid_layouts(classes, 1)[0]) if isinstance(pipeline.conditioner, LayoutEncoder) else classes[0]
+        )
     side = pipeline.unet.config.sample_size
-    call = (f"(prompt, height={size}, width={size}, guidance_scale=4.0)" if prompted else
-            f"([{example!r}], guidance_scale=4.0)" if isinstance(pipeline, ConditionedPipeline) else
-            f"(image=<N x 3 x {side} x {side} tensor in [-1, 1]>)" if isinstance(pipeline, LDMSuperResolutionPipeline) else
-            f"(<N x {resolution} x {resolution} x 3 uint8 images>, <N x {resolution} x {resolution} masks, 1 in the hole>)"
-            if isinstance(pipeline, InpaintingPipeline) else "(batch_size=4)")
+    call = (
+        f"(prompt, height={size}, width={size}, guidance_scale=4.0)"
+        if prompted
+        else f"([{example!r}], guidance_scale=4.0)"
+        if isinstance(pipeline, ConditionedPipeline)
+        else f"(image=<N x 3 x {side} x {side} tensor in [-1, 1]>)"
+        if isinstance(pipeline, LDMSuperResolutionPipeline)
+        else f"(<N x {resolution} x {resolution} x 3 uint8 images>, <N x {resolution} x {resolution} masks, 1 in the hole>)"
+        if isinstance(pipeline, InpaintingPipeline)
+        else "(batch_size=4)"
+    )
     # Diffusers' own pipelines load without this project; ours with their class, from this package.
     ours = type(pipeline).__module__.startswith("ldm.")
     loader = type(pipeline).__name__ if ours else "DiffusionPipeline"
     return Output(
-        facts={"pipeline": type(pipeline).__name__, "load_with": f"{type(pipeline).__module__ if ours else 'diffusers'}.{loader}",
-               "weights": str(settings.weights), "scheduler": type(pipeline.scheduler).__name__,
-               **({"height": size, "width": size} if prompted else {}), "resolution": resolution, "registered_model": registered},
+        facts={
+            "pipeline": type(pipeline).__name__,
+            "load_with": f"{type(pipeline).__module__ if ours else 'diffusers'}.{loader}",
+            "weights": str(settings.weights),
+            "scheduler": type(pipeline.scheduler).__name__,
+            **({"height": size, "width": size} if prompted else {}),
+            "resolution": resolution,
+            "registered_model": registered,
+        },
         message=f"{STAGE.name}: {type(pipeline).__name__} at {out}{where}\n        {loader}.from_pretrained({out!r}){call}",
     )

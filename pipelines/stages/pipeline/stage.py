@@ -53,7 +53,8 @@ def plan(cfg: DictConfig) -> list[tuple[str, str | None]]:
     trained_first_stage = resolve(settings.train_autoencoder.output_url)
     reasons = {
         "synthesize": None if synthesized else f"data.input.url={cfg.data.input.url} is not a synthesize output",
-        "train_autoencoder": None if resolve(settings.encode_latents.first_stage) == trained_first_stage
+        "train_autoencoder": None
+        if resolve(settings.encode_latents.first_stage) == trained_first_stage
         else f"encode_latents uses the pretrained first stage {settings.encode_latents.first_stage}",
     }
     steps = FROM_METADATA if from_metadata(cfg) else ORDER
@@ -104,12 +105,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 ) from error
             child = _stage_run(parent, METADATA_STEPS.get(name, name))
             skipped = "skipped" in child.data.tags
-            results[name] = {"skipped": skipped, "minutes": round((time.perf_counter() - started) / 60, 2), "run_id": child.info.run_id}
+            results[name] = {
+                "skipped": skipped,
+                "minutes": round((time.perf_counter() - started) / 60, 2),
+                "run_id": child.info.run_id,
+            }
             mlflow.log_metric(f"minutes.{name}", results[name]["minutes"])
 
         ran = [name for name, result in results.items() if not result["skipped"]]
-        mlflow.set_tags({"stages_run": ",".join(ran) or "none",
-                         "stages_skipped": ",".join(n for n in results if n not in ran) or "none"})
+        mlflow.set_tags(
+            {
+                "stages_run": ",".join(ran) or "none",
+                "stages_skipped": ",".join(n for n in results if n not in ran) or "none",
+            }
+        )
         cluster.disconnect()
         _print_summary(cfg, results)
     return results
@@ -118,7 +127,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _stage_run(parent: mlflow.ActiveRun, name: str) -> mlflow.entities.Run:
     """The nested run stage ``name`` just ended under ``parent``."""
     [child] = mlflow.search_runs(
-        experiment_ids=[parent.info.experiment_id], output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
+        experiment_ids=[parent.info.experiment_id],
+        output_format="list",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' AND tags.stage = '{name}'",
     )
     return child
@@ -142,4 +154,6 @@ def _print_summary(cfg: DictConfig, results: dict[str, dict[str, Any]]) -> None:
     print(f"samples: {samples}/{sample.IMAGES}/ (grid: {samples}/{sample.GRID})")
     if "export" in results:
         exported = read_manifest(storage, resolve(cfg.stage.export.output_url))["facts"]
-        print(f"model:   {resolve(cfg.stage.export.output_url)} (a {exported['pipeline']}: {exported['load_with']}.from_pretrained)")
+        print(
+            f"model:   {resolve(cfg.stage.export.output_url)} (a {exported['pipeline']}: {exported['load_with']}.from_pretrained)"
+        )

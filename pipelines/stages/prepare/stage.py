@@ -3,9 +3,10 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict
 from functools import partial
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import pyarrow.dataset
@@ -13,21 +14,27 @@ import pyarrow.parquet as pq
 import ray
 from omegaconf import DictConfig
 
-from ldm.data.filters import REASONS, Filters
 from ldm.data.download import download_command
+from ldm.data.filters import REASONS, Filters
 from ldm.data.prepare import PREPARE_VERSION, HeldOut, prepared_schema, unused_rules
 from ldm.data.sources import Columns, Unit, available_columns, checked, list_units, readable
 from ldm.manifest import CLAIM_NAME, IncompleteOutputError, clear, list_files, read_manifest, verify
 from ldm.markers import read_markers
 from ldm.storage import Storage, resolve
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
-from pipelines.config import plain
 from pipelines.cluster import Request
+from pipelines.config import plain
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.prepare import tasks
 
-STAGE = Stage("prepare", version=PREPARE_VERSION, output_url=lambda cfg: cfg.data.prepared_url, resume=True, detail="{rows_out} rows",
-              requests=lambda cfg: [Request("stage.resources.num_cpus_per_task", {"CPU": cfg.stage.resources.num_cpus_per_task})])
+STAGE = Stage(
+    "prepare",
+    version=PREPARE_VERSION,
+    output_url=lambda cfg: cfg.data.prepared_url,
+    resume=True,
+    detail="{rows_out} rows",
+    requests=lambda cfg: [Request("stage.resources.num_cpus_per_task", {"CPU": cfg.stage.resources.num_cpus_per_task})],
+)
 WORK = "_work"
 TOKENIZER = tasks.TOKENIZER
 
@@ -56,8 +63,14 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     checked(storage, units[0], columns, fmt, have)
     return Inputs(
         fingerprints=[upstream or listing],
-        record={"url": source, "format": fmt, "fingerprint": upstream, "listing": listing,
-                "files": len({u.path for u in units}), "units": len(units)},
+        record={
+            "url": source,
+            "format": fmt,
+            "fingerprint": upstream,
+            "listing": listing,
+            "files": len({u.path for u in units}),
+            "units": len(units),
+        },
         found={"units": units, "columns": columns, "filters": filters, "absent": absent},
     )
 
@@ -98,8 +111,10 @@ def _prepare(job: Job) -> Output:
     dropped = {reason: dropped.get(reason, 0) for reason in REASONS}
     _report(rows_in, rows_out, dropped, unused, timings, elapsed)
     if work.held_out is not None:
-        print(f"{STAGE.name}: {held_out} of the {rows_out} kept rows held out from training "
-              f"(fraction {work.held_out.fraction}, by key) in {tasks.HELD_OUT}/")
+        print(
+            f"{STAGE.name}: {held_out} of the {rows_out} kept rows held out from training "
+            f"(fraction {work.held_out.fraction}, by key) in {tasks.HELD_OUT}/"
+        )
     if rows_out == 0:
         raise EmptyOutputError(
             f"prepare: every one of the {rows_in} input rows was filtered out (dropped per rule: "
@@ -120,26 +135,47 @@ def _prepare(job: Job) -> Output:
     message = ""
     if fmt == "metadata":
         command = download_command(
-            f"{out}/metadata", resolve(cfg.data.images_url), columns, filters, plain(settings.img2dataset), plain(cfg.data.input.extra_columns)
+            f"{out}/metadata",
+            resolve(cfg.data.images_url),
+            columns,
+            filters,
+            plain(settings.img2dataset),
+            plain(cfg.data.input.extra_columns),
         )
         facts["img2dataset_command"] = command
         mlflow.log_text(command + "\n", "img2dataset_command.txt")
-        message = (f"prepare: download the kept rows on this Ray cluster with stage=download data={cfg.data.name} (the same "
-                   f"overrides), or stage=pipeline for every step to a model; by hand, with\n  {command}")
+        message = (
+            f"prepare: download the kept rows on this Ray cluster with stage=download data={cfg.data.name} (the same "
+            f"overrides), or stage=pipeline for every step to a model; by hand, with\n  {command}"
+        )
     files = {f"{layout}/{name}": size for s in summaries for name, size in s["files"].items()}
     files.update({f"{tasks.DROPPED}/{name}": size for s in summaries for name, size in s["dropped_files"].items()})
-    files.update({f"{tasks.HELD_OUT}/{name}": size for s in summaries for name, size in s.get("held_out_files", {}).items()})
-    row_groups = {f"{folder}/{name}": groups for folder, part in ((layout, "row_groups"), (tasks.HELD_OUT, "held_out_row_groups"))
-                  for s in summaries for name, groups in s[part].items()}
+    files.update(
+        {f"{tasks.HELD_OUT}/{name}": size for s in summaries for name, size in s.get("held_out_files", {}).items()}
+    )
+    row_groups = {
+        f"{folder}/{name}": groups
+        for folder, part in ((layout, "row_groups"), (tasks.HELD_OUT, "held_out_row_groups"))
+        for s in summaries
+        for name, groups in s[part].items()
+    }
     return Output(
         counts={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_out, "dropped": dropped},
         facts=facts,
-        schema=None if fmt == "metadata" else {f.name: str(f.type) for f in prepared_schema(settings.tokenizer.max_length)},
+        schema=None
+        if fmt == "metadata"
+        else {f.name: str(f.type) for f in prepared_schema(settings.tokenizer.max_length)},
         timings=timings,
         expected_files={**files, **{f"{TOKENIZER}/{n}": s for n, s in tokenizer_files.items()}},
         row_groups=row_groups,
-        metrics={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_out, "rows_per_s": rows_in / max(elapsed, 1e-9), "vocab_size": vocab_size,
-                 **{f"dropped.{reason}": n for reason, n in dropped.items()}},
+        metrics={
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "held_out": held_out,
+            "rows_per_s": rows_in / max(elapsed, 1e-9),
+            "vocab_size": vocab_size,
+            **{f"dropped.{reason}": n for reason, n in dropped.items()},
+        },
         message=message,
     )
 
@@ -322,7 +358,9 @@ class _Steps:
         done = self._done_units()
         missing = [u.path for u in units if u.index not in done]
         if missing:
-            raise IncompleteOutputError(f"{STAGE.name}: {len(missing)} input file(s) were not prepared, e.g. {missing[:3]}")
+            raise IncompleteOutputError(
+                f"{STAGE.name}: {len(missing)} input file(s) were not prepared, e.g. {missing[:3]}"
+            )
         return [done[u.index] for u in units]
 
     def _done_units(self) -> dict[int, dict[str, Any]]:
@@ -347,10 +385,19 @@ class _Steps:
         self.fs.pipe_file(f"{self.root}/{WORK}/{step}.done", b"")
 
 
-def _report(rows_in: int, rows_out: int, dropped: dict[str, int], unused: dict[str, str], timings: dict[str, float], seconds: float) -> None:
+def _report(
+    rows_in: int,
+    rows_out: int,
+    dropped: dict[str, int],
+    unused: dict[str, str],
+    timings: dict[str, float],
+    seconds: float,
+) -> None:
     width = max(len(r) for r in REASONS)
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
-    lines = [f"{STAGE.name}: {rows_in} rows in, {rows_out} kept, {sum(dropped.values())} dropped in {seconds:.1f}s ({steps})"]
+    lines = [
+        f"{STAGE.name}: {rows_in} rows in, {rows_out} kept, {sum(dropped.values())} dropped in {seconds:.1f}s ({steps})"
+    ]
     for reason, n in dropped.items():
         note = f"  (off: {unused[reason]})" if reason in unused else ""
         lines.append(f"  {reason:<{width}} {n:>10}{note}")

@@ -5,8 +5,9 @@ Kept apart from the stage module so that workers import pyarrow and ``ldm``, not
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,8 +17,8 @@ from ldm.data import filters
 from ldm.data.parts import PartWriter
 from ldm.data.prepare import prepare_unit, scan_unit
 from ldm.data.sources import MissingColumnError, Unit, UnreadableInputError
-from ldm.storage import Storage
 from ldm.markers import write_marker
+from ldm.storage import Storage
 
 TOKENIZER = "tokenizer"
 DROPPED = "dropped"  # every dropped row with its reason, beside the kept ones

@@ -20,19 +20,21 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ldm.data.held_out import crops, held_out_crops
-from ldm.data.layouts import grid_layouts, parse_layout
 from ldm.data.images import encode_png
+from ldm.data.layouts import grid_layouts, parse_layout
 from ldm.diffusion.sampling import condition_captions, generate_images
-
-from ldm.models.image_conditioned import image_conditions
 from ldm.grids import captioned_grid
+from ldm.models.image_conditioned import image_conditions
 from ldm.storage import Storage, resolve
-from ldm.tasks import Task, task as named_task
+from ldm.tasks import Task
+from ldm.tasks import task as named_task
 from pipelines.config import plain
 from pipelines.model_stage import load_model, model_inputs
 from pipelines.stage import Inputs, Job, Output, Stage
 
-STAGE = Stage("sample", version=1, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False, detail="{images} images")
+STAGE = Stage(
+    "sample", version=1, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False, detail="{images} images"
+)
 IMAGES, INDEX, GRID = "images", "samples.jsonl", "grid.png"
 
 
@@ -55,12 +57,16 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     elif task.concat and cfg.stage.images:  # a user's low-resolution images as they are, or images to fill
         side = facts["latent_shape"][1] if task.concat == "low_res" else facts["resolution"]
         labels, pixels = read_images(storage, plain(cfg.stage.images), side)
-        prompts = list(pixels) if task.concat == "low_res" else image_conditions(task.concat, pixels, labels, side, masks)
+        prompts = (
+            list(pixels) if task.concat == "low_res" else image_conditions(task.concat, pixels, labels, side, masks)
+        )
     elif task.concat:  # held-out images, downsampled or masked as training's were
         labels, pixels = held_out_crops(storage, model["inputs"]["latents"], cfg.stage.num_images, facts["resolution"])
         if not labels:
-            raise ValueError(f"the model's data ({model['inputs']['latents']}) has no held-out rows to sample from: "
-                             "give stage.images=[<image files>]")
+            raise ValueError(
+                f"the model's data ({model['inputs']['latents']}) has no held-out rows to sample from: "
+                "give stage.images=[<image files>]"
+            )
         prompts = image_conditions(task.concat, pixels, labels, facts["latent_shape"][1])
     else:
         prompts = None
@@ -71,16 +77,29 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
 def _sample(job: Job) -> Output:
     settings, out, prompts = job.settings, job.out, job.inputs.found["prompts"]
     started = time.time()
-    repeat = lambda items: [item for item in items for _ in range(settings.images_per_prompt)] if items is not None else None  # noqa: E731
+    repeat = lambda items: (
+        [item for item in items for _ in range(settings.images_per_prompt)] if items is not None else None
+    )  # noqa: E731
     rows, named, masks = repeat(prompts), repeat(job.inputs.found["labels"]), repeat(job.inputs.found["masks"])
     seeds = [settings.seed + i for i in range(len(rows) if rows is not None else settings.num_images)]
     pipeline = load_model(job, str(settings.device))
-    images = generate_images(pipeline, rows, seeds, steps=settings.steps,
-                             guidance_scale=settings.guidance_scale, batch_size=settings.batch_size, progress=True)
+    images = generate_images(
+        pipeline,
+        rows,
+        seeds,
+        steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        batch_size=settings.batch_size,
+        progress=True,
+    )
     elapsed = time.time() - started
     labels = named or condition_captions(pipeline, rows, seeds)
     # What each image was drawn for: its prompt (a caption, class or layout), or the image it upsamples or fills.
-    drawn_for = [{"input": name, **({"mask": masks[i]} if masks else {})} for i, name in enumerate(named)] if named else [{"prompt": rows[i] if rows is not None else None} for i in range(len(seeds))]
+    drawn_for = (
+        [{"input": name, **({"mask": masks[i]} if masks else {})} for i, name in enumerate(named)]
+        if named
+        else [{"prompt": rows[i] if rows is not None else None} for i in range(len(seeds))]
+    )
     index = [{"file": f"{IMAGES}/{i:05d}.png", **drawn_for[i], "seed": seed} for i, seed in enumerate(seeds)]
     grid = captioned_grid(images, labels, columns=settings.grid_columns)
     files = sample_files(images, index)
@@ -93,16 +112,24 @@ def _sample(job: Job) -> Output:
     return Output(
         counts={"images": len(seeds), "prompts": len(prompts) if prompts is not None else 0},
         timings={"images_per_s": round(rate, 3)},
-        facts={"layout": {"images": f"{IMAGES}/", "index": INDEX, "grid": GRID}, "weights": str(settings.weights),
-               "sampler": str(settings.sampler), "steps": settings.steps, "guidance_scale": settings.guidance_scale,
-               "resolution": int(images.shape[1])},
+        facts={
+            "layout": {"images": f"{IMAGES}/", "index": INDEX, "grid": GRID},
+            "weights": str(settings.weights),
+            "sampler": str(settings.sampler),
+            "steps": settings.steps,
+            "guidance_scale": settings.guidance_scale,
+            "resolution": int(images.shape[1]),
+        },
         metrics={"images": len(seeds), "images_per_s": rate},
-        message=f"{STAGE.name}: {len(seeds)} images" + (f" for {len(prompts)} prompt(s)" if prompts is not None else "")
-                + f" in {elapsed:.1f}s; at {out} (grid: {out}/{GRID})",
+        message=f"{STAGE.name}: {len(seeds)} images"
+        + (f" for {len(prompts)} prompt(s)" if prompts is not None else "")
+        + f" in {elapsed:.1f}s; at {out} (grid: {out}/{GRID})",
     )
 
 
-def read_images(storage: Storage, images: list[str], side: int, setting: str = "stage.images") -> tuple[list[str], np.ndarray]:
+def read_images(
+    storage: Storage, images: list[str], side: int, setting: str = "stage.images"
+) -> tuple[list[str], np.ndarray]:
     """``images`` (files, local or s3://) and their ``side`` x ``side`` center crops."""
     data = []
     for url in images:
@@ -159,8 +186,10 @@ def read_prompts(storage: Storage, prompts: list[str], prompts_file: str | None)
         with fs.open(path, "r") as f:
             prompts = prompts + [line.strip() for line in f if line.strip()]
     if not prompts:
-        raise ValueError("no prompts: give stage.prompts='[a red circle in the top left on a blue background]' or "
-                         "stage.prompts_file=<a text file, one prompt per line>")
+        raise ValueError(
+            "no prompts: give stage.prompts='[a red circle in the top left on a blue background]' or "
+            "stage.prompts_file=<a text file, one prompt per line>"
+        )
     return [str(p) for p in prompts]
 
 

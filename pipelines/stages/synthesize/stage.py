@@ -28,13 +28,18 @@ from ldm.synthetic.corpus import (
     truth_table,
 )
 from ldm.synthetic.scene import held_out_combinations
-from pipelines.config import plain
 from pipelines.cluster import Request
+from pipelines.config import plain
 from pipelines.stage import Inputs, Job, Output, Stage
 from pipelines.stages.synthesize.tasks import write_shard
 
-STAGE = Stage("synthesize", version=GENERATOR_VERSION, output_url=lambda cfg: cfg.data.raw_url, detail="{rows} rows",
-              requests=lambda cfg: [Request("stage.resources.num_cpus_per_task", {"CPU": cfg.stage.resources.num_cpus_per_task})])
+STAGE = Stage(
+    "synthesize",
+    version=GENERATOR_VERSION,
+    output_url=lambda cfg: cfg.data.raw_url,
+    detail="{rows} rows",
+    requests=lambda cfg: [Request("stage.resources.num_cpus_per_task", {"CPU": cfg.stage.resources.num_cpus_per_task})],
+)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -54,7 +59,9 @@ def _synthesize(job: Job) -> Output:
         image_host=data.image_host,
         rows_per_shard=settings.rows_per_shard,
     )
-    shards = [{"shard": shard, "rows": json.dumps(list(group))} for shard, group in groupby(rows, key=lambda r: r["shard"])]
+    shards = [
+        {"shard": shard, "rows": json.dumps(list(group))} for shard, group in groupby(rows, key=lambda r: r["shard"])
+    ]
     write = partial(write_shard, storage=storage, url=out, jpeg_quality=settings.jpeg_quality, formats=formats)
     written = (
         ray.data.from_items(shards, override_num_blocks=len(shards))
@@ -87,10 +94,15 @@ def _synthesize(job: Job) -> Output:
             "img2dataset_meta": _schema(IMG2DATASET_META_SCHEMA),
             "img2dataset_parquet": _schema(IMG2DATASET_PARQUET_SCHEMA),
         },
-        metrics={"rows": len(rows), "images": images, "shards": len(shards), "images_per_s": images / max(elapsed, 1e-9),
-                 **{f"bad_rows.{d}": n for d, n in bad.items()}},
+        metrics={
+            "rows": len(rows),
+            "images": images,
+            "shards": len(shards),
+            "images_per_s": images / max(elapsed, 1e-9),
+            **{f"bad_rows.{d}": n for d, n in bad.items()},
+        },
         message=f"synthesize: wrote {len(rows)} rows ({images} images, {sum(bad.values())} bad rows, {len(shards)} shards) "
-                f"to {out} in {elapsed:.1f}s",
+        f"to {out} in {elapsed:.1f}s",
     )
 
 

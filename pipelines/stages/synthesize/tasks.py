@@ -9,7 +9,9 @@ from ldm.storage import Storage
 from ldm.synthetic.corpus import img2dataset_shard
 
 
-def write_shard(item: dict[str, Any], *, storage: Storage, url: str, jpeg_quality: int, formats: list[str]) -> dict[str, Any]:
+def write_shard(
+    item: dict[str, Any], *, storage: Storage, url: str, jpeg_quality: int, formats: list[str]
+) -> dict[str, Any]:
     """Render, encode and write one img2dataset shard in every configured format; what was written."""
     rows = json.loads(item["rows"])
     fs, root = storage.fsspec(url)

@@ -24,20 +24,36 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from ldm.devices import autocast as autocast_for
+from ldm.devices import autocast_dtype, enable_tf32, restore_optimizer, rng_state
+from ldm.flops import peak_flops, performance, step_flops
+from ldm.grids import pair_grid
 from ldm.losses.first_stage import FirstStageLoss, LossWeights
 from ldm.losses.lpips import load_lpips
 from ldm.lr_schedule import learning_rate, set_learning_rate
-from ldm.devices import autocast as autocast_for, autocast_dtype, enable_tf32, restore_optimizer, rng_state
-from ldm.flops import peak_flops, performance, step_flops
-from ldm.grids import pair_grid
 from ldm.metrics.reconstruction import evaluate_reconstruction
-from ldm.models.first_stage import FirstStage, Reconstruct, build_first_stage, factor, kind, last_layer, load_first_stage
+from ldm.models.first_stage import (
+    FirstStage,
+    Reconstruct,
+    build_first_stage,
+    factor,
+    kind,
+    last_layer,
+    load_first_stage,
+)
 from ldm.models.presets import first_stage_preset
 from ldm.storage import Storage
 from pipelines.schema import TrainAutoencoder
 from pipelines.stages.train_autoencoder import tasks
-from pipelines.train_worker import (EpochData, RunLogger, RunTarget, gather_for_checkpoint, parameter_spread, private_copy,
-                                    random_streams)
+from pipelines.train_worker import (
+    EpochData,
+    RunLogger,
+    RunTarget,
+    gather_for_checkpoint,
+    parameter_spread,
+    private_copy,
+    random_streams,
+)
 
 MODEL_DIR = "model"  # inside a checkpoint: the autoencoder as diffusers saves it
 STATE_FILE = "training_state.pt"
@@ -72,10 +88,16 @@ def train_loop(config: LoopConfig) -> None:
     elif config.pretrained:
         model = load_first_stage(config.pretrained, config.storage)
     else:
-        model = build_first_stage(first_stage_preset(settings.model.preset, settings.model.overrides, latent_channels=settings.model.latent_channels),
-                                  settings.model.logvar_bias)
+        model = build_first_stage(
+            first_stage_preset(
+                settings.model.preset, settings.model.overrides, latent_channels=settings.model.latent_channels
+            ),
+            settings.model.logvar_bias,
+        )
     if settings.crop and settings.crop % factor(model):  # a pretrained one's (the stage checked a preset's)
-        raise ValueError(f"stage.crop={settings.crop} is not a multiple of the first stage's downsampling factor {factor(model)}")
+        raise ValueError(
+            f"stage.crop={settings.crop} is not a multiple of the first stage's downsampling factor {factor(model)}"
+        )
     perceptual = load_lpips(settings.lpips_weights, config.storage)
     autoencoder, loss, ae_optimizer, d_optimizer = training_parts(settings, model, perceptual, device, state)
     extra = [loss.logvar] if loss.logvar is not None else []
@@ -98,19 +120,34 @@ def train_loop(config: LoopConfig) -> None:
     flops, disc_counted = None, False  # one worker's step (autoencoder and discriminator)
 
     # -- the loop: each epoch is one pass over this worker's run of the epoch's order -------------------------
-    schedule = {"schedule": opt.schedule, "warmup_steps": opt.warmup_steps, "final_ratio": opt.final_ratio, "total_steps": settings.steps}
+    schedule = {
+        "schedule": opt.schedule,
+        "warmup_steps": opt.warmup_steps,
+        "final_ratio": opt.final_ratio,
+        "total_steps": settings.steps,
+    }
     while step < settings.steps:
         consumed = 0  # rows of this epoch's run trained on in this attempt
-        crops = partial(tasks.pixels, resolution=config.resolution, seed=(settings.seed, epoch), flip=settings.random_flip,
-                        side=settings.crop)
-        images_of_epoch = config.data.rows(epoch, rank, world, taken).map_batches(crops, num_cpus=settings.resources.num_cpus_per_decode_task)
+        crops = partial(
+            tasks.pixels,
+            resolution=config.resolution,
+            seed=(settings.seed, epoch),
+            flip=settings.random_flip,
+            side=settings.crop,
+        )
+        images_of_epoch = config.data.rows(epoch, rank, world, taken).map_batches(
+            crops, num_cpus=settings.resources.num_cpus_per_decode_task
+        )
         for batch in images_of_epoch.iter_torch_batches(batch_size=settings.batch_size, device=device, drop_last=True):
             images = batch["pixels"]
             # Counted on the first step, and again on the first with the discriminator (from loss.disc_start).
             if flops is None or (not disc_counted and step >= settings.loss.disc_start):
                 counting = time.time()
                 flops = step_flops(partial(_losses, autoencoder, loss, images, step, autocast), [autoencoder, loss])
-                disc_counted, started = step >= settings.loss.disc_start, started + time.time() - counting  # not in images/s
+                disc_counted, started = (
+                    step >= settings.loss.disc_start,
+                    started + time.time() - counting,
+                )  # not in images/s
             for optimizer, base in ((ae_optimizer, opt.lr), (d_optimizer, opt.disc_lr)):
                 set_learning_rate(optimizer, learning_rate(step, base, **schedule))
             with autocast:
@@ -144,7 +181,9 @@ def train_loop(config: LoopConfig) -> None:
                 metrics.update(performance(flops, window_steps / (time.time() - started), peak))
                 metrics["train/lr"] = ae_optimizer.param_groups[0]["lr"]
                 if last:  # the autoencoder, its log-variance and the discriminator: equal on every rank
-                    metrics["ddp/parameter_spread"] = parameter_spread([*autoencoder.parameters(), *loss.parameters()], world)
+                    metrics["ddp/parameter_spread"] = parameter_spread(
+                        [*autoencoder.parameters(), *loss.parameters()], world
+                    )
                 sums, started, seen, window_steps = {}, time.time(), 0, 0
             if rank == 0:
                 if step % settings.eval_every == 0 or last:
@@ -153,7 +192,19 @@ def train_loop(config: LoopConfig) -> None:
                     tracker.metrics(metrics, step)
             if log or save:  # every rank reports at the same steps: Ray Train gathers the reports
                 position = {"epoch": epoch, "taken": taken, "consumed": consumed}
-                _report(metrics, save, autoencoder, loss, ae_optimizer, d_optimizer, step, position, world, rank, config.data)
+                _report(
+                    metrics,
+                    save,
+                    autoencoder,
+                    loss,
+                    ae_optimizer,
+                    d_optimizer,
+                    step,
+                    position,
+                    world,
+                    rank,
+                    config.data,
+                )
             if step >= settings.steps:
                 break
         else:  # the epoch's run is exhausted
@@ -161,13 +212,16 @@ def train_loop(config: LoopConfig) -> None:
             epoch, taken = epoch + 1, []
 
 
-def training_parts(settings: TrainAutoencoder, model: FirstStage, perceptual, device: torch.device,
-                   state: dict[str, Any]) -> tuple[FirstStage, FirstStageLoss, torch.optim.Adam, torch.optim.Adam]:
+def training_parts(
+    settings: TrainAutoencoder, model: FirstStage, perceptual, device: torch.device, state: dict[str, Any]
+) -> tuple[FirstStage, FirstStageLoss, torch.optim.Adam, torch.optim.Adam]:
     """The autoencoder and its loss on ``device``, their two optimizers, and a checkpoint's ``state`` loaded into
     them (empty: a fresh start), in that order: torch puts Adam's moments on their parameters' device as it
     loads them, so a model moved afterwards would step with its moments left on the CPU."""
     opt = settings.optimizer
-    loss = FirstStageLoss(kind(model), LossWeights(**asdict(settings.loss)), perceptual, settings.disc_layers).to(device)
+    loss = FirstStageLoss(kind(model), LossWeights(**asdict(settings.loss)), perceptual, settings.disc_layers).to(
+        device
+    )
     autoencoder = model.to(device)
     extra = [loss.logvar] if loss.logvar is not None else []
     ae_optimizer = torch.optim.Adam([*autoencoder.parameters(), *extra], lr=opt.lr, betas=tuple(opt.betas))
@@ -200,11 +254,24 @@ def _average_gradients(parameters: list[torch.nn.Parameter], world: int) -> None
             parameter.grad /= world
 
 
-def _report(metrics, save: bool, autoencoder, loss, ae_optimizer, d_optimizer, step: int, position: dict[str, Any], world: int,
-            rank: int, data: EpochData) -> None:
+def _report(
+    metrics,
+    save: bool,
+    autoencoder,
+    loss,
+    ae_optimizer,
+    d_optimizer,
+    step: int,
+    position: dict[str, Any],
+    world: int,
+    rank: int,
+    data: EpochData,
+) -> None:
     """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due, with every
     rank's RNG and the positions of the epoch's order they have trained on."""
-    gathered = gather_for_checkpoint((rng_state(next(autoencoder.parameters()).device), position["consumed"]), save, world)
+    gathered = gather_for_checkpoint(
+        (rng_state(next(autoencoder.parameters()).device), position["consumed"]), save, world
+    )
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if save and rank == 0:
@@ -233,7 +300,9 @@ def _validation_batches(batch_size: int) -> list[torch.Tensor]:
     return images
 
 
-def _evaluate(autoencoder, validation: list[torch.Tensor], tracker: RunLogger, step: int, scenes: bool) -> dict[str, float]:
+def _evaluate(
+    autoencoder, validation: list[torch.Tensor], tracker: RunLogger, step: int, scenes: bool
+) -> dict[str, float]:
     if not validation:
         return {}
     device = next(autoencoder.parameters()).device

@@ -29,13 +29,20 @@ from pipelines.stages.train_autoencoder import loop, tasks
 from pipelines.train_worker import EpochData
 
 # 3: trains on prepare's shards/ and validates on its held_out/ (prepare's held-out set).
-STAGE = Stage("train_autoencoder", version=3, output_url=lambda cfg: cfg.stage.output_url, detail="{steps} steps",
-              requests=lambda cfg: training.requests(cfg, cfg.stage.resources.num_cpus_per_decode_task))
+STAGE = Stage(
+    "train_autoencoder",
+    version=3,
+    output_url=lambda cfg: cfg.stage.output_url,
+    detail="{steps} steps",
+    requests=lambda cfg: training.requests(cfg, cfg.stage.resources.num_cpus_per_decode_task),
+)
 MODEL = "model"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    return STAGE.run(cfg, lambda cfg, storage: Inputs.output_of("prepare", cfg.data.prepared_url, storage, "prepared"), _train)
+    return STAGE.run(
+        cfg, lambda cfg, storage: Inputs.output_of("prepare", cfg.data.prepared_url, storage, "prepared"), _train
+    )
 
 
 def _train(job: Job) -> Output:
@@ -44,16 +51,26 @@ def _train(job: Job) -> Output:
     # without building it (a pretrained model's is checked once loaded, in the loop).
     f = None if settings.pretrained else first_stage_preset(settings.model.preset, settings.model.overrides).factor
     if settings.crop is not None and (not 0 < settings.crop <= cfg.data.resolution or (f and settings.crop % f)):
-        raise ValueError(f"stage.crop={settings.crop}: expected null or a side in (0, data.resolution={cfg.data.resolution}]"
-                         + (f", a multiple of the first stage's factor {f}" if f else ""))
+        raise ValueError(
+            f"stage.crop={settings.crop}: expected null or a side in (0, data.resolution={cfg.data.resolution}]"
+            + (f", a multiple of the first stage's factor {f}" if f else "")
+        )
     source, prepared = job.inputs.record["prepared"], job.inputs.found["prepared"]
     run_name = f"{STAGE.name}-{training.training_identity(cfg, job.inputs.fingerprints)[:16]}"
     pafs, _ = storage.pyarrow(source)
 
     held_out = [storage.pyarrow(s)[1] for s in data_files(prepared, source, "held_out")]
-    validation = ray.data.read_parquet(held_out, filesystem=pafs, columns=["key", "image"]) if held_out else ray.data.from_items([])
-    datasets = {"validation": validation.limit(settings.validation_images).map_batches(
-        partial(tasks.pixels, resolution=cfg.data.resolution, seed=None, flip=False), num_cpus=settings.resources.num_cpus_per_decode_task)}
+    validation = (
+        ray.data.read_parquet(held_out, filesystem=pafs, columns=["key", "image"])
+        if held_out
+        else ray.data.from_items([])
+    )
+    datasets = {
+        "validation": validation.limit(settings.validation_images).map_batches(
+            partial(tasks.pixels, resolution=cfg.data.resolution, seed=None, flip=False),
+            num_cpus=settings.resources.num_cpus_per_decode_task,
+        )
+    }
     files, row_groups = data_row_groups(prepared, source)
     config = loop.LoopConfig(
         settings=OmegaConf.to_object(settings),

@@ -31,14 +31,16 @@ from diffusers.training_utils import EMAModel
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ldm.data.epochs import END_OF_EPOCH, EpochStream, Interval
+from ldm.data.layouts import grid_layouts
+from ldm.devices import autocast as autocast_for
+from ldm.devices import autocast_dtype, enable_tf32, restore_optimizer, rng_state
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
 from ldm.diffusion.sampling import condition_captions, generate_images, sampler, task_pipeline
-from ldm.devices import autocast as autocast_for, autocast_dtype, enable_tf32, restore_optimizer, rng_state
-from ldm.flops import peak_flops, performance, step_flops as count_step_flops
+from ldm.flops import peak_flops, performance
+from ldm.flops import step_flops as count_step_flops
 from ldm.grids import captioned_grid
 from ldm.latents import LOW_RES, MASK, MASKED_LATENT, TEXT_EMBEDDING
 from ldm.lr_schedule import learning_rate, set_learning_rate
-from ldm.data.layouts import grid_layouts
 from ldm.models.conditioners import ClassEmbedder, LayoutEncoder
 from ldm.models.first_stage import load_first_stage
 from ldm.models.image_conditioned import image_conditions, image_tensor, inpainting_input
@@ -58,13 +60,25 @@ from ldm.storage import Storage
 from ldm.tasks import Task
 from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.schema import Noise, TrainLdm
-from pipelines.train_worker import (EpochData, RunLogger, RunTarget, gather_for_checkpoint, parameter_spread, private_copy,
-                                    random_streams, worker_data_context)
+from pipelines.train_worker import (
+    EpochData,
+    RunLogger,
+    RunTarget,
+    gather_for_checkpoint,
+    parameter_spread,
+    private_copy,
+    random_streams,
+    worker_data_context,
+)
 
 STATE_FILE = "training_state.pt"
 
 
-STRINGS = ("key", "label", "boxes")  # columns that stay lists of strings: keys (for the data audit), classes, layouts (JSON)
+STRINGS = (
+    "key",
+    "label",
+    "boxes",
+)  # columns that stay lists of strings: keys (for the data audit), classes, layouts (JSON)
 
 
 class LatentBatch(NumpyBatchCollateFn):
@@ -73,7 +87,9 @@ class LatentBatch(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {
-            k: torch.from_numpy(np.stack(v) if v.dtype == object else np.ascontiguousarray(v)) for k, v in batch.items() if k not in STRINGS
+            k: torch.from_numpy(np.stack(v) if v.dtype == object else np.ascontiguousarray(v))
+            for k, v in batch.items()
+            if k not in STRINGS
         }
         if "input_ids" in out:  # absent when the rows carry τθ(y) instead
             out["input_ids"] = out["input_ids"].long()
@@ -128,7 +144,12 @@ def train_loop(config: LoopConfig) -> None:
     if checkpoint is not None:
         with private_copy(checkpoint) as directory:
             unet, text_encoder = load_models(directory)
-            ema_weights = [p.detach().clone() for m in load_models(os.path.join(directory, EMA)) if m is not None for p in m.parameters()]
+            ema_weights = [
+                p.detach().clone()
+                for m in load_models(os.path.join(directory, EMA))
+                if m is not None
+                for p in m.parameters()
+            ]
             state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
     else:
         unet, text_encoder = _build_models(config, len(tokenizer) if tokenizer else 0)
@@ -145,7 +166,9 @@ def train_loop(config: LoopConfig) -> None:
         nothing. Not ``strict`` (held-out rows): a class no training row named is the null condition."""
         if captioned:
             return batch[caption_column].to(device)
-        return text_encoder.tokens(batch[config.task.condition], strict).to(device) if text_encoder is not None else None
+        return (
+            text_encoder.tokens(batch[config.task.condition], strict).to(device) if text_encoder is not None else None
+        )
 
     def concat_input(batch: dict[str, Any]) -> torch.Tensor | None:
         """What the task concatenates to z_t: the low-resolution image in [-1, 1], or the mask and the masked
@@ -153,7 +176,9 @@ def train_loop(config: LoopConfig) -> None:
         if config.task.concat == "low_res":
             return image_tensor(batch[LOW_RES]).to(device)
         if config.task.concat == "masked":
-            return inpainting_input(batch[MASK][:, None].to(device), batch[MASKED_LATENT].to(device).float(), config.scale_factor)
+            return inpainting_input(
+                batch[MASK][:, None].to(device), batch[MASKED_LATENT].to(device).float(), config.scale_factor
+            )
         return None
 
     train_text_encoder = config.pretrained_text_encoder is None
@@ -163,7 +188,11 @@ def train_loop(config: LoopConfig) -> None:
     set_attention(unet, settings.attention, device)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if text_encoder is not None and train_text_encoder and getattr(text_encoder, "supports_gradient_checkpointing", False):
+        if (
+            text_encoder is not None
+            and train_text_encoder
+            and getattr(text_encoder, "supports_gradient_checkpointing", False)
+        ):
             text_encoder.gradient_checkpointing_enable()
     objective = DiffusionObjective(training_schedule(settings.noise), settings.noise.snr_gamma)
     module = DenoisingLoss(unet, text_encoder, objective, train_text_encoder).to(device)
@@ -198,16 +227,31 @@ def train_loop(config: LoopConfig) -> None:
 
     tracker = RunLogger(config.run)
     validation = Validation(config, tokenizer, unet, text_encoder, device) if rank == 0 else None
-    held_out = HeldOutLoss(config, module, device, autocast, conditions, concat_input) if rank == 0 and config.held_out else None
+    held_out = (
+        HeldOutLoss(config, module, device, autocast, conditions, concat_input)
+        if rank == 0 and config.held_out
+        else None
+    )
     nodes = _node_count(world)
     if rank == 0:
-        counts = {"unet": sum(p.numel() for p in unet.parameters()),
-                  "text_encoder": sum(p.numel() for p in text_encoder.parameters()) if text_encoder is not None else 0}
+        counts = {
+            "unet": sum(p.numel() for p in unet.parameters()),
+            "text_encoder": sum(p.numel() for p in text_encoder.parameters()) if text_encoder is not None else 0,
+        }
         if state:
             tracker.metrics({"resumed_from_step": step}, step)  # a restart after a failure shows in the run
-        tracker.params({"global_batch_size": global_batch, "world_size": world, "nodes": nodes, **{f"parameters.{k}": v for k, v in counts.items()}})
-        print(f"train_ldm: {world} workers on {nodes} node(s), global batch {global_batch} = {batch_size} x {world} workers x "
-              f"{accumulation} accumulation; parameters {counts}")
+        tracker.params(
+            {
+                "global_batch_size": global_batch,
+                "world_size": world,
+                "nodes": nodes,
+                **{f"parameters.{k}": v for k, v in counts.items()},
+            }
+        )
+        print(
+            f"train_ldm: {world} workers on {nodes} node(s), global batch {global_batch} = {batch_size} x {world} workers x "
+            f"{accumulation} accumulation; parameters {counts}"
+        )
 
     peak = peak_flops(device, precision)
     step_flops = None  # one worker's optimizer step, counted once, on this attempt's first whole step
@@ -218,15 +262,22 @@ def train_loop(config: LoopConfig) -> None:
         """One micro-batch's loss: captions dropped for guidance, z0 drawn from the stored moments, then noised."""
         moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
         condition = conditions(batch)
-        captions = drop_captions(condition, empty, settings.caption_dropout, generator) if condition is not None else None
+        captions = (
+            drop_captions(condition, empty, settings.caption_dropout, generator) if condition is not None else None
+        )
         with autocast:
-            return net(sample_latents(moments, config.scale_factor, generator), captions, generator, concat_input(batch))
+            return net(
+                sample_latents(moments, config.scale_factor, generator), captions, generator, concat_input(batch)
+            )
 
     # -- the loop: each epoch is one pass over this worker's run of the epoch's order ---------------------------
     # Each epoch is a new Ray Data read; the next one starts while this one's last batches train.
     resumed_epoch = epoch
     epoch_batches = lambda e: config.data.rows(e, rank, world, taken if e == resumed_epoch else ()).iter_torch_batches(  # noqa: E731
-        batch_size=batch_size, collate_fn=LatentBatch(), drop_last=True, prefetch_batches=settings.prefetch_batches,
+        batch_size=batch_size,
+        collate_fn=LatentBatch(),
+        drop_last=True,
+        prefetch_batches=settings.prefetch_batches,
     )
     batches = EpochStream(epoch_batches, first=epoch, depth=settings.prefetch_batches)
     audit = Audit(tracker, rank, step) if settings.data_audit else None
@@ -235,8 +286,17 @@ def train_loop(config: LoopConfig) -> None:
             consumed = 0  # rows of this epoch's run trained on in this attempt
             exhausted = False
             while step < settings.steps:
-                set_learning_rate(optimizer, learning_rate(step, opt.lr, total_steps=settings.steps, schedule=opt.schedule,
-                                                            warmup_steps=opt.warmup_steps, final_ratio=opt.final_ratio))
+                set_learning_rate(
+                    optimizer,
+                    learning_rate(
+                        step,
+                        opt.lr,
+                        total_steps=settings.steps,
+                        schedule=opt.schedule,
+                        warmup_steps=opt.warmup_steps,
+                        final_ratio=opt.final_ratio,
+                    ),
+                )
                 fetch, micro_batches = time.perf_counter(), []
                 while len(micro_batches) < accumulation and not exhausted:
                     batch = batches.next()
@@ -246,8 +306,13 @@ def train_loop(config: LoopConfig) -> None:
                 if exhausted:  # a partial accumulation is dropped: every update sees the whole global batch
                     break
                 if step_flops is None:  # on the bare module, with a copy of the generator: training does not see it
-                    counting, counted = time.perf_counter(), torch.Generator(device=device).set_state(generator.get_state())
-                    step_flops = count_step_flops(lambda: [step_loss(module, batch, counted).backward() for batch in micro_batches], [module])
+                    counting, counted = (
+                        time.perf_counter(),
+                        torch.Generator(device=device).set_state(generator.get_state()),
+                    )
+                    step_flops = count_step_flops(
+                        lambda: [step_loss(module, batch, counted).backward() for batch in micro_batches], [module]
+                    )
                     window_start += time.perf_counter() - counting  # not in steps/s
                 optimizer.zero_grad(set_to_none=True)
                 loss_value, keys = 0.0, []
@@ -273,16 +338,18 @@ def train_loop(config: LoopConfig) -> None:
                 metrics: dict[str, float] = {"step": step}
                 if log:
                     elapsed = time.perf_counter() - window_start
-                    metrics.update({
-                        "train/loss": loss_sum / window_steps,
-                        "train/grad_norm": norm_sum / window_steps,
-                        "train/lr": optimizer.param_groups[0]["lr"],
-                        "train/samples_per_s": window_steps * global_batch / elapsed,
-                        "train/steps_per_s": window_steps / elapsed,
-                        "train/data_wait_fraction": data_wait / elapsed,
-                        **performance(step_flops, window_steps / elapsed, peak),
-                        "train/epoch": epoch,
-                    })
+                    metrics.update(
+                        {
+                            "train/loss": loss_sum / window_steps,
+                            "train/grad_norm": norm_sum / window_steps,
+                            "train/lr": optimizer.param_groups[0]["lr"],
+                            "train/samples_per_s": window_steps * global_batch / elapsed,
+                            "train/steps_per_s": window_steps / elapsed,
+                            "train/data_wait_fraction": data_wait / elapsed,
+                            **performance(step_flops, window_steps / elapsed, peak),
+                            "train/epoch": epoch,
+                        }
+                    )
                     if final:
                         metrics["ddp/parameter_spread"] = parameter_spread(trained, world)
                     loss_sum = norm_sum = data_wait = 0.0
@@ -321,14 +388,23 @@ class Audit:
 
     def log(self, epoch: int, step: int) -> None:
         if self.keys:
-            self.tracker.text("\n".join(self.keys), f"data_audit/epoch-{epoch:04d}/rank-{self.rank}-steps-{self.since:06d}-{step:06d}.txt")
+            self.tracker.text(
+                "\n".join(self.keys),
+                f"data_audit/epoch-{epoch:04d}/rank-{self.rank}-steps-{self.since:06d}-{step:06d}.txt",
+            )
         self.since, self.keys = step, []
 
 
 def training_schedule(noise: Noise):
     """The noise schedule ``stage.noise`` describes, as the diffusers scheduler config the samplers read."""
-    return noise_scheduler(str(noise.schedule), str(noise.prediction_type), noise.timesteps, noise.beta_start, noise.beta_end,
-                           noise.zero_terminal_snr)
+    return noise_scheduler(
+        str(noise.schedule),
+        str(noise.prediction_type),
+        noise.timesteps,
+        noise.beta_start,
+        noise.beta_end,
+        noise.zero_terminal_snr,
+    )
 
 
 def _build_models(config: LoopConfig, vocab_size: int) -> tuple[torch.nn.Module, torch.nn.Module | None]:
@@ -339,13 +415,25 @@ def _build_models(config: LoopConfig, vocab_size: int) -> tuple[torch.nn.Module,
         return build_unet(spec.unet, channels, size, None, config.task.extra_channels(channels)), None
     if config.task.condition in ("label", "boxes"):  # τθ as wide (and for layouts as deep) as the preset's text encoder
         text, classes = spec.text_encoder, list(config.classes)
-        embedder = (ClassEmbedder(num_classes=len(classes), width=text.width, classes=classes) if config.task.condition == "label" else
-                    LayoutEncoder(num_classes=len(classes), width=text.width, layers=text.layers, heads=text.heads, classes=classes, **config.layout))
+        embedder = (
+            ClassEmbedder(num_classes=len(classes), width=text.width, classes=classes)
+            if config.task.condition == "label"
+            else LayoutEncoder(
+                num_classes=len(classes),
+                width=text.width,
+                layers=text.layers,
+                heads=text.heads,
+                classes=classes,
+                **config.layout,
+            )
+        )
         return build_unet(spec.unet, channels, size, text.width), embedder
     if config.empty_text_embedding is not None:
         return build_unet(spec.unet, channels, size, config.empty_text_embedding.shape[-1]), None
     if config.pretrained_text_encoder is not None:
-        text_encoder = load_text_encoder(config.pretrained_text_encoder, config.storage, config.pretrained_text_encoder_subfolder)
+        text_encoder = load_text_encoder(
+            config.pretrained_text_encoder, config.storage, config.pretrained_text_encoder_subfolder
+        )
         if vocab_size > text_encoder.config.vocab_size:
             raise ValueError(
                 f"stage.model.pretrained_text_encoder={config.pretrained_text_encoder} knows {text_encoder.config.vocab_size} "
@@ -367,8 +455,19 @@ def _node_count(world: int) -> int:
     return len(set(nodes))
 
 
-def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer, step: int, position: dict[str, Any], generator,
-            world: int, rank: int, data: EpochData) -> None:
+def _report(
+    metrics,
+    save: bool,
+    module: DenoisingLoss,
+    ema: EMAModel,
+    optimizer,
+    step: int,
+    position: dict[str, Any],
+    generator,
+    world: int,
+    rank: int,
+    data: EpochData,
+) -> None:
     """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due. The
     checkpoint's data position: the epoch, and the positions of its order that every rank has trained on."""
     gathered = gather_for_checkpoint((rng_state(generator.device, generator), position["consumed"]), save, world)
@@ -382,9 +481,14 @@ def _report(metrics, save: bool, module: DenoisingLoss, ema: EMAModel, optimizer
             save_models(os.path.join(directory, EMA), module.unet, module.text_encoder)
             ema.restore(averaged)
             torch.save(
-                {"optimizer": optimizer.state_dict(), "step": step, "epoch": position["epoch"], "ema_updates": ema.optimization_step,
-                 "rng": [r for r, _ in gathered],
-                 "data": data.position(position["epoch"], world, position["taken"], [c for _, c in gathered])},
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "epoch": position["epoch"],
+                    "ema_updates": ema.optimization_step,
+                    "rng": [r for r, _ in gathered],
+                    "data": data.position(position["epoch"], world, position["taken"], [c for _, c in gathered]),
+                },
                 os.path.join(directory, STATE_FILE),
             )
             checkpoint = ray.train.Checkpoint.from_directory(directory)
@@ -395,13 +499,16 @@ class HeldOutLoss:
     """The denoising loss on at most ``stage.validation_images`` held-out latents (rank 0 only), read once: the
     same rows, timesteps and noise at every evaluation, so its curve shows the model, not the draw."""
 
-    def __init__(self, config: LoopConfig, module: DenoisingLoss, device: torch.device, autocast, conditions, concat_input):
+    def __init__(
+        self, config: LoopConfig, module: DenoisingLoss, device: torch.device, autocast, conditions, concat_input
+    ):
         settings = config.settings
         storage = config.data.storage
         filesystem, _ = storage.pyarrow(config.held_out[0])
         worker_data_context()
-        rows = ray.data.read_parquet([storage.pyarrow(f)[1] for f in config.held_out], filesystem=filesystem,
-                                     columns=config.data.columns).limit(settings.validation_images)
+        rows = ray.data.read_parquet(
+            [storage.pyarrow(f)[1] for f in config.held_out], filesystem=filesystem, columns=config.data.columns
+        ).limit(settings.validation_images)
         self.batches = list(rows.iter_torch_batches(batch_size=settings.batch_size, collate_fn=LatentBatch()))
         self.module, self.device, self.autocast = module, device, autocast
         self.scale_factor, self.seed = config.scale_factor, settings.validation.seed
@@ -410,14 +517,20 @@ class HeldOutLoss:
     @torch.no_grad()
     def loss(self) -> float:
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        modes = [(m, m.training) for m in (self.module.unet, self.module.text_encoder) if m is not None]  # a frozen τθ stays in eval
+        modes = [
+            (m, m.training) for m in (self.module.unet, self.module.text_encoder) if m is not None
+        ]  # a frozen τθ stays in eval
         self.module.eval()
         total, count = 0.0, 0
         for batch in self.batches:
             moments = {k: v.to(self.device) for k, v in batch.items() if k.startswith("latent")}
             with self.autocast:
-                loss = self.module(sample_latents(moments, self.scale_factor, generator), self.conditions(batch, strict=False), generator,
-                                   self.concat_input(batch))
+                loss = self.module(
+                    sample_latents(moments, self.scale_factor, generator),
+                    self.conditions(batch, strict=False),
+                    generator,
+                    self.concat_input(batch),
+                )
             total += float(loss) * len(batch["key"])
             count += len(batch["key"])
         for part, mode in modes:
@@ -431,30 +544,56 @@ class Validation:
     held-out images' low-resolution or masked versions, or (unconditional) that many images, from the same
     seeds each time."""
 
-    def __init__(self, config: LoopConfig, tokenizer, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, device: torch.device):
+    def __init__(
+        self,
+        config: LoopConfig,
+        tokenizer,
+        unet: torch.nn.Module,
+        text_encoder: torch.nn.Module | None,
+        device: torch.device,
+    ):
         self.settings = config.settings.validation
         first = config.first_stage
         first_stage = load_first_stage(first["location"], config.storage, first["subfolder"]).to(device).eval()
         scheduler = sampler(self.settings.sampler, training_schedule(config.settings.noise).config)
         condition = config.task.condition
-        self.prompts = {"caption": lambda: list(self.settings.prompts), "label": lambda: list(config.classes)[: self.settings.images],
-                        "boxes": lambda: grid_layouts(config.classes, self.settings.images)}.get(condition, lambda: None)()
+        self.prompts = {
+            "caption": lambda: list(self.settings.prompts),
+            "label": lambda: list(config.classes)[: self.settings.images],
+            "boxes": lambda: grid_layouts(config.classes, self.settings.images),
+        }.get(condition, lambda: None)()
         self.labels = None
-        if config.task.concat:  # the driver's held-out images, made into the task's input as encode_latents made the rows'
+        if (
+            config.task.concat
+        ):  # the driver's held-out images, made into the task's input as encode_latents made the rows'
             self.labels, pixels = config.validation_images
             self.prompts = image_conditions(config.task.concat, pixels, self.labels, config.latent_shape[1])
-        self.seeds = [self.settings.seed + i for i in range(self.settings.images if self.prompts is None else len(self.prompts))]
-        if condition == "caption" and text_encoder is None:  # the latents carry τθ(y): the frozen encoder is loaded for the prompts only
-            text_encoder = load_text_encoder(config.pretrained_text_encoder, config.storage, config.pretrained_text_encoder_subfolder)
+        self.seeds = [
+            self.settings.seed + i for i in range(self.settings.images if self.prompts is None else len(self.prompts))
+        ]
+        if (
+            condition == "caption" and text_encoder is None
+        ):  # the latents carry τθ(y): the frozen encoder is loaded for the prompts only
+            text_encoder = load_text_encoder(
+                config.pretrained_text_encoder, config.storage, config.pretrained_text_encoder_subfolder
+            )
             text_encoder = text_encoder.to(device).eval()
-        self.pipeline = task_pipeline(unet, text_encoder, tokenizer, first_stage, config.scale_factor, scheduler, config.task.concat)
+        self.pipeline = task_pipeline(
+            unet, text_encoder, tokenizer, first_stage, config.scale_factor, scheduler, config.task.concat
+        )
         self.parts = [m for m in (unet, text_encoder) if m is not None]
 
     def grid(self):
         modes = [(m, m.training) for m in self.parts]  # a frozen τθ stays in eval
         for part in self.parts:
             part.eval()
-        images = generate_images(self.pipeline, self.prompts, self.seeds, steps=self.settings.steps, guidance_scale=self.settings.guidance_scale)
+        images = generate_images(
+            self.pipeline,
+            self.prompts,
+            self.seeds,
+            steps=self.settings.steps,
+            guidance_scale=self.settings.guidance_scale,
+        )
         for part, mode in modes:
             part.train(mode)
         return captioned_grid(images, self.labels or condition_captions(self.pipeline, self.prompts, self.seeds))

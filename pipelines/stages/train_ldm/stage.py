@@ -28,9 +28,9 @@ from pyarrow.fs import FileType
 from safetensors.numpy import load
 
 from ldm.data.held_out import held_out_crops
+from ldm.latents import CONCAT, TEXT_EMBEDDING
 from ldm.manifest import data_files, data_row_groups
 from ldm.models.presets import describe, text_to_image_preset
-from ldm.latents import CONCAT, TEXT_EMBEDDING
 from ldm.models.text_to_image import CONDITIONER, EMA, TEXT_ENCODER, UNET, load_text_encoder
 from ldm.storage import Storage, model_location, resolve, weights_digest
 from ldm.tasks import task as named_task
@@ -41,8 +41,14 @@ from pipelines.stages.train_ldm import loop
 from pipelines.train_worker import EpochData
 
 # 2: tiny's τθ is a BertModel. 3: a class (or layout) τθ is saved in conditioner/.
-STAGE = Stage("train_ldm", version=3, output_url=lambda cfg: cfg.stage.output_url, uses_task=True, detail="{steps} steps",
-              requests=lambda cfg: training.requests(cfg, 1))  # a latent read task: Ray Data's 1 CPU
+STAGE = Stage(
+    "train_ldm",
+    version=3,
+    output_url=lambda cfg: cfg.stage.output_url,
+    uses_task=True,
+    detail="{steps} steps",
+    requests=lambda cfg: training.requests(cfg, 1),
+)  # a latent read task: Ray Data's 1 CPU
 SCHEDULER_DIR, TOKENIZER_DIR = "scheduler", "tokenizer"
 
 
@@ -74,9 +80,14 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     if task.condition == "boxes" and not latent_facts.get("rows_with_boxes"):
         raise ValueError(
             f"task={task.name}: stage.latents_url={inputs.record['latents']} has no layouts. Name the data's boxes column "
-            "(data.input.boxes_col: JSON [{\"label\": class, \"box\": [x0, y0, x1, y1]}]) and run prepare and encode_latents again"
+            '(data.input.boxes_col: JSON [{"label": class, "box": [x0, y0, x1, y1]}]) and run prepare and encode_latents again'
         )
-    inputs.found.update(resume_from=resume_from, spec=spec, task=task, embedded=task.condition == "caption" and _embedded(inputs, model, storage))
+    inputs.found.update(
+        resume_from=resume_from,
+        spec=spec,
+        task=task,
+        embedded=task.condition == "caption" and _embedded(inputs, model, storage),
+    )
     return inputs
 
 
@@ -102,18 +113,35 @@ def _subfolder(subfolder: str | None) -> str:
 
 def _train(job: Job) -> Output:
     cfg, storage, settings = job.cfg, job.storage, job.settings
-    source, latents, resume_from = job.inputs.record["latents"], job.inputs.found["latents"], job.inputs.found["resume_from"]
+    source, latents, resume_from = (
+        job.inputs.record["latents"],
+        job.inputs.found["latents"],
+        job.inputs.found["resume_from"],
+    )
     facts, spec, task = latents["facts"], job.inputs.found["spec"], job.inputs.found["task"]
     # The resolved architecture too: a preset whose definition changed must not resume an older checkpoint.
-    identity = training.training_identity(cfg, [*job.inputs.fingerprints, json.dumps(describe(spec), sort_keys=True), f"task={task_identity(cfg)}"])
+    identity = training.training_identity(
+        cfg, [*job.inputs.fingerprints, json.dumps(describe(spec), sort_keys=True), f"task={task_identity(cfg)}"]
+    )
     run_name = f"{STAGE.name}-{identity[:16]}" + (time.strftime("-%Y%m%d-%H%M%S") if settings.resume == "never" else "")
     files, row_groups = data_row_groups(latents, source)
     embedded = job.inputs.found["embedded"]
     captioned = task.condition == "caption"
     classes = facts["classes"] if task.condition in ("label", "boxes") else None
-    conditions = {"caption": [TEXT_EMBEDDING] if embedded else ["input_ids"], "label": ["label"], "boxes": ["boxes"]}.get(task.condition, [])
+    conditions = {
+        "caption": [TEXT_EMBEDDING] if embedded else ["input_ids"],
+        "label": ["label"],
+        "boxes": ["boxes"],
+    }.get(task.condition, [])
     extra = list(CONCAT.get(task.concat, ()))  # what the task concatenates to z_t
-    data = EpochData(files, row_groups, ["key", *conditions, *extra, *facts["latent_columns"]], settings.seed, settings.shuffle_buffer, storage)
+    data = EpochData(
+        files,
+        row_groups,
+        ["key", *conditions, *extra, *facts["latent_columns"]],
+        settings.seed,
+        settings.shuffle_buffer,
+        storage,
+    )
     config = loop.LoopConfig(
         settings=OmegaConf.to_object(settings),
         task=task,
@@ -124,19 +152,29 @@ def _train(job: Job) -> Output:
         classes=classes,
         layout={"max_objects": cfg.task.max_objects, "grid": cfg.task.grid} if task.condition == "boxes" else None,
         # Read here once (a few images), not by the workers: the validation grid's inputs for a task that concatenates an image.
-        validation_images=held_out_crops(storage, source, settings.validation.images, facts["resolution"]) if task.concat else None,
+        validation_images=held_out_crops(storage, source, settings.validation.images, facts["resolution"])
+        if task.concat
+        else None,
         latent_shape=facts["latent_shape"],
         scale_factor=facts["scale_factor"],
         first_stage=facts["first_stage"],
-        pretrained_text_encoder=model_location(settings.model.pretrained_text_encoder) if captioned and settings.model.pretrained_text_encoder else None,
+        pretrained_text_encoder=model_location(settings.model.pretrained_text_encoder)
+        if captioned and settings.model.pretrained_text_encoder
+        else None,
         pretrained_text_encoder_subfolder=settings.model.pretrained_text_encoder_subfolder,
         empty_text_embedding=_empty_text_embedding(storage, source, facts["text_encoder"]) if embedded else None,
         resume_from=resume_from,
         storage=storage,
         run=training.run_target(job),
     )
-    mlflow.log_params({"latents.rows": latents["counts"]["rows_out"], "latents.scale_factor": facts["scale_factor"],
-                       "latents.shape": facts["latent_shape"], "run_name": run_name})
+    mlflow.log_params(
+        {
+            "latents.rows": latents["counts"]["rows_out"],
+            "latents.scale_factor": facts["scale_factor"],
+            "latents.shape": facts["latent_shape"],
+            "run_name": run_name,
+        }
+    )
     fit = training.trainer(cfg, storage, partial(loop.train_loop, config), run_name, {})
     result = fit.fit()
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
@@ -150,7 +188,9 @@ def _train(job: Job) -> Output:
             save_tokenizer(load_tokenizer(config.tokenizer, storage), storage, f"{job.out}/{TOKENIZER_DIR}")
         loop.training_schedule(settings.noise).save_config(os.path.join(local, SCHEDULER_DIR))
         if embedded:  # trained without τθ: the frozen encoder goes into the model as the exported pipeline's ``bert``
-            text_encoder = load_text_encoder(config.pretrained_text_encoder, storage, config.pretrained_text_encoder_subfolder)
+            text_encoder = load_text_encoder(
+                config.pretrained_text_encoder, storage, config.pretrained_text_encoder_subfolder
+            )
             for folder in ("", EMA):
                 text_encoder.save_pretrained(os.path.join(local, folder, TEXT_ENCODER), safe_serialization=True)
         conditioner = [TEXT_ENCODER] if captioned else [CONDITIONER] if classes else []
@@ -162,9 +202,13 @@ def _train(job: Job) -> Output:
     return Output(
         counts={"steps": steps},
         facts={
-            "layout": {"unet": f"{UNET}/", "ema": f"{EMA}/", "scheduler": f"{SCHEDULER_DIR}/",
-                       **({"text_encoder": f"{TEXT_ENCODER}/", "tokenizer": f"{TOKENIZER_DIR}/"} if captioned else {}),
-                       **({"conditioner": f"{CONDITIONER}/"} if classes else {})},
+            "layout": {
+                "unet": f"{UNET}/",
+                "ema": f"{EMA}/",
+                "scheduler": f"{SCHEDULER_DIR}/",
+                **({"text_encoder": f"{TEXT_ENCODER}/", "tokenizer": f"{TOKENIZER_DIR}/"} if captioned else {}),
+                **({"conditioner": f"{CONDITIONER}/"} if classes else {}),
+            },
             "classes": classes,
             "task": task.name,
             "pipeline": task.pipeline,
@@ -199,5 +243,7 @@ def _resume_from(resume: str, storage: Storage) -> ray.train.Checkpoint | None:
     url = resolve(resume)
     fs, path = storage.pyarrow(url)
     if fs.get_file_info(f"{path}/{loop.STATE_FILE}").type != FileType.File:
-        raise FileNotFoundError(f"stage.resume={resume}: no {loop.STATE_FILE} there; give latest, never, or a checkpoint_* folder of a train_ldm run")
+        raise FileNotFoundError(
+            f"stage.resume={resume}: no {loop.STATE_FILE} there; give latest, never, or a checkpoint_* folder of a train_ldm run"
+        )
     return ray.train.Checkpoint(path, filesystem=fs)
