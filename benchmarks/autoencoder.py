@@ -33,7 +33,7 @@ from ldm.losses.first_stage import FirstStageLoss, LossWeights  # noqa: E402
 from ldm.models.first_stage import Reconstruct, build_first_stage, kind, last_layer  # noqa: E402
 from ldm.models.presets import first_stage_preset  # noqa: E402
 from pipelines import stages  # noqa: E402
-from pipelines.config import compose as config  # noqa: E402
+from pipelines.driver.config import compose as config  # noqa: E402
 
 TARGET_PSNR = 30.0
 

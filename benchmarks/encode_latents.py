@@ -32,8 +32,8 @@ from ldm.models.first_stage import build_first_stage, encode_pixels, load_first_
 from ldm.models.presets import first_stage_preset  # noqa: E402
 from ldm.storage import Storage  # noqa: E402
 from pipelines import stages  # noqa: E402
-from pipelines.cluster import connect  # noqa: E402
-from pipelines.config import compose as config  # noqa: E402
+from pipelines.driver.cluster import connect  # noqa: E402
+from pipelines.driver.config import compose as config  # noqa: E402
 from pipelines.stages.encode_latents.encoder import Encoder, encoder_device  # noqa: E402
 
 

@@ -38,7 +38,7 @@ from ldm.flops import peak_flops, step_flops  # noqa: E402
 from ldm.models.first_stage import encode_pixels, for_inference, load_first_stage  # noqa: E402
 from ldm.text.tokenizer import load_tokenizer  # noqa: E402
 from pipelines import stages  # noqa: E402
-from pipelines.config import compose  # noqa: E402
+from pipelines.driver.config import compose  # noqa: E402
 
 # Per mode: the hardware settings and the sizes. The GPU sizes show throughput (the paper's models at 256 px),
 # the CPU ones only take every path.

@@ -39,8 +39,8 @@ from ldm.storage import Storage  # noqa: E402
 from ldm.synthetic.corpus import DEFECTS, laion_metadata_table, plan_rows  # noqa: E402
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, tokenize, train_wordpiece  # noqa: E402
 from pipelines import stages  # noqa: E402
-from pipelines.cluster import connect  # noqa: E402
-from pipelines.config import compose as config  # noqa: E402
+from pipelines.driver.cluster import connect  # noqa: E402
+from pipelines.driver.config import compose as config  # noqa: E402
 
 
 def bare_metadata(paths: list[str], tokenizer) -> int:

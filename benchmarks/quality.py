@@ -31,7 +31,7 @@ from ldm.metrics.adherence import describe  # noqa: E402
 from ldm.models.presets import text_to_image_preset  # noqa: E402
 from ldm.models.text_to_image import build_text_encoder, build_unet, context_width  # noqa: E402
 from pipelines import stages  # noqa: E402
-from pipelines.config import compose as config  # noqa: E402
+from pipelines.driver.config import compose as config  # noqa: E402
 
 TARGETS = {"colour": 0.95, "background": 0.95, "position": 0.95, "shape": 0.9, "all": 0.85}
 BUDGET = {"first-stage images": 1000 * 16, "train_ldm images": 2400 * 64, "guidance": 6.0}

@@ -40,8 +40,8 @@ import pyarrow.parquet as pq
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ldm.synthetic.corpus import laion_metadata_table, plan_rows  # noqa: E402
-from pipelines.config import compose as config  # noqa: E402
-from pipelines.config import plain  # noqa: E402
+from pipelines.driver.config import compose as config  # noqa: E402
+from pipelines.driver.config import plain  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # At --factor 10: memory <= 1.3x, time <= 11x (linear with 10 % slack); the time target scales with the factor.

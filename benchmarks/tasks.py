@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipelines import stages  # noqa: E402
-from pipelines.config import compose  # noqa: E402
+from pipelines.driver.config import compose  # noqa: E402
 
 TASKS = ("unconditional", "class_conditional", "layout_to_image", "super_resolution", "inpainting")
 LIMIT_MINUTES = 20

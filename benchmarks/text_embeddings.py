@@ -35,7 +35,7 @@ from ldm.models.first_stage import build_first_stage  # noqa: E402
 from ldm.models.presets import first_stage_preset, text_to_image_preset  # noqa: E402
 from ldm.models.text_to_image import build_text_encoder, build_unet, context_width, set_attention, set_trainable  # noqa: E402
 from pipelines import stages  # noqa: E402
-from pipelines.config import compose as config  # noqa: E402
+from pipelines.driver.config import compose as config  # noqa: E402
 from pipelines.stages.train_ldm.loop import training_schedule  # noqa: E402
 
 

@@ -39,7 +39,7 @@ from ldm.models.first_stage import build_first_stage, encode, load_first_stage  
 from ldm.models.presets import first_stage_preset, text_to_image_preset  # noqa: E402
 from ldm.models.text_to_image import build_text_encoder, build_unet, set_attention  # noqa: E402
 from pipelines import stages  # noqa: E402
-from pipelines.config import compose as config  # noqa: E402
+from pipelines.driver.config import compose as config  # noqa: E402
 from pipelines.stages.train_ldm.loop import training_schedule  # noqa: E402
 
 TARGET_WAIT = 0.05

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from pipelines import stages  # noqa: E402
-from pipelines.config import register_schema  # noqa: E402
+from pipelines.driver.config import register_schema  # noqa: E402
 
 register_schema()
 

@@ -1,5 +1,5 @@
 """The typed config tree: one dataclass per node of ``conf/``, registered with Hydra's ConfigStore by
-``pipelines.config`` and named first in each option's defaults list, so Hydra checks every value at compose
+``pipelines.driver.config`` and named first in each option's defaults list, so Hydra checks every value at compose
 time: a wrong type, an unknown choice or an unknown key is Hydra's error naming the key, before anything runs.
 
 The values (every default) live in ``conf/``; these classes hold the types only. Choices are enums of the

@@ -85,7 +85,7 @@ def ci_latents(ray_cluster, tmp_path_factory) -> Path:
     from ldm.models.first_stage import build_first_stage
     from ldm.models.presets import first_stage_preset
     from pipelines import stages
-    from pipelines.config import compose
+    from pipelines.driver.config import compose
 
     root = tmp_path_factory.mktemp("ci_latents")
     common = ["experiment=ci", f"storage.root={root}/store", f"tracking.uri=sqlite:///{root}/mlruns.db"]

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from ldm.models.presets import describe, first_stage_preset, text_to_image_preset
 from pipelines import stages
-from pipelines.config import compose
+from pipelines.driver.config import compose
 from pipelines.schema import OPTIONS
 
 CONF = ROOT / "conf"

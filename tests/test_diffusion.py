@@ -12,7 +12,7 @@ from ldm.models.presets import TEXT_TO_IMAGE_PRESETS, first_stage_preset, text_t
 from ldm.models.text_to_image import build_text_encoder, build_unet, set_attention, set_trainable
 from ldm.synthetic.scene import all_scenes, caption
 from ldm.text.tokenizer import train_wordpiece
-from pipelines.config import compose
+from pipelines.driver.config import compose
 from pipelines.stages.train_ldm.loop import training_schedule
 
 

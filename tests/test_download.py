@@ -20,7 +20,7 @@ from ldm.data.download import carried_columns, outcome, plan_shards, shard_rows
 from ldm.data.sources import Columns
 from ldm.storage import Storage
 from pipelines import stages
-from pipelines.config import compose
+from pipelines.driver.config import compose
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 

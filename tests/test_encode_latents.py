@@ -19,7 +19,7 @@ from ldm.models.presets import first_stage_preset
 from ldm.storage import Storage
 from ldm.text.tokenizer import load_tokenizer
 from pipelines import stages
-from pipelines.config import compose
+from pipelines.driver.config import compose
 from pipelines.stages.encode_latents import tasks as encode_tasks
 from pipelines.stages.encode_latents.encoder import Encoder
 

@@ -30,7 +30,7 @@ from ldm.models.text_to_image import encode_text, load_text_encoder
 from ldm.synthetic.scene import all_scenes, caption
 from ldm.text.tokenizer import train_wordpiece
 from pipelines import stages
-from pipelines.config import compose
+from pipelines.driver.config import compose
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 

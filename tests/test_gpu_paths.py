@@ -14,7 +14,7 @@ from ldm.models.first_stage import encode_pixels, for_inference, load_first_stag
 from ldm.models.text_to_image import encode_text, load_text_encoder
 from ldm.storage import Storage
 from pipelines import stages
-from pipelines.config import compose
+from pipelines.driver.config import compose
 from pipelines.stages.encode_latents.encoder import Encoder, encoder_device
 from pipelines.stages.train_autoencoder.loop import training_parts
 from pipelines.train_worker import saved_streams

@@ -16,7 +16,7 @@ from mlflow.server.security_utils import is_allowed_host_header
 from omegaconf import OmegaConf
 
 from pipelines import stages
-from pipelines.config import compose
+from pipelines.driver.config import compose
 
 INFRA = ROOT / "infra"
 ENTRYPOINT = ["python", "/app/pipelines/run.py"]

@@ -15,7 +15,7 @@ from ldm.models.first_stage import build_first_stage
 from ldm.models.presets import first_stage_preset
 from ldm.storage import Storage
 from pipelines import stages
-from pipelines.config import compose
+from pipelines.driver.config import compose
 from pipelines.stages.pipeline.stage import FROM_METADATA, ORDER, StageFailed, plan, stage_config
 
 pytestmark = [pytest.mark.timeout(1500), pytest.mark.slow]

@@ -26,7 +26,7 @@ from ldm.synthetic import parse_caption
 from ldm.synthetic.corpus import DEFECTS, LAION_SCHEMA
 from ldm.text.tokenizer import load_tokenizer, train_wordpiece
 from pipelines import stages
-from pipelines.config import compose
+from pipelines.driver.config import compose
 from pipelines.stages.prepare.stage import EmptyOutputError
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
 from pipelines import stages
-from pipelines.config import compose
+from pipelines.driver.config import compose
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 

@@ -21,7 +21,7 @@ from ldm.storage import Storage
 from ldm.synthetic import classify, parse_caption
 from ldm.synthetic.corpus import DEFECTS, IMG2DATASET_META_SCHEMA, IMG2DATASET_PARQUET_SCHEMA, LAION_SCHEMA
 from pipelines import stages
-from pipelines.config import compose
+from pipelines.driver.config import compose
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 

@@ -11,7 +11,7 @@ from conftest import history, image_steps, in_fresh_process
 from PIL import Image
 
 from pipelines import stages
-from pipelines.config import compose
+from pipelines.driver.config import compose
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 

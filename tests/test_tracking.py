@@ -2,8 +2,8 @@
 
 import mlflow
 
-from pipelines.config import compose
-from pipelines.tracking import flatten, redact, stage_run
+from pipelines.driver.config import compose
+from pipelines.driver.tracking import flatten, redact, stage_run
 
 
 def test_secrets_are_masked_in_keys_env_pairs_and_urls_but_settings_stay_visible():

@@ -14,8 +14,8 @@ from ldm.manifest import verify
 from ldm.models.first_stage import load_first_stage
 from ldm.storage import Storage
 from pipelines import stages
-from pipelines.config import compose
-from pipelines.stages.train_autoencoder import tasks
+from pipelines.driver.config import compose
+from pipelines.stages.train_autoencoder import remote
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -140,9 +140,9 @@ def test_the_vq_first_stage_trains_end_to_end_with_the_perceptual_term(prepared)
 def test_training_patches_are_windows_of_the_image_drawn_from_the_seed_and_the_key():
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     batch = {"key": np.array(["a", "b"]), "image": np.array([encode_png(image)] * 2, dtype=object)}
-    patches = tasks.pixels(batch, resolution=64, seed=(0, 1), flip=False, side=32)["pixels"]
+    patches = remote.pixels(batch, resolution=64, seed=(0, 1), flip=False, side=32)["pixels"]
     assert patches.shape == (2, 3, 32, 32)
-    assert np.array_equal(patches, tasks.pixels(batch, resolution=64, seed=(0, 1), flip=False, side=32)["pixels"])
+    assert np.array_equal(patches, remote.pixels(batch, resolution=64, seed=(0, 1), flip=False, side=32)["pixels"])
     whole = normalise(image)
     offsets = [
         [
@@ -154,7 +154,7 @@ def test_training_patches_are_windows_of_the_image_drawn_from_the_seed_and_the_k
         for p in patches
     ]
     assert all(len(found) == 1 for found in offsets) and offsets[0] != offsets[1]  # each key its own window
-    assert tasks.pixels(batch, resolution=64, seed=None, flip=False)["pixels"].shape == (
+    assert remote.pixels(batch, resolution=64, seed=None, flip=False)["pixels"].shape == (
         2,
         3,
         64,

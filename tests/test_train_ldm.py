@@ -23,7 +23,7 @@ from ldm.manifest import verify
 from ldm.models.text_to_image import load_models
 from ldm.storage import Storage
 from pipelines import stages
-from pipelines.config import compose
+from pipelines.driver.config import compose
 from pipelines.stages.train_ldm import loop as ldm_loop
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]

@@ -23,10 +23,10 @@ from ldm.data.download import STATS, carried_columns, plan_shards, shard_name
 from ldm.data.sources import Columns
 from ldm.manifest import IncompleteOutputError, data_files
 from ldm.storage import Storage
-from pipelines.cluster import Request
-from pipelines.config import plain
-from pipelines.stage import Inputs, Job, Output, Stage
-from pipelines.stages.download import tasks
+from pipelines.driver.cluster import Request
+from pipelines.driver.config import plain
+from pipelines.driver.stage import Inputs, Job, Output, Stage
+from pipelines.stages.download import remote
 
 # Bump when download's output changes for the same config and input.
 DOWNLOAD_VERSION = 1
@@ -78,7 +78,7 @@ def _download(job: Job) -> Output:
     )
     # Every shard goes to the cluster: a finished one is only read back there (and checked), not downloaded.
     task = partial(
-        tasks.download,
+        remote.download,
         job={"storage": storage, "out": out, "columns": columns, "carried": carried, "options": plain(settings)},
     )
     items = [{"index": s.index, "name": n, "pieces": json.dumps(s.pieces)} for s, n in zip(shards, names)]

@@ -2,7 +2,7 @@
 
 Ray Data streams the prepared files through CPU decode tasks (read, resize, center crop), an actor pool holding the
 first stage (``encoder.py``; on GPUs when ``num_gpus_per_encoder`` > 0, in half precision there), and writer
-tasks (``tasks.py``). The driver counts each prepared file's rows as the writers report them and marks the file
+tasks (``remote.py``). The driver counts each prepared file's rows as the writers report them and marks the file
 done when all are written or dropped, so a killed run resumes file by file without duplicating a key. The
 manifest records the latents' statistics and ``scale_factor`` over exactly the rows written, the first stage's
 identity and the tokenizer's location. For a task that concatenates an image to z_t (``task=super_resolution``,
@@ -30,10 +30,10 @@ from ldm.models.text_to_image import context_width, load_text_encoder
 from ldm.storage import Storage, is_hub_id, model_location, weights_digest
 from ldm.tasks import task as named_task
 from ldm.text.tokenizer import load_tokenizer, tokenize
-from pipelines.cluster import Request
-from pipelines.config import plain
-from pipelines.stage import Inputs, Job, Output, Stage
-from pipelines.stages.encode_latents import tasks
+from pipelines.driver.cluster import Request
+from pipelines.driver.config import plain
+from pipelines.driver.stage import Inputs, Job, Output, Stage
+from pipelines.stages.encode_latents import remote
 from pipelines.stages.encode_latents.encoder import Encoder, encoder_device, text_embeddings
 
 # 2: parts are written in row groups of stage.row_group_rows, listed in the manifest; the first
@@ -117,30 +117,30 @@ def _encode(job: Job) -> Output:
     held_out_rows = _held_out_rows(prepared, source, settings.held_out_images)
     shards, held_out = list(shard_rows), list(held_out_rows)
     sources = shards + held_out
-    expected = {tasks.stem(url): rows for url, rows in {**shard_rows, **held_out_rows}.items()}
+    expected = {remote.stem(url): rows for url, rows in {**shard_rows, **held_out_rows}.items()}
     encoding = _Encoding(storage, out)
     finished = encoding.finished()
     encoding.remove_unfinished_parts(finished)
-    for empty in (s for s in sources if expected[tasks.stem(s)] == 0 and tasks.stem(s) not in finished):
-        encoding.mark_done(tasks.stem(empty), _empty_part())
+    for empty in (s for s in sources if expected[remote.stem(s)] == 0 and remote.stem(s) not in finished):
+        encoding.mark_done(remote.stem(empty), _empty_part())
     finished = encoding.finished()
-    pending = [s for s in sources if tasks.stem(s) not in finished]
+    pending = [s for s in sources if remote.stem(s) not in finished]
     if finished:
         print(f"{STAGE.name}: resuming: {len(finished)} of {len(sources)} prepared file(s) already encoded")
     if pending:
         encoding.encode(pending, expected, first_stage, text_encoder, concat, settings)
     elapsed = time.time() - started
     finished = encoding.finished()
-    missing = [s for s in sources if tasks.stem(s) not in finished]
+    missing = [s for s in sources if remote.stem(s) not in finished]
     if missing:
         raise RuntimeError(f"{STAGE.name}: {len(missing)} prepared file(s) were not fully encoded, e.g. {missing[:3]}")
 
-    markers = [finished[tasks.stem(s)] for s in shards]
-    held_markers = [finished[tasks.stem(s)] for s in held_out]
+    markers = [finished[remote.stem(s)] for s in shards]
+    held_markers = [finished[remote.stem(s)] for s in held_out]
     stats = LatentStats()  # of the training rows only: scale_factor is theirs
     for marker in markers:
         stats = stats.merge(LatentStats(**marker["stats"]))
-    rows_in = sum(expected[tasks.stem(s)] for s in shards)
+    rows_in = sum(expected[remote.stem(s)] for s in shards)
     rows_out = sum(m["rows"] for m in markers)
     held_rows = sum(m["rows"] for m in held_markers)
     dropped = {"undecodable": sum(m["undecodable"] for m in markers)}
@@ -159,7 +159,7 @@ def _encode(job: Job) -> Output:
     return Output(
         counts={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_rows, "dropped": dropped},
         facts={
-            "layout": {"data": f"{tasks.SHARDS}/", **({"held_out": f"{tasks.HELD_OUT}/"} if held_out else {})},
+            "layout": {"data": f"{remote.SHARDS}/", **({"held_out": f"{remote.HELD_OUT}/"} if held_out else {})},
             "first_stage": first_stage,
             "resolution": settings.resolution,
             "latent_shape": latent_shape,
@@ -183,7 +183,7 @@ def _encode(job: Job) -> Output:
             **extra_files,
         },
         row_groups={
-            name: tasks.row_groups(rows, settings.row_group_rows)
+            name: remote.row_groups(rows, settings.row_group_rows)
             for m in markers + held_markers
             for name, rows in m["file_rows"].items()
         },
@@ -304,8 +304,8 @@ class _Encoding:
 
     def remove_unfinished_parts(self, finished: dict[str, Any]) -> None:
         """Parts of a prepared file that was not finished (a killed run): it is encoded again from scratch."""
-        for path in self.fs.glob(f"{self.root}/{tasks.SHARDS}/*.parquet") + self.fs.glob(
-            f"{self.root}/{tasks.HELD_OUT}/*.parquet"
+        for path in self.fs.glob(f"{self.root}/{remote.SHARDS}/*.parquet") + self.fs.glob(
+            f"{self.root}/{remote.HELD_OUT}/*.parquet"
         ):
             if path.rsplit("/", 1)[-1].rsplit("-", 1)[0] not in finished:
                 self.fs.rm(path)
@@ -348,7 +348,7 @@ class _Encoding:
         reports = (
             files.map_batches(
                 partial(
-                    tasks.decode,
+                    remote.decode,
                     storage=self.storage,
                     resolution=settings.resolution,
                     batch_rows=resources.decode_batch_size,
@@ -384,7 +384,7 @@ class _Encoding:
             )
             .map_batches(
                 partial(
-                    tasks.write,
+                    remote.write,
                     storage=self.storage,
                     out=self.out,
                     compression=str(settings.compression),
@@ -397,10 +397,10 @@ class _Encoding:
         )
         seen: dict[str, int] = defaultdict(int)
         parts: dict[str, dict[str, Any]] = defaultdict(_empty_part)
-        total = sum(expected[tasks.stem(s)] for s in pending)
+        total = sum(expected[remote.stem(s)] for s in pending)
         with tqdm(total=total, desc=f"{STAGE.name}: images", unit="img") as progress:
             for report in reports.iter_rows():
-                stem = tasks.stem(report["source"])
+                stem = remote.stem(report["source"])
                 part = parts[stem]
                 if report["file"]:
                     part["files"][report["file"]] = report["size"]

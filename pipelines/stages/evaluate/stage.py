@@ -41,8 +41,8 @@ from ldm.models.image_conditioned import image_conditions
 from ldm.storage import Storage, pretrained_directory, resolve
 from ldm.synthetic.scene import parse_caption
 from ldm.tasks import task as named_task
-from pipelines.model_stage import load_model, model_inputs
-from pipelines.stage import Job, Output, Stage
+from pipelines.driver.model_stage import load_model, model_inputs
+from pipelines.driver.stage import Job, Output, Stage
 
 STAGE = Stage(
     "evaluate", version=2, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False

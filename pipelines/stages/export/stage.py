@@ -30,8 +30,8 @@ from ldm.diffusion.sampling import pipeline_size
 from ldm.models.conditioners import ConditionedPipeline, LayoutEncoder
 from ldm.models.image_conditioned import InpaintingPipeline
 from ldm.storage import Storage
-from pipelines.model_stage import load_model, model_inputs
-from pipelines.stage import Inputs, Job, Output, Stage
+from pipelines.driver.model_stage import load_model, model_inputs
+from pipelines.driver.stage import Inputs, Job, Output, Stage
 
 STAGE = Stage(
     "export", version=2, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False

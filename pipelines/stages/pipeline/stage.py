@@ -5,7 +5,7 @@ downloaded, as ``data.images_url`` into ``data.images_prepared_url``) → train_
 
 Each stage runs as ``python pipelines/run.py stage=<name>`` would, with the node ``stage.<name>`` of this
 config, and is an MLflow run nested under the pipeline's. Each output's manifest holds the fingerprint of the
-config that made it (``pipelines/stage.py``), so a stage whose output is complete for its config is skipped, a
+config that made it (``pipelines/driver/stage.py``), so a stage whose output is complete for its config is skipped, a
 failure leaves every earlier output complete, and the same command again resumes at the stage that failed
 (prepare and encode_latents file by file, the training stages from their last checkpoint). A complete output of
 another config is replaced only with ``overwrite=true``.
@@ -29,10 +29,11 @@ from ldm.data.sources import Columns
 from ldm.manifest import read_manifest
 from ldm.metrics.adherence import headline
 from ldm.storage import Storage, resolve
-from pipelines import cluster, stages
-from pipelines.config import plain
+from pipelines import stages
+from pipelines.driver import cluster
+from pipelines.driver.config import plain
+from pipelines.driver.tracking import stage_run
 from pipelines.stages.sample import stage as sample
-from pipelines.tracking import stage_run
 
 STAGE = "pipeline"
 ORDER = ("synthesize", "prepare", "train_autoencoder", "encode_latents", "train_ldm", "sample", "evaluate", "export")

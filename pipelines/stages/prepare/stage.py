@@ -22,10 +22,10 @@ from ldm.manifest import CLAIM_NAME, IncompleteOutputError, clear, list_files, r
 from ldm.markers import read_markers
 from ldm.storage import Storage, resolve
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
-from pipelines.cluster import Request
-from pipelines.config import plain
-from pipelines.stage import Inputs, Job, Output, Stage
-from pipelines.stages.prepare import tasks
+from pipelines.driver.cluster import Request
+from pipelines.driver.config import plain
+from pipelines.driver.stage import Inputs, Job, Output, Stage
+from pipelines.stages.prepare import remote
 
 STAGE = Stage(
     "prepare",
@@ -36,7 +36,7 @@ STAGE = Stage(
     requests=lambda cfg: [Request("stage.resources.num_cpus_per_task", {"CPU": cfg.stage.resources.num_cpus_per_task})],
 )
 WORK = "_work"
-TOKENIZER = tasks.TOKENIZER
+TOKENIZER = remote.TOKENIZER
 
 
 class EmptyOutputError(RuntimeError):
@@ -113,7 +113,7 @@ def _prepare(job: Job) -> Output:
     if work.held_out is not None:
         print(
             f"{STAGE.name}: {held_out} of the {rows_out} kept rows held out from training "
-            f"(fraction {work.held_out.fraction}, by key) in {tasks.HELD_OUT}/"
+            f"(fraction {work.held_out.fraction}, by key) in {remote.HELD_OUT}/"
         )
     if rows_out == 0:
         raise EmptyOutputError(
@@ -125,12 +125,12 @@ def _prepare(job: Job) -> Output:
     layout = work.layout
     facts: dict[str, Any] = {
         "format": fmt,
-        "layout": {"data": f"{layout}/", "dropped": f"{tasks.DROPPED}/", "tokenizer": f"{TOKENIZER}/"},
+        "layout": {"data": f"{layout}/", "dropped": f"{remote.DROPPED}/", "tokenizer": f"{TOKENIZER}/"},
         "tokenizer": {"path": f"{TOKENIZER}/", "vocab_size": vocab_size, "max_length": settings.tokenizer.max_length},
         "unused_rules": unused,
     }
     if work.held_out is not None:
-        facts["layout"]["held_out"] = f"{tasks.HELD_OUT}/"
+        facts["layout"]["held_out"] = f"{remote.HELD_OUT}/"
         facts["held_out"] = {**asdict(work.held_out), "rows": held_out}
     message = ""
     if fmt == "metadata":
@@ -149,13 +149,13 @@ def _prepare(job: Job) -> Output:
             f"overrides), or stage=pipeline for every step to a model; by hand, with\n  {command}"
         )
     files = {f"{layout}/{name}": size for s in summaries for name, size in s["files"].items()}
-    files.update({f"{tasks.DROPPED}/{name}": size for s in summaries for name, size in s["dropped_files"].items()})
+    files.update({f"{remote.DROPPED}/{name}": size for s in summaries for name, size in s["dropped_files"].items()})
     files.update(
-        {f"{tasks.HELD_OUT}/{name}": size for s in summaries for name, size in s.get("held_out_files", {}).items()}
+        {f"{remote.HELD_OUT}/{name}": size for s in summaries for name, size in s.get("held_out_files", {}).items()}
     )
     row_groups = {
         f"{folder}/{name}": groups
-        for folder, part in ((layout, "row_groups"), (tasks.HELD_OUT, "held_out_row_groups"))
+        for folder, part in ((layout, "row_groups"), (remote.HELD_OUT, "held_out_row_groups"))
         for s in summaries
         for name, groups in s[part].items()
     }
@@ -231,7 +231,7 @@ class _Steps:
         target = f"{self.work}/keys"
         clear(self.storage, target)
         scan = partial(
-            tasks.scan,
+            remote.scan,
             storage=self.storage,
             fmt=self.fmt,
             columns=self.columns,
@@ -273,16 +273,16 @@ class _Steps:
         columns = ["unit", "row", *rules]
         if keys is not None and keys.count_rows() <= self.resources.dedup_on_driver_max_rows:
             # Few enough keys to hold here: the same two functions, without a distributed shuffle's start-up.
-            found = tasks.duplicates(tasks.dedup_keys(keys.to_table(columns=columns), rules=rules))
+            found = remote.duplicates(remote.dedup_keys(keys.to_table(columns=columns), rules=rules))
             pq.write_to_dataset(found, path, partition_cols=["unit"], filesystem=pafs)
         elif keys is not None:
             (
                 ray.data.read_parquet(keys.files, filesystem=pafs, columns=columns)
-                .map_batches(partial(tasks.dedup_keys, rules=rules), batch_format="pyarrow")
+                .map_batches(partial(remote.dedup_keys, rules=rules), batch_format="pyarrow")
                 # Hash partitions hold every row of a key; with batch_size=None a batch is a whole partition,
                 # the same guarantee Ray's own groupby().map_groups() relies on.
                 .repartition(self.resources.dedup_partitions, keys=["key"])
-                .map_batches(tasks.duplicates, batch_size=None, batch_format="pyarrow")
+                .map_batches(remote.duplicates, batch_size=None, batch_format="pyarrow")
                 # Then each unit's duplicates in one block: one file per unit, not one per (partition, unit).
                 .repartition(self.resources.dedup_partitions, keys=["unit"])
                 .write_parquet(path, filesystem=pafs, partition_cols=["unit"])
@@ -333,7 +333,7 @@ class _Steps:
             print(f"{STAGE.name}: resuming: {len(finished)} of {len(units)} file(s) already prepared")
         if todo:
             task = partial(
-                tasks.prepare,
+                remote.prepare,
                 job={
                     "storage": self.storage,
                     "out": self.out,

@@ -28,9 +28,9 @@ from ldm.models.image_conditioned import image_conditions
 from ldm.storage import Storage, resolve
 from ldm.tasks import Task
 from ldm.tasks import task as named_task
-from pipelines.config import plain
-from pipelines.model_stage import load_model, model_inputs
-from pipelines.stage import Inputs, Job, Output, Stage
+from pipelines.driver.config import plain
+from pipelines.driver.model_stage import load_model, model_inputs
+from pipelines.driver.stage import Inputs, Job, Output, Stage
 
 STAGE = Stage(
     "sample", version=1, output_url=lambda cfg: cfg.stage.output_url, uses_ray=False, detail="{images} images"

@@ -1,7 +1,7 @@
 """stage=synthesize: a seeded LAION-400M-format corpus (metadata + img2dataset shards) in ``data.raw_url``.
 
 Rows are planned on the driver; each img2dataset shard is rendered, JPEG-encoded and written by one Ray Data
-task (``tasks.py``). The metadata parquet and the truth table (each row's scene and injected defect) follow.
+task (``remote.py``). The metadata parquet and the truth table (each row's scene and injected defect) follow.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from ldm.synthetic.corpus import (
     truth_table,
 )
 from ldm.synthetic.scene import held_out_combinations
-from pipelines.cluster import Request
-from pipelines.config import plain
-from pipelines.stage import Inputs, Job, Output, Stage
-from pipelines.stages.synthesize.tasks import write_shard
+from pipelines.driver.cluster import Request
+from pipelines.driver.config import plain
+from pipelines.driver.stage import Inputs, Job, Output, Stage
+from pipelines.stages.synthesize.remote import write_shard
 
 STAGE = Stage(
     "synthesize",

@@ -44,7 +44,7 @@ from ldm.models.first_stage import (
 from ldm.models.presets import first_stage_preset
 from ldm.storage import Storage
 from pipelines.schema import TrainAutoencoder
-from pipelines.stages.train_autoencoder import tasks
+from pipelines.stages.train_autoencoder import remote
 from pipelines.train_worker import (
     EpochData,
     RunLogger,
@@ -129,7 +129,7 @@ def train_loop(config: LoopConfig) -> None:
     while step < settings.steps:
         consumed = 0  # rows of this epoch's run trained on in this attempt
         crops = partial(
-            tasks.pixels,
+            remote.pixels,
             resolution=config.resolution,
             seed=(settings.seed, epoch),
             flip=settings.random_flip,

@@ -2,7 +2,7 @@
 
 Each Ray Train worker (``loop.py``) reads its run of every epoch's order of the prepared shards with Ray Data
 (``EpochData``, as train_ldm does, so a restart continues the epoch exactly), decoding, cropping and flipping on
-CPU tasks (``tasks.py``) with crops drawn from the seed, the epoch and the row's key. Checkpoints go to ``stage.checkpoints_url`` under a run name made from
+CPU tasks (``remote.py``) with crops drawn from the seed, the epoch and the row's key. Checkpoints go to ``stage.checkpoints_url`` under a run name made from
 the training settings, so the same command after a kill (or a worker failure) resumes from the latest one.
 The final autoencoder is written in diffusers format to ``stage.output_url``. It trains on prepare's
 ``shards/`` and validates on at most ``stage.validation_images`` of its ``held_out/`` rows, the ones
@@ -23,9 +23,9 @@ from ldm.manifest import data_files, data_row_groups
 from ldm.models.first_stage import factor, kind, load_first_stage
 from ldm.models.presets import first_stage_preset
 from ldm.storage import model_location, resolve
-from pipelines import training
-from pipelines.stage import Inputs, Job, Output, Stage
-from pipelines.stages.train_autoencoder import loop, tasks
+from pipelines.driver import trainer as training
+from pipelines.driver.stage import Inputs, Job, Output, Stage
+from pipelines.stages.train_autoencoder import loop, remote
 from pipelines.train_worker import EpochData
 
 # 3: trains on prepare's shards/ and validates on its held_out/ (prepare's held-out set).
@@ -67,7 +67,7 @@ def _train(job: Job) -> Output:
     )
     datasets = {
         "validation": validation.limit(settings.validation_images).map_batches(
-            partial(tasks.pixels, resolution=cfg.data.resolution, seed=None, flip=False),
+            partial(remote.pixels, resolution=cfg.data.resolution, seed=None, flip=False),
             num_cpus=settings.resources.num_cpus_per_decode_task,
         )
     }

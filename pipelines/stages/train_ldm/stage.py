@@ -35,8 +35,8 @@ from ldm.models.text_to_image import CONDITIONER, EMA, TEXT_ENCODER, UNET, load_
 from ldm.storage import Storage, model_location, resolve, weights_digest
 from ldm.tasks import task as named_task
 from ldm.text.tokenizer import load_tokenizer, save_tokenizer
-from pipelines import training
-from pipelines.stage import Inputs, Job, Output, Stage, task_identity
+from pipelines.driver import trainer as training
+from pipelines.driver.stage import Inputs, Job, Output, Stage, task_identity
 from pipelines.stages.train_ldm import loop
 from pipelines.train_worker import EpochData
 

@@ -25,9 +25,9 @@ from omegaconf import DictConfig
 
 from ldm.manifest import claim_output, fingerprint, verify, write_manifest
 from ldm.storage import Storage, resolve
-from pipelines.cluster import Request, check_plan, connect
-from pipelines.config import plain
-from pipelines.tracking import stage_run
+from pipelines.driver.cluster import Request, check_plan, connect
+from pipelines.driver.config import plain
+from pipelines.driver.tracking import stage_run
 
 
 @dataclass

@@ -19,7 +19,7 @@ import mlflow
 import yaml
 from omegaconf import DictConfig
 
-from pipelines.config import plain
+from pipelines.driver.config import plain
 
 # Matched against whole parts of a key ("hf_token", "aws_secret_access_key"), so "tokenizer" or "max_tokens"
 # stay visible.

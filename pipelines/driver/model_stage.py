@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from ldm.diffusion.sampling import load_pipeline
 from ldm.storage import Storage
-from pipelines.stage import Inputs, Job
+from pipelines.driver.stage import Inputs, Job
 
 
 def model_inputs(cfg: DictConfig, storage: Storage) -> Inputs:

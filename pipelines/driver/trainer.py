@@ -13,9 +13,9 @@ from ray.train.torch import TorchTrainer
 
 from ldm.manifest import fingerprint
 from ldm.storage import Storage, resolve
-from pipelines.cluster import Request
-from pipelines.config import plain
-from pipelines.stage import NOT_CONTENT, Job
+from pipelines.driver.cluster import Request
+from pipelines.driver.config import plain
+from pipelines.driver.stage import NOT_CONTENT, Job
 from pipelines.train_worker import RunTarget
 
 # Besides what is not content at all: how long to train, where to write, on what hardware and whether to
