@@ -98,7 +98,7 @@ def main() -> None:
         order_by=["start_time DESC"],
         max_results=1,
     )
-    stage_rate = statistics.median(m.value for m in client.get_metric_history(run.info.run_id, "train/images_per_s"))
+    stage_rate = statistics.median(m.value for m in client.get_metric_history(run.info.run_id, "train/samples_per_s"))
 
     s = cfg.stage
     print(

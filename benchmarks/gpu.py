@@ -1,8 +1,8 @@
 """Every GPU code path of the pipeline in one run, one line per check: on a machine with one GPU (under 8 minutes),
 or with ``--cpu`` the same checks at small sizes on the CPU, which exercises all but the CUDA calls.
 
-    .venv/bin/python benchmarks/gpu.py            # one GPU: the paper's kl-f8 first stage and txt2img-1p4b UNet at 256 px
-    .venv/bin/python benchmarks/gpu.py --cpu      # CPU: tiny presets at 64 px (what CI can run)
+    .venv/bin/python benchmarks/gpu.py          # one GPU: the paper's kl-f8 first stage and txt2img-1p4b UNet at 256 px
+    .venv/bin/python benchmarks/gpu.py --cpu    # CPU: tiny presets at 64 px (what CI can run)
 
 The checks, in order, each a stage run in-process as ``python pipelines/run.py`` runs it:
 1. ``train_autoencoder``: on the GPU worker (``stage.scaling.use_gpu``, bf16 where the GPU has it), then the same
@@ -106,7 +106,8 @@ class Checks:
             self.failed += 1
             traceback.print_exc()
             print(
-                f"gpu: {name}: FAILED {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} ({time.time() - started:.0f} s)"
+                f"gpu: {name}: FAILED {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+                f"({time.time() - started:.0f} s)"
             )
             return None
         self.passed += 1
@@ -187,8 +188,10 @@ def main() -> None:
         steps, resumed = trained_and_resumed("train_autoencoder", *mode["train"], *mode["autoencoder"])
         metrics = resumed["facts"]["final_metrics"]
         return resumed, (
-            f"{steps} steps, resumed to {resumed['counts']['steps']}; {metrics.get('train/images_per_s', 0):.1f} images/s, "
-            f"MFU {metrics.get('perf/mfu', float('nan')):.3f}, held-out PSNR {metrics.get('val/psnr', float('nan')):.1f} dB"
+            f"{steps} steps, resumed to {resumed['counts']['steps']}; "
+            f"{metrics.get('train/samples_per_s', 0):.1f} images/s, "
+            f"MFU {metrics.get('perf/mfu', float('nan')):.3f}, "
+            f"held-out PSNR {metrics.get('val/psnr', float('nan')):.1f} dB"
         )
 
     checks.run("train_autoencoder with a resume", autoencoder)
@@ -200,8 +203,8 @@ def main() -> None:
         rate = encoded["timings"]["images_per_s"]
         mfu = rate * encoding_flops(encoded["facts"], torch.device(mode["device"]))
         return encoded, (
-            f"{encoded['counts']['rows_out']} images with τθ(y) from an fp16-saved encoder; {rate:.1f} images/s per device, "
-            f"MFU {mfu:.3f}"
+            f"{encoded['counts']['rows_out']} images with τθ(y) from an fp16-saved encoder; "
+            f"{rate:.1f} images/s per device, MFU {mfu:.3f}"
         )
 
     checks.run("encode_latents on GPU actors, frozen text encoder", encode)
@@ -212,8 +215,10 @@ def main() -> None:
         )
         metrics = resumed["facts"]["final_metrics"]
         return resumed, (
-            f"{steps} steps, resumed to {resumed['counts']['steps']}; {metrics.get('train/steps_per_s', 0):.2f} steps/s, "
-            f"{metrics.get('train/samples_per_s', 0):.1f} images/s per device, MFU {metrics.get('perf/mfu', float('nan')):.3f}"
+            f"{steps} steps, resumed to {resumed['counts']['steps']}; "
+            f"{metrics.get('train/steps_per_s', 0):.2f} steps/s, "
+            f"{metrics.get('train/samples_per_s', 0):.1f} images/s per device, "
+            f"MFU {metrics.get('perf/mfu', float('nan')):.3f}"
         )
 
     checks.run("train_ldm bf16 with a resume", train)
@@ -244,7 +249,8 @@ def main() -> None:
         assert served == mode["device"], f"the served model runs on {served}"
         return (
             exported,
-            f"{exported['facts']['pipeline']} registered as {registered['name']} v{registered['version']}, served on {served}: {len(row['png'])} B PNG",
+            f"{exported['facts']['pipeline']} registered as {registered['name']} v{registered['version']}, "
+            f"served on {served}: {len(row['png'])} B PNG",
         )
 
     checks.run("export, served through the MLflow model", export)

@@ -1,8 +1,8 @@
 """From nothing to measured prompt adherence on this machine, in one run: the recipe for a tiny model that
 follows its prompts, ``experiment=quality`` (conf/experiment/quality.yaml).
 
-``stage=pipeline`` with that experiment (synthesize -> prepare -> train_autoencoder -> encode_latents -> train_ldm (tiny)
--> sample -> evaluate -> export, as a user runs it: Ray, MLflow, local storage) prints each stage's minutes and
+``stage=pipeline`` with that experiment (synthesize -> prepare -> train_autoencoder -> encode_latents -> train_ldm
+(tiny) -> sample -> evaluate -> export, as a user runs it: Ray, MLflow, local storage) prints each stage's minutes and
 the held-out prompt adherence: per attribute, the fraction of images generated for (colour, shape, background)
 combinations never rendered in training whose classified attribute is the prompted one, with its 95 % interval
 and chance, position per axis, and how many images hold more than one object.
@@ -111,7 +111,8 @@ def main() -> None:
             f"{a} {r[f'scene_{a}']:.3f}" for a in ("colour", "shape", "position", "background") if f"scene_{a}" in r
         )
         print(
-            f"first stage, held out: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}; the reconstruction shows the original's {fidelity}"
+            f"first stage, held out: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}; "
+            f"the reconstruction shows the original's {fidelity}"
         )
     print(
         f"adherence grid: {root}/store/evaluation/adherence.png | samples: {root}/store/samples/grid.png | "

@@ -17,7 +17,8 @@ runs as many tasks at once as the cluster allows. Generating the data (stage=syn
 the metadata parquet) is setup and not measured.
 
 Targets, for each stage at 10 x the data: peak memory <= 1.3 x that at 1 x (memory follows batch and file sizes,
-not the data), and wall time <= 11 x (linear, with some slack; 1.1 x the factor at another --factor). The last line, for scripts:
+not the data), and wall time <= 11 x (linear, with some slack; 1.1 x the factor at another --factor).
+The last line, for scripts:
 ``scale: memory ratio <worst stage's> time ratio <worst stage's>``.
 
     .venv/bin/python benchmarks/scale.py [--metadata-rows 200000] [--images 4000] [--factor 10] [--skip-train]
@@ -291,7 +292,8 @@ def main() -> None:
         worst_memory = max(worst_memory, mem_l / mem_s if mem_s else float("inf"))
         worst_time = max(worst_time, sec_l / sec_s if sec_s else float("inf"))
     print(
-        f"targets at {args.factor}x the data: memory ratio <= {TARGET_MEMORY} and time ratio <= {TIME_SLACK * args.factor:g} for each stage "
+        f"targets at {args.factor}x the data: memory ratio <= {TARGET_MEMORY} and "
+        f"time ratio <= {TIME_SLACK * args.factor:g} for each stage "
         f"(sizes: metadata rows, images; memory: PSS of the whole Ray cluster, sampled every {args.interval}s)"
     )
     print(f"scale: memory ratio {worst_memory:.2f} time ratio {worst_time:.2f}")

@@ -2,9 +2,9 @@
 
 For each task, ``stage=pipeline task=<name>`` on the embedded default (the synthetic corpus, the demo's step
 counts or those BUDGET gives the task) as a user runs it. The tasks share one storage root, so synthesize,
-prepare and the first stage are made once (super-resolution trains its own 3-channel first stage); a task's minutes from nothing are its own
-stages' plus those of the shared stages it used, as each took when it ran. Then its metric against its
-baseline, as a ratio that says whether it is beaten (> 1 is better than the baseline; for tv, target / tv,
+prepare and the first stage are made once (super-resolution trains its own 3-channel first stage); a task's minutes from
+nothing are its own stages' plus those of the shared stages it used, as each took when it ran. Then its metric against
+its baseline, as a ratio that says whether it is beaten (> 1 is better than the baseline; for tv, target / tv,
 >= 1 meets it):
 
 - unconditional: total variation of the generated scenes' attributes from the data's (target <= 0.15) and
@@ -117,13 +117,15 @@ def main() -> None:
                 )
             )
         print(
-            f"\n{name}: {wall:.1f} min this run, {minutes:.1f} min from nothing; {json.dumps(metrics.get(CHECKS[name][0][0]))}",
+            f"\n{name}: {wall:.1f} min this run, {minutes:.1f} min from nothing; "
+            f"{json.dumps(metrics.get(CHECKS[name][0][0]))}",
             flush=True,
         )
 
     print(f"\ncores: {os.cpu_count()} | the embedded default per task {' '.join(args.overrides)}")
     print(
-        f"| task | metric | value | baseline | ratio (> 1: beats it; tv: >= 1 meets it) | minutes from nothing (limit {LIMIT_MINUTES}) | steps |"
+        "| task | metric | value | baseline | ratio (> 1: beats it; tv: >= 1 meets it) | "
+        f"minutes from nothing (limit {LIMIT_MINUTES}) | steps |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, metric, value, baseline, ratio, minutes, steps in rows:

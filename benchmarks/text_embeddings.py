@@ -166,17 +166,20 @@ def main() -> None:
 
     s = cfg.stage
     print(
-        f"\ncores: {os.cpu_count()} | {args.images} images at {cfg.data.resolution}px, preset {s.model.preset} UNet, global batch "
-        f"{s.batch_size * s.scaling.num_workers}, precision {s.precision}; encode_latents without embeddings {plain_seconds:.1f}s"
+        f"\ncores: {os.cpu_count()} | {args.images} images at {cfg.data.resolution}px, "
+        f"preset {s.model.preset} UNet, global batch {s.batch_size * s.scaling.num_workers}, "
+        f"precision {s.precision}; encode_latents without embeddings {plain_seconds:.1f}s"
     )
     print(
-        "| encoder | parameters | encode_latents time with / without | stored bytes a row (zstd) | full sequence fp16 | "
-        "non-padding + mask fp16 | steps/s precomputed (a) | steps/s encoder every step (b) | (a)/(b) |"
+        "| encoder | parameters | encode_latents time with / without | stored bytes a row (zstd) | "
+        "full sequence fp16 | non-padding + mask fp16 | steps/s precomputed (a) | "
+        "steps/s encoder every step (b) | (a)/(b) |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, params, cost, stored, full, trimmed, a, b in rows:
         print(
-            f"| {name} | {params / 1e6:.1f}M | {cost:.2f} | {stored:,.0f} | {full:,} | {trimmed:,.0f} | {a:.2f} | {b:.2f} | {a / b:.2f} |"
+            f"| {name} | {params / 1e6:.1f}M | {cost:.2f} | {stored:,.0f} | {full:,} | {trimmed:,.0f} | "
+            f"{a:.2f} | {b:.2f} | {a / b:.2f} |"
         )
     print(f"work dir: {work}")
 

@@ -142,9 +142,10 @@ def main() -> None:
         max_results=1,
     )
     epochs = int(max(m.value for m in client.get_metric_history(run.info.run_id, "train/epoch")))
-    logged = lambda key: [
-        m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
-    ][1:]  # noqa: E731
+
+    def logged(key):
+        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)][1:]
+
     rates, waits = logged("train/steps_per_s"), logged("train/data_wait_fraction")
     stage_rate = statistics.median(rates)
     seconds = [cfg.stage.log_every / rate for rate in rates]  # each logged window is log_every steps
@@ -156,14 +157,15 @@ def main() -> None:
         f"latents {list(latents['latent_mean'].shape[1:])} from {cfg.data.resolution}px, precision {s.precision}"
     )
     print(
-        f"bare loop, {torch.get_num_threads()} threads: (a) precomputed latents {precomputed:.2f} steps/s, (b) encoding "
-        f"pixels every step {on_the_fly:.2f} steps/s | ratio (a)/(b) {precomputed / on_the_fly:.2f}"
+        f"bare loop, {torch.get_num_threads()} threads: (a) precomputed latents {precomputed:.2f} steps/s, "
+        f"(b) encoding pixels every step {on_the_fly:.2f} steps/s | ratio (a)/(b) {precomputed / on_the_fly:.2f}"
     )
     print(
-        f"stage=train_ldm, {s.scaling.num_workers} Ray Train workers: {stage_rate:.2f} steps/s (median of logged windows; "
-        f"{args.steps} steps in {minutes:.1f} min with start-up) | data wait {wait:.1%} of step time "
-        f"(target < {TARGET_WAIT:.0%}; over the windows after the first, {epochs} epoch boundaries among them, worst window "
-        f"{max(waits):.1%}) | stage/bare(a) {stage_rate / precomputed:.2f}"
+        f"stage=train_ldm, {s.scaling.num_workers} Ray Train workers: {stage_rate:.2f} steps/s "
+        f"(median of logged windows; {args.steps} steps in {minutes:.1f} min with start-up) | "
+        f"data wait {wait:.1%} of step time (target < {TARGET_WAIT:.0%}; over the windows after the first, "
+        f"{epochs} epoch boundaries among them, worst window {max(waits):.1%}) | "
+        f"stage/bare(a) {stage_rate / precomputed:.2f}"
     )
     print(f"work dir: {work}")
 

@@ -8,6 +8,7 @@ path (with a monkeypatched ``torch.cuda`` or the ``meta`` device).
 - ``rng_state`` / ``restore_rng``: every random stream a training step draws from, saved and continued, also when
   a run resumes on another device type (a CPU generator's state is 5,056 bytes, a CUDA one's 16).
 - ``restore_optimizer``: an optimizer's state loaded onto the device its parameters already train on.
+- ``DIFFUSERS_LOAD``: how every diffusers model is loaded.
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from diffusers.utils import is_accelerate_available
 
 from ldm.choices import PRECISIONS
+
+# Every diffusers model loads in fp32, whatever it was saved in (fp16 releases are common): a stage casts it where
+# it runs in half precision. Without accelerate, diffusers cannot load with low CPU memory: asking for it anyway
+# (its default) only warns on every load and falls back.
+DIFFUSERS_LOAD = {"torch_dtype": torch.float32, "low_cpu_mem_usage": is_accelerate_available()}
 
 
 def device_for(name: str) -> torch.device:

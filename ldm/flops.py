@@ -2,8 +2,8 @@
 
 A step's FLOPs are counted once by torch's own counter (``FlopCounterMode``: forward and backward matmuls and
 convolutions, as dispatched), not estimated from a formula, so any model and any accumulation is counted alike.
-The peak is the GPU's dense rate for the training's precision (bf16, TF32 or fp32) from its data sheet; on a CPU, where there is no data
-sheet to trust, a matmul of the training dtype is timed on the spot.
+The peak is the GPU's dense rate for the training's precision (bf16, TF32 or fp32) from its data sheet; on a CPU, where
+there is no data sheet to trust, a matmul of the training dtype is timed on the spot.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Stages of the pipeline: compose `ldm` with Ray, MLflow and Hydra."""
+"""The stages: ``ldm`` composed with Ray, MLflow and Hydra. ``driver/`` runs in the process ``pipelines/run.py``
+starts, ``worker/`` in Ray's worker processes, ``stages/<name>/`` holds one stage each."""

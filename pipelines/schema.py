@@ -6,11 +6,14 @@ The values (every default) live in ``conf/``; these classes hold the types only.
 names the library takes (``ldm.choices``, ``ldm.models.presets``), so a new sampler or preset is one edit
 there. Ray Train workers get their stage's node as an instance of its class (``OmegaConf.to_object``): this
 module imports neither Hydra nor OmegaConf, so worker processes can load it.
+
+What a setting is to the outputs it makes is declared on its field (``operational()``, ``run_extent()``); a setting
+that declares nothing is content: part of its output's fingerprint and of a training run's identity.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
@@ -52,6 +55,31 @@ EncodeFormat = _choice("EncodeFormat", ("jpg", "png", "webp"))
 Compression = _choice("Compression", ("zstd", "snappy", "gzip", "brotli", "lz4", "none"))  # parquet codecs
 
 
+# -- what a setting is to the outputs it makes ---------------------------------------------------------------------
+ROLE = "role"  # the dataclass field metadata key
+CONTENT = "content"
+OPERATIONAL = "operational"
+RUN_EXTENT = "run_extent"
+
+
+def operational() -> Any:
+    """A setting of how fast an output is made, or how it is logged and watched, never of what it holds: left out of
+    every fingerprint, so that changing it finds the outputs complete."""
+    return field(metadata={ROLE: OPERATIONAL})
+
+
+def run_extent() -> Any:
+    """How far a training run goes, where it writes, on what hardware and whether it resumes (for a task: where its
+    outputs go): in the output's fingerprint but not in the run's (or the task's) identity, so that a re-run with
+    more steps, other cadences or other workers' CPUs continues the same run."""
+    return field(metadata={ROLE: RUN_EXTENT})
+
+
+def roles(schema: type) -> dict[str, str]:
+    """Each setting of a schema class and its declared role."""
+    return {f.name: f.metadata.get(ROLE, CONTENT) for f in fields(schema)}
+
+
 # -- data ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Input:
@@ -90,7 +118,7 @@ class Data:
 
 @dataclass
 class ImageData(Data):
-    validation_prompts: List[str]
+    validation_prompts: List[str] = operational()
 
 
 @dataclass
@@ -173,7 +201,7 @@ class Synthesize:
     metadata_rows_per_file: int
     formats: List[ShardFormat]
     jpeg_quality: int
-    resources: SynthesizeResources
+    resources: SynthesizeResources = operational()
 
 
 # -- stage=prepare ------------------------------------------------------------------------------------------------
@@ -239,7 +267,7 @@ class Prepare:
     rows_per_task: int
     held_out: HeldOut
     img2dataset: Img2dataset
-    resources: PrepareResources
+    resources: PrepareResources = operational()
 
 
 # -- stage=download -----------------------------------------------------------------------------------------------
@@ -266,13 +294,14 @@ class Download:
     max_aspect_ratio: Optional[float]
     user_agent_token: Optional[str]
     disallowed_header_directives: List[str]
-    resources: DownloadResources
+    resources: DownloadResources = operational()
 
 
 # -- stage=train_autoencoder --------------------------------------------------------------------------------------
 @dataclass
 class FirstStageFields:
-    """Fields of the first-stage preset to replace (``ldm.models.presets.FirstStagePreset``); null keeps the preset's."""
+    """Fields of the first-stage preset to replace (``ldm.models.presets.FirstStagePreset``); null keeps the
+    preset's."""
 
     block_out_channels: Optional[List[int]]
     layers_per_block: Optional[int]
@@ -324,23 +353,23 @@ class TrainAutoencoder:
     disc_layers: int
     lpips_weights: List[str]
     optimizer: AutoencoderOptimizer
-    steps: int
+    steps: int = run_extent()
     batch_size: int
     seed: int
     random_flip: bool
     crop: Optional[int]
     shuffle_buffer: int
-    validation_images: int
+    validation_images: int = operational()
     scene_fidelity: bool
-    log_every: int
-    eval_every: int
-    checkpoint_every: int
-    keep_checkpoints: int
+    log_every: int = operational()
+    eval_every: int = operational()
+    checkpoint_every: int = operational()
+    keep_checkpoints: int = operational()
     precision: Precision
-    scaling: Scaling
-    output_url: str
-    checkpoints_url: str
-    resources: DecodeResources
+    scaling: Scaling = run_extent()
+    output_url: str = run_extent()
+    checkpoints_url: str = run_extent()
+    resources: DecodeResources = operational()
 
 
 # -- stage=encode_latents -----------------------------------------------------------------------------------------
@@ -374,7 +403,7 @@ class EncodeLatents:
     compression: Compression
     row_group_rows: int
     held_out_images: int
-    resources: EncodeResources
+    resources: EncodeResources = operational()
 
 
 # -- stage=train_ldm ----------------------------------------------------------------------------------------------
@@ -457,28 +486,28 @@ class TrainLdm:
     caption_dropout: float
     optimizer: LdmOptimizer
     ema: Ema
-    steps: int
+    steps: int = run_extent()
     batch_size: int
     seed: int
     shuffle_buffer: int
-    prefetch_batches: int
+    prefetch_batches: int = operational()
     precision: Precision
     attention: Attention
     gradient_checkpointing: bool
     compile: bool
-    data_audit: bool
-    log_every: int
-    validation_images: int
-    eval_every: int
-    checkpoint_every: int
-    keep_checkpoints: int
-    sample_every: int
-    validation: Validation
-    resume: str
-    scaling: Scaling
-    log_model: bool
-    output_url: str
-    checkpoints_url: str
+    data_audit: bool = operational()
+    log_every: int = operational()
+    validation_images: int = operational()
+    eval_every: int = operational()
+    checkpoint_every: int = operational()
+    keep_checkpoints: int = operational()
+    sample_every: int = operational()
+    validation: Validation = operational()
+    resume: str = run_extent()
+    scaling: Scaling = run_extent()
+    log_model: bool = operational()
+    output_url: str = run_extent()
+    checkpoints_url: str = run_extent()
 
 
 # -- stage=sample, stage=evaluate, stage=export: a train_ldm output in -----------------------------------------------
@@ -509,9 +538,8 @@ class Sample(Generation):
     images_per_prompt: int
     num_images: int  # a model without prompts draws this many (unconditional; its own layouts; held-out images)
     classes: List[str]  # what a class-conditional model draws (empty: every class it knows)
-    layouts: List[
-        Any
-    ]  # what a layout-to-image model draws: lists of boxes, or their JSON text (empty: num_images of its own)
+    # What a layout-to-image model draws: lists of boxes, or their JSON text (empty: num_images of its own).
+    layouts: List[Any]
     images: List[str]  # image files to upsample or fill (super_resolution, inpainting; empty: held-out images)
     masks: List[str]  # inpainting: a mask file per image in `images`, light in the hole (empty: random holes)
     grid_columns: int
@@ -565,7 +593,7 @@ class Evaluate(Generation):
 @dataclass
 class Export(ModelStage):
     registered_model: Optional[str]
-    log_model: bool
+    log_model: bool = operational()
 
 
 # -- stage=pipeline -----------------------------------------------------------------------------------------------
@@ -586,13 +614,18 @@ class Pipeline:
 # -- task: what the latent diffusion model is conditioned on (ldm.tasks) ---------------------------------------------
 @dataclass
 class TaskConfig:
+    """A task's settings. Its identity (``pipelines.driver.stage.task_identity``) is its name and the settings that
+    change its model; the ``run_extent`` ones say where its outputs go and which first stage it reads."""
+
     name: str
-    suffix: str  # appended to the default output folders of the stages the task changes
-    latents_suffix: str  # appended to encode_latents' default output: only the tasks that concatenate an image to z_t have their own
-    latent_channels: Optional[int]  # the first stage's latent channels the task needs (null: the preset's)
-    autoencoder_suffix: (
-        str  # appended to train_autoencoder's default output: a task that needs another first stage has its own
-    )
+    suffix: str = run_extent()  # appended to the default output folders of the stages the task changes
+    # Appended to encode_latents' default output: only the tasks that concatenate an image to z_t have their own.
+    latents_suffix: str = run_extent()
+    # The first stage's latent channels the task needs (null: the preset's); that first stage's own fingerprint
+    # carries them into every output made from it.
+    latent_channels: Optional[int] = run_extent()
+    # Appended to train_autoencoder's default output: a task that needs another first stage has its own.
+    autoencoder_suffix: str = run_extent()
 
 
 @dataclass

@@ -5,6 +5,7 @@ a local Ray cluster, an S3-protocol server (moto) on 127.0.0.1, and an MLflow tr
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -145,9 +146,9 @@ def mlflow_server(s3_server, tmp_path_factory):
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{uri}/health", timeout=120, process=process)
-    except Exception:
+    except Exception as err:
         process.kill()
-        raise RuntimeError((workdir / "server.log").read_text()[-3000:])
+        raise RuntimeError((workdir / "server.log").read_text()[-3000:]) from err
     yield uri
     process.terminate()
     process.wait(timeout=30)
@@ -183,6 +184,19 @@ def kill_midway(command: list[str], cwd: Path, done: Path, markers: int) -> int:
     """``kill_when`` ``done`` holds ``markers`` done markers; how many it holds after the kill."""
     kill_when(command, cwd, lambda: len(list(done.glob("*.json"))) >= markers)
     return len(list(done.glob("*.json")))
+
+
+# What a console must not show: Ray's internal records (they stay in Ray's log files) and Python warnings (fixed
+# at their cause instead).
+CONSOLE_NOISE = re.compile(
+    r"PlacementGroupCleaner|TrainingReport|Reporting training result|Execution plan of Dataset"
+    r"|Starting execution of Dataset|\b\w*Warning: "
+)
+
+
+def console_noise(console: str) -> list[str]:
+    """The lines of a stage's console that are Ray's internal chatter or Python warnings."""
+    return [line for line in console.splitlines() if CONSOLE_NOISE.search(line)]
 
 
 def write_lpips_weights(directory: Path) -> list[str]:

@@ -3,6 +3,7 @@ type, an unknown choice or an unknown key is Hydra's error naming the key, befor
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import typing
@@ -135,6 +136,17 @@ def test_a_value_left_unset_is_named_before_anything_runs():
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Missing mandatory value" in output and "data.input.url" in output
     assert "Traceback" not in output
+    # A tracking server's URI comes from tracking.uri or MLFLOW_TRACKING_URI: with neither, the run never starts.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run(
+        [sys.executable, "pipelines/run.py", "stage=evaluate", "tracking=server"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 2 and "MLFLOW_TRACKING_URI" in result.stderr and "tracking.uri" in result.stderr
 
 
 def test_experiments_compose_for_their_stages():
@@ -230,3 +242,40 @@ def test_one_task_choice_sets_what_every_stage_of_the_workflow_needs():
     assert compose("stage=sample", "task=layout_to_image", "task.grid=32").task.grid == 32
     with pytest.raises(ConfigCompositionException, match="task"):
         compose("stage=train_ldm", "task=depth_to_image")
+
+
+@pytest.mark.parametrize("stage", ["train_autoencoder", "train_ldm"])
+def test_each_setting_counts_for_what_its_schema_field_declares(stage):
+    """An operational setting leaves the output and the run as they are; a run-extent one makes another output of
+    the same run; a content one, another output and another run."""
+    from pipelines.driver.stage import stage_fingerprint, task_identity
+    from pipelines.driver.trainer import training_identity
+
+    def identities(*overrides: str) -> tuple[str, str]:
+        cfg = compose(f"stage={stage}", *overrides)
+        return stage_fingerprint(cfg, 1, ["input"], True), training_identity(cfg, ["input"])
+
+    output, run = identities()
+    assert identities("stage.log_every=7", "stage.keep_checkpoints=9") == (output, run)
+    assert identities("data.validation_prompts=[a red circle]") == (output, run)
+    more = identities("stage.steps=12345")
+    assert more[0] != output and more[1] == run
+    other = identities("stage.seed=12345")
+    assert other[0] != output and other[1] != run
+    # The task: where its outputs go is not what its model is.
+    layout = task_identity(compose(f"stage={stage}", "task=layout_to_image"))
+    assert task_identity(compose(f"stage={stage}", "task=layout_to_image", "task.latents_suffix=_x")) == layout
+    assert task_identity(compose(f"stage={stage}", "task=layout_to_image", "task.grid=32")) != layout
+
+
+def test_every_declared_role_is_one_the_fingerprints_know():
+    from pipelines.schema import CONTENT, OPERATIONAL, RUN_EXTENT, roles
+
+    declared = {
+        f"{schema.__name__}.{name}": role
+        for options in OPTIONS.values()
+        for schema in options.values()
+        for name, role in roles(schema).items()
+    }
+    assert set(declared.values()) <= {CONTENT, OPERATIONAL, RUN_EXTENT}
+    assert declared["TrainLdm.log_every"] == OPERATIONAL and declared["TrainLdm.steps"] == RUN_EXTENT

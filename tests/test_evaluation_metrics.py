@@ -79,7 +79,8 @@ def test_layout_tokens_are_class_and_corner_cells_of_the_largest_boxes_padded_to
         {"label": "b", "box": [0.0, 0.5, 0.5, 1.0]},
     )
     tokens = encoder.tokens([[small], [small, large, middle], None, "[]"]).tolist()
-    # class, then top-left and bottom-right cells (row * 4 + column) after the classes; a box ending on a cell edge stays in the cell before it
+    # class, then top-left and bottom-right cells (row * 4 + column) after the classes;
+    # a box ending on a cell edge stays in the cell before it
     assert tokens[0] == [0, 3 + 0, 3 + 0, pad, pad, pad]
     assert tokens[1] == [2, 3 + 1 * 4 + 2, 3 + 2 * 4 + 3, 1, 3 + 2 * 4 + 0, 3 + 3 * 4 + 1]  # the two largest of three
     assert tokens[2] == tokens[3] == encoder.null_tokens(1)[0].tolist() == [pad] * 6  # no boxes: the null layout

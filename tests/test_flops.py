@@ -13,7 +13,8 @@ def test_a_step_is_counted_as_its_forward_and_backward_matmuls_and_leaves_no_tra
     flops = step_flops(lambda: model(inputs).sum().backward(), [model])
     # forward 2*8*64*32, backward the weight's gradient as much again (the input needs none)
     assert flops == 2 * (2 * 8 * 64 * 32)
-    # The counted pass is discarded: BatchNorm's statistics, the dropout's random stream and the gradients are as before.
+    # The counted pass is discarded: BatchNorm's statistics, the dropout's random stream
+    # and the gradients are as before.
     assert all(torch.equal(a, b) for a, b in zip(before[0], model.buffers()))
     assert torch.equal(before[1], torch.get_rng_state())
     assert all(p.grad is None for p in model.parameters())

@@ -17,7 +17,7 @@ from pipelines import stages
 from pipelines.driver.config import compose
 from pipelines.stages.encode_latents.encoder import Encoder, encoder_device
 from pipelines.stages.train_autoencoder.loop import training_parts
-from pipelines.train_worker import saved_streams
+from pipelines.worker.checkpoint import saved_streams
 
 CUDA = torch.device("cuda")
 
@@ -176,24 +176,15 @@ def test_optimizer_state_lands_on_the_device_its_parameters_train_on():
 def test_a_resumed_autoencoder_trains_with_its_optimizer_state_on_its_device():
     """train_autoencoder's parts as its loop builds them, resumed onto the ``meta`` device (a GPU's stand-in)."""
     settings = OmegaConf.to_object(compose("stage=train_autoencoder").stage)
-    autoencoder, loss, ae_optimizer, d_optimizer = training_parts(
-        settings, tiny_autoencoder("kl"), None, torch.device("cpu"), {}
-    )
-    for optimizer in (ae_optimizer, d_optimizer):
+    parts = training_parts(settings, tiny_autoencoder("kl"), None, torch.device("cpu"), {})
+    for optimizer in (parts.ae_optimizer, parts.d_optimizer):
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = torch.ones_like(p)
         optimizer.step()
-    state = {
-        "loss": loss.state_dict(),
-        "ae_optimizer": ae_optimizer.state_dict(),
-        "d_optimizer": d_optimizer.state_dict(),
-    }
-    autoencoder, loss, ae_optimizer, d_optimizer = training_parts(
-        settings, tiny_autoencoder("kl"), None, torch.device("meta"), state
-    )
-    assert autoencoder.device.type == "meta" and all(p.device.type == "meta" for p in loss.parameters())
-    for optimizer in (ae_optimizer, d_optimizer):
+    parts = training_parts(settings, tiny_autoencoder("kl"), None, torch.device("meta"), parts.state_dict())
+    assert parts.autoencoder.device.type == "meta" and all(p.device.type == "meta" for p in parts.loss.parameters())
+    for optimizer in (parts.ae_optimizer, parts.d_optimizer):
         moments = [v for state in optimizer.state.values() for k, v in state.items() if k != "step"]
         assert moments and all(m.device.type == "meta" for m in moments)
 

@@ -37,7 +37,10 @@ def imported(path) -> set[str]:
 
 def worker_modules() -> list[str]:
     """Every module of a stage package but its ``stage`` (the driver), and the shared worker-side ones."""
-    found = ["pipelines.train_worker", "pipelines.schema"]
+    found = [
+        "pipelines.schema",
+        *(f"pipelines.worker.{p.stem}" for p in sorted((ROOT / "pipelines" / "worker").glob("[!_]*.py"))),
+    ]
     for name in stages.STAGES:
         for path in sorted((ROOT / "pipelines" / "stages" / name).glob("*.py")):
             if path.stem not in {"__init__", "stage", *NOT_RAY_SIDE}:

@@ -2,13 +2,14 @@
 complete; a failing stage named; the plan for other data and a pretrained first stage."""
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
 
 import mlflow
 import pytest
-from conftest import BUCKET, ROOT, kill_when
+from conftest import BUCKET, ROOT, console_noise, kill_when
 from omegaconf import OmegaConf
 
 from ldm.models.first_stage import build_first_stage
@@ -120,6 +121,10 @@ def test_killed_mid_stage_it_resumes_there_skipping_the_stages_already_complete(
     assert any(line.startswith(f"samples: s3://{BUCKET}/pipeline/samples/images/") for line in summary)
     assert any(line.startswith("prompt adherence on 8 held-out prompts x 3 seeds: colour ") for line in summary)
     assert not any(line.startswith("(") or "%|" in line for line in summary), "\n".join(summary)  # no Ray worker output
+    # Both consoles together ran every stage, the training ones included: progress and results, no Ray chatter.
+    consoles = (tmp_path / "killed-run.log").read_text() + resumed.stdout
+    assert console_noise(consoles) == [], "\n".join(console_noise(consoles)[:20])
+    assert re.search(r"train_ldm: step \d+/\d+ \(\d+%\), loss [\d.]+, [\d.]+ steps/s, \S+ left", consoles)
 
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("pipeline-test").experiment_id

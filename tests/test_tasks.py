@@ -80,7 +80,8 @@ def test_unconditional_trains_samples_and_exports_diffusers_ldm_pipeline(ci_late
     script = (
         "import sys, torch; from diffusers import DiffusionPipeline\n"
         "pipe = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
-        "image = pipe(batch_size=1, num_inference_steps=int(sys.argv[3]), generator=torch.Generator().manual_seed(1)).images[0]\n"
+        "image = pipe(batch_size=1, num_inference_steps=int(sys.argv[3]),"
+        " generator=torch.Generator().manual_seed(1)).images[0]\n"
         "image.save(sys.argv[2]); print(type(pipe).__name__)\n"
     )
     out = in_fresh_process(
@@ -235,7 +236,8 @@ def test_layout_to_image_trains_on_boxes_samples_layouts_and_exports_its_pipelin
             )
         )
 
-    # Its metric: box IoU, position and class of the object drawn for each held-out layout, against between-layout chance.
+    # Its metric: box IoU, position and class of the object drawn for each held-out layout,
+    # against between-layout chance.
     evaluated = stages.load("evaluate").run(compose("stage=evaluate", *common))
     accuracy = evaluated["facts"]["metrics"]["layouts"]
     assert accuracy["images"] == 8 and 0 <= accuracy["iou"] <= 1 and 0 < accuracy["chance_position"] < 1
@@ -245,8 +247,8 @@ def test_layout_to_image_trains_on_boxes_samples_layouts_and_exports_its_pipelin
     script = (
         "import json, sys, torch; from ldm.models.conditioners import ConditionedPipeline\n"
         "pipe = ConditionedPipeline.from_pretrained(sys.argv[1])\n"
-        "image = pipe([json.loads(sys.argv[3])], num_inference_steps=int(sys.argv[4]), guidance_scale=float(sys.argv[5]),"
-        " generator=torch.Generator().manual_seed(1)).images[0]\n"
+        "image = pipe([json.loads(sys.argv[3])], num_inference_steps=int(sys.argv[4]),"
+        " guidance_scale=float(sys.argv[5]), generator=torch.Generator().manual_seed(1)).images[0]\n"
         "image.save(sys.argv[2]); print(type(pipe.conditioner).__name__)\n"
     )
     out = in_fresh_process(
@@ -297,7 +299,8 @@ def test_super_resolution_trains_on_low_resolution_images_and_exports_diffusers_
     # Latents without the low-resolution images (or with them, for a task without) are refused before anything starts.
     with pytest.raises(
         ValueError,
-        match="was encoded with concat=None, the task concatenates low_res to z_t: run stage=encode_latents task=super_resolution",
+        match="was encoded with concat=None, the task concatenates low_res to z_t: "
+        "run stage=encode_latents task=super_resolution",
     ):
         stages.load("train_ldm").run(
             compose("stage=train_ldm", *common, f"stage.latents_url={ci_latents}/store/latents")
@@ -346,8 +349,10 @@ def test_super_resolution_trains_on_low_resolution_images_and_exports_diffusers_
     script = (
         "import sys, numpy as np, torch; from PIL import Image; from diffusers import DiffusionPipeline\n"
         "pipe = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
-        "low = torch.from_numpy(np.asarray(Image.open(sys.argv[3]).convert('RGB'), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]\n"
-        "image = pipe(low, num_inference_steps=int(sys.argv[4]), generator=torch.Generator().manual_seed(0)).images[0]\n"
+        "low = torch.from_numpy(np.asarray(Image.open(sys.argv[3]).convert('RGB'), dtype=np.float32) / 127.5 - 1)"
+        ".permute(2, 0, 1)[None]\n"
+        "image = pipe(low, num_inference_steps=int(sys.argv[4]),"
+        " generator=torch.Generator().manual_seed(0)).images[0]\n"
         "image.save(sys.argv[2]); print(type(pipe).__name__)\n"
     )
     out = in_fresh_process(

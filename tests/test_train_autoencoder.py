@@ -73,8 +73,9 @@ def test_two_workers_learn_log_and_save_a_reloadable_model(prepared):
 
 
 def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_one_that_never_stopped(prepared):
-    """Exact resume (the same command with more steps continues from the last checkpoint): the same rows in the same order with the same crops and posterior noise on every rank after
-    the restart (10 steps an epoch here: step 6 is mid-epoch), so the weights come out bit for bit the same."""
+    """Exact resume (the same command with more steps continues from the last checkpoint): the same rows in the
+    same order with the same crops and posterior noise on every rank after the restart (10 steps an epoch here:
+    step 6 is mid-epoch), so the weights come out bit for bit the same."""
     root, common = prepared
     train = [*TRAIN, *common, "stage.optimizer.schedule=constant", "stage.checkpoint_every=3", "stage.eval_every=6"]
     straight = stages.load("train_autoencoder").run(
@@ -123,7 +124,8 @@ def test_the_vq_first_stage_trains_end_to_end_with_the_perceptual_term(prepared)
     for crop in (96, 30):
         with pytest.raises(
             ValueError,
-            match=rf"stage.crop={crop}: expected null or a side in \(0, data.resolution=64\], a multiple of the first stage's factor 4",
+            match=rf"stage.crop={crop}: expected null or a side in \(0, data.resolution=64\], "
+            "a multiple of the first stage's factor 4",
         ):
             stages.load("train_autoencoder").run(compose(*vq, f"stage.crop={crop}"))
     # On 32 px patches of the 64 px images; validated on whole images.

@@ -24,7 +24,7 @@ from ldm.models.text_to_image import load_models
 from ldm.storage import Storage
 from pipelines import stages
 from pipelines.driver.config import compose
-from pipelines.stages.train_ldm import loop as ldm_loop
+from pipelines.worker.checkpoint import STATE_FILE
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -109,7 +109,7 @@ def test_two_workers_train_in_step_on_disjoint_data_and_log_to_mlflow(latents, u
     assert held_out_loss[-1] < held_out_loss[0]  # the same held-out rows and noise each time: the model improved
     # Each rank draws its own τθ dropout: torch's streams differ between ranks (they were equal, so every rank
     # dropped the same units), and the checkpoint keeps every rank's.
-    [rank0_rng, rank1_rng] = torch.load(_checkpoints(manifest)[-1] / ldm_loop.STATE_FILE, weights_only=True)["rng"]
+    [rank0_rng, rank1_rng] = torch.load(_checkpoints(manifest)[-1] / STATE_FILE, weights_only=True)["rng"]
     assert rank0_rng["device"] == rank1_rng["device"] == "cpu" and not torch.equal(rank0_rng["cpu"], rank1_rng["cpu"])
 
     # Each worker trained on its own part of the latents: an epoch's keys are disjoint between ranks, and each
@@ -141,10 +141,8 @@ def test_resume_from_a_checkpoint_with_another_worker_count_finishes_the_epoch_o
     root, common = latents
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root}/mlruns.db")
     manifest, run, _ = uninterrupted
-    checkpoint = next(
-        c for c in _checkpoints(manifest) if torch.load(c / ldm_loop.STATE_FILE, weights_only=True)["step"] == 20
-    )
-    state = torch.load(checkpoint / ldm_loop.STATE_FILE, weights_only=True)
+    checkpoint = next(c for c in _checkpoints(manifest) if torch.load(c / STATE_FILE, weights_only=True)["step"] == 20)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
     epoch, taken = state["epoch"], sum(b - a for a, b in state["data"]["taken"])
     latent_keys = set(pq.read_table(root / "store" / "latents" / "shards", columns=["key"])["key"].to_pylist())
     assert 0 < taken < len(latent_keys)  # mid-epoch
@@ -166,7 +164,9 @@ def test_resume_from_a_checkpoint_with_another_worker_count_finishes_the_epoch_o
     ] == [20.0]
     assert resumed["counts"]["steps"] == steps and resumed["facts"]["checkpoints"] != manifest["facts"]["checkpoints"]
     last = _checkpoints(resumed)[-1]
-    assert torch.load(last / ldm_loop.STATE_FILE, weights_only=True)["ema_updates"] == steps  # the EMA went on counting
+    assert (
+        torch.load(last / STATE_FILE, weights_only=True)["ema"]["optimization_step"] == steps
+    )  # the EMA went on counting
 
     assert sorted(audit(client, [new.info.run_id], root / "audit-resume-new")) == [(epoch, 0)]
     both = audit(client, [run.info.run_id, new.info.run_id], root / "audit-resume", resumed_at=20)
@@ -179,12 +179,10 @@ def test_a_checkpoint_written_on_gpus_resumes_on_cpu_workers(latents, uninterrup
     a GPU run writes it: the CPU workers continue its step, weights and data position with fresh random streams."""
     root, common = latents
     manifest, _, _ = uninterrupted
-    source = next(
-        c for c in _checkpoints(manifest) if torch.load(c / ldm_loop.STATE_FILE, weights_only=True)["step"] == 20
-    )
+    source = next(c for c in _checkpoints(manifest) if torch.load(c / STATE_FILE, weights_only=True)["step"] == 20)
     checkpoint = tmp_path / source.name
     shutil.copytree(source, checkpoint)
-    state = torch.load(checkpoint / ldm_loop.STATE_FILE, weights_only=True)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
     state["rng"] = [
         {
             **r,
@@ -194,7 +192,7 @@ def test_a_checkpoint_written_on_gpus_resumes_on_cpu_workers(latents, uninterrup
         }
         for r in state["rng"]
     ]
-    torch.save(state, checkpoint / ldm_loop.STATE_FILE)
+    torch.save(state, checkpoint / STATE_FILE)
     resumed = stages.load("train_ldm").run(
         compose(
             *TRAIN,
@@ -206,10 +204,7 @@ def test_a_checkpoint_written_on_gpus_resumes_on_cpu_workers(latents, uninterrup
         )
     )
     assert resumed["counts"]["steps"] == 24
-    assert (
-        torch.load(_checkpoints(resumed)[-1] / ldm_loop.STATE_FILE, weights_only=True)["rng"][0]["generator"].numel()
-        == 5056
-    )
+    assert torch.load(_checkpoints(resumed)[-1] / STATE_FILE, weights_only=True)["rng"][0]["generator"].numel() == 5056
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3_and_trains_each_row_once(
@@ -259,7 +254,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_in_s3_and_trains_each
     )
     # Of the 9 written, keep_checkpoints' 3 latest (Ray Train sometimes keeps the one a restart restored from too).
     assert 3 <= len(names) <= 4
-    with fs.open(f"{path}/{names[-1]}/{ldm_loop.STATE_FILE}", "rb") as f:
+    with fs.open(f"{path}/{names[-1]}/{STATE_FILE}", "rb") as f:
         assert torch.load(f, weights_only=True)["step"] == 60
     assert fs.exists(f"{path}/{names[-1]}/unet/diffusion_pytorch_model.safetensors")
     fs_out, out = storage.fsspec(storage.url("ldm"))
@@ -303,26 +298,13 @@ def test_ray_job_submit_trains_across_two_nodes_of_a_ray_start_cluster(latents, 
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     gcs, dashboard = free_port(), free_port()
-    node = lambda: [
-        "--node-ip-address",
-        "127.0.0.1",
-        "--num-cpus",
-        "2",
-        "--disable-usage-stats",
-        "--block",  # noqa: E731
-        "--node-manager-port",
-        str(free_port()),
-        "--object-manager-port",
-        str(free_port()),
-        "--dashboard-agent-listen-port",
-        str(free_port()),
-        "--dashboard-agent-grpc-port",
-        str(free_port()),
-        "--metrics-export-port",
-        str(free_port()),
-        "--runtime-env-agent-port",
-        str(free_port()),
-    ]
+
+    def node() -> list[str]:
+        ports = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc"]
+        ports += ["metrics-export", "runtime-env-agent"]
+        options = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats", "--block"]
+        return options + [arg for name in ports for arg in (f"--{name}-port", str(free_port()))]
+
     ray_cli = os.path.join(bin_dir, "ray")
     head = subprocess.Popen(
         [

@@ -1,1 +1,2 @@
-"""Data logic of the prepare stage: input formats, filters, image probing and the per-file prepare step."""
+"""Data logic: input formats, filters, image probing and the per-file prepare step; downloads; held-out rows;
+each epoch's order of the training rows; layouts and inpainting masks."""

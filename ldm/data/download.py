@@ -268,8 +268,9 @@ def download_command(
     """An ``img2dataset`` command line for the filtered metadata at ``metadata_url``.
 
     JPEGs are kept as served (``--resize_mode no --skip_reencode``: decoded to check their size, never
-    re-encoded): prepare keeps the original bytes, and encode_latents resizes once, to the training resolution. The additional columns carry the
-    metadata the second prepare pass filters on; ``--compute_hash sha256`` feeds its duplicate-image rule.
+    re-encoded): prepare keeps the original bytes, and encode_latents resizes once, to the training resolution. The
+    additional columns carry the metadata the second prepare pass filters on; ``--compute_hash sha256`` feeds its
+    duplicate-image rule.
     """
     extra = carried_columns(columns, extra_columns)
     args: dict[str, Any] = {

@@ -5,8 +5,8 @@ the workers take equal consecutive runs of it. A checkpoint then says how far ea
 that order, and a restart (with any number of workers) continues the epoch on exactly the rows not yet trained
 on: exact mid-epoch resume, with nothing but row-group counts known in advance.
 
-``EpochStream``: a data loader that starts each epoch only when the trainer asks for it makes the trainer wait, at every epoch
-boundary, for everything that starting costs: with Ray Data's split streams, a barrier across the workers, a
+``EpochStream``: a data loader that starts each epoch only when the trainer asks for it makes the trainer wait, at every
+epoch boundary, for everything that starting costs: with Ray Data's split streams, a barrier across the workers, a
 new executor, read tasks, a shuffle buffer filling (~10 s measured on 2 cores). Here the thread starts the next
 epoch as soon as it has handed over the last one's batches, while the trainer still works through the queue.
 """

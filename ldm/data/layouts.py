@@ -29,7 +29,8 @@ def parse_layout(layout: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f'layout {layout!r}: expected a list of {{"label": class, "box": [x0, y0, x1, y1]}} '
                 "with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (fractions of the image)"
             )
-    # A label is a class name: numeric ones (a dataset's category ids) are their text, as the class vocabulary lists them.
+    # A label is a class name: numeric ones (a dataset's category ids) are their text,
+    # as the class vocabulary lists them.
     return [{**b, "label": str(b["label"])} for b in boxes]
 
 

@@ -1,1 +1,2 @@
-"""Training objectives: the first stage's reconstruction + regulariser + adversarial loss, later the diffusion loss."""
+"""The first stage's training objective: reconstruction + regulariser + adversarial loss, and the LPIPS network it
+uses. The diffusion objective is ``ldm.diffusion.objective``."""

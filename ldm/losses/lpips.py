@@ -83,7 +83,8 @@ class LPIPS(nn.Module):
             weight = lin[k]
             if tuple(weight.shape) != (1, CONVS[tap][1], 1, 1):
                 raise ValueError(
-                    f"LPIPS weights: lin{k}.model.1.weight is {tuple(weight.shape)}, expected {(1, CONVS[tap][1], 1, 1)}"
+                    f"LPIPS weights: lin{k}.model.1.weight is {tuple(weight.shape)}, "
+                    f"expected {(1, CONVS[tap][1], 1, 1)}"
                 )
             self.register_buffer(f"lin{k}", weight.float().clone(), persistent=False)
 

@@ -139,7 +139,10 @@ LABELS = {"vertical": "top/bottom", "horizontal": "left/right", "all": "all four
 
 def _score(scores: dict[str, float], name: str, digits: int) -> str:
     """``accuracy [low, high]`` of one score."""
-    return f"{scores[f'{name}_accuracy']:.{digits}f} [{scores[f'{name}_low']:.{digits}f}, {scores[f'{name}_high']:.{digits}f}]"
+    return (
+        f"{scores[f'{name}_accuracy']:.{digits}f} "
+        f"[{scores[f'{name}_low']:.{digits}f}, {scores[f'{name}_high']:.{digits}f}]"
+    )
 
 
 def headline(scores: dict[str, float]) -> str:

@@ -5,10 +5,10 @@ was given, and whether a layout model draws its object in the layout's box.
 Each generated image is read back by the synthesizer's classifier (``ldm.synthetic.classify``); the
 distribution of each scene attribute (object colour, shape, position, background) is compared with the
 training data's, read from the training rows' captions (as many as images are generated: fewer would add their
-own sampling noise to the distance), by total variation: half the L1 distance between the two distributions, 0 when equal, 1 when disjoint. Per
-attribute rather than over whole scenes, whose 600-odd combinations a few hundred images cannot estimate.
-An image is clean when the classifier finds exactly one object in it. A class ("red circle") is drawn when
-the largest object has its colour and its shape; chance is one over the number of classes. A layout is
+own sampling noise to the distance), by total variation: half the L1 distance between the two distributions, 0 when
+equal, 1 when disjoint. Per attribute rather than over whole scenes, whose 600-odd combinations a few hundred images
+cannot estimate. An image is clean when the classifier finds exactly one object in it. A class ("red circle") is drawn
+when the largest object has its colour and its shape; chance is one over the number of classes. A layout is
 followed as far as the largest object's box overlaps the layout's largest box (IoU) and lies in its quadrant,
 against what a model that ignored the layout would score: the same measures between the layouts themselves,
 each against every other one.

@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 
 from ldm.data.images import normalise
+from ldm.devices import DIFFUSERS_LOAD
 from ldm.latents import KL_COLUMNS, VQ_COLUMNS
 from ldm.models.presets import FirstStagePreset
 from ldm.storage import Storage, pretrained_directory
@@ -64,7 +65,7 @@ def load_first_stage(name_or_path: str, storage: Storage | None = None, subfolde
         cls = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}.get(config.get("_class_name"))
         if cls is None:
             raise ValueError(f"{name_or_path}: a {config.get('_class_name')!r}, not an AutoencoderKL or VQModel")
-        return cls.from_pretrained(local, subfolder=subfolder, torch_dtype=torch.float32)
+        return cls.from_pretrained(local, subfolder=subfolder, **DIFFUSERS_LOAD)
 
 
 def _config(name_or_path: str, subfolder: str | None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBe
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
 
 from ldm.choices import ATTENTION
+from ldm.devices import DIFFUSERS_LOAD
 from ldm.models.conditioners import ClassEmbedder, LayoutEncoder, LearnedConditioner
 from ldm.models.presets import TEXT_ENCODER_KINDS, TextEncoderSpec, UNetSpec
 from ldm.storage import Storage, pretrained_directory
@@ -102,8 +103,8 @@ def load_text_encoder(
 ) -> torch.nn.Module:
     """A pretrained text encoder (or a τθ we saved) from a hub id, a local directory or ``s3://``, optionally in
     a ``subfolder`` (diffusers repositories keep theirs in ``text_encoder/``), all through ``from_pretrained``;
-    object-store directories are copied to local disk first, and loaded in fp32. CLIP (a text-only directory or a whole CLIP
-    model) gives its text tower, T5 its encoder, anything else (BERT, LDMBert) ``AutoModel``: each returns the
+    object-store directories are copied to local disk first, and loaded in fp32. CLIP (a text-only directory or a whole
+    CLIP model) gives its text tower, T5 its encoder, anything else (BERT, LDMBert) ``AutoModel``: each returns the
     per-token features first, which is what τθ(y) is."""
     with pretrained_directory(name_or_path, storage) as local:
         config = AutoConfig.from_pretrained(local, subfolder=subfolder or "")
@@ -141,14 +142,14 @@ def load_models(directory: str) -> tuple[torch.nn.Module, torch.nn.Module | None
     """The UNet (whichever class its config names: a task without τθ has a UNet2DModel) and τθ saved under
     ``directory`` (a checkpoint, its EMA folder, or a train_ldm output); τθ is None when there is none (a
     checkpoint of training on precomputed τθ(y), or a task without a condition)."""
-    unet = AutoDiffusersModel.from_pretrained(os.path.join(directory, UNET), torch_dtype=torch.float32)
+    unet = AutoDiffusersModel.from_pretrained(os.path.join(directory, UNET), **DIFFUSERS_LOAD)
     text, learned = os.path.join(directory, TEXT_ENCODER), os.path.join(directory, CONDITIONER)
     if os.path.isdir(learned):
         with open(os.path.join(learned, "config.json")) as f:
             name = json.load(f).get("_class_name")
         if name not in CONDITIONERS:
             raise ValueError(f"{learned}: a conditioner of class {name!r}; this version knows {sorted(CONDITIONERS)}")
-        return unet, CONDITIONERS[name].from_pretrained(learned, torch_dtype=torch.float32)
+        return unet, CONDITIONERS[name].from_pretrained(learned, **DIFFUSERS_LOAD)
     return unet, load_text_encoder(text) if os.path.isdir(text) else None
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import ray
 from omegaconf import DictConfig
 
+from pipelines.worker.console import quiet_ray
+
 log = logging.getLogger(__name__)
 
 
@@ -23,6 +25,7 @@ def connect(cluster: DictConfig) -> None:
     """
     global _started_here
     if ray.is_initialized():
+        quiet_ray()
         return
     if cluster.address == "local":
         _started_here = True
@@ -35,10 +38,25 @@ def connect(cluster: DictConfig) -> None:
             object_store_memory=cluster.object_store_memory,
             include_dashboard=cluster.include_dashboard,
             log_to_driver=True,
+            # Ray starts at most as many worker processes at once as there are cores, and warns each time a
+            # stage has several times that many (Ray Data's tasks, actors and the training workers beside each
+            # other): this cluster declares cluster.num_cpus logical CPUs on purpose, so it may start as many.
+            _system_config=_startup_concurrency(cluster.num_cpus),
         )
     else:
         ray.init(address=cluster.address)
+    quiet_ray()
+    if _started_here:
+        # Recorded as `ray start` records its cluster: Ray's state API, which Ray Train's placement-group cleaner
+        # queries from inside the cluster, finds a cluster by this file (or RAY_ADDRESS, which ray.init cannot
+        # give the processes it starts). Without it the cleaner logs a failure every second, or times out on a
+        # cluster that is gone.
+        ray._private.utils.write_ray_address(ray.get_runtime_context().gcs_address)
     log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def _startup_concurrency(num_cpus: float | None) -> dict[str, int]:
+    return {"worker_maximum_startup_concurrency": int(num_cpus)} if num_cpus else {}
 
 
 def disconnect() -> None:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines.schema import OPTIONS, Config
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def register_schema() -> None:

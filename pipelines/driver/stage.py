@@ -3,9 +3,9 @@
 1. storage from the config, and a refusal of node-local storage on a multi-node cluster;
 2. the stage's inputs found and verified (``find_inputs``): their manifests' fingerprints become part of the
    output's, so a changed input means a new output;
-3. the output's fingerprint: the resolved stage and data config (less ``NOT_CONTENT``: how fast an output
-   was made, and how it was logged and watched, do not change what it is), the code's output version and the
-   inputs' fingerprints;
+3. the output's fingerprint: the resolved stage and data config (less the settings declared ``operational`` in
+   ``pipelines.schema``: how fast an output was made, and how it was logged and watched, do not change what it
+   is), the code's output version and the inputs' fingerprints;
 4. an MLflow run named after the stage (nested under a pipeline's run);
 5. the output location claimed, or the stage skipped when it is already complete for this fingerprint;
 6. Ray, for the stages that use it, and the stage's resource plan checked against it;
@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any
 
 import mlflow
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ldm.manifest import claim_output, fingerprint, verify, write_manifest
 from ldm.storage import Storage, resolve
 from pipelines.driver.cluster import Request, check_plan, connect
 from pipelines.driver.config import plain
 from pipelines.driver.tracking import stage_run
+from pipelines.schema import OPERATIONAL, RUN_EXTENT, roles
+from pipelines.worker.console import quiet_libraries
 
 
 @dataclass
@@ -80,6 +82,15 @@ class Output:
     message: str = ""
 
 
+class Ran(dict):
+    """What ``Stage.run`` returns: the output's manifest (as written, or as found complete), with the MLflow run
+    that made it or found it complete (``run_id``) and whether it was already complete (``skipped``)."""
+
+    def __init__(self, manifest: dict[str, Any], run_id: str, skipped: bool):
+        super().__init__(manifest)
+        self.run_id, self.skipped = run_id, skipped
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -95,7 +106,8 @@ class Stage:
 
     def run(
         self, cfg: DictConfig, find_inputs: Callable[[DictConfig, Storage], Inputs], work: Callable[[Job], Output]
-    ) -> dict[str, Any]:
+    ) -> Ran:
+        quiet_libraries()
         storage = Storage.from_config(cfg.storage)
         out = resolve(self.output_url(cfg))
         requests = self.requests(cfg)  # settings that can never work are refused before anything is read
@@ -110,7 +122,7 @@ class Stage:
                 mlflow.set_tag("skipped", "complete output with the same fingerprint")
                 counts = f" ({self.detail.format(**done['counts'])})" if self.detail else ""
                 print(f"{self.name}: {out} is already complete for this config{counts}; nothing to do")
-                return done
+                return Ran(done, active.info.run_id, skipped=True)
             if self.uses_ray:
                 connect(cfg.cluster)
                 check_plan(cfg.cluster, requests)
@@ -141,51 +153,33 @@ class Stage:
             mlflow.log_dict(manifest, "manifest.json")
             if output.message:
                 print(output.message)
-            return manifest
+            return Ran(manifest, active.info.run_id, skipped=False)
 
 
-# The settings that change how an output is made, logged or watched, never what it holds: left out of every
-# output's fingerprint, so that changing them finds the outputs complete. The one list of them.
-NOT_CONTENT = {
-    # train_ldm's MLflow grids only: stage=sample names its prompts in its own node (stage.prompts), where they
-    # are content.
-    "data": ("validation_prompts",),
-    # CPUs, concurrency and batch sizes for throughput; the cadence of logs, evaluations, samples and
-    # checkpoints; what is logged (train_ldm's validation grids, data audits, the MLflow model).
-    "stage": (
-        "resources",
-        "log_every",
-        "eval_every",
-        "sample_every",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "validation",
-        "validation_images",
-        "data_audit",
-        "prefetch_batches",
-        "log_model",
-    ),
-}
+def settings(node: DictConfig, leaving_out: tuple[str, ...] = (OPERATIONAL,)) -> dict[str, Any]:
+    """A typed config node's settings (as plain values) less those whose role, declared on its schema's field
+    (``pipelines.schema.operational``, ``run_extent``), is in ``leaving_out``."""
+    schema = OmegaConf.get_type(node)
+    if not is_dataclass(schema):
+        raise TypeError(f"a config node of type {schema} has no schema class: compose the config with Hydra")
+    role = roles(schema)
+    return {k: v for k, v in plain(node).items() if role[k] not in leaving_out}
 
 
 def stage_fingerprint(cfg: DictConfig, version: int, inputs: Iterable[str] = (), uses_task: bool = False) -> str:
-    """The stage and data config less ``NOT_CONTENT``, the code's output version and the inputs' fingerprints;
-    the task (its name and model settings) for a stage whose output depends on it."""
-    stage, data = (
-        {k: v for k, v in plain(node).items() if k not in NOT_CONTENT[name]}
-        for name, node in (("stage", cfg.stage), ("data", cfg.data))
-    )
+    """The stage and data settings but the operational ones, the code's output version and the inputs'
+    fingerprints; the task's identity for a stage whose output depends on it."""
     task = {"task": task_identity(cfg)} if uses_task else {}
-    return fingerprint({"stage": stage, "data": data, "code_version": version, **task}, inputs)
+    content = {"stage": settings(cfg.stage), "data": settings(cfg.data), "code_version": version, **task}
+    return fingerprint(content, inputs)
 
 
 def task_identity(cfg: DictConfig) -> str:
     """The task's name and the settings that change its model (a layout τθ's grid and boxes), not where its
     outputs go: ``layout_to_image[grid=16,max_objects=8]``."""
-    settings = {
-        k: v for k, v in plain(cfg.task).items() if k != "name" and not k.endswith("suffix") and k != "latent_channels"
-    }
-    return str(cfg.task.name) + (f"[{','.join(f'{k}={v}' for k, v in sorted(settings.items()))}]" if settings else "")
+    model = settings(cfg.task, leaving_out=(OPERATIONAL, RUN_EXTENT))
+    model.pop("name")
+    return str(cfg.task.name) + (f"[{','.join(f'{k}={v}' for k, v in sorted(model.items()))}]" if model else "")
 
 
 def require_reachable_storage(cfg: DictConfig, is_local: bool) -> None:

@@ -86,7 +86,8 @@ def stage_run(cfg: DictConfig, stage: str) -> Iterator[mlflow.ActiveRun]:
         )
         if cfg.tracking.uri.startswith(("http://", "https://")):
             print(
-                f"        open {redact(cfg.tracking.uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+                f"        open {redact(cfg.tracking.uri).rstrip('/')}/#/experiments/{run.info.experiment_id}"
+                f"/runs/{run.info.run_id}"
             )
         if cfg.tracking.uri.startswith("sqlite:///"):
             database = os.path.abspath(cfg.tracking.uri.removeprefix("sqlite:///"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import ray.train
 from omegaconf import DictConfig
@@ -14,19 +13,30 @@ from ray.train.torch import TorchTrainer
 from ldm.manifest import fingerprint
 from ldm.storage import Storage, resolve
 from pipelines.driver.cluster import Request
-from pipelines.driver.config import plain
-from pipelines.driver.stage import NOT_CONTENT, Job
-from pipelines.train_worker import RunTarget
+from pipelines.driver.stage import Job, settings
+from pipelines.schema import OPERATIONAL, RUN_EXTENT
+from pipelines.worker.run_logger import RunTarget
 
-# Besides what is not content at all: how long to train, where to write, on what hardware and whether to
-# resume. None of it changes the training trajectory, so a re-run with more steps (or other cadences or
-# workers' CPUs) continues the same run.
-NOT_TRAINING = (*NOT_CONTENT["stage"], "steps", "scaling", "output_url", "checkpoints_url", "resume")
+
+def ray_train_environment(cluster: DictConfig) -> dict[str, str]:
+    """Ray Train settings it reads from the environment, in its controller and workers: it passes the driver's
+    values on to them. A value the user set in the environment is kept."""
+    settings = {
+        # A worker's print() reaches the console once: Ray Train's print patch also sends it to a logger, and each
+        # progress line showed twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    if cluster.address == "local":
+        # No node of a local cluster is ever drained or preempted; the watcher only logs a core-worker error about
+        # its own restart arguments (ray-project/ray#53727).
+        settings["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return settings
 
 
 def training_identity(cfg: DictConfig, inputs: Iterable[str]) -> str:
-    """The fingerprint of a training trajectory: the stage's training settings, the global batch and inputs."""
-    stage = {k: v for k, v in plain(cfg.stage).items() if k not in NOT_TRAINING}
+    """The fingerprint of a training trajectory: the stage's settings but the operational and run-extent ones
+    (``pipelines.schema``), the global batch and the inputs."""
+    stage = settings(cfg.stage, leaving_out=(OPERATIONAL, RUN_EXTENT))
     stage["num_workers"] = cfg.stage.scaling.num_workers  # the global batch: part of the trajectory
     return fingerprint({"stage": stage, "resolution": cfg.data.resolution}, list(inputs))
 
@@ -60,19 +70,21 @@ def requests(cfg: DictConfig, data_task_cpus: float) -> list[Request]:
     ]
 
 
-def trainer(
-    cfg: DictConfig, storage: Storage, loop: Callable[[], None], run_name: str, datasets: dict[str, Any]
-) -> TorchTrainer:
+def trainer(cfg: DictConfig, storage: Storage, loop: Callable[[], None], run_name: str) -> TorchTrainer:
     """A TorchTrainer running ``loop`` on ``stage.scaling`` whose checkpoints go to
     ``stage.checkpoints_url``/``run_name``: the same name on a re-run (or after a worker failure) restores the
     latest checkpoint there."""
-    for dataset in datasets.values():
-        # Read in Ray Train's processes, which have no terminal: a progress bar there only floods the driver's
-        # console with repaint lines, long after the data is read.
-        dataset.context.enable_progress_bars = False
+    for name, value in ray_train_environment(cfg.cluster).items():
+        os.environ.setdefault(name, value)
     scaling = cfg.stage.scaling
     resources = worker_resources(scaling)
-    checkpoints_fs, checkpoints_path = storage.pyarrow(resolve(cfg.stage.checkpoints_url))
+    checkpoints = resolve(cfg.stage.checkpoints_url)
+    checkpoints_fs, checkpoints_path = storage.pyarrow(checkpoints)
+    print(
+        f"{cfg.stage.name}: {scaling.num_workers} Ray Train workers, run {run_name} "
+        f"(checkpoints in {checkpoints}/{run_name})",
+        flush=True,
+    )
     return TorchTrainer(
         loop,
         scaling_config=ray.train.ScalingConfig(
@@ -87,7 +99,8 @@ def trainer(
             storage_filesystem=checkpoints_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.stage.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            # Ray Train's INFO records (a "Reporting training result" line per report from every worker) go
+            # to its log files, not the console: the loops print their own progress.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[name for name in datasets if name == "train"]),
     )

@@ -1,6 +1,7 @@
 """The stage registry: a package per stage, ``pipelines/stages/<name>/``, whose ``stage`` module exposes
-``run(cfg)``, with ``conf/stage/<name>.yaml`` beside it. A stage's Ray-side code (tasks, actors, training loops)
-lives in the same package, in modules that import neither MLflow, Hydra nor the driver."""
+``run(cfg)``, with ``conf/stage/<name>.yaml`` beside it. A stage's Ray-side code (``remote.py``: Ray Data functions;
+``loop.py``: a training loop; ``encoder.py``: an actor) lives in the same package, in modules that import neither
+MLflow, Hydra nor the driver."""
 
 from __future__ import annotations
 

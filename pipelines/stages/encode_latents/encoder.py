@@ -98,7 +98,7 @@ def masked_columns(
     dtype: torch.dtype,
 ) -> pa.Table:
     """The pixel ``mask`` column replaced by the latent-size one, and ``masked_latent`` beside it."""
-    masks = torch.from_numpy(column_array(batch[MASK]))
+    masks = torch.tensor(column_array(batch[MASK]))  # a copy: Arrow's buffers are read-only
     small = latent_mask(masks, shape[1])[:, 0].to(torch.uint8).numpy()
     latent = np.zeros((len(ok), *shape), np.float16)
     if ok.any():
@@ -120,4 +120,5 @@ def token_ids(batch: pa.Table) -> np.ndarray:
 @torch.no_grad()
 def text_embeddings(text_encoder: torch.nn.Module, ids: np.ndarray, device: torch.device) -> np.ndarray:
     """τθ(y) of each row's tokens, float16: what train_ldm's cross-attention reads instead of running τθ."""
-    return encode_text(text_encoder, torch.from_numpy(ids).long().to(device)).float().cpu().numpy().astype(np.float16)
+    tokens = torch.tensor(ids, dtype=torch.long, device=device)  # a copy: Arrow's buffers are read-only
+    return encode_text(text_encoder, tokens).float().cpu().numpy().astype(np.float16)

@@ -74,8 +74,10 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     concat = named_task(cfg.task.name).concat
     if concat == "low_res" and first_stage["latent_channels"] != 3:
         raise ValueError(
-            f"task={cfg.task.name}: stage.first_stage={cfg.stage.first_stage} has {first_stage['latent_channels']} latent channels; "
-            "LDMSuperResolutionPipeline draws as many as the low-resolution image has, 3 (as the paper's f=4 first stages). "
+            f"task={cfg.task.name}: stage.first_stage={cfg.stage.first_stage} has "
+            f"{first_stage['latent_channels']} latent channels; "
+            "LDMSuperResolutionPipeline draws as many as the low-resolution image has, "
+            "3 (as the paper's f=4 first stages). "
             "Train one with stage=train_autoencoder task=super_resolution (task.latent_channels=3)"
         )
     if concat:
@@ -105,13 +107,7 @@ def _encode(job: Job) -> Output:
         job.inputs.found["first_stage"],
     )
     text_encoder, concat = job.inputs.found.get("text_encoder"), job.inputs.found["concat"]
-    resources = settings.resources
-    if resources.num_gpus_per_encoder == 0 and resources.num_cpus_per_decode_task == resources.num_cpus_per_encoder:
-        print(
-            f"{STAGE.name}: warning: decode tasks and encoder actors ask for the same resources, so Ray Data fuses "
-            "decoding into the encoder actors, where it waits behind every forward; give "
-            "stage.resources.num_cpus_per_decode_task another value"
-        )
+    _warn_if_decoding_fuses(settings.resources)
     started = time.time()
     shard_rows = _rows(prepared, source, "data")
     held_out_rows = _held_out_rows(prepared, source, settings.held_out_images)
@@ -119,63 +115,27 @@ def _encode(job: Job) -> Output:
     sources = shards + held_out
     expected = {remote.stem(url): rows for url, rows in {**shard_rows, **held_out_rows}.items()}
     encoding = _Encoding(storage, out)
-    finished = encoding.finished()
-    encoding.remove_unfinished_parts(finished)
-    for empty in (s for s in sources if expected[remote.stem(s)] == 0 and remote.stem(s) not in finished):
-        encoding.mark_done(remote.stem(empty), _empty_part())
-    finished = encoding.finished()
-    pending = [s for s in sources if remote.stem(s) not in finished]
-    if finished:
-        print(f"{STAGE.name}: resuming: {len(finished)} of {len(sources)} prepared file(s) already encoded")
+    pending = encoding.resume(sources, expected)
     if pending:
         encoding.encode(pending, expected, first_stage, text_encoder, concat, settings)
     elapsed = time.time() - started
-    finished = encoding.finished()
-    missing = [s for s in sources if remote.stem(s) not in finished]
-    if missing:
-        raise RuntimeError(f"{STAGE.name}: {len(missing)} prepared file(s) were not fully encoded, e.g. {missing[:3]}")
+    finished = encoding.all_finished(sources)
 
     markers = [finished[remote.stem(s)] for s in shards]
     held_markers = [finished[remote.stem(s)] for s in held_out]
-    stats = LatentStats()  # of the training rows only: scale_factor is theirs
-    for marker in markers:
-        stats = stats.merge(LatentStats(**marker["stats"]))
-    rows_in = sum(expected[remote.stem(s)] for s in shards)
-    rows_out = sum(m["rows"] for m in markers)
-    held_rows = sum(m["rows"] for m in held_markers)
-    dropped = {"undecodable": sum(m["undecodable"] for m in markers)}
-    if rows_out == 0:
-        raise RuntimeError(f"{STAGE.name}: none of the {rows_in} prepared images could be encoded ({dropped})")
-    summary = stats.summary()
-    side = settings.resolution // first_stage["factor"]
+    rows_in, rows_out, held_rows, dropped = _counts(shards, expected, markers, held_markers)
+    summary = _training_stats(markers).summary()
     encoding.clear_work()
-    latent_shape = [first_stage["latent_channels"], side, side]
     extra_files = {}
     if text_encoder:
         extra_files[EMPTY_TEXT_EMBEDDING] = encoding.write_bytes(
             EMPTY_TEXT_EMBEDDING, save({TEXT_EMBEDDING: job.inputs.found["empty_text_embedding"]})
         )
     rate = rows_in / max(elapsed, 1e-9)
+    facts = _facts(job, markers, held_out, summary)
     return Output(
         counts={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_rows, "dropped": dropped},
-        facts={
-            "layout": {"data": f"{remote.SHARDS}/", **({"held_out": f"{remote.HELD_OUT}/"} if held_out else {})},
-            "first_stage": first_stage,
-            "resolution": settings.resolution,
-            "latent_shape": latent_shape,
-            "latent_columns": list(latent_columns(first_stage["kind"])),
-            # The frozen encoder whose τθ(y) the rows carry, and the empty caption's (caption dropout's) file.
-            "text_encoder": {**text_encoder, "empty": EMPTY_TEXT_EMBEDDING} if text_encoder else None,
-            "concat": concat,  # what the rows carry for a task that concatenates an image to z_t (ldm.tasks), or None
-            **summary,
-            # The classes the training rows name (labels, or in their boxes), sorted: a class's index is its place here.
-            "classes": sorted({name for marker in markers for name in marker["classes"]}),
-            "rows_with_boxes": sum(marker["laid_out"] for marker in markers),  # what a layout-to-image model needs
-            "tokenizer": {
-                **prepared["facts"]["tokenizer"],
-                "path": f"{source}/{prepared['facts']['tokenizer']['path'].strip('/')}",
-            },
-        },
+        facts=facts,
         schema=_schema(first_stage["kind"], text_encoder, concat),
         timings={"images_per_s": round(rate, 2)},
         expected_files={
@@ -195,10 +155,71 @@ def _encode(job: Job) -> Output:
             "scale_factor": summary["scale_factor"],
             **{f"dropped.{k}": v for k, v in dropped.items()},
         },
-        message=f"{STAGE.name}: {rows_out} of {rows_in} images encoded in {elapsed:.1f}s ({rate:.1f} images/s), dropped {dropped}, "
-        f"and {held_rows} held-out ones for train_ldm's held-out loss; "
-        f"latents {latent_shape}, scale_factor {summary['scale_factor']:.4f}; at {out}",
+        message=f"{STAGE.name}: {rows_out} of {rows_in} images encoded in {elapsed:.1f}s ({rate:.1f} images/s), "
+        f"dropped {dropped}, and {held_rows} held-out ones for train_ldm's held-out loss; "
+        f"latents {facts['latent_shape']}, scale_factor {summary['scale_factor']:.4f}; at {out}",
     )
+
+
+def _warn_if_decoding_fuses(resources: DictConfig) -> None:
+    """Say so when the resources asked for let Ray Data fuse decoding into the encoder actors."""
+    if resources.num_gpus_per_encoder == 0 and resources.num_cpus_per_decode_task == resources.num_cpus_per_encoder:
+        print(
+            f"{STAGE.name}: warning: decode tasks and encoder actors ask for the same resources, so Ray Data fuses "
+            "decoding into the encoder actors, where it waits behind every forward; give "
+            "stage.resources.num_cpus_per_decode_task another value"
+        )
+
+
+def _counts(
+    shards: list[str], expected: dict[str, int], markers: list[dict[str, Any]], held_markers: list[dict[str, Any]]
+) -> tuple[int, int, int, dict[str, int]]:
+    """Training rows in and encoded, held-out rows encoded, and the rows dropped (per reason); an error when no
+    training row was encoded."""
+    rows_in = sum(expected[remote.stem(s)] for s in shards)
+    rows_out = sum(m["rows"] for m in markers)
+    held_rows = sum(m["rows"] for m in held_markers)
+    dropped = {"undecodable": sum(m["undecodable"] for m in markers)}
+    if rows_out == 0:
+        raise RuntimeError(f"{STAGE.name}: none of the {rows_in} prepared images could be encoded ({dropped})")
+    return rows_in, rows_out, held_rows, dropped
+
+
+def _training_stats(markers: list[dict[str, Any]]) -> LatentStats:
+    """The latents' statistics over the training rows only: scale_factor is theirs."""
+    stats = LatentStats()
+    for marker in markers:
+        stats = stats.merge(LatentStats(**marker["stats"]))
+    return stats
+
+
+def _facts(job: Job, markers: list[dict[str, Any]], held_out: list[str], summary: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's facts: the layout, what made the latents and what they are, and what the training rows hold."""
+    settings, source, prepared = job.settings, job.inputs.record["prepared"], job.inputs.found["prepared"]
+    first_stage, text_encoder, concat = (
+        job.inputs.found["first_stage"],
+        job.inputs.found.get("text_encoder"),
+        job.inputs.found["concat"],
+    )
+    side = settings.resolution // first_stage["factor"]
+    return {
+        "layout": {"data": f"{remote.SHARDS}/", **({"held_out": f"{remote.HELD_OUT}/"} if held_out else {})},
+        "first_stage": first_stage,
+        "resolution": settings.resolution,
+        "latent_shape": [first_stage["latent_channels"], side, side],
+        "latent_columns": list(latent_columns(first_stage["kind"])),
+        # The frozen encoder whose τθ(y) the rows carry, and the empty caption's (caption dropout's) file.
+        "text_encoder": {**text_encoder, "empty": EMPTY_TEXT_EMBEDDING} if text_encoder else None,
+        "concat": concat,  # what the rows carry for a task that concatenates an image to z_t (ldm.tasks), or None
+        **summary,
+        # The classes the training rows name (labels, or in their boxes), sorted: a class's index is its place here.
+        "classes": sorted({name for marker in markers for name in marker["classes"]}),
+        "rows_with_boxes": sum(marker["laid_out"] for marker in markers),  # what a layout-to-image model needs
+        "tokenizer": {
+            **prepared["facts"]["tokenizer"],
+            "path": f"{source}/{prepared['facts']['tokenizer']['path'].strip('/')}",
+        },
+    }
 
 
 def _rows(prepared: dict[str, Any], source: str, part: str) -> dict[str, int]:
@@ -302,6 +323,29 @@ class _Encoding:
     def finished(self) -> dict[str, dict[str, Any]]:
         return {marker["source"]: marker for marker in read_markers(self.storage, f"{self.out}/{WORK}/done")}
 
+    def resume(self, sources: list[str], expected: dict[str, int]) -> list[str]:
+        """The prepared files still to encode: a killed run's unfinished parts are removed first, and files
+        without rows are marked done without encoding."""
+        finished = self.finished()
+        self.remove_unfinished_parts(finished)
+        for empty in (s for s in sources if expected[remote.stem(s)] == 0 and remote.stem(s) not in finished):
+            self.mark_done(remote.stem(empty), _empty_part())
+        finished = self.finished()
+        pending = [s for s in sources if remote.stem(s) not in finished]
+        if finished:
+            print(f"{STAGE.name}: resuming: {len(finished)} of {len(sources)} prepared file(s) already encoded")
+        return pending
+
+    def all_finished(self, sources: list[str]) -> dict[str, dict[str, Any]]:
+        """Every prepared file's done marker; an error when one was not fully encoded."""
+        finished = self.finished()
+        missing = [s for s in sources if remote.stem(s) not in finished]
+        if missing:
+            raise RuntimeError(
+                f"{STAGE.name}: {len(missing)} prepared file(s) were not fully encoded, e.g. {missing[:3]}"
+            )
+        return finished
+
     def remove_unfinished_parts(self, finished: dict[str, Any]) -> None:
         """Parts of a prepared file that was not finished (a killed run): it is encoded again from scratch."""
         for path in self.fs.glob(f"{self.root}/{remote.SHARDS}/*.parquet") + self.fs.glob(
@@ -329,23 +373,25 @@ class _Encoding:
         block_bytes = context.target_max_block_size
         context.target_max_block_size = int(resources.block_mb * 2**20)
         try:
-            self._encode(pending, expected, first_stage, text_encoder, concat, settings)
+            reports = self._reports(pending, first_stage, text_encoder, concat, settings)
+            self._mark_files_as_reported(reports, pending, expected)
         finally:
             context.target_max_block_size = block_bytes
 
-    def _encode(
+    def _reports(
         self,
         pending: list[str],
-        expected: dict[str, int],
         first_stage: dict[str, Any],
         text_encoder: dict[str, Any] | None,
         concat: str | None,
         settings: DictConfig,
-    ) -> None:
+    ) -> ray.data.Dataset:
+        """The Ray Data pipeline, not yet run: decode tasks, encoder actors and writer tasks, whose reports (one
+        per part written) come out."""
         resources = settings.resources
         # A block, so a decode task, per file: files finish, and are marked, one by one.
         files = ray.data.from_items([{"path": url} for url in pending], override_num_blocks=len(pending))
-        reports = (
+        return (
             files.map_batches(
                 partial(
                     remote.decode,
@@ -362,19 +408,7 @@ class _Encoding:
             )
             .map_batches(
                 Encoder,
-                fn_constructor_kwargs={
-                    "first_stage": first_stage["location"],
-                    "subfolder": first_stage["subfolder"],
-                    "storage": self.storage,
-                    "device": encoder_device(resources.num_gpus_per_encoder),
-                    "dtype": str(resources.dtype),
-                    "threads": int(max(1, resources.num_cpus_per_encoder)),
-                    "resolution": settings.resolution,
-                    "release_every": resources.release_memory_every,
-                    "text_encoder": text_encoder["location"] if text_encoder else None,
-                    "text_encoder_subfolder": text_encoder["subfolder"] if text_encoder else None,
-                    "concat": concat,
-                },
+                fn_constructor_kwargs=self._encoder_arguments(first_stage, text_encoder, concat, settings),
                 compute=ray.data.ActorPoolStrategy(size=resources.encoder_concurrency),
                 batch_format="pyarrow",
                 batch_size=resources.encoder_batch_size,
@@ -395,6 +429,33 @@ class _Encoding:
                 num_cpus=resources.num_cpus_per_write_task,
             )
         )
+
+    def _encoder_arguments(
+        self,
+        first_stage: dict[str, Any],
+        text_encoder: dict[str, Any] | None,
+        concat: str | None,
+        settings: DictConfig,
+    ) -> dict[str, Any]:
+        """What each encoder actor is built with."""
+        resources = settings.resources
+        return {
+            "first_stage": first_stage["location"],
+            "subfolder": first_stage["subfolder"],
+            "storage": self.storage,
+            "device": encoder_device(resources.num_gpus_per_encoder),
+            "dtype": str(resources.dtype),
+            "threads": int(max(1, resources.num_cpus_per_encoder)),
+            "resolution": settings.resolution,
+            "release_every": resources.release_memory_every,
+            "text_encoder": text_encoder["location"] if text_encoder else None,
+            "text_encoder_subfolder": text_encoder["subfolder"] if text_encoder else None,
+            "concat": concat,
+        }
+
+    def _mark_files_as_reported(self, reports: ray.data.Dataset, pending: list[str], expected: dict[str, int]) -> None:
+        """Run the pipeline, counting each prepared file's rows as the writers report them: a file is marked done
+        when all its rows are written or dropped."""
         seen: dict[str, int] = defaultdict(int)
         parts: dict[str, dict[str, Any]] = defaultdict(_empty_part)
         total = sum(expected[remote.stem(s)] for s in pending)
@@ -402,17 +463,7 @@ class _Encoding:
             for report in reports.iter_rows():
                 stem = remote.stem(report["source"])
                 part = parts[stem]
-                if report["file"]:
-                    part["files"][report["file"]] = report["size"]
-                    part["file_rows"][report["file"]] = report["rows"]
-                part["rows"] += report["rows"]
-                part["undecodable"] += report["undecodable"]
-                stats = LatentStats(
-                    report["count"], list(report["sum"]), list(report["sum_sq"]), list(report["sum_var"])
-                )
-                part["stats"] = part["stats"].merge(stats)
-                part["classes"] = sorted({*part["classes"], *report["classes"]})
-                part["laid_out"] += report["laid_out"]
+                _add_report(part, report)
                 seen[stem] += report["rows"] + report["undecodable"]
                 progress.update(report["rows"] + report["undecodable"])
                 if seen[stem] == expected[stem]:
@@ -442,6 +493,19 @@ def _empty_part() -> dict[str, Any]:
         "classes": [],
         "laid_out": 0,
     }
+
+
+def _add_report(part: dict[str, Any], report: dict[str, Any]) -> None:
+    """One writer's report added to its source's part: the file it wrote, its rows, their statistics and classes."""
+    if report["file"]:
+        part["files"][report["file"]] = report["size"]
+        part["file_rows"][report["file"]] = report["rows"]
+    part["rows"] += report["rows"]
+    part["undecodable"] += report["undecodable"]
+    stats = LatentStats(report["count"], list(report["sum"]), list(report["sum_sq"]), list(report["sum_var"]))
+    part["stats"] = part["stats"].merge(stats)
+    part["classes"] = sorted({*part["classes"], *report["classes"]})
+    part["laid_out"] += report["laid_out"]
 
 
 def _selector(labels: DictConfig | None) -> dict[str, str] | None:

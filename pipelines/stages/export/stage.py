@@ -8,8 +8,8 @@ its decoder for super-resolution, whose pipeline does not divide by it). These l
 inpainting, for which diffusers has no pipeline: this project's ``ConditionedPipeline`` (UNet, class or layout
 τθ as ``conditioner``, first stage, scheduler) or ``InpaintingPipeline`` directory, loaded with
 ``ConditionedPipeline.from_pretrained(dir)`` (``ldm.models.conditioners``) or
-``InpaintingPipeline.from_pretrained(dir)`` (``ldm.models.image_conditioned``). A text-to-image directory is also logged to the MLflow run as a pyfunc model
-(``pyfunc_model.py``: prompts in, PNGs out) and registered in the model registry.
+``InpaintingPipeline.from_pretrained(dir)`` (``ldm.models.image_conditioned``). A text-to-image directory is also logged
+to the MLflow run as a pyfunc model (``pyfunc_model.py``: prompts in, PNGs out) and registered in the model registry.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from diffusers import LDMSuperResolutionPipeline, LDMTextToImagePipeline
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
 from omegaconf import DictConfig
 
 from ldm.data.layouts import grid_layouts
@@ -40,6 +43,23 @@ STAGE = Stage(
 PIPELINE_MAX_LENGTH = 77
 PYFUNC_MODEL = Path(__file__).resolve().with_name("pyfunc_model.py")
 REQUIREMENTS = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "pandas", "Pillow")
+# What the pyfunc model's predict takes and returns, given to MLflow: it cannot infer one from a DataFrame's type
+# hints (and would say so on every export).
+SIGNATURE = ModelSignature(
+    inputs=Schema(
+        [
+            ColSpec("string", "prompt"),
+            ColSpec("long", "seed", required=False),
+            ColSpec("long", "steps", required=False),
+            ColSpec("double", "guidance_scale", required=False),
+        ]
+    ),
+    outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("binary", "png")]),
+)
+# MLflow serves it once as it logs the model, to check that the signature holds: one step is enough.
+INPUT_EXAMPLE = pd.DataFrame(
+    {"prompt": ["a red circle in the top left on a blue background"], "seed": [0], "steps": [1]}
+)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -51,8 +71,9 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
     max_length = inputs.found["model"]["facts"]["max_length"]
     if max_length is not None and max_length != PIPELINE_MAX_LENGTH:
         raise ValueError(
-            f"{inputs.record['model']} was trained on captions of {max_length} tokens; LDMTextToImagePipeline pads prompts to "
-            f"{PIPELINE_MAX_LENGTH}. Prepare with stage.tokenizer.max_length={PIPELINE_MAX_LENGTH} to export."
+            f"{inputs.record['model']} was trained on captions of {max_length} tokens; "
+            f"LDMTextToImagePipeline pads prompts to {PIPELINE_MAX_LENGTH}. "
+            f"Prepare with stage.tokenizer.max_length={PIPELINE_MAX_LENGTH} to export."
         )
     return inputs
 
@@ -76,6 +97,8 @@ def _export(job: Job) -> Output:
                 artifacts={"pipeline": local},
                 pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
                 registered_model_name=settings.registered_model,
+                signature=SIGNATURE,
+                input_example=INPUT_EXAMPLE,
             )
             if settings.registered_model:
                 registered = {"name": settings.registered_model, "version": int(logged.registered_model_version)}
@@ -94,7 +117,10 @@ def _export(job: Job) -> Output:
         if isinstance(pipeline, ConditionedPipeline)
         else f"(image=<N x 3 x {side} x {side} tensor in [-1, 1]>)"
         if isinstance(pipeline, LDMSuperResolutionPipeline)
-        else f"(<N x {resolution} x {resolution} x 3 uint8 images>, <N x {resolution} x {resolution} masks, 1 in the hole>)"
+        else (
+            f"(<N x {resolution} x {resolution} x 3 uint8 images>, "
+            f"<N x {resolution} x {resolution} masks, 1 in the hole>)"
+        )
         if isinstance(pipeline, InpaintingPipeline)
         else "(batch_size=4)"
     )
@@ -111,5 +137,6 @@ def _export(job: Job) -> Output:
             "resolution": resolution,
             "registered_model": registered,
         },
-        message=f"{STAGE.name}: {type(pipeline).__name__} at {out}{where}\n        {loader}.from_pretrained({out!r}){call}",
+        message=f"{STAGE.name}: {type(pipeline).__name__} at {out}{where}\n"
+        f"        {loader}.from_pretrained({out!r}){call}",
     )

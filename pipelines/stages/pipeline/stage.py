@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     steps = plan(cfg)
     runs = [name for name, reason in steps if reason is None]
     results: dict[str, dict[str, Any]] = {}
-    with stage_run(cfg, STAGE) as parent:
+    with stage_run(cfg, STAGE):
         for name, reason in steps:
             if reason is not None:
                 print(f"{STAGE}: {name} does not apply: {reason}")
@@ -96,7 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             print(f"\n{STAGE}: [{runs.index(name) + 1}/{len(runs)}] {name}", flush=True)
             started = time.perf_counter()
             try:
-                stages.load(METADATA_STEPS.get(name, name)).run(stage_config(cfg, name))
+                ran = stages.load(METADATA_STEPS.get(name, name)).run(stage_config(cfg, name))
             except Exception as error:
                 mlflow.set_tag("failed_stage", name)
                 complete = ", ".join(results) or "none"
@@ -104,13 +104,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     f"{STAGE}: stage {name} failed: {type(error).__name__}: {error}\n"
                     f"Complete and kept: {complete}. Once the cause is fixed, the same command resumes at {name}."
                 ) from error
-            child = _stage_run(parent, METADATA_STEPS.get(name, name))
-            skipped = "skipped" in child.data.tags
-            results[name] = {
-                "skipped": skipped,
-                "minutes": round((time.perf_counter() - started) / 60, 2),
-                "run_id": child.info.run_id,
-            }
+            minutes = round((time.perf_counter() - started) / 60, 2)
+            results[name] = {"skipped": ran.skipped, "minutes": minutes, "run_id": ran.run_id}
             mlflow.log_metric(f"minutes.{name}", results[name]["minutes"])
 
         ran = [name for name, result in results.items() if not result["skipped"]]
@@ -123,18 +118,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cluster.disconnect()
         _print_summary(cfg, results)
     return results
-
-
-def _stage_run(parent: mlflow.ActiveRun, name: str) -> mlflow.entities.Run:
-    """The nested run stage ``name`` just ended under ``parent``."""
-    [child] = mlflow.search_runs(
-        experiment_ids=[parent.info.experiment_id],
-        output_format="list",
-        max_results=1,
-        order_by=["attributes.start_time DESC"],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' AND tags.stage = '{name}'",
-    )
-    return child
 
 
 def _print_summary(cfg: DictConfig, results: dict[str, dict[str, Any]]) -> None:
@@ -154,7 +137,6 @@ def _print_summary(cfg: DictConfig, results: dict[str, dict[str, Any]]) -> None:
     samples = resolve(cfg.stage.sample.output_url)
     print(f"samples: {samples}/{sample.IMAGES}/ (grid: {samples}/{sample.GRID})")
     if "export" in results:
-        exported = read_manifest(storage, resolve(cfg.stage.export.output_url))["facts"]
-        print(
-            f"model:   {resolve(cfg.stage.export.output_url)} (a {exported['pipeline']}: {exported['load_with']}.from_pretrained)"
-        )
+        model = resolve(cfg.stage.export.output_url)
+        exported = read_manifest(storage, model)["facts"]
+        print(f"model:   {model} (a {exported['pipeline']}: {exported['load_with']}.from_pretrained)")

@@ -76,39 +76,16 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
 
 
 def _prepare(job: Job) -> Output:
-    cfg, storage, out, settings = job.cfg, job.storage, job.out, job.settings
+    storage, out, settings = job.storage, job.out, job.settings
     units, columns, filters = job.inputs.found["units"], job.inputs.found["columns"], job.inputs.found["filters"]
     fmt = job.inputs.record["format"]
     started = time.time()
     work = _Steps(storage, out, fmt, columns, filters, settings)
-    files = job.inputs.record["files"]
-    split = f" in {len(units)} tasks" if len(units) != files else ""
-    print(f"prepare: {files} {fmt} file(s){split} from {job.inputs.record['url']} -> {out}")
-    unused = unused_rules(fmt, columns, filters, job.inputs.found["absent"])
-    if unused:
-        print(f"prepare: rules off for this input: {', '.join(f'{rule} ({why})' for rule, why in unused.items())}")
-    timings: dict[str, float] = {}
-    for step, run_step in (
-        ("scan", partial(work.scan, units)),
-        ("duplicates", work.find_duplicates),
-        ("tokenizer", work.tokenizer),
-        ("prepare", partial(work.prepare, units)),
-    ):
-        begun = time.time()
-        result = run_step()
-        timings[step] = round(time.time() - begun, 3)
-        if step == "tokenizer":
-            tokenizer_files, vocab_size = result
-    summaries = result
+    unused = _announce(job)
+    timings, (tokenizer_files, vocab_size), summaries = _run_steps(work, units)
     elapsed = time.time() - started
 
-    rows_in = sum(s["rows_in"] for s in summaries)
-    rows_out = sum(s["rows_out"] for s in summaries)
-    held_out = sum(s.get("held_out", 0) for s in summaries)
-    dropped = Counter()
-    for s in summaries:
-        dropped.update(s["dropped"])
-    dropped = {reason: dropped.get(reason, 0) for reason in REASONS}
+    rows_in, rows_out, held_out, dropped = _totals(summaries)
     _report(rows_in, rows_out, dropped, unused, timings, elapsed)
     if work.held_out is not None:
         print(
@@ -122,43 +99,10 @@ def _prepare(job: Job) -> Output:
         )
 
     work.clear_work()
-    layout = work.layout
-    facts: dict[str, Any] = {
-        "format": fmt,
-        "layout": {"data": f"{layout}/", "dropped": f"{remote.DROPPED}/", "tokenizer": f"{TOKENIZER}/"},
-        "tokenizer": {"path": f"{TOKENIZER}/", "vocab_size": vocab_size, "max_length": settings.tokenizer.max_length},
-        "unused_rules": unused,
-    }
-    if work.held_out is not None:
-        facts["layout"]["held_out"] = f"{remote.HELD_OUT}/"
-        facts["held_out"] = {**asdict(work.held_out), "rows": held_out}
+    facts = _facts(fmt, work, settings, unused, vocab_size, held_out)
     message = ""
     if fmt == "metadata":
-        command = download_command(
-            f"{out}/metadata",
-            resolve(cfg.data.images_url),
-            columns,
-            filters,
-            plain(settings.img2dataset),
-            plain(cfg.data.input.extra_columns),
-        )
-        facts["img2dataset_command"] = command
-        mlflow.log_text(command + "\n", "img2dataset_command.txt")
-        message = (
-            f"prepare: download the kept rows on this Ray cluster with stage=download data={cfg.data.name} (the same "
-            f"overrides), or stage=pipeline for every step to a model; by hand, with\n  {command}"
-        )
-    files = {f"{layout}/{name}": size for s in summaries for name, size in s["files"].items()}
-    files.update({f"{remote.DROPPED}/{name}": size for s in summaries for name, size in s["dropped_files"].items()})
-    files.update(
-        {f"{remote.HELD_OUT}/{name}": size for s in summaries for name, size in s.get("held_out_files", {}).items()}
-    )
-    row_groups = {
-        f"{folder}/{name}": groups
-        for folder, part in ((layout, "row_groups"), (remote.HELD_OUT, "held_out_row_groups"))
-        for s in summaries
-        for name, groups in s[part].items()
-    }
+        facts["img2dataset_command"], message = _download_command(job)
     return Output(
         counts={"rows_in": rows_in, "rows_out": rows_out, "held_out": held_out, "dropped": dropped},
         facts=facts,
@@ -166,8 +110,11 @@ def _prepare(job: Job) -> Output:
         if fmt == "metadata"
         else {f.name: str(f.type) for f in prepared_schema(settings.tokenizer.max_length)},
         timings=timings,
-        expected_files={**files, **{f"{TOKENIZER}/{n}": s for n, s in tokenizer_files.items()}},
-        row_groups=row_groups,
+        expected_files={
+            **_written_files(work.layout, summaries),
+            **{f"{TOKENIZER}/{n}": s for n, s in tokenizer_files.items()},
+        },
+        row_groups=_row_groups(work.layout, summaries),
         metrics={
             "rows_in": rows_in,
             "rows_out": rows_out,
@@ -178,6 +125,104 @@ def _prepare(job: Job) -> Output:
         },
         message=message,
     )
+
+
+def _announce(job: Job) -> dict[str, str]:
+    """Say what is prepared from where, and which rules this input leaves off; return those rules (and why)."""
+    units, columns, filters = job.inputs.found["units"], job.inputs.found["columns"], job.inputs.found["filters"]
+    fmt, files = job.inputs.record["format"], job.inputs.record["files"]
+    split = f" in {len(units)} tasks" if len(units) != files else ""
+    print(f"prepare: {files} {fmt} file(s){split} from {job.inputs.record['url']} -> {job.out}")
+    unused = unused_rules(fmt, columns, filters, job.inputs.found["absent"])
+    if unused:
+        print(f"prepare: rules off for this input: {', '.join(f'{rule} ({why})' for rule, why in unused.items())}")
+    return unused
+
+
+def _run_steps(
+    work: _Steps, units: list[Unit]
+) -> tuple[dict[str, float], tuple[dict[str, int], int], list[dict[str, Any]]]:
+    """Scan, deduplicate, tokenizer, prepare, in that order, each timed: the seconds of each, the tokenizer's
+    (files, vocabulary size), and each unit's summary."""
+    timings: dict[str, float] = {}
+    results: dict[str, Any] = {}
+    for step, run_step in (
+        ("scan", partial(work.scan, units)),
+        ("duplicates", work.find_duplicates),
+        ("tokenizer", work.tokenizer),
+        ("prepare", partial(work.prepare, units)),
+    ):
+        begun = time.time()
+        results[step] = run_step()
+        timings[step] = round(time.time() - begun, 3)
+    return timings, results["tokenizer"], results["prepare"]
+
+
+def _totals(summaries: list[dict[str, Any]]) -> tuple[int, int, int, dict[str, int]]:
+    """Rows in, kept, held out, and dropped per rule (every rule, in ``REASONS`` order), over all units."""
+    rows_in = sum(s["rows_in"] for s in summaries)
+    rows_out = sum(s["rows_out"] for s in summaries)
+    held_out = sum(s.get("held_out", 0) for s in summaries)
+    dropped = Counter()
+    for s in summaries:
+        dropped.update(s["dropped"])
+    return rows_in, rows_out, held_out, {reason: dropped.get(reason, 0) for reason in REASONS}
+
+
+def _facts(
+    fmt: str, work: _Steps, settings: DictConfig, unused: dict[str, str], vocab_size: int, held_out: int
+) -> dict[str, Any]:
+    """The manifest's facts: the output's layout, its tokenizer, the rules left off, and the held-out split."""
+    facts: dict[str, Any] = {
+        "format": fmt,
+        "layout": {"data": f"{work.layout}/", "dropped": f"{remote.DROPPED}/", "tokenizer": f"{TOKENIZER}/"},
+        "tokenizer": {"path": f"{TOKENIZER}/", "vocab_size": vocab_size, "max_length": settings.tokenizer.max_length},
+        "unused_rules": unused,
+    }
+    if work.held_out is not None:
+        facts["layout"]["held_out"] = f"{remote.HELD_OUT}/"
+        facts["held_out"] = {**asdict(work.held_out), "rows": held_out}
+    return facts
+
+
+def _download_command(job: Job) -> tuple[str, str]:
+    """For filtered metadata: the img2dataset command that downloads the kept rows (logged to the run too), and
+    the message that says how to run it."""
+    cfg, settings = job.cfg, job.settings
+    command = download_command(
+        f"{job.out}/metadata",
+        resolve(cfg.data.images_url),
+        job.inputs.found["columns"],
+        job.inputs.found["filters"],
+        plain(settings.img2dataset),
+        plain(cfg.data.input.extra_columns),
+    )
+    mlflow.log_text(command + "\n", "img2dataset_command.txt")
+    message = (
+        f"prepare: download the kept rows on this Ray cluster with stage=download data={cfg.data.name} (the same "
+        f"overrides), or stage=pipeline for every step to a model; by hand, with\n  {command}"
+    )
+    return command, message
+
+
+def _written_files(layout: str, summaries: list[dict[str, Any]]) -> dict[str, int]:
+    """The size of every file the units wrote: kept, dropped and held-out rows."""
+    files = {f"{layout}/{name}": size for s in summaries for name, size in s["files"].items()}
+    files.update({f"{remote.DROPPED}/{name}": size for s in summaries for name, size in s["dropped_files"].items()})
+    files.update(
+        {f"{remote.HELD_OUT}/{name}": size for s in summaries for name, size in s.get("held_out_files", {}).items()}
+    )
+    return files
+
+
+def _row_groups(layout: str, summaries: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """The row groups of every kept and held-out file the units wrote."""
+    return {
+        f"{folder}/{name}": groups
+        for folder, part in ((layout, "row_groups"), (remote.HELD_OUT, "held_out_row_groups"))
+        for s in summaries
+        for name, groups in s[part].items()
+    }
 
 
 def _input_location(storage: Storage, url: str, fmt: str) -> tuple[str, str | None]:

@@ -1,7 +1,7 @@
 """stage=sample: images from a train_ldm output, with DDIM or DPM-Solver++, as its task draws them: for
 prompts (text-to-image), class names (class-conditional) or layouts (layout-to-image), guided; for images
-(super-resolution: their low-resolution versions; inpainting: with random holes, or ``stage.masks``), ``stage.images`` or else
-held-out ones; or (unconditional) ``stage.num_images``.
+(super-resolution: their low-resolution versions; inpainting: with random holes, or ``stage.masks``), ``stage.images``
+or else held-out ones; or (unconditional) ``stage.num_images``.
 
 Each image is drawn from noise seeded ``stage.seed + i`` (i its place in prompt order), so one image can be
 made again on its own, here or with the exported pipeline. The PNGs, a ``samples.jsonl`` index (file, prompt
@@ -77,9 +77,10 @@ def _inputs(cfg: DictConfig, storage: Storage) -> Inputs:
 def _sample(job: Job) -> Output:
     settings, out, prompts = job.settings, job.out, job.inputs.found["prompts"]
     started = time.time()
-    repeat = lambda items: (
-        [item for item in items for _ in range(settings.images_per_prompt)] if items is not None else None
-    )  # noqa: E731
+
+    def repeat(items):
+        return [item for item in items for _ in range(settings.images_per_prompt)] if items is not None else None
+
     rows, named, masks = repeat(prompts), repeat(job.inputs.found["labels"]), repeat(job.inputs.found["masks"])
     seeds = [settings.seed + i for i in range(len(rows) if rows is not None else settings.num_images)]
     pipeline = load_model(job, str(settings.device))

@@ -1,3 +1,3 @@
-"""stage=synthesize: a seeded LAION-400M-format corpus. ``stage`` drives it; ``tasks`` writes shards on Ray workers.
+"""stage=synthesize: a seeded LAION-400M-format corpus. ``stage`` drives it; ``remote`` writes shards on Ray workers.
 
 Nothing is imported here: Ray workers import ``synthesize``'s worker-side modules without the driver's."""

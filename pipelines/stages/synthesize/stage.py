@@ -101,8 +101,8 @@ def _synthesize(job: Job) -> Output:
             "images_per_s": images / max(elapsed, 1e-9),
             **{f"bad_rows.{d}": n for d, n in bad.items()},
         },
-        message=f"synthesize: wrote {len(rows)} rows ({images} images, {sum(bad.values())} bad rows, {len(shards)} shards) "
-        f"to {out} in {elapsed:.1f}s",
+        message=f"synthesize: wrote {len(rows)} rows ({images} images, {sum(bad.values())} bad rows, "
+        f"{len(shards)} shards) to {out} in {elapsed:.1f}s",
     )
 
 

@@ -5,15 +5,14 @@ discriminator, which starts at ``disc_start``. The autoencoder is DDP-wrapped; t
 (discriminator, log-variance) have their gradients averaged across workers by hand, because the
 discriminator runs twice per step (generator and discriminator terms), which DDP does not allow. Every
 replica is built from the same seed, so averaged gradients keep them equal (``ddp/parameter_spread``).
-Rank 0 checkpoints (the model in diffusers format + the training state: optimizers, step, every rank's RNG,
-the position in the epoch's order every rank has trained up to), evaluates on the held-out images and logs to
-the MLflow run the driver opened. A restart continues the epoch on exactly the rows not yet trained on.
+Rank 0 checkpoints (``pipelines.worker.checkpoint``: the model in diffusers format, the loss's parameters and
+both optimizers), evaluates on the held-out images and logs to the MLflow run the driver opened. A restart
+continues the epoch on exactly the rows not yet trained on.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ldm.devices import autocast as autocast_for
-from ldm.devices import autocast_dtype, enable_tf32, restore_optimizer, rng_state
+from ldm.devices import autocast_dtype, enable_tf32, restore_optimizer
 from ldm.flops import peak_flops, performance, step_flops
 from ldm.grids import pair_grid
 from ldm.losses.first_stage import FirstStageLoss, LossWeights
@@ -45,18 +44,14 @@ from ldm.models.presets import first_stage_preset
 from ldm.storage import Storage
 from pipelines.schema import TrainAutoencoder
 from pipelines.stages.train_autoencoder import remote
-from pipelines.train_worker import (
-    EpochData,
-    RunLogger,
-    RunTarget,
-    gather_for_checkpoint,
-    parameter_spread,
-    private_copy,
-    random_streams,
-)
+from pipelines.worker.checkpoint import Checkpointer, Saved
+from pipelines.worker.console import quiet_worker
+from pipelines.worker.data import EpochData, held_out_rows
+from pipelines.worker.run_logger import RunLogger, RunTarget
+from pipelines.worker.training import ProgressLine, Window, due, parameter_spread, timed
 
+STAGE = "train_autoencoder"
 MODEL_DIR = "model"  # inside a checkpoint: the autoencoder as diffusers saves it
-STATE_FILE = "training_state.pt"
 
 
 @dataclass(frozen=True)
@@ -65,6 +60,7 @@ class LoopConfig:
 
     settings: TrainAutoencoder
     data: EpochData  # the prepared training images, and each epoch's order of them
+    held_out: list[str]  # prepare's held-out rows: the images evaluations measure (never trained on)
     resolution: int
     pretrained: str | None  # the first stage to fine-tune, as every process spells it (or None: a preset)
     storage: Storage
@@ -72,149 +68,186 @@ class LoopConfig:
 
 
 def train_loop(config: LoopConfig) -> None:
-    settings, opt = config.settings, config.settings.optimizer
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(settings.seed)  # every replica of the autoencoder and of the discriminator starts the same
-    device = ray.train.torch.get_device()
+    """What every Ray Train worker runs: build (or resume), then train to ``stage.steps``."""
+    Trainer(config).train()
 
-    # -- model, loss, optimizers, and the state to resume from ------------------------------------------------
-    checkpoint = ray.train.get_checkpoint()
-    state: dict[str, Any] = {}
-    if checkpoint is not None:
-        with private_copy(checkpoint) as directory:
-            model = load_first_stage(os.path.join(directory, MODEL_DIR))
-            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+@dataclass
+class Parts:
+    """What trains: the autoencoder, its loss (with the discriminator and the learned log-variance) and their two
+    optimizers; what a checkpoint holds of them (``Checkpointed``)."""
+
+    autoencoder: FirstStage
+    loss: FirstStageLoss
+    ae_optimizer: torch.optim.Adam
+    d_optimizer: torch.optim.Adam
+
+    def save_models(self, directory: str) -> None:
+        self.autoencoder.save_pretrained(os.path.join(directory, MODEL_DIR))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss.state_dict(),
+            "ae_optimizer": self.ae_optimizer.state_dict(),
+            "d_optimizer": self.d_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.loss.load_state_dict(state["loss"])
+        restore_optimizer(self.ae_optimizer, state["ae_optimizer"], device)
+        restore_optimizer(self.d_optimizer, state["d_optimizer"], device)
+
+
+class Trainer:
+    """One worker's training: ``train()`` reads top to bottom; each step it calls is a method below."""
+
+    def __init__(self, config: LoopConfig):
+        quiet_worker()
+        self.config, self.settings = config, config.settings
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(self.settings.seed)  # every replica of the autoencoder and discriminator starts the same
+        self.checkpointer = Checkpointer(STAGE, config.data, self.device)
+        with self.checkpointer.latest() as saved:
+            model = _first_stage(config, saved)
+        perceptual = load_lpips(self.settings.lpips_weights, config.storage)
+        self.parts = training_parts(self.settings, model, perceptual, self.device, saved.state if saved else {})
+        self.position = self.checkpointer.resume(saved, self.settings.seed)  # each rank's posterior noise
+        self.parts.autoencoder.train()  # from_pretrained (a checkpoint) returns eval mode: some layers differ
+        self.network = ray.train.torch.prepare_model(Reconstruct(self.parts.autoencoder))
+        enable_tf32(self.device)
+        precision = autocast_dtype(self.device, str(self.settings.precision), "stage.precision")
+        self.autocast, self.peak = autocast_for(self.device, precision), peak_flops(self.device, precision)
+        self.tracker = RunLogger(config.run) if self.rank == 0 else None
+        self.validation = _validation_batches(config) if self.rank == 0 else None
+        self.window = Window()
+        self.progress = ProgressLine(STAGE, self.settings.steps, self.position.step, self.rank == 0)
+        self.flops, self.disc_counted = None, False  # one worker's step (autoencoder and discriminator)
+
+    def train(self) -> None:
+        """Each epoch is one pass over this worker's run of the epoch's order."""
+        while self.position.step < self.settings.steps:
+            for batch in timed(self.epoch_batches(), self.window):
+                self.count_flops(batch["pixels"])
+                logs = self.train_step(batch["pixels"])
+                self.progress.update(self.position.step, logs["loss"])
+                self.log_evaluate_checkpoint()
+                if self.position.step >= self.settings.steps:
+                    break
+            else:  # the epoch's run is exhausted
+                self.config.data.check_share(
+                    self.position.consumed, self.position.taken, self.rank, self.settings.batch_size
+                )
+                self.position.next_epoch()
+
+    def epoch_batches(self):
+        """This rank's crops of the current epoch (less what was trained on before a restart), on its device."""
+        settings, position = self.settings, self.position
+        crops = partial(
+            remote.pixels,
+            resolution=self.config.resolution,
+            seed=(settings.seed, position.epoch),
+            flip=settings.random_flip,
+            side=settings.crop,
+        )
+        rows = self.config.data.rows(position.epoch, self.rank, self.world, position.taken)
+        images = rows.map_batches(crops, num_cpus=settings.resources.num_cpus_per_decode_task)
+        return images.iter_torch_batches(batch_size=settings.batch_size, device=self.device, drop_last=True)
+
+    def count_flops(self, images: torch.Tensor) -> None:
+        """One worker's step, counted on the first step and again on the first with the discriminator."""
+        step, disc_start = self.position.step, self.settings.loss.disc_start
+        if self.flops is not None and (self.disc_counted or step < disc_start):
+            return
+        counting = time.perf_counter()
+        parts = self.parts
+        run = partial(_losses, parts.autoencoder, parts.loss, images, step, self.autocast)
+        self.flops = step_flops(run, [parts.autoencoder, parts.loss])
+        self.disc_counted = step >= disc_start
+        self.window.exclude(time.perf_counter() - counting)  # not in the rates
+
+    def train_step(self, images: torch.Tensor) -> dict[str, float]:
+        """The autoencoder's update, then the discriminator's (from ``loss.disc_start``); the step's losses."""
+        parts, opt, step = self.parts, self.settings.optimizer, self.position.step
+        schedule = {
+            "schedule": opt.schedule,
+            "warmup_steps": opt.warmup_steps,
+            "final_ratio": opt.final_ratio,
+            "total_steps": self.settings.steps,
+        }
+        for optimizer, base in ((parts.ae_optimizer, opt.lr), (parts.d_optimizer, opt.disc_lr)):
+            set_learning_rate(optimizer, learning_rate(step, base, **schedule))
+        with self.autocast:
+            reconstructions, encoded = self.network(images)
+            ae_loss, logs = parts.loss.generator(images, reconstructions, encoded, step, last_layer(parts.autoencoder))
+        parts.ae_optimizer.zero_grad(set_to_none=True)
+        ae_loss.backward()
+        _average_gradients([parts.loss.logvar] if parts.loss.logvar is not None else [], self.world)
+        parts.ae_optimizer.step()
+        with self.autocast:
+            d_loss, d_logs = parts.loss.discriminator_loss(images, reconstructions, step)
+        if d_loss is not None:
+            parts.d_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            _average_gradients(list(parts.loss.discriminator.parameters()), self.world)
+            parts.d_optimizer.step()
+        self.position.step += 1
+        self.position.consumed += images.shape[0]
+        values = {"loss": ae_loss.item(), **logs, **d_logs}
+        self.window.add(images.shape[0] * self.world, values)
+        return values
+
+    def log_evaluate_checkpoint(self) -> None:
+        """What is due at this step: the window's metrics, the held-out evaluation (rank 0), a checkpoint."""
+        settings, step = self.settings, self.position.step
+        log, save = due(step, settings.log_every, settings.steps), due(step, settings.checkpoint_every, settings.steps)
+        metrics: dict[str, float] = {"step": step}
+        if log:
+            metrics.update(self.window_metrics())
+            self.window.restart()
+        if self.rank == 0:
+            if due(step, settings.eval_every, settings.steps):
+                metrics.update(
+                    _evaluate(self.parts.autoencoder, self.validation, self.tracker, step, settings.scene_fidelity)
+                )
+            if len(metrics) > 1:
+                self.tracker.metrics(metrics, step)
+        if log or save:  # every rank reports at the same steps: Ray Train gathers the reports
+            self.checkpointer.report(metrics, self.position, save, self.parts)
+
+    def window_metrics(self) -> dict[str, float]:
+        metrics = self.window.metrics()
+        metrics.update(performance(self.flops, metrics["train/steps_per_s"], self.peak))
+        metrics["train/lr"] = self.parts.ae_optimizer.param_groups[0]["lr"]
+        if self.position.step == self.settings.steps:  # the autoencoder, its log-variance, the discriminator
+            parameters = [*self.parts.autoencoder.parameters(), *self.parts.loss.parameters()]
+            metrics["ddp/parameter_spread"] = parameter_spread(parameters, self.world)
+        return metrics
+
+
+def _first_stage(config: LoopConfig, saved: Saved | None) -> FirstStage:
+    """The checkpoint's autoencoder, the pretrained one to fine-tune, or a new one from the preset."""
+    settings = config.settings
+    if saved is not None:
+        model = load_first_stage(os.path.join(saved.directory, MODEL_DIR))
     elif config.pretrained:
         model = load_first_stage(config.pretrained, config.storage)
     else:
-        model = build_first_stage(
-            first_stage_preset(
-                settings.model.preset, settings.model.overrides, latent_channels=settings.model.latent_channels
-            ),
-            settings.model.logvar_bias,
+        preset = first_stage_preset(
+            settings.model.preset, settings.model.overrides, latent_channels=settings.model.latent_channels
         )
+        model = build_first_stage(preset, settings.model.logvar_bias)
     if settings.crop and settings.crop % factor(model):  # a pretrained one's (the stage checked a preset's)
         raise ValueError(
             f"stage.crop={settings.crop} is not a multiple of the first stage's downsampling factor {factor(model)}"
         )
-    perceptual = load_lpips(settings.lpips_weights, config.storage)
-    autoencoder, loss, ae_optimizer, d_optimizer = training_parts(settings, model, perceptual, device, state)
-    extra = [loss.logvar] if loss.logvar is not None else []
-    step, epoch, taken = 0, 0, []  # taken: positions of the epoch's order trained on before this attempt
-    if state:
-        step, epoch = state["step"], state["epoch"]
-        taken = config.data.resumed(state, "train_autoencoder", rank)
-    random_streams(state, "train_autoencoder", rank, world, device, None, settings.seed)  # each rank's posterior noise
-    autoencoder.train()  # from_pretrained (a checkpoint) returns eval mode, which runs some layers differently
-    network = ray.train.torch.prepare_model(Reconstruct(autoencoder))
-    enable_tf32(device)
-    precision = autocast_dtype(device, str(settings.precision), "stage.precision")
-    autocast = autocast_for(device, precision)
-
-    tracker = RunLogger(config.run) if rank == 0 else None
-    validation = _validation_batches(settings.batch_size) if rank == 0 else None
-    sums: dict[str, float] = {}
-    started, seen, window_steps = time.time(), 0, 0
-    peak = peak_flops(device, precision)
-    flops, disc_counted = None, False  # one worker's step (autoencoder and discriminator)
-
-    # -- the loop: each epoch is one pass over this worker's run of the epoch's order -------------------------
-    schedule = {
-        "schedule": opt.schedule,
-        "warmup_steps": opt.warmup_steps,
-        "final_ratio": opt.final_ratio,
-        "total_steps": settings.steps,
-    }
-    while step < settings.steps:
-        consumed = 0  # rows of this epoch's run trained on in this attempt
-        crops = partial(
-            remote.pixels,
-            resolution=config.resolution,
-            seed=(settings.seed, epoch),
-            flip=settings.random_flip,
-            side=settings.crop,
-        )
-        images_of_epoch = config.data.rows(epoch, rank, world, taken).map_batches(
-            crops, num_cpus=settings.resources.num_cpus_per_decode_task
-        )
-        for batch in images_of_epoch.iter_torch_batches(batch_size=settings.batch_size, device=device, drop_last=True):
-            images = batch["pixels"]
-            # Counted on the first step, and again on the first with the discriminator (from loss.disc_start).
-            if flops is None or (not disc_counted and step >= settings.loss.disc_start):
-                counting = time.time()
-                flops = step_flops(partial(_losses, autoencoder, loss, images, step, autocast), [autoencoder, loss])
-                disc_counted, started = (
-                    step >= settings.loss.disc_start,
-                    started + time.time() - counting,
-                )  # not in images/s
-            for optimizer, base in ((ae_optimizer, opt.lr), (d_optimizer, opt.disc_lr)):
-                set_learning_rate(optimizer, learning_rate(step, base, **schedule))
-            with autocast:
-                reconstructions, encoded = network(images)
-                ae_loss, logs = loss.generator(images, reconstructions, encoded, step, last_layer(autoencoder))
-            ae_optimizer.zero_grad(set_to_none=True)
-            ae_loss.backward()
-            _average_gradients(extra, world)
-            ae_optimizer.step()
-
-            with autocast:
-                d_loss, d_logs = loss.discriminator_loss(images, reconstructions, step)
-            if d_loss is not None:
-                d_optimizer.zero_grad(set_to_none=True)
-                d_loss.backward()
-                _average_gradients(list(loss.discriminator.parameters()), world)
-                d_optimizer.step()
-            step += 1
-            window_steps += 1
-            consumed += images.shape[0]
-            seen += images.shape[0] * world
-            for name, value in {"loss": ae_loss.item(), **logs, **d_logs}.items():
-                sums[name] = sums.get(name, 0.0) + value
-
-            last = step == settings.steps
-            log, save = step % settings.log_every == 0 or last, step % settings.checkpoint_every == 0 or last
-            metrics: dict[str, float] = {"step": step}
-            if log:
-                metrics.update({f"train/{k}": v / settings.log_every for k, v in sums.items()})
-                metrics["train/images_per_s"] = seen / (time.time() - started)
-                metrics.update(performance(flops, window_steps / (time.time() - started), peak))
-                metrics["train/lr"] = ae_optimizer.param_groups[0]["lr"]
-                if last:  # the autoencoder, its log-variance and the discriminator: equal on every rank
-                    metrics["ddp/parameter_spread"] = parameter_spread(
-                        [*autoencoder.parameters(), *loss.parameters()], world
-                    )
-                sums, started, seen, window_steps = {}, time.time(), 0, 0
-            if rank == 0:
-                if step % settings.eval_every == 0 or last:
-                    metrics.update(_evaluate(autoencoder, validation, tracker, step, settings.scene_fidelity))
-                if len(metrics) > 1:
-                    tracker.metrics(metrics, step)
-            if log or save:  # every rank reports at the same steps: Ray Train gathers the reports
-                position = {"epoch": epoch, "taken": taken, "consumed": consumed}
-                _report(
-                    metrics,
-                    save,
-                    autoencoder,
-                    loss,
-                    ae_optimizer,
-                    d_optimizer,
-                    step,
-                    position,
-                    world,
-                    rank,
-                    config.data,
-                )
-            if step >= settings.steps:
-                break
-        else:  # the epoch's run is exhausted
-            config.data.check_share(consumed, taken, rank, settings.batch_size)
-            epoch, taken = epoch + 1, []
+    return model
 
 
 def training_parts(
     settings: TrainAutoencoder, model: FirstStage, perceptual, device: torch.device, state: dict[str, Any]
-) -> tuple[FirstStage, FirstStageLoss, torch.optim.Adam, torch.optim.Adam]:
+) -> Parts:
     """The autoencoder and its loss on ``device``, their two optimizers, and a checkpoint's ``state`` loaded into
     them (empty: a fresh start), in that order: torch puts Adam's moments on their parameters' device as it
     loads them, so a model moved afterwards would step with its moments left on the CPU."""
@@ -226,11 +259,10 @@ def training_parts(
     extra = [loss.logvar] if loss.logvar is not None else []
     ae_optimizer = torch.optim.Adam([*autoencoder.parameters(), *extra], lr=opt.lr, betas=tuple(opt.betas))
     d_optimizer = torch.optim.Adam(loss.discriminator.parameters(), lr=opt.disc_lr, betas=tuple(opt.betas))
+    parts = Parts(autoencoder, loss, ae_optimizer, d_optimizer)
     if state:
-        loss.load_state_dict(state["loss"])
-        restore_optimizer(ae_optimizer, state["ae_optimizer"], device)
-        restore_optimizer(d_optimizer, state["d_optimizer"], device)
-    return autoencoder, loss, ae_optimizer, d_optimizer
+        parts.load_state_dict(state, device)
+    return parts
 
 
 def _losses(autoencoder, loss: FirstStageLoss, images: torch.Tensor, step: int, autocast) -> None:
@@ -254,50 +286,18 @@ def _average_gradients(parameters: list[torch.nn.Parameter], world: int) -> None
             parameter.grad /= world
 
 
-def _report(
-    metrics,
-    save: bool,
-    autoencoder,
-    loss,
-    ae_optimizer,
-    d_optimizer,
-    step: int,
-    position: dict[str, Any],
-    world: int,
-    rank: int,
-    data: EpochData,
-) -> None:
-    """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due, with every
-    rank's RNG and the positions of the epoch's order they have trained on."""
-    gathered = gather_for_checkpoint(
-        (rng_state(next(autoencoder.parameters()).device), position["consumed"]), save, world
-    )
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if save and rank == 0:
-            autoencoder.save_pretrained(os.path.join(directory, MODEL_DIR))
-            torch.save(
-                {
-                    "loss": loss.state_dict(),
-                    "ae_optimizer": ae_optimizer.state_dict(),
-                    "d_optimizer": d_optimizer.state_dict(),
-                    "step": step,
-                    "epoch": position["epoch"],
-                    "rng": [r for r, _ in gathered],
-                    "data": data.position(position["epoch"], world, position["taken"], [c for _, c in gathered]),
-                },
-                os.path.join(directory, STATE_FILE),
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint)
-
-
-def _validation_batches(batch_size: int) -> list[torch.Tensor]:
+def _validation_batches(config: LoopConfig) -> list[torch.Tensor]:
     """The held-out images (center crops), kept in memory: at most stage.validation_images of them."""
-    images = []
-    for batch in ray.train.get_dataset_shard("validation").iter_batches(batch_size=batch_size, batch_format="numpy"):
-        images.append(torch.from_numpy(batch["pixels"]))
-    return images
+    settings = config.settings
+    if not config.held_out:
+        return []
+    rows = held_out_rows(config.storage, config.held_out, ["key", "image"], settings.validation_images)
+    crops = partial(remote.pixels, resolution=config.resolution, seed=None, flip=False)
+    images = rows.map_batches(crops, num_cpus=settings.resources.num_cpus_per_decode_task)
+    # Copies: Ray Data's batches are read-only.
+    return [
+        torch.tensor(b["pixels"]) for b in images.iter_batches(batch_size=settings.batch_size, batch_format="numpy")
+    ]
 
 
 def _evaluate(

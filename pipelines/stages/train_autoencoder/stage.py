@@ -1,12 +1,12 @@
 """stage=train_autoencoder: the first stage (KL or VQ autoencoder) on the prepared images, with Ray Train.
 
 Each Ray Train worker (``loop.py``) reads its run of every epoch's order of the prepared shards with Ray Data
-(``EpochData``, as train_ldm does, so a restart continues the epoch exactly), decoding, cropping and flipping on
-CPU tasks (``remote.py``) with crops drawn from the seed, the epoch and the row's key. Checkpoints go to ``stage.checkpoints_url`` under a run name made from
-the training settings, so the same command after a kill (or a worker failure) resumes from the latest one.
-The final autoencoder is written in diffusers format to ``stage.output_url``. It trains on prepare's
-``shards/`` and validates on at most ``stage.validation_images`` of its ``held_out/`` rows, the ones
-stage=evaluate measures it on.
+(``EpochData``, as train_ldm does, so a restart continues the epoch exactly), decoding, cropping and flipping on CPU
+tasks (``remote.py``) with crops drawn from the seed, the epoch and the row's key. Checkpoints
+(``pipelines.worker.checkpoint``) go to ``stage.checkpoints_url`` under a run name made from the training settings,
+so the same command after a kill (or a worker failure) resumes from the latest one. The final autoencoder is written
+in diffusers format to ``stage.output_url``. It trains on prepare's ``shards/`` and validates on at most
+``stage.validation_images`` of its ``held_out/`` rows, the ones stage=evaluate measures it on.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import tempfile
 from functools import partial
 from typing import Any
 
-import ray
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.manifest import data_files, data_row_groups
@@ -25,8 +24,8 @@ from ldm.models.presets import first_stage_preset
 from ldm.storage import model_location, resolve
 from pipelines.driver import trainer as training
 from pipelines.driver.stage import Inputs, Job, Output, Stage
-from pipelines.stages.train_autoencoder import loop, remote
-from pipelines.train_worker import EpochData
+from pipelines.stages.train_autoencoder import loop
+from pipelines.worker.data import EpochData
 
 # 3: trains on prepare's shards/ and validates on its held_out/ (prepare's held-out set).
 STAGE = Stage(
@@ -57,30 +56,17 @@ def _train(job: Job) -> Output:
         )
     source, prepared = job.inputs.record["prepared"], job.inputs.found["prepared"]
     run_name = f"{STAGE.name}-{training.training_identity(cfg, job.inputs.fingerprints)[:16]}"
-    pafs, _ = storage.pyarrow(source)
-
-    held_out = [storage.pyarrow(s)[1] for s in data_files(prepared, source, "held_out")]
-    validation = (
-        ray.data.read_parquet(held_out, filesystem=pafs, columns=["key", "image"])
-        if held_out
-        else ray.data.from_items([])
-    )
-    datasets = {
-        "validation": validation.limit(settings.validation_images).map_batches(
-            partial(remote.pixels, resolution=cfg.data.resolution, seed=None, flip=False),
-            num_cpus=settings.resources.num_cpus_per_decode_task,
-        )
-    }
     files, row_groups = data_row_groups(prepared, source)
     config = loop.LoopConfig(
         settings=OmegaConf.to_object(settings),
         data=EpochData(files, row_groups, ["key", "image"], settings.seed, settings.shuffle_buffer, storage),
+        held_out=data_files(prepared, source, "held_out"),
         resolution=cfg.data.resolution,
         pretrained=model_location(settings.pretrained) if settings.pretrained else None,
         storage=storage,
         run=training.run_target(job),
     )
-    result = training.trainer(cfg, storage, partial(loop.train_loop, config), run_name, datasets).fit()
+    result = training.trainer(cfg, storage, partial(loop.train_loop, config), run_name).fit()
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
 
     fs, root = storage.fsspec(job.out)

@@ -4,18 +4,16 @@ The task (``ldm.tasks``) says what conditions the UNet: captions through a text 
 embedding, layouts through a box transformer, or nothing (no tokenizer, τθ or dropout); and what is
 concatenated to z_t (super-resolution's low-resolution image, inpainting's mask and masked latent, both read
 from the latent rows). UNet and τθ sit in one DDP-wrapped module whose forward is the denoising loss, so the
-gradients of both are averaged. Each optimizer step: draw z0 from
-the stored moments, drop conditions to the null one for guidance, accumulate micro-batches, clip, AdamW at the
-warm-up + schedule rate, update the EMA. Rank 0 checkpoints (UNet, τθ and
-their EMA as safetensors; optimizer, step, every rank's RNG, the EMA counter, and the position in the epoch's
-order that every rank has trained up to), samples the validation prompts and logs to the MLflow run the driver
-opened. A restart continues the epoch on exactly the rows not yet trained on.
+gradients of both are averaged. Each optimizer step: draw z0 from the stored moments, drop conditions to the null
+one for guidance, accumulate micro-batches, clip, AdamW at the warm-up + schedule rate, update the EMA. Rank 0
+checkpoints (``pipelines.worker.checkpoint``: UNet, τθ and their EMA as safetensors, the optimizer and the EMA's
+counters), samples the validation prompts and logs to the MLflow run the driver opened. A restart continues the
+epoch on exactly the rows not yet trained on.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,10 +28,10 @@ import torch.distributed as dist
 from diffusers.training_utils import EMAModel
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from ldm.data.epochs import END_OF_EPOCH, EpochStream, Interval
+from ldm.data.epochs import END_OF_EPOCH, EpochStream
 from ldm.data.layouts import grid_layouts
 from ldm.devices import autocast as autocast_for
-from ldm.devices import autocast_dtype, enable_tf32, restore_optimizer, rng_state
+from ldm.devices import autocast_dtype, enable_tf32, restore_optimizer
 from ldm.diffusion.objective import DenoisingLoss, DiffusionObjective, drop_captions, noise_scheduler, sample_latents
 from ldm.diffusion.sampling import condition_captions, generate_images, sampler, task_pipeline
 from ldm.flops import peak_flops, performance
@@ -60,34 +58,25 @@ from ldm.storage import Storage
 from ldm.tasks import Task
 from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.schema import Noise, TrainLdm
-from pipelines.train_worker import (
-    EpochData,
-    RunLogger,
-    RunTarget,
-    gather_for_checkpoint,
-    parameter_spread,
-    private_copy,
-    random_streams,
-    worker_data_context,
-)
+from pipelines.worker.checkpoint import Checkpointer
+from pipelines.worker.console import quiet_worker
+from pipelines.worker.data import EpochData, held_out_rows
+from pipelines.worker.run_logger import RunLogger, RunTarget
+from pipelines.worker.training import ProgressLine, Window, due, evaluation_mode, parameter_spread
 
-STATE_FILE = "training_state.pt"
-
-
-STRINGS = (
-    "key",
-    "label",
-    "boxes",
-)  # columns that stay lists of strings: keys (for the data audit), classes, layouts (JSON)
+STAGE = "train_ldm"
+# Columns that stay lists of strings: keys (for the data audit), classes, layouts (JSON).
+STRINGS = ("key", "label", "boxes")
 
 
 class LatentBatch(NumpyBatchCollateFn):
     """Latent shard rows to tensors; keys, class names and layouts stay strings. Ray Data hands the fixed-size token
-    lists over as an object array of rows."""
+    lists over as an object array of rows, and the other columns as read-only views of Arrow's buffers, which are
+    copied (a batch of latents is small) rather than shared with a tensor that could write to them."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {
-            k: torch.from_numpy(np.stack(v) if v.dtype == object else np.ascontiguousarray(v))
+            k: torch.from_numpy(np.stack(v) if v.dtype == object else np.array(v))
             for k, v in batch.items()
             if k not in STRINGS
         }
@@ -126,63 +115,305 @@ class LoopConfig:
 
 
 def train_loop(config: LoopConfig) -> None:
-    settings, opt = config.settings, config.settings.optimizer
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(settings.seed)  # the same initial weights on every rank
+    """What every Ray Train worker runs: build (or resume), then train to ``stage.steps``."""
+    Trainer(config).train()
 
-    # -- tokenizer, models, optimizer, EMA, and the state to resume from ----------------------------------------
-    captioned = config.task.condition == "caption"
-    tokenizer = load_tokenizer(config.tokenizer, config.storage) if captioned else None
-    embedded = config.empty_text_embedding is not None
-    caption_column = (TEXT_EMBEDDING if embedded else "input_ids") if captioned else None
 
-    # This run's latest checkpoint (a restart, or the same command again); else the one stage.resume names.
-    checkpoint = ray.train.get_checkpoint() or config.resume_from
-    state: dict[str, Any] = {}
-    if checkpoint is not None:
-        with private_copy(checkpoint) as directory:
-            unet, text_encoder = load_models(directory)
-            ema_weights = [
-                p.detach().clone()
-                for m in load_models(os.path.join(directory, EMA))
-                if m is not None
-                for p in m.parameters()
-            ]
-            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-    else:
-        unet, text_encoder = _build_models(config, len(tokenizer) if tokenizer else 0)
-    # The null condition that guidance dropout swaps in: the empty caption (its tokens or τθ), the null class or layout.
-    if embedded:
-        empty = torch.from_numpy(config.empty_text_embedding).to(device)
-    elif captioned:
-        empty = torch.from_numpy(tokenize(tokenizer, [""], config.max_length)[0][0]).long().to(device)
-    elif text_encoder is not None:
-        empty = text_encoder.null_tokens(1)[0].to(device)
+@dataclass
+class Parts:
+    """What trains: the UNet and τθ in one DDP-wrapped loss module, their optimizer and EMA; what a checkpoint
+    holds of them (``Checkpointed``): the weights and the EMA's as diffusers folders, the optimizer's state and
+    the EMA's counters."""
 
-    def conditions(batch: dict[str, Any], strict: bool = True) -> torch.Tensor | None:
-        """What the batch's rows are conditioned on, as τθ takes it: tokens or τθ(y), class or layout tokens, or
-        nothing. Not ``strict`` (held-out rows): a class no training row named is the null condition."""
-        if captioned:
-            return batch[caption_column].to(device)
-        return (
-            text_encoder.tokens(batch[config.task.condition], strict).to(device) if text_encoder is not None else None
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module | None
+    module: DenoisingLoss
+    optimizer: torch.optim.AdamW
+    ema: EMAModel
+    trained: list[torch.nn.Parameter]  # what the optimizer steps (a frozen τθ's are not)
+    averaged: list[torch.nn.Parameter]  # what the EMA averages, in its order (a frozen τθ's are copied)
+
+    def save_models(self, directory: str) -> None:
+        save_models(directory, self.unet, self.text_encoder)
+        self.ema.store(self.averaged)
+        self.ema.copy_to(self.averaged)
+        save_models(os.path.join(directory, EMA), self.unet, self.text_encoder)
+        self.ema.restore(self.averaged)
+
+    def state_dict(self) -> dict[str, Any]:
+        ema = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}  # saved as weights above
+        return {"optimizer": self.optimizer.state_dict(), "ema": ema}
+
+    def load_state_dict(self, state: dict[str, Any], ema_weights: list[torch.Tensor], device: torch.device) -> None:
+        restore_optimizer(self.optimizer, state["optimizer"], device)
+        # Checkpoints written before the EMA's state_dict was kept held its update count alone.
+        ema = state.get("ema") or {"optimization_step": state["ema_updates"]}
+        self.ema.load_state_dict({**ema, "shadow_params": [p.to(device) for p in ema_weights]})
+
+
+class Conditioning:
+    """What the batch's rows condition the UNet on, as the task says: tokens or τθ(y) of captions, class or
+    layout tokens, or nothing; the null condition that guidance dropout swaps in (the empty caption's tokens or
+    τθ(y), the null class or layout); and what is concatenated to z_t (super-resolution's low-resolution image,
+    inpainting's mask and masked latent, both read from the latent rows)."""
+
+    def __init__(self, config: LoopConfig, tokenizer, text_encoder: torch.nn.Module | None, device: torch.device):
+        self.task, self.text_encoder, self.device, self.scale_factor = (
+            config.task,
+            text_encoder,
+            device,
+            config.scale_factor,
         )
+        captioned, embedded = config.task.condition == "caption", config.empty_text_embedding is not None
+        self.caption_column = (TEXT_EMBEDDING if embedded else "input_ids") if captioned else None
+        self.empty = None
+        if embedded:
+            self.empty = torch.tensor(config.empty_text_embedding, device=device)
+        elif captioned:
+            self.empty = torch.from_numpy(tokenize(tokenizer, [""], config.max_length)[0][0]).long().to(device)
+        elif text_encoder is not None:
+            self.empty = text_encoder.null_tokens(1)[0].to(device)
 
-    def concat_input(batch: dict[str, Any]) -> torch.Tensor | None:
-        """What the task concatenates to z_t: the low-resolution image in [-1, 1], or the mask and the masked
-        image's latent scaled as z is; None for the others."""
-        if config.task.concat == "low_res":
-            return image_tensor(batch[LOW_RES]).to(device)
-        if config.task.concat == "masked":
-            return inpainting_input(
-                batch[MASK][:, None].to(device), batch[MASKED_LATENT].to(device).float(), config.scale_factor
-            )
+    def of(self, batch: dict[str, Any], strict: bool = True) -> torch.Tensor | None:
+        """Not ``strict`` (held-out rows): a class no training row named is the null condition."""
+        if self.caption_column is not None:
+            return batch[self.caption_column].to(self.device)
+        if self.text_encoder is None:
+            return None
+        return self.text_encoder.tokens(batch[self.task.condition], strict).to(self.device)
+
+    def concat(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The low-resolution image in [-1, 1], or the mask and the masked image's latent scaled as z is."""
+        if self.task.concat == "low_res":
+            return image_tensor(batch[LOW_RES]).to(self.device)
+        if self.task.concat == "masked":
+            mask, masked = batch[MASK][:, None].to(self.device), batch[MASKED_LATENT].to(self.device).float()
+            return inpainting_input(mask, masked, self.scale_factor)
         return None
 
-    train_text_encoder = config.pretrained_text_encoder is None
-    towers = [m for m in (unet, text_encoder) if m is not None]  # no τθ here when the latents carry its output
+
+class Trainer:
+    """One worker's training: ``train()`` reads top to bottom; each step it calls is a method below."""
+
+    def __init__(self, config: LoopConfig):
+        quiet_worker()
+        self.config, self.settings = config, config.settings
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(self.settings.seed)  # the same initial weights on every rank
+        self.build_parts()
+        self.build_precision()
+        self.global_batch = self.settings.batch_size * self.world * self.settings.optimizer.accumulation
+        self.tracker = RunLogger(config.run)
+        self.announce(_node_count(self.world))
+        self.validation = self.held_out = None
+        if self.rank == 0:
+            self.validation = Validation(config, self.tokenizer, self.parts.unet, self.parts.text_encoder, self.device)
+            if config.held_out:
+                self.held_out = HeldOutLoss(config, self.parts.module, self.device, self.autocast, self.conditioning)
+        self.audit = Audit(self.tracker, self.rank, self.position.step) if self.settings.data_audit else None
+        self.window, self.step_flops = Window(), None  # one worker's optimizer step, counted on the first one
+        self.progress = ProgressLine(STAGE, self.settings.steps, self.position.step, self.rank == 0)
+        # Each epoch is a new Ray Data read; the next one starts while this one's last batches train.
+        self.resumed = (self.position.epoch, self.position.taken)
+        self.batches = EpochStream(self.epoch_rows, first=self.position.epoch, depth=self.settings.prefetch_batches)
+
+    def build_parts(self) -> None:
+        """The tokenizer, the models (this run's latest checkpoint, the one ``stage.resume`` names, or new ones),
+        their optimizer and EMA, the position to go on from and this rank's random streams."""
+        config, settings = self.config, self.settings
+        self.tokenizer = (
+            load_tokenizer(config.tokenizer, config.storage) if config.task.condition == "caption" else None
+        )
+        # Noise, timesteps and caption dropout draw from the generator, τθ's dropout from torch's own streams:
+        # both are each rank's own, and a checkpoint continues them.
+        self.generator = torch.Generator(device=self.device)
+        self.checkpointer = Checkpointer(STAGE, config.data, self.device, self.generator)
+        with self.checkpointer.latest(config.resume_from) as saved:
+            if saved is not None:
+                unet, text_encoder = load_models(saved.directory)
+                ema_models = load_models(os.path.join(saved.directory, EMA))
+                ema_weights = [p.detach().clone() for m in ema_models if m is not None for p in m.parameters()]
+            else:
+                unet, text_encoder = _build_models(config, len(self.tokenizer) if self.tokenizer else 0)
+        self.conditioning = Conditioning(config, self.tokenizer, text_encoder, self.device)
+        self.parts = training_parts(settings, unet, text_encoder, config.pretrained_text_encoder is None, self.device)
+        if saved is not None:
+            self.parts.load_state_dict(saved.state, ema_weights, self.device)
+        self.position = self.checkpointer.resume(saved, settings.seed * 1000)
+        self.network = ray.train.torch.prepare_model(self.parts.module)
+        if settings.compile:
+            self.network = torch.compile(self.network)
+
+    def build_precision(self) -> None:
+        enable_tf32(self.device)
+        precision = autocast_dtype(self.device, str(self.settings.precision), "stage.precision")
+        self.autocast, self.peak = autocast_for(self.device, precision), peak_flops(self.device, precision)
+
+    def announce(self, nodes: int) -> None:
+        """Rank 0: the run's shape in MLflow's params and on the console; a restart shows in the run."""
+        if self.rank != 0:
+            return
+        parts, settings = self.parts, self.settings
+        counts = {
+            "unet": sum(p.numel() for p in parts.unet.parameters()),
+            "text_encoder": sum(p.numel() for p in parts.text_encoder.parameters()) if parts.text_encoder else 0,
+        }
+        if self.position.step:
+            self.tracker.metrics({"resumed_from_step": self.position.step}, self.position.step)
+        self.tracker.params(
+            {
+                "global_batch_size": self.global_batch,
+                "world_size": self.world,
+                "nodes": nodes,
+                **{f"parameters.{k}": v for k, v in counts.items()},
+            }
+        )
+        print(
+            f"{STAGE}: {self.world} workers on {nodes} node(s), global batch {self.global_batch} = "
+            f"{settings.batch_size} x {self.world} workers x {settings.optimizer.accumulation} accumulation; "
+            f"parameters {counts}"
+        )
+
+    def train(self) -> None:
+        """Each epoch is one pass over this worker's run of the epoch's order; a partial accumulation at its end
+        is dropped, so that every update sees the whole global batch."""
+        try:
+            while self.position.step < self.settings.steps:
+                micro_batches = self.next_micro_batches()
+                if micro_batches is None:
+                    self.end_epoch()
+                    continue
+                self.count_flops(micro_batches)
+                loss = self.train_step(micro_batches)
+                self.progress.update(self.position.step, loss)
+                self.log_validate_checkpoint()
+        finally:
+            self.batches.close()
+
+    def epoch_rows(self, epoch: int):
+        """This rank's batches of ``epoch``, less what was trained on before a restart."""
+        resumed_epoch, taken = self.resumed
+        rows = self.config.data.rows(epoch, self.rank, self.world, taken if epoch == resumed_epoch else ())
+        return rows.iter_torch_batches(
+            batch_size=self.settings.batch_size,
+            collate_fn=LatentBatch(),
+            drop_last=True,
+            prefetch_batches=self.settings.prefetch_batches,
+        )
+
+    def next_micro_batches(self) -> list[dict[str, Any]] | None:
+        """An optimizer step's micro-batches; None at the end of the epoch's run."""
+        fetch, micro_batches = time.perf_counter(), []
+        while len(micro_batches) < self.settings.optimizer.accumulation:
+            batch = self.batches.next()
+            if batch is END_OF_EPOCH:
+                micro_batches = None
+                break
+            micro_batches.append(batch)
+        self.window.data_wait += time.perf_counter() - fetch
+        return micro_batches
+
+    def micro_batch_loss(self, network: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator):
+        """One micro-batch's loss: conditions dropped for guidance, z0 drawn from the stored moments, then noised."""
+        moments = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
+        condition = self.conditioning.of(batch)
+        if condition is not None:
+            condition = drop_captions(condition, self.conditioning.empty, self.settings.caption_dropout, generator)
+        with self.autocast:
+            z0 = sample_latents(moments, self.config.scale_factor, generator)
+            return network(z0, condition, generator, self.conditioning.concat(batch))
+
+    def count_flops(self, micro_batches: list[dict[str, Any]]) -> None:
+        """One worker's step, counted once on the bare module with a copy of the generator: training sees none of it."""
+        if self.step_flops is not None:
+            return
+        counting = time.perf_counter()
+        generator = torch.Generator(device=self.device).set_state(self.generator.get_state())
+
+        def forwards_and_backwards() -> None:
+            for batch in micro_batches:
+                self.micro_batch_loss(self.parts.module, batch, generator).backward()
+
+        self.step_flops = count_step_flops(forwards_and_backwards, [self.parts.module])
+        self.window.exclude(time.perf_counter() - counting)  # not in the rates
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> float:
+        """Accumulate the micro-batches' gradients (DDP averages them on the last), clip, AdamW at the warm-up +
+        schedule rate, update the EMA; the step's loss."""
+        parts, opt, accumulation = self.parts, self.settings.optimizer, self.settings.optimizer.accumulation
+        rate = learning_rate(
+            self.position.step,
+            opt.lr,
+            total_steps=self.settings.steps,
+            schedule=opt.schedule,
+            warmup_steps=opt.warmup_steps,
+            final_ratio=opt.final_ratio,
+        )
+        set_learning_rate(parts.optimizer, rate)
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss_value, keys = 0.0, []
+        for micro, batch in enumerate(micro_batches):
+            keys.extend(batch["key"])
+            with nullcontext() if micro == accumulation - 1 or self.world == 1 else self.network.no_sync():
+                loss = self.micro_batch_loss(self.network, batch, self.generator)
+                (loss / accumulation).backward()
+            loss_value += loss.item() / accumulation
+        grad_norm = torch.nn.utils.clip_grad_norm_(parts.trained, opt.grad_clip or float("inf"))
+        parts.optimizer.step()
+        parts.ema.step(parts.averaged)
+        self.position.step += 1
+        self.position.consumed += len(keys)
+        if self.audit:
+            self.audit.trained(keys)
+        self.window.add(self.global_batch, {"loss": loss_value, "grad_norm": float(grad_norm)})
+        return loss_value
+
+    def log_validate_checkpoint(self) -> None:
+        """What is due at this step: the window's metrics, the validation grid and held-out loss (rank 0), a
+        checkpoint (with the data audit's segment before it: a segment past the one resumed from is retrained)."""
+        settings, step = self.settings, self.position.step
+        log, save = due(step, settings.log_every, settings.steps), due(step, settings.checkpoint_every, settings.steps)
+        metrics: dict[str, float] = {"step": step}
+        if log:
+            metrics.update(self.window_metrics())
+            self.window.restart()
+        if self.rank == 0:
+            if self.validation.seeds and due(step, settings.sample_every, settings.steps):
+                self.tracker.image(self.validation.grid(), "samples", step)
+            if self.held_out and due(step, settings.eval_every, settings.steps):
+                metrics["val/loss"] = self.held_out.loss()
+            if len(metrics) > 1:
+                self.tracker.metrics(metrics, step)
+        if log or save:  # every rank reports at the same steps: Ray Train gathers the reports
+            if save and self.audit:
+                self.audit.log(self.position.epoch, step)
+            self.checkpointer.report(metrics, self.position, save, self.parts)
+
+    def window_metrics(self) -> dict[str, float]:
+        metrics = self.window.metrics()
+        metrics.update(performance(self.step_flops, metrics["train/steps_per_s"], self.peak))
+        metrics.update({"train/lr": self.parts.optimizer.param_groups[0]["lr"], "train/epoch": self.position.epoch})
+        if self.position.step == self.settings.steps:
+            metrics["ddp/parameter_spread"] = parameter_spread(self.parts.trained, self.world)
+        return metrics
+
+    def end_epoch(self) -> None:
+        if self.audit:
+            self.audit.log(self.position.epoch, self.position.step)
+        self.config.data.check_share(self.position.consumed, self.position.taken, self.rank, self.settings.batch_size)
+        self.position.next_epoch()
+
+
+def training_parts(
+    settings: TrainLdm,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    train_text_encoder: bool,
+    device: torch.device,
+) -> Parts:
+    """The loss module on ``device`` in training mode (a frozen τθ stays in eval), its optimizer and EMA."""
     if text_encoder is not None:
         set_trainable(text_encoder, train_text_encoder)
     set_attention(unet, settings.attention, device)
@@ -196,183 +427,16 @@ def train_loop(config: LoopConfig) -> None:
             text_encoder.gradient_checkpointing_enable()
     objective = DiffusionObjective(training_schedule(settings.noise), settings.noise.snr_gamma)
     module = DenoisingLoss(unet, text_encoder, objective, train_text_encoder).to(device)
-    # from_pretrained (a checkpoint) returns eval mode: a resumed τθ would lose its dropout. A frozen one stays in eval.
+    # from_pretrained (a checkpoint) returns eval mode: a resumed τθ would lose its dropout.
     module.train()
     if text_encoder is not None:
         text_encoder.train(train_text_encoder)
+    opt = settings.optimizer
     trained = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
-    averaged = [p for m in towers for p in m.parameters()]  # the EMA's order; frozen ones are copied
+    averaged = [p for m in (unet, text_encoder) if m is not None for p in m.parameters()]
     ema = EMAModel(averaged, decay=settings.ema.decay, update_after_step=settings.ema.start_step, foreach=True)
-    # Noise, timesteps and caption dropout draw from the generator, τθ's dropout from torch's own streams: both
-    # are each rank's own, and a checkpoint continues them.
-    generator = torch.Generator(device=device)
-    step, epoch = 0, 0
-    taken: list[Interval] = []  # positions of the current epoch's order trained on before this attempt started
-    if state:
-        restore_optimizer(optimizer, state["optimizer"], device)
-        ema.shadow_params = [p.to(device) for p in ema_weights]
-        ema.optimization_step = state["ema_updates"]
-        step, epoch = state["step"], state["epoch"]
-        taken = config.data.resumed(state, "train_ldm", rank)
-    random_streams(state, "train_ldm", rank, world, device, generator, settings.seed * 1000)
-    network = ray.train.torch.prepare_model(module)
-    if settings.compile:
-        network = torch.compile(network)
-    enable_tf32(device)
-    precision = autocast_dtype(device, str(settings.precision), "stage.precision")
-    autocast = autocast_for(device, precision)
-    accumulation, batch_size = opt.accumulation, settings.batch_size
-    global_batch = batch_size * world * accumulation
-
-    tracker = RunLogger(config.run)
-    validation = Validation(config, tokenizer, unet, text_encoder, device) if rank == 0 else None
-    held_out = (
-        HeldOutLoss(config, module, device, autocast, conditions, concat_input)
-        if rank == 0 and config.held_out
-        else None
-    )
-    nodes = _node_count(world)
-    if rank == 0:
-        counts = {
-            "unet": sum(p.numel() for p in unet.parameters()),
-            "text_encoder": sum(p.numel() for p in text_encoder.parameters()) if text_encoder is not None else 0,
-        }
-        if state:
-            tracker.metrics({"resumed_from_step": step}, step)  # a restart after a failure shows in the run
-        tracker.params(
-            {
-                "global_batch_size": global_batch,
-                "world_size": world,
-                "nodes": nodes,
-                **{f"parameters.{k}": v for k, v in counts.items()},
-            }
-        )
-        print(
-            f"train_ldm: {world} workers on {nodes} node(s), global batch {global_batch} = {batch_size} x {world} workers x "
-            f"{accumulation} accumulation; parameters {counts}"
-        )
-
-    peak = peak_flops(device, precision)
-    step_flops = None  # one worker's optimizer step, counted once, on this attempt's first whole step
-    loss_sum = norm_sum = data_wait = 0.0
-    window_steps, window_start = 0, time.perf_counter()
-
-    def step_loss(net: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        """One micro-batch's loss: captions dropped for guidance, z0 drawn from the stored moments, then noised."""
-        moments = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("latent")}
-        condition = conditions(batch)
-        captions = (
-            drop_captions(condition, empty, settings.caption_dropout, generator) if condition is not None else None
-        )
-        with autocast:
-            return net(
-                sample_latents(moments, config.scale_factor, generator), captions, generator, concat_input(batch)
-            )
-
-    # -- the loop: each epoch is one pass over this worker's run of the epoch's order ---------------------------
-    # Each epoch is a new Ray Data read; the next one starts while this one's last batches train.
-    resumed_epoch = epoch
-    epoch_batches = lambda e: config.data.rows(e, rank, world, taken if e == resumed_epoch else ()).iter_torch_batches(  # noqa: E731
-        batch_size=batch_size,
-        collate_fn=LatentBatch(),
-        drop_last=True,
-        prefetch_batches=settings.prefetch_batches,
-    )
-    batches = EpochStream(epoch_batches, first=epoch, depth=settings.prefetch_batches)
-    audit = Audit(tracker, rank, step) if settings.data_audit else None
-    try:
-        while step < settings.steps:
-            consumed = 0  # rows of this epoch's run trained on in this attempt
-            exhausted = False
-            while step < settings.steps:
-                set_learning_rate(
-                    optimizer,
-                    learning_rate(
-                        step,
-                        opt.lr,
-                        total_steps=settings.steps,
-                        schedule=opt.schedule,
-                        warmup_steps=opt.warmup_steps,
-                        final_ratio=opt.final_ratio,
-                    ),
-                )
-                fetch, micro_batches = time.perf_counter(), []
-                while len(micro_batches) < accumulation and not exhausted:
-                    batch = batches.next()
-                    exhausted = batch is END_OF_EPOCH
-                    micro_batches += [] if exhausted else [batch]
-                data_wait += time.perf_counter() - fetch
-                if exhausted:  # a partial accumulation is dropped: every update sees the whole global batch
-                    break
-                if step_flops is None:  # on the bare module, with a copy of the generator: training does not see it
-                    counting, counted = (
-                        time.perf_counter(),
-                        torch.Generator(device=device).set_state(generator.get_state()),
-                    )
-                    step_flops = count_step_flops(
-                        lambda: [step_loss(module, batch, counted).backward() for batch in micro_batches], [module]
-                    )
-                    window_start += time.perf_counter() - counting  # not in steps/s
-                optimizer.zero_grad(set_to_none=True)
-                loss_value, keys = 0.0, []
-                for micro, batch in enumerate(micro_batches):
-                    keys.extend(batch["key"])
-                    with nullcontext() if micro == accumulation - 1 or world == 1 else network.no_sync():
-                        loss = step_loss(network, batch, generator)
-                        (loss / accumulation).backward()
-                    loss_value += loss.item() / accumulation
-                grad_norm = torch.nn.utils.clip_grad_norm_(trained, opt.grad_clip or float("inf"))
-                optimizer.step()
-                ema.step(averaged)
-                step += 1
-                consumed += len(keys)
-                if audit:
-                    audit.trained(keys)
-                window_steps += 1
-                loss_sum += loss_value
-                norm_sum += float(grad_norm)
-
-                final = step == settings.steps
-                log, save = step % settings.log_every == 0 or final, step % settings.checkpoint_every == 0 or final
-                metrics: dict[str, float] = {"step": step}
-                if log:
-                    elapsed = time.perf_counter() - window_start
-                    metrics.update(
-                        {
-                            "train/loss": loss_sum / window_steps,
-                            "train/grad_norm": norm_sum / window_steps,
-                            "train/lr": optimizer.param_groups[0]["lr"],
-                            "train/samples_per_s": window_steps * global_batch / elapsed,
-                            "train/steps_per_s": window_steps / elapsed,
-                            "train/data_wait_fraction": data_wait / elapsed,
-                            **performance(step_flops, window_steps / elapsed, peak),
-                            "train/epoch": epoch,
-                        }
-                    )
-                    if final:
-                        metrics["ddp/parameter_spread"] = parameter_spread(trained, world)
-                    loss_sum = norm_sum = data_wait = 0.0
-                    window_steps, window_start = 0, time.perf_counter()
-                if rank == 0:
-                    if validation.seeds and (step % settings.sample_every == 0 or final):
-                        tracker.image(validation.grid(), "samples", step)
-                    if held_out and (step % settings.eval_every == 0 or final):
-                        metrics["val/loss"] = held_out.loss()
-                    if len(metrics) > 1:
-                        tracker.metrics(metrics, step)
-                if log or save:  # every rank reports at the same steps: Ray Train gathers the reports
-                    if save and audit:  # before the checkpoint: a segment past the one resumed from is retrained
-                        audit.log(epoch, step)
-                    position = {"epoch": epoch, "taken": taken, "consumed": consumed}
-                    _report(metrics, save, module, ema, optimizer, step, position, generator, world, rank, config.data)
-            if exhausted:
-                if audit:
-                    audit.log(epoch, step)
-                config.data.check_share(consumed, taken, rank, batch_size)
-                epoch, taken = epoch + 1, []
-    finally:
-        batches.close()
+    return Parts(unet, text_encoder, module, optimizer, ema, trained, averaged)
 
 
 class Audit:
@@ -436,9 +500,10 @@ def _build_models(config: LoopConfig, vocab_size: int) -> tuple[torch.nn.Module,
         )
         if vocab_size > text_encoder.config.vocab_size:
             raise ValueError(
-                f"stage.model.pretrained_text_encoder={config.pretrained_text_encoder} knows {text_encoder.config.vocab_size} "
-                f"tokens, the prepared captions' tokenizer ({config.tokenizer}) {vocab_size}: prepare with that encoder's "
-                "tokenizer (stage=prepare stage.tokenizer.train=false stage.tokenizer.name_or_path=...)"
+                f"stage.model.pretrained_text_encoder={config.pretrained_text_encoder} knows "
+                f"{text_encoder.config.vocab_size} tokens, the prepared captions' tokenizer ({config.tokenizer}) "
+                f"{vocab_size}: prepare with that encoder's tokenizer "
+                "(stage=prepare stage.tokenizer.train=false stage.tokenizer.name_or_path=...)"
             )
     else:
         text_encoder = build_text_encoder(spec.text_encoder, vocab_size, config.max_length)
@@ -455,86 +520,34 @@ def _node_count(world: int) -> int:
     return len(set(nodes))
 
 
-def _report(
-    metrics,
-    save: bool,
-    module: DenoisingLoss,
-    ema: EMAModel,
-    optimizer,
-    step: int,
-    position: dict[str, Any],
-    generator,
-    world: int,
-    rank: int,
-    data: EpochData,
-) -> None:
-    """Every worker reports (Ray Train needs them all); rank 0 attaches the checkpoint when one is due. The
-    checkpoint's data position: the epoch, and the positions of its order that every rank has trained on."""
-    gathered = gather_for_checkpoint((rng_state(generator.device, generator), position["consumed"]), save, world)
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if save and rank == 0:
-            save_models(directory, module.unet, module.text_encoder)
-            averaged = [p for m in (module.unet, module.text_encoder) if m is not None for p in m.parameters()]
-            ema.store(averaged)
-            ema.copy_to(averaged)
-            save_models(os.path.join(directory, EMA), module.unet, module.text_encoder)
-            ema.restore(averaged)
-            torch.save(
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "epoch": position["epoch"],
-                    "ema_updates": ema.optimization_step,
-                    "rng": [r for r, _ in gathered],
-                    "data": data.position(position["epoch"], world, position["taken"], [c for _, c in gathered]),
-                },
-                os.path.join(directory, STATE_FILE),
-            )
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint)
-
-
 class HeldOutLoss:
     """The denoising loss on at most ``stage.validation_images`` held-out latents (rank 0 only), read once: the
     same rows, timesteps and noise at every evaluation, so its curve shows the model, not the draw."""
 
     def __init__(
-        self, config: LoopConfig, module: DenoisingLoss, device: torch.device, autocast, conditions, concat_input
+        self, config: LoopConfig, module: DenoisingLoss, device: torch.device, autocast, conditioning: Conditioning
     ):
         settings = config.settings
-        storage = config.data.storage
-        filesystem, _ = storage.pyarrow(config.held_out[0])
-        worker_data_context()
-        rows = ray.data.read_parquet(
-            [storage.pyarrow(f)[1] for f in config.held_out], filesystem=filesystem, columns=config.data.columns
-        ).limit(settings.validation_images)
+        rows = held_out_rows(config.data.storage, config.held_out, config.data.columns, settings.validation_images)
         self.batches = list(rows.iter_torch_batches(batch_size=settings.batch_size, collate_fn=LatentBatch()))
         self.module, self.device, self.autocast = module, device, autocast
         self.scale_factor, self.seed = config.scale_factor, settings.validation.seed
-        self.conditions, self.concat_input = conditions, concat_input
+        self.conditioning = conditioning
 
     @torch.no_grad()
     def loss(self) -> float:
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        modes = [
-            (m, m.training) for m in (self.module.unet, self.module.text_encoder) if m is not None
-        ]  # a frozen τθ stays in eval
-        self.module.eval()
         total, count = 0.0, 0
-        for batch in self.batches:
-            moments = {k: v.to(self.device) for k, v in batch.items() if k.startswith("latent")}
-            with self.autocast:
-                loss = self.module(
-                    sample_latents(moments, self.scale_factor, generator),
-                    self.conditions(batch, strict=False),
-                    generator,
-                    self.concat_input(batch),
-                )
-            total += float(loss) * len(batch["key"])
-            count += len(batch["key"])
-        for part, mode in modes:
-            part.train(mode)
+        with evaluation_mode(self.module.unet, self.module.text_encoder):
+            for batch in self.batches:
+                moments = {k: v.to(self.device) for k, v in batch.items() if k.startswith("latent")}
+                condition, concat = self.conditioning.of(batch, strict=False), self.conditioning.concat(batch)
+                with self.autocast:
+                    loss = self.module(
+                        sample_latents(moments, self.scale_factor, generator), condition, generator, concat
+                    )
+                total += float(loss) * len(batch["key"])
+                count += len(batch["key"])
         return total / max(1, count)
 
 
@@ -584,16 +597,12 @@ class Validation:
         self.parts = [m for m in (unet, text_encoder) if m is not None]
 
     def grid(self):
-        modes = [(m, m.training) for m in self.parts]  # a frozen τθ stays in eval
-        for part in self.parts:
-            part.eval()
-        images = generate_images(
-            self.pipeline,
-            self.prompts,
-            self.seeds,
-            steps=self.settings.steps,
-            guidance_scale=self.settings.guidance_scale,
-        )
-        for part, mode in modes:
-            part.train(mode)
+        with evaluation_mode(*self.parts):
+            images = generate_images(
+                self.pipeline,
+                self.prompts,
+                self.seeds,
+                steps=self.settings.steps,
+                guidance_scale=self.settings.guidance_scale,
+            )
         return captioned_grid(images, self.labels or condition_captions(self.pipeline, self.prompts, self.seeds))
