@@ -20,8 +20,9 @@ WORKER_FORBIDDEN = [
     "pipelines.driver",  # the package: loaded whenever any of its modules is
     *(f"pipelines.stages.{name}.stage" for name in stages.STAGES),
 ]
-# The export's pyfunc model is loaded by MLflow, not by a Ray worker: importing mlflow is its job.
-NOT_RAY_SIDE = {"pyfunc_model"}
+# The export's pyfunc model is loaded by MLflow, not by a Ray worker: importing mlflow is its job. evaluate runs
+# in the driver, and so do its metric families.
+NOT_RAY_SIDE = {"pyfunc_model", "metrics"}
 
 
 def imported(path) -> set[str]:

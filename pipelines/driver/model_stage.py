@@ -3,10 +3,11 @@ starts, and loaded as diffusers' ``LDMTextToImagePipeline``. They run in the dri
 
 from __future__ import annotations
 
+import numpy as np
 from diffusers import LDMTextToImagePipeline
 from omegaconf import DictConfig
 
-from ldm.diffusion.sampling import load_pipeline
+from ldm.diffusion.sampling import generate_images, load_pipeline
 from ldm.storage import Storage
 from pipelines.driver.stage import Inputs, Job
 
@@ -26,4 +27,18 @@ def load_model(job: Job, device: str) -> LDMTextToImagePipeline:
         weights=str(settings.weights),
         sampler_name=str(settings.sampler),
         device=device,
+    )
+
+
+def generate(pipeline: LDMTextToImagePipeline, settings: DictConfig, conditions, seeds: list[int]) -> np.ndarray:
+    """Images for ``conditions`` (prompts, classes, layouts, images, or None) and ``seeds`` with a generating stage's
+    sampler settings (``stage.steps``, ``guidance_scale``, ``batch_size``), a progress bar over the batches."""
+    return generate_images(
+        pipeline,
+        conditions,
+        seeds,
+        steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        batch_size=settings.batch_size,
+        progress=True,
     )

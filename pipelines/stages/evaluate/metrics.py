@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor, AutoModel
 from ldm.data.held_out import crops, training_captions
 from ldm.data.images import normalise
 from ldm.data.layouts import parse_layout
-from ldm.diffusion.sampling import condition_captions, generate_images
+from ldm.diffusion.sampling import condition_captions
 from ldm.metrics.adherence import adherence, held_out_prompts, held_out_scenes
 from ldm.metrics.distribution import frechet_distance, image_features, kernel_distance
 from ldm.metrics.reconstruction import evaluate_reconstruction
@@ -25,6 +25,7 @@ from ldm.models.image_conditioned import image_conditions
 from ldm.storage import Storage, pretrained_directory
 from ldm.synthetic.scene import parse_caption
 from ldm.tasks import Task
+from pipelines.driver.model_stage import generate
 
 
 @dataclass
@@ -47,16 +48,7 @@ class Context:
         return self.synthesized is not None and self.synthesized.get("stage") == "synthesize"
 
     def generate(self, conditions: list[Any] | None, seeds: list[int]) -> np.ndarray:
-        settings = self.settings
-        return generate_images(
-            self.pipeline,
-            conditions,
-            seeds,
-            steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            batch_size=settings.batch_size,
-            progress=True,
-        )
+        return generate(self.pipeline, self.settings, conditions, seeds)
 
     def seeds(self, count: int) -> list[int]:
         return [self.settings.seed + i for i in range(count)]

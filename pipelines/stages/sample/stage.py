@@ -22,14 +22,14 @@ from omegaconf import DictConfig
 from ldm.data.held_out import crops, held_out_crops
 from ldm.data.images import encode_png
 from ldm.data.layouts import grid_layouts, parse_layout
-from ldm.diffusion.sampling import condition_captions, generate_images
+from ldm.diffusion.sampling import condition_captions
 from ldm.grids import captioned_grid
 from ldm.models.image_conditioned import image_conditions
 from ldm.storage import Storage, resolve
 from ldm.tasks import Task
 from ldm.tasks import task as named_task
 from pipelines.driver.config import plain
-from pipelines.driver.model_stage import load_model, model_inputs
+from pipelines.driver.model_stage import generate, load_model, model_inputs
 from pipelines.driver.stage import Inputs, Job, Output, Stage
 
 STAGE = Stage(
@@ -84,15 +84,7 @@ def _sample(job: Job) -> Output:
     rows, named, masks = repeat(prompts), repeat(job.inputs.found["labels"]), repeat(job.inputs.found["masks"])
     seeds = [settings.seed + i for i in range(len(rows) if rows is not None else settings.num_images)]
     pipeline = load_model(job, str(settings.device))
-    images = generate_images(
-        pipeline,
-        rows,
-        seeds,
-        steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        batch_size=settings.batch_size,
-        progress=True,
-    )
+    images = generate(pipeline, settings, rows, seeds)
     elapsed = time.time() - started
     labels = named or condition_captions(pipeline, rows, seeds)
     # What each image was drawn for: its prompt (a caption, class or layout), or the image it upsamples or fills.
