@@ -42,16 +42,12 @@ def connect(cluster: DictConfig) -> None:
             # stage has several times that many (Ray Data's tasks, actors and the training workers beside each
             # other): this cluster declares cluster.num_cpus logical CPUs on purpose, so it may start as many.
             _system_config=_startup_concurrency(cluster.num_cpus),
+            # Every process of the cluster keeps Ray's chatter off the console as it starts.
+            runtime_env={"worker_process_setup_hook": "pipelines.worker.console.quiet_process"},
         )
     else:
         ray.init(address=cluster.address)
     quiet_ray()
-    if _started_here:
-        # Recorded as `ray start` records its cluster: Ray's state API, which Ray Train's placement-group cleaner
-        # queries from inside the cluster, finds a cluster by this file (or RAY_ADDRESS, which ray.init cannot
-        # give the processes it starts). Without it the cleaner logs a failure every second, or times out on a
-        # cluster that is gone.
-        ray._private.utils.write_ray_address(ray.get_runtime_context().gcs_address)
     log.info("Ray resources: %s", ray.cluster_resources())
 
 

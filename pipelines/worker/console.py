@@ -1,20 +1,26 @@
-"""What of Ray's own records reaches a person's console: its warnings and errors, not its INFO records, which stay
-in the session's log files (``/tmp/ray/session_latest/logs``). The stages print their own progress and results.
+"""What of Ray's own records reaches a person's console: its warnings and errors, not its INFO records, which stay in
+the session's log files (``/tmp/ray/session_latest/logs``). The stages print their own progress and results.
 
-``quiet_ray`` runs in the driver once Ray is up, ``quiet_libraries`` as a stage starts, ``quiet_worker`` in each
-Ray Train worker before it trains.
+``quiet_ray`` runs in the driver once Ray is up, ``quiet_process`` in every process of a local cluster as it starts,
+``quiet_libraries`` as a stage starts, ``quiet_worker`` in each Ray Train worker before it trains. ``ProgressLine``
+is a long step's progress, one line at a time, as a log file or ``ray job logs`` shows it (a progress bar repaints
+one line, which a log keeps as one line at the end).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 import ray
 import ray.data  # noqa: F401  (Ray Data sets up its loggers as it loads: they must exist to be quietened)
 from ray.util import log_once
 
 RAY_PACKAGE = os.path.dirname(ray.__file__)
+# A progress line at least this often (and at the end), however long a step or a log interval is: a person
+# watching a run wants to see it move; MLflow keeps every logged step.
+PROGRESS_SECONDS = 30.0
 
 
 class RayInfo(logging.Filter):
@@ -33,6 +39,17 @@ def quiet_ray() -> None:
             console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
             if console and not any(isinstance(f, RayInfo) for f in handler.filters):
                 handler.addFilter(RayInfo())
+
+
+def quiet_process() -> None:
+    """Run by every process of a local cluster as it starts (``worker_process_setup_hook``): Ray's INFO records off
+    its console, and Ray Train's placement-group cleaner quiet. The cleaner asks Ray's state API whether the
+    training's controller is alive, and the state API finds its cluster by RAY_ADDRESS or
+    ``/tmp/ray/ray_current_cluster``, which a cluster started by ``ray.init`` gives neither to its processes: the
+    cleaner can never answer there and logs so every second. The cluster ends with the driver that started it,
+    and its placement groups with it, so there is nothing for the cleaner to clean."""
+    quiet_ray()
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def quiet_libraries() -> None:
@@ -54,3 +71,45 @@ def quiet_worker() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Ray Data says once a process that its bars are off; here they are off on purpose.
     log_once("ray_data_progress_manager_disabled")
+
+
+class ProgressLine:
+    """``<what>: <unit> 6/12 (50%), loss 0.9434, 0.18 <unit>s/s, 0m33s left``: at least every ``PROGRESS_SECONDS``
+    and at the last one, with the mean loss since the previous line when there is one, the rate over this attempt
+    and the time left at that rate."""
+
+    def __init__(self, what: str, total: int, first: int = 0, unit: str = "step", enabled: bool = True):
+        self.what, self.total, self.unit, self.enabled = what, total, unit, enabled
+        # The rate is measured from the first one done, so that start-up (workers, models, the first read) does
+        # not stretch the time left; until then, from here.
+        self.since = (time.perf_counter(), first)
+        self.printed, self.first_done = self.since[0], None
+        self.loss, self.count = 0.0, 0
+
+    def update(self, done: int, loss: float | None = None) -> None:
+        if loss is not None:
+            self.loss, self.count = self.loss + loss, self.count + 1
+        now = time.perf_counter()
+        if self.first_done is None:
+            self.first_done = (now, done)
+        elif done > self.first_done[1]:
+            self.since = self.first_done
+        if not self.enabled or (now - self.printed < PROGRESS_SECONDS and done != self.total):
+            return
+        rate = (done - self.since[1]) / max(now - self.since[0], 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("nan")
+        mean = f", loss {self.loss / self.count:.4f}" if self.count else ""
+        print(
+            f"{self.what}: {self.unit} {done}/{self.total} ({done / max(self.total, 1):.0%}){mean}, "
+            f"{rate:.2f} {self.unit}s/s, {_duration(left)} left",
+            flush=True,
+        )
+        self.printed, self.loss, self.count = now, 0.0, 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # nan: nothing done yet
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

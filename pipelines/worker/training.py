@@ -1,5 +1,5 @@
-"""What both training loops share besides the checkpoint: the window of steps a log line averages, the console's
-progress line, the cadence of logs and checkpoints, and the check that DDP kept the replicas equal."""
+"""What both training loops share besides the checkpoint: the window of steps a log line averages, the cadence of
+logs and checkpoints, and the check that DDP kept the replicas equal."""
 
 from __future__ import annotations
 
@@ -10,10 +10,6 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-
-# The console's progress line: at least this often (and at the last step), however long a log interval is. A
-# person watching a run wants to see it move; MLflow keeps every logged step.
-PROGRESS_SECONDS = 30.0
 
 T = TypeVar("T")
 
@@ -58,30 +54,6 @@ class Window:
         }
 
 
-class ProgressLine:
-    """One console line (rank 0) at least every ``PROGRESS_SECONDS`` and at the last step: the step, the mean loss
-    since the last line, steps/s over this attempt and the time left at that rate."""
-
-    def __init__(self, stage: str, steps: int, first_step: int, enabled: bool):
-        self.stage, self.steps, self.first_step, self.enabled = stage, steps, first_step, enabled
-        self.started = self.printed = time.perf_counter()
-        self.loss, self.count = 0.0, 0
-
-    def update(self, step: int, loss: float) -> None:
-        self.loss, self.count = self.loss + loss, self.count + 1
-        now = time.perf_counter()
-        if not self.enabled or (now - self.printed < PROGRESS_SECONDS and step != self.steps):
-            return
-        rate = (step - self.first_step) / max(now - self.started, 1e-9)
-        left = (self.steps - step) / rate if rate > 0 else float("nan")
-        print(
-            f"{self.stage}: step {step}/{self.steps} ({step / self.steps:.0%}), loss {self.loss / self.count:.4f}, "
-            f"{rate:.2f} steps/s, {_duration(left)} left",
-            flush=True,
-        )
-        self.printed, self.loss, self.count = now, 0.0, 0
-
-
 def timed(batches: Iterable[T], window: Window) -> Iterator[T]:
     """``batches``, with the time spent waiting for each added to the window's ``data_wait``."""
     iterator = iter(batches)
@@ -92,14 +64,6 @@ def timed(batches: Iterable[T], window: Window) -> Iterator[T]:
         if batch is None:
             return
         yield batch
-
-
-def _duration(seconds: float) -> str:
-    if seconds != seconds:  # nan: no step yet
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from pipelines.driver.cluster import Request
 from pipelines.driver.config import plain
 from pipelines.driver.stage import Inputs, Job, Output, Stage
 from pipelines.stages.prepare import remote
+from pipelines.worker.console import ProgressLine
 
 STAGE = Stage(
     "prepare",
@@ -395,11 +396,14 @@ class _Steps:
                     "held_out": self.held_out,
                 },
             )
-            (
+            prepared = (
                 ray.data.from_items([asdict(u) for u in todo], override_num_blocks=len(todo))
                 .map(task, num_cpus=self.resources.num_cpus_per_task)
-                .take_all()
+                .iter_rows()
             )
+            progress = ProgressLine(STAGE.name, len(todo), unit="file")
+            for done, _ in enumerate(prepared, 1):
+                progress.update(done)
         done = self._done_units()
         missing = [u.path for u in units if u.index not in done]
         if missing:

@@ -32,6 +32,7 @@ from pipelines.driver.cluster import Request
 from pipelines.driver.config import plain
 from pipelines.driver.stage import Inputs, Job, Output, Stage
 from pipelines.stages.synthesize.remote import write_shard
+from pipelines.worker.console import ProgressLine
 
 STAGE = Stage(
     "synthesize",
@@ -63,11 +64,15 @@ def _synthesize(job: Job) -> Output:
         {"shard": shard, "rows": json.dumps(list(group))} for shard, group in groupby(rows, key=lambda r: r["shard"])
     ]
     write = partial(write_shard, storage=storage, url=out, jpeg_quality=settings.jpeg_quality, formats=formats)
-    written = (
+    rows_written = (
         ray.data.from_items(shards, override_num_blocks=len(shards))
         .map(write, num_cpus=settings.resources.num_cpus_per_task)
-        .take_all()
+        .iter_rows()
     )
+    written, progress = [], ProgressLine(STAGE.name, len(shards), unit="shard")
+    for shard in rows_written:
+        written.append(shard)
+        progress.update(len(written))
     _write_table(storage, out, "metadata", laion_metadata_table(rows), settings.metadata_rows_per_file)
     _write_table(storage, out, "_truth.parquet", truth_table(rows))
 

@@ -45,10 +45,10 @@ from ldm.storage import Storage
 from pipelines.schema import TrainAutoencoder
 from pipelines.stages.train_autoencoder import remote
 from pipelines.worker.checkpoint import Checkpointer, Saved
-from pipelines.worker.console import quiet_worker
+from pipelines.worker.console import ProgressLine, quiet_worker
 from pipelines.worker.data import EpochData, held_out_rows
 from pipelines.worker.run_logger import RunLogger, RunTarget
-from pipelines.worker.training import ProgressLine, Window, due, parameter_spread, timed
+from pipelines.worker.training import Window, due, parameter_spread, timed
 
 STAGE = "train_autoencoder"
 MODEL_DIR = "model"  # inside a checkpoint: the autoencoder as diffusers saves it
@@ -122,7 +122,7 @@ class Trainer:
         self.tracker = RunLogger(config.run) if self.rank == 0 else None
         self.validation = _validation_batches(config) if self.rank == 0 else None
         self.window = Window()
-        self.progress = ProgressLine(STAGE, self.settings.steps, self.position.step, self.rank == 0)
+        self.progress = ProgressLine(STAGE, self.settings.steps, self.position.step, enabled=self.rank == 0)
         self.flops, self.disc_counted = None, False  # one worker's step (autoencoder and discriminator)
 
     def train(self) -> None:

@@ -59,10 +59,10 @@ from ldm.tasks import Task
 from ldm.text.tokenizer import load_tokenizer, tokenize
 from pipelines.schema import Noise, TrainLdm
 from pipelines.worker.checkpoint import Checkpointer
-from pipelines.worker.console import quiet_worker
+from pipelines.worker.console import ProgressLine, quiet_worker
 from pipelines.worker.data import EpochData, held_out_rows
 from pipelines.worker.run_logger import RunLogger, RunTarget
-from pipelines.worker.training import ProgressLine, Window, due, evaluation_mode, parameter_spread
+from pipelines.worker.training import Window, due, evaluation_mode, parameter_spread
 
 STAGE = "train_ldm"
 # Columns that stay lists of strings: keys (for the data audit), classes, layouts (JSON).
@@ -214,7 +214,7 @@ class Trainer:
                 self.held_out = HeldOutLoss(config, self.parts.module, self.device, self.autocast, self.conditioning)
         self.audit = Audit(self.tracker, self.rank, self.position.step) if self.settings.data_audit else None
         self.window, self.step_flops = Window(), None  # one worker's optimizer step, counted on the first one
-        self.progress = ProgressLine(STAGE, self.settings.steps, self.position.step, self.rank == 0)
+        self.progress = ProgressLine(STAGE, self.settings.steps, self.position.step, enabled=self.rank == 0)
         # Each epoch is a new Ray Data read; the next one starts while this one's last batches train.
         self.resumed = (self.position.epoch, self.position.taken)
         self.batches = EpochStream(self.epoch_rows, first=self.position.epoch, depth=self.settings.prefetch_batches)
