@@ -43,13 +43,13 @@ def quiet_ray() -> None:
 
 def quiet_process() -> None:
     """Run by every process of a local cluster as it starts (``worker_process_setup_hook``): Ray's INFO records off
-    its console, and Ray Train's placement-group cleaner quiet. The cleaner asks Ray's state API whether the
-    training's controller is alive, and the state API finds its cluster by RAY_ADDRESS or
-    ``/tmp/ray/ray_current_cluster``, which a cluster started by ``ray.init`` gives neither to its processes: the
-    cleaner can never answer there and logs so every second. The cluster ends with the driver that started it,
-    and its placement groups with it, so there is nothing for the cleaner to clean."""
+    its console, and the cluster's own address in RAY_ADDRESS. Ray's state API, which Ray Train's placement-group
+    cleaner asks whether the training's controller is alive, finds its cluster by RAY_ADDRESS or by
+    ``/tmp/ray/ray_current_cluster``, which ``ray start`` writes and ``ray.init`` does not: without the address the
+    cleaner logs a failure every second, or reaches another cluster of the machine, which does not know the
+    controller."""
     quiet_ray()
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def quiet_libraries() -> None:
