@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import ray
+import ray.data  # noqa: F401  (loaded before quiet_ray: it sets up Ray Data's loggers)
 from omegaconf import DictConfig
 
 from pipelines.worker.console import quiet_ray

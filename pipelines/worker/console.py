@@ -14,7 +14,6 @@ import os
 import time
 
 import ray
-import ray.data  # noqa: F401  (Ray Data sets up its loggers as it loads: they must exist to be quietened)
 from ray.util import log_once
 
 RAY_PACKAGE = os.path.dirname(ray.__file__)
@@ -32,8 +31,8 @@ class RayInfo(logging.Filter):
 
 
 def quiet_ray() -> None:
-    """This process's console handlers (the root logger's, Ray's and Ray Data's) drop Ray's INFO records; their file
-    handlers keep every level."""
+    """This process's console handlers (the root logger's, Ray's and, once it is loaded, Ray Data's) drop Ray's INFO
+    records; their file handlers keep every level."""
     for name in ("", "ray", "ray.data"):
         for handler in logging.getLogger(name).handlers:
             console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
@@ -64,9 +63,16 @@ def quiet_libraries() -> None:
 
 
 def quiet_worker() -> None:
-    """A Ray Train worker has no terminal: Ray's INFO records stay in its log files, and neither Ray Data nor the
-    model libraries draw progress bars (each repaint would be a line of the driver's console)."""
+    """A Ray Train worker has no terminal: Ray's INFO records stay in its log files, the libraries' INFO records
+    (botocore finding credentials, ...) off the console Ray Train gives its root logger, and neither Ray Data nor
+    the model libraries draw progress bars (each repaint would be a line of the driver's console). The loop's own
+    lines are printed."""
+    import ray.data  # Ray Data sets up its loggers as it loads: they must exist to be quietened
+
     quiet_ray()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
     quiet_libraries()
     ray.data.DataContext.get_current().enable_progress_bars = False
     # Ray Data says once a process that its bars are off; here they are off on purpose.
