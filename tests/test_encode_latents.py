@@ -20,7 +20,7 @@ from ldm.storage import Storage
 from ldm.text.tokenizer import load_tokenizer
 from pipelines import stages
 from pipelines.driver.config import compose
-from pipelines.stages.encode_latents import tasks as encode_tasks
+from pipelines.stages.encode_latents import remote as encode_remote
 from pipelines.stages.encode_latents.encoder import Encoder
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
@@ -184,7 +184,7 @@ def test_a_killed_run_resumes_to_the_same_keys_without_duplicates(prepared, tmp_
 def test_an_undecodable_image_is_dropped_and_counted_not_fatal(prepared, tmp_path):
     """The stage's three steps in-process on one batch with a broken image: dropped, counted, never written."""
     root, _ = prepared
-    batch = pq.read_table(f"{root}/store/prepared/shards", columns=[*encode_tasks.CARRIED, "image"]).slice(0, 6)
+    batch = pq.read_table(f"{root}/store/prepared/shards", columns=[*encode_remote.CARRIED, "image"]).slice(0, 6)
     images = batch["image"].to_pylist()
     images[2] = images[2][: len(images[2]) // 3]  # cut short, as a failed download is
     batch = batch.set_column(batch.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
@@ -193,7 +193,7 @@ def test_an_undecodable_image_is_dropped_and_counted_not_fatal(prepared, tmp_pat
     pq.write_table(batch, path)
 
     # Read 4 rows at a time: the file comes as two blocks, each row carrying its file.
-    first, second = encode_tasks.decode(
+    first, second = encode_remote.decode(
         pa.table({"path": [str(path)]}), storage=Storage(root=str(tmp_path)), resolution=64, batch_rows=4
     )
     assert (len(first), len(second)) == (4, 2) and set(first["path"].to_pylist() + second["path"].to_pylist()) == {
@@ -213,7 +213,7 @@ def test_an_undecodable_image_is_dropped_and_counted_not_fatal(prepared, tmp_pat
         text_encoder=None,
         text_encoder_subfolder=None,
     )
-    [report] = encode_tasks.write(
+    [report] = encode_remote.write(
         encoder(decoded), storage=Storage(root=str(tmp_path)), out=str(tmp_path), compression="zstd", row_group_rows=128
     ).to_pylist()
     assert (report["rows"], report["undecodable"]) == (5, 1)
